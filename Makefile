@@ -1,0 +1,30 @@
+# Two commands do everything on a fresh machine:
+#   make demo   # virtual environment + pinned requirements, then the end-to-end demo on synthetic data
+#   make test   # virtual environment + pinned requirements (with test tooling), then the test suite
+PYTHON ?= python3
+VENV ?= .venv
+PY := $(VENV)/bin/python
+PYTEST_ARGS ?= -n 2
+
+.PHONY: demo test lab clean-venv
+
+$(PY):
+	$(PYTHON) -m venv $(VENV)
+
+$(VENV)/.minimal-installed: requirements_minimal.txt pyproject.toml | $(PY)
+	$(PY) -m pip install --quiet --disable-pip-version-check -r requirements_minimal.txt
+	$(PY) -m pip install --quiet --disable-pip-version-check --no-deps --no-build-isolation -e .
+	touch $@
+
+$(VENV)/.full-installed: requirements_full.txt $(VENV)/.minimal-installed
+	$(PY) -m pip install --quiet --disable-pip-version-check -r requirements_full.txt
+	touch $@
+
+demo: $(VENV)/.minimal-installed
+	WANDB_MODE=$${WANDB_MODE:-offline} $(PY) scripts/demo.py --config configs/demo.yaml
+
+test: $(VENV)/.full-installed
+	WANDB_MODE=disabled $(PY) -m pytest $(PYTEST_ARGS)
+
+clean-venv:
+	rm -rf $(VENV)
