@@ -2,7 +2,7 @@
 
 Usage::
 
-    python scripts/check_data.py --data DIR [--full] [--json OUT.json]
+    python scripts/check_data.py --data DIR [--full] [--json OUT.json] [--workers K]
 
 ``DIR`` holds the ``case_XXXXX`` folders (default: the ``KITS19_DATA`` environment variable).
 The default check reads headers only (seconds for the whole dataset); ``--full`` reads every
@@ -39,6 +39,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument(
         "--json", type=Path, default=None, metavar="OUT.json", help="also write the full report as JSON"
     )
+    parser.add_argument("--workers", type=int, default=1, help="processes checking cases in parallel (default 1)")
     return parser.parse_args(argv)
 
 
@@ -75,10 +76,12 @@ def main(argv: list[str] | None = None) -> int:
         data_dir = resolve_data_dir(args.data)
         if args.json is not None and not args.json.parent.is_dir():
             raise FileNotFoundError(f"folder for --json {args.json.parent} does not exist")
+        if args.workers < 1:
+            raise ValueError(f"--workers must be >= 1, got {args.workers}")
     except (ValueError, FileNotFoundError) as error:
         print(f"check_data.py: error: {error}", file=sys.stderr)
         return EXIT_USAGE
-    report = validate_dataset(data_dir, full=args.full, show_progress=sys.stderr.isatty())
+    report = validate_dataset(data_dir, full=args.full, show_progress=sys.stderr.isatty(), workers=args.workers)
     print_report(report)
     if args.json is not None:
         write_bytes_atomic(args.json, (json.dumps(report.to_dict(), indent=2) + "\n").encode("utf-8"))

@@ -207,6 +207,16 @@ def test_validate_dataset_counts(tmp_path: Path) -> None:
     assert as_json["cases"][1]["problems"][0]["code"] == cv.UNREADABLE
 
 
+def test_parallel_validation_gives_the_same_report(tmp_path: Path) -> None:
+    serial = _mixed_dataset(tmp_path)
+    parallel = cv.validate_dataset(tmp_path, full=True, show_progress=False, workers=2)
+    assert [r.to_dict() for r in parallel.reports] == [r.to_dict() for r in cv.validate_dataset(
+        tmp_path, full=True, show_progress=False).reports]
+    assert parallel.counts == serial.counts
+    with pytest.raises(ValueError, match="workers must be >= 1"):
+        cv.validate_dataset(tmp_path, workers=0)
+
+
 def test_select_cases_error_names_every_bad_case(tmp_path: Path) -> None:
     report = _mixed_dataset(tmp_path)
     with pytest.raises(cv.UnusableCaseError) as info:

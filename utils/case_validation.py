@@ -25,7 +25,6 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
-from tqdm import tqdm
 
 from utils.case_discovery import CaseFiles, DatasetListing, discover_cases
 from utils.kits_layout import IMAGING_NAME, SEGMENTATION_NAME
@@ -35,6 +34,7 @@ from utils.nifti_checks import (  # the problem codes, Problem and Spacing are r
     check_image_label_agreement, check_image_voxels, check_kits_spacing, check_label_voxels, inspect_file,
     read_image, read_labels,
 )
+from utils.parallel import map_with_progress
 
 logger = logging.getLogger(__name__)
 
@@ -218,25 +218,31 @@ def validate_case(case: CaseFiles, *, full: bool = False, kits_spacing: Spacing 
     )
 
 
-def validate_dataset(data_dir: str | os.PathLike, *, full: bool = False, show_progress: bool = True) -> DatasetReport:
+def validate_dataset(data_dir: str | os.PathLike, *, full: bool = False, show_progress: bool = True,
+                     workers: int = 1) -> DatasetReport:
     """Discover the cases of a data folder and validate each (see :func:`validate_case`).
 
     Args:
         data_dir: the folder holding the ``case_XXXXX`` folders.
         full: read every voxel (slow on real data) instead of headers only.
         show_progress: show a tqdm progress bar on stderr.
+        workers: processes checking cases in parallel (>= 1); worth it with ``full``.
 
     Raises:
         FileNotFoundError: ``data_dir`` does not exist.
     """
     listing = discover_cases(data_dir)
-    reports = tuple(
-        validate_case(case, full=full, kits_spacing=listing.kits_spacing.get(case.case_id))
-        for case in tqdm(listing.cases, desc="checking cases", unit="case", disable=not show_progress)
-    )
+    jobs = [(case, full, listing.kits_spacing.get(case.case_id)) for case in listing.cases]
+    reports = tuple(map_with_progress(_validate_job, jobs, workers=workers, description="checking cases",
+                                      show_progress=show_progress))
     report = DatasetReport(listing=listing, reports=reports, full=full)
     logger.info("%s: %s", listing.data_dir, report.counts)
     return report
+
+
+def _validate_job(job: tuple[CaseFiles, bool, Spacing | None]) -> CaseReport:
+    case, full, kits_spacing = job
+    return validate_case(case, full=full, kits_spacing=kits_spacing)
 
 
 def select_cases(report: DatasetReport, *, need_segmentation: bool = True, on_bad: str = "error") -> list[CaseFiles]:

@@ -106,7 +106,7 @@ def _paint_kidney(labels: np.ndarray, sinus: np.ndarray, grid: Grid, rng: np.ran
     box, level = found
     notch_centre = tuple(np.asarray(centre) - 0.8 * b * frame[:, 1])
     notch = ellipsoid_level(grid, notch_centre, (0.42 * a, 0.55 * b, 0.6 * c), frame, margin=1.0)
-    inside = level <= 1.0
+    inside = np.sqrt(level) + 0.03 * smooth_noise(rng, level.shape, grid.spacing, 12.0) <= 1.0  # lobulated
     in_notch = np.zeros_like(inside)
     if notch is not None:
         notch_box, notch_level = notch
@@ -240,3 +240,27 @@ def layout_from_labels(rng: np.random.Generator, labels: np.ndarray, grid: Grid)
     half_width, half_depth, centre_y = sample_body(rng, grid, midline_x, spine_y)
     reach = max(abs(c[2] - midline_x) for c in centres) + 60.0
     return BodyLayout(midline_x, centre_y, max(half_width, reach), half_depth, spine_y, tuple(kidneys))
+
+
+def draw_cysts_within(rng: np.random.Generator, labels: np.ndarray, grid: Grid) -> np.ndarray:
+    """Simple cysts inside the kidney label of a given mask (about half the cases, 1–3 of 1–5 cm).
+
+    Used around real masks, whose labels must not change: a cyst is the part of a sphere, centred
+    just under the kidney's surface, that lies in the kidney label (KiTS19 labels cysts kidney).
+
+    Returns:
+        ``(Z, Y, X)`` bool mask.
+    """
+    cysts = np.zeros(labels.shape, dtype=bool)
+    kidney = labels == KIDNEY_LABEL
+    if rng.random() >= 0.5 or not kidney.any():
+        return cysts
+    region = ndimage.find_objects(kidney.astype(np.int8))[0]
+    surface = surface_voxels(kidney[region]) + np.array([s.start for s in region])
+    for _ in range(int(rng.integers(1, 4))):
+        radius = 5.0 * float(np.clip(np.exp(rng.normal(np.log(2.0), 0.45)), 1.0, 5.0))
+        centre = tuple(surface[rng.integers(len(surface))] * np.asarray(grid.spacing))
+        found = ellipsoid_level(grid, centre, (radius, radius, radius))
+        if found is not None:
+            cysts[found[0]] |= found[1] <= 1.0
+    return cysts & kidney

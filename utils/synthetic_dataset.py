@@ -11,21 +11,18 @@ from __future__ import annotations
 
 import json
 import logging
-import multiprocessing
 import os
 import shutil
-from concurrent.futures import ProcessPoolExecutor
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
 import nibabel as nib
 import numpy as np
-from tqdm.auto import tqdm
-
 from utils.kits_layout import (IMAGING_NAME, KITS_AXCODES, KITS_JSON_NAME, SEGMENTATION_NAME, TUMOUR_LABEL,
                                VALID_LABELS, build_kits_affine, case_id_for_index, is_case_id, spacing_from_affine)
 from utils.nifti_io import load_nifti, read_voxels, save_nifti, write_bytes_atomic
-from utils.synthetic_anatomy import build_procedural_case, layout_from_labels
+from utils.parallel import map_with_progress
+from utils.synthetic_anatomy import build_procedural_case, draw_cysts_within, layout_from_labels
 from utils.synthetic_ct import render_ct, sample_enhancement
 from utils.synthetic_shapes import Grid
 from utils.synthetic_tissues import paint_tissues
@@ -111,7 +108,8 @@ def synthesise_image_for_mask(labels: np.ndarray, affine: np.ndarray, rng: np.ra
     canonical = np.ascontiguousarray(canonical)
     layout = layout_from_labels(rng, canonical, grid)
     tissue = paint_tissues(grid, layout, canonical, None, rng)
-    image = render_ct(grid, tissue, canonical, sample_enhancement(rng), rng)
+    cysts = draw_cysts_within(rng, canonical, grid)
+    image = render_ct(grid, tissue, canonical, sample_enhancement(rng), rng, cysts=cysts)
     back = nib.orientations.ornt_transform(target, source)
     return np.ascontiguousarray(nib.orientations.apply_orientation(image, back))
 
@@ -180,25 +178,6 @@ def _from_mask_job(args: tuple[Path, Path, int]) -> CaseSummary:
     return _summarise(case_id, labels, image_file.affine)
 
 
-def _run_jobs(function, jobs: list, workers: int, description: str, show_progress: bool) -> list[CaseSummary]:
-    if workers < 1:
-        raise ValueError(f"workers must be >= 1, got {workers}")
-    progress = tqdm(total=len(jobs), desc=description, unit="case", disable=not show_progress)
-    results = []
-    with progress:
-        if workers == 1 or len(jobs) == 1:
-            for job in jobs:
-                results.append(function(job))
-                progress.update()
-        else:
-            context = multiprocessing.get_context("spawn")
-            with ProcessPoolExecutor(max_workers=workers, mp_context=context) as pool:
-                for summary in pool.map(function, jobs):
-                    results.append(summary)
-                    progress.update()
-    return results
-
-
 def write_kits_json(out_dir: Path, summaries: list[CaseSummary]) -> Path:
     """Write ``kits.json`` (``case_id`` and ``voxel_spacing`` per case, KiTS19 keys) atomically."""
     entries = [{"case_id": s.case_id,
@@ -226,7 +205,8 @@ def generate_dataset(out_dir: str | os.PathLike, cases: int, *, seed: int = 0,
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     jobs = [(out, index, seed, options) for index in range(cases)]
-    summaries = _run_jobs(_procedural_job, jobs, workers, "synthetic cases", show_progress)
+    summaries = map_with_progress(_procedural_job, jobs, workers=workers, description="synthetic cases",
+                                  show_progress=show_progress)
     write_kits_json(out, summaries)
     return summaries
 
@@ -261,7 +241,8 @@ def generate_from_masks(masks_dir: str | os.PathLike, out_dir: str | os.PathLike
         masks = masks[:cases]
     out.mkdir(parents=True, exist_ok=True)
     jobs = [(out, mask, seed) for mask in masks]
-    summaries = _run_jobs(_from_mask_job, jobs, workers, "cases from masks", show_progress)
+    summaries = map_with_progress(_from_mask_job, jobs, workers=workers, description="cases from masks",
+                                  show_progress=show_progress)
     write_kits_json(out, summaries)
     return summaries
 

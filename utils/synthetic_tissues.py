@@ -63,15 +63,27 @@ def _ellipse_2d(grid: Grid, centre_yx: tuple[float, float], semi_yx: tuple[float
 
 
 def paint_body_wall(tissue: np.ndarray, grid: Grid, layout: BodyLayout, rng: np.random.Generator) -> None:
-    """Body outline with subcutaneous fat, a muscle wall and the abdominal cavity (visceral fat)."""
+    """Body outline with subcutaneous fat, a muscle wall and the abdominal cavity (visceral fat).
+
+    The outline changes slowly from slice to slice (width ±5 %, belly ±8 %) with the back fixed.
+    """
     power = float(rng.uniform(2.0, 2.6))
     fat, wall = float(rng.uniform(8, 35)), float(rng.uniform(8, 14))
-    centre = (layout.centre_y, layout.midline_x)
-    semi = (layout.half_depth, layout.half_width)
-    tissue[:, _ellipse_2d(grid, centre, semi, power)] = Tissue.SUBCUTANEOUS_FAT
-    tissue[:, _ellipse_2d(grid, centre, (semi[0] - fat, semi[1] - fat), power)] = Tissue.MUSCLE
-    inner = (semi[0] - fat - wall, semi[1] - fat - wall)
-    tissue[:, _ellipse_2d(grid, centre, inner, power)] = Tissue.VISCERAL_FAT
+    period, phases = float(rng.uniform(250, 500)), rng.uniform(0, 2 * np.pi, size=2)
+    back_y = layout.centre_y + layout.half_depth
+    z_mm = np.arange(grid.shape[0]) * grid.spacing[0]
+    widths = np.rint(layout.half_width * (1 + 0.05 * np.sin(2 * np.pi * z_mm / period + phases[0])))
+    depths = np.rint(layout.half_depth * (1 + 0.08 * np.sin(2 * np.pi * z_mm / period + phases[1])))
+    planes: dict[tuple[float, float], np.ndarray] = {}
+    for index, key in enumerate(zip(widths, depths)):
+        if key not in planes:
+            half_width, half_depth = key
+            centre = (back_y - half_depth, layout.midline_x)
+            plane = np.full(grid.shape[1:], Tissue.AIR, dtype=np.uint8)
+            for inset, value in ((0.0, Tissue.SUBCUTANEOUS_FAT), (fat, Tissue.MUSCLE), (fat + wall, Tissue.VISCERAL_FAT)):
+                plane[_ellipse_2d(grid, centre, (half_depth - inset, half_width - inset), power)] = value
+            planes[key] = plane
+        tissue[index] = planes[key]
 
 
 def paint_spine_and_muscles(tissue: np.ndarray, grid: Grid, layout: BodyLayout, rng: np.random.Generator) -> None:

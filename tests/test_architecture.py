@@ -1,0 +1,46 @@
+"""The package's data flow runs one way: a module imports only from stages before its own."""
+
+from __future__ import annotations
+
+import ast
+from pathlib import Path
+
+UTILS = Path(__file__).resolve().parents[1] / "utils"
+
+#: Stages in data-flow order; a module may import utils modules of earlier stages only.
+#: The synthetic generator is a data source: it writes raw NIfTI and knows nothing of loaders.
+STAGES: list[set[str]] = [
+    {"kits_layout", "config", "parallel", "synthetic_shapes"},
+    {"nifti_io", "synthetic_anatomy"},
+    {"case_discovery", "nifti_checks", "synthetic_tissues"},
+    {"case_validation", "synthetic_ct"},
+    {"synthetic_dataset", "intensity_separability"},
+    {"visualisation"},
+    {"demo_pipeline"},
+]
+
+
+def _utils_imports(path: Path) -> set[str]:
+    tree = ast.parse(path.read_text())
+    found = set()
+    for node in ast.walk(tree):
+        if isinstance(node, ast.ImportFrom) and node.module and node.module.startswith("utils."):
+            found.add(node.module.split(".")[1])
+        elif isinstance(node, ast.Import):
+            found |= {a.name.split(".")[1] for a in node.names if a.name.startswith("utils.")}
+    return found
+
+
+def test_every_module_has_a_stage():
+    modules = {p.stem for p in UTILS.glob("*.py")} - {"__init__"}
+    staged = set().union(*STAGES)
+    assert modules - staged == set(), "place new modules in STAGES"
+    assert staged - modules == set(), "STAGES names a module that does not exist"
+
+
+def test_imports_only_from_earlier_stages():
+    stage_of = {name: index for index, stage in enumerate(STAGES) for name in stage}
+    offences = [f"{path.stem} (stage {stage_of[path.stem]}) imports {name} (stage {stage_of.get(name)})"
+                for path in sorted(UTILS.glob("*.py")) if path.stem in stage_of
+                for name in _utils_imports(path) if stage_of.get(name, 99) >= stage_of[path.stem]]
+    assert offences == []
