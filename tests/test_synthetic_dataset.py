@@ -173,3 +173,13 @@ def test_command_line(tmp_path):
     missing = subprocess.run([sys.executable, str(script), "--out", str(tmp_path / "e"), "--from-masks",
                               str(tmp_path / "nowhere")], capture_output=True, text=True, cwd=REPO)
     assert missing.returncode == 2 and "nowhere: mask folder not found" in missing.stderr
+
+
+def test_regenerating_fewer_cases_warns_about_stale_folders(tmp_path, caplog):
+    generate_dataset(tmp_path, 2, seed=1, options=SyntheticOptions(matrix=64, spacing=(6.0, 6.0, 6.0)),
+                     show_progress=False)
+    with caplog.at_level("WARNING"):
+        generate_dataset(tmp_path, 1, seed=1, options=SyntheticOptions(matrix=64, spacing=(6.0, 6.0, 6.0)),
+                         show_progress=False)
+    assert "case_00001" in caplog.text and "no longer lists" in caplog.text
+    assert [e["case_id"] for e in json.loads((tmp_path / "kits.json").read_text())] == ["case_00000"]

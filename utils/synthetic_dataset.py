@@ -208,7 +208,18 @@ def generate_dataset(out_dir: str | os.PathLike, cases: int, *, seed: int = 0,
     summaries = map_with_progress(_procedural_job, jobs, workers=workers, description="synthetic cases",
                                   show_progress=show_progress)
     write_kits_json(out, summaries)
+    _warn_about_stale_cases(out, summaries)
     return summaries
+
+
+def _warn_about_stale_cases(out: Path, summaries: list[CaseSummary]) -> None:
+    """Warn when ``out`` holds case folders from an earlier run that kits.json no longer lists."""
+    written = {s.case_id for s in summaries}
+    stale = sorted(p.name for p in out.iterdir() if is_case_id(p.name) and p.name not in written)
+    if stale:
+        logger.warning("%s holds %d case folder(s) from an earlier run (%s%s) that kits.json no longer lists; "
+                       "delete them or write to an empty folder", out, len(stale), ", ".join(stale[:5]),
+                       " …" if len(stale) > 5 else "")
 
 
 def find_masks(masks_dir: str | os.PathLike) -> list[Path]:
@@ -244,6 +255,7 @@ def generate_from_masks(masks_dir: str | os.PathLike, out_dir: str | os.PathLike
     summaries = map_with_progress(_from_mask_job, jobs, workers=workers, description="cases from masks",
                                   show_progress=show_progress)
     write_kits_json(out, summaries)
+    _warn_about_stale_cases(out, summaries)
     return summaries
 
 
