@@ -148,14 +148,22 @@ def _lesion_box(rng: np.random.Generator, grid: Grid, kidney: KidneyPlacement, p
     return box, np.sqrt(level) + 0.08 * bumps < 1.0
 
 
+def _draw_cyst_count(rng: np.random.Generator) -> int:
+    """How many simple cysts a patient has: none for about half, else 1–3."""
+    return 0 if rng.random() >= 0.5 else int(rng.integers(1, 4))
+
+
+def _draw_cyst_radius(rng: np.random.Generator) -> float:
+    """Radius (mm) of one simple cyst, 1–5 cm in diameter."""
+    return 5.0 * float(np.clip(np.exp(rng.normal(np.log(2.0), 0.45)), 1.0, 5.0))
+
+
 def _paint_cysts(labels: np.ndarray, cysts: np.ndarray, grid: Grid, rng: np.random.Generator,
                  kidneys: tuple[KidneyPlacement, ...], parenchyma: list[np.ndarray]) -> None:
     """Simple renal cysts (about half the patients, 1–3 of 1–5 cm), round and labelled kidney."""
-    if rng.random() >= 0.5:
-        return
-    for _ in range(int(rng.integers(1, 4))):
+    for _ in range(_draw_cyst_count(rng)):
         which = int(rng.integers(len(kidneys)))
-        radius = 5.0 * float(np.clip(np.exp(rng.normal(np.log(2.0), 0.45)), 1.0, 5.0))
+        radius = _draw_cyst_radius(rng)
         found = _lesion_box(rng, grid, kidneys[which], parenchyma[which], radius, growth_scale=0.85)
         if found is not None:
             box, inside = found
@@ -253,12 +261,13 @@ def draw_cysts_within(rng: np.random.Generator, labels: np.ndarray, grid: Grid) 
     """
     cysts = np.zeros(labels.shape, dtype=bool)
     kidney = labels == KIDNEY_LABEL
-    if rng.random() >= 0.5 or not kidney.any():
+    count = _draw_cyst_count(rng)
+    if count == 0 or not kidney.any():
         return cysts
     region = ndimage.find_objects(kidney.astype(np.int8))[0]
     surface = surface_voxels(kidney[region]) + np.array([s.start for s in region])
-    for _ in range(int(rng.integers(1, 4))):
-        radius = 5.0 * float(np.clip(np.exp(rng.normal(np.log(2.0), 0.45)), 1.0, 5.0))
+    for _ in range(count):
+        radius = _draw_cyst_radius(rng)
         centre = tuple(surface[rng.integers(len(surface))] * np.asarray(grid.spacing))
         found = ellipsoid_level(grid, centre, (radius, radius, radius))
         if found is not None:

@@ -18,9 +18,10 @@ from pathlib import Path
 
 import nibabel as nib
 import numpy as np
+
 from utils.kits_layout import (IMAGING_NAME, KITS_AXCODES, KITS_JSON_NAME, SEGMENTATION_NAME, TUMOUR_LABEL,
                                VALID_LABELS, build_kits_affine, case_id_for_index, is_case_id, spacing_from_affine)
-from utils.nifti_io import load_nifti, read_voxels, save_nifti, write_bytes_atomic
+from utils.nifti_io import load_nifti_verified, read_voxels, save_nifti, write_bytes_atomic
 from utils.parallel import map_with_progress
 from utils.synthetic_anatomy import build_procedural_case, draw_cysts_within, layout_from_labels
 from utils.synthetic_ct import render_ct, sample_enhancement
@@ -159,7 +160,7 @@ def _procedural_job(args: tuple[Path, int, int, SyntheticOptions]) -> CaseSummar
 def _from_mask_job(args: tuple[Path, Path, int]) -> CaseSummary:
     out_dir, mask_path, seed = args
     case_id = mask_path.parent.name
-    image_file = load_nifti(mask_path)
+    image_file = load_nifti_verified(mask_path)  # a corrupt mask must not be copied into the output
     labels = read_voxels(image_file, np.uint8)
     if labels.ndim != 3:
         raise ValueError(f"{mask_path}: segmentation must be 3D, got shape {labels.shape}")
