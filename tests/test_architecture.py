@@ -11,12 +11,19 @@ UTILS = Path(__file__).resolve().parents[1] / "utils"
 #: The synthetic generator is a data source: it writes raw NIfTI and knows nothing of loaders.
 STAGES: list[set[str]] = [
     {"kits_layout", "config", "parallel", "synthetic_shapes"},
-    {"nifti_io", "synthetic_anatomy"},
+    {"nifti_io", "synthetic_anatomy", "slice_statistics"},
     {"case_discovery", "nifti_checks", "synthetic_tissues"},
-    {"case_validation", "synthetic_ct"},
-    {"synthetic_dataset", "intensity_separability"},
+    {"case_validation", "synthetic_ct", "dataset_statistics"},
+    {"synthetic_dataset", "intensity_separability", "dataset_fingerprint", "resampling", "data_splits",
+     "statistics_tables"},
+    {"preprocessed_cache"},
+    {"preprocessing"},
+    {"augmentation"},
+    {"patch_dataset"},
+    {"slice_dataset"},
     {"visualisation"},
-    {"demo_pipeline"},
+    {"statistics_figures"},
+    {"demo_pipeline", "data_loading_benchmark"},
 ]
 
 

@@ -11,14 +11,23 @@ REPO = Path(__file__).resolve().parents[1]
 def test_demo_script_end_to_end(tmp_path):
     command = [sys.executable, "scripts/demo.py", "--config", "configs/demo.yaml",
                "--set", "synthetic.cases=2", "--set", "synthetic.matrix=64", "--set", "synthetic.workers=1",
-               "--set", f"synthetic.out_dir={tmp_path / 'data'}", "--set", f"reports_dir={tmp_path / 'reports'}"]
+               "--set", f"synthetic.out_dir={tmp_path / 'data'}", "--set", f"reports_dir={tmp_path / 'reports'}",
+               "--set", f"preprocessing.cache_dir={tmp_path / 'cache'}", "--set", "preprocessing.target_spacing=[4,4,4]",
+               "--set", "patches.patch_size=[8,16,16]", "--set", "slices.image_size=32"]
     run = subprocess.run(command, capture_output=True, text=True, cwd=REPO, timeout=300)
     assert run.returncode == 0, run.stderr
     assert "case_00001" in run.stdout and "validation (full): ok: 2" in run.stdout
+    assert "split: 1 train, 1 validation cases" in run.stdout
     summary = json.loads((tmp_path / "reports" / "dataset_summary.json").read_text())
     assert summary["validation"] == {"ok": 2, "inference_only": 0, "unusable": 0}
     assert 0.0 < summary["intensity_only_floor"]["kidney_interval_dice"] < 1.0
-    assert (tmp_path / "reports" / "synthetic_cases.png").read_bytes()[:4] == b"\x89PNG"
+    cache = summary["cache"]
+    assert sorted(cache["written"]) == ["case_00000", "case_00001"] and cache["failed"] == {}
+    assert (Path(cache["folder"]) / "plan.json").is_file() and Path(cache["folder"]).is_relative_to(tmp_path)
+    low, high = cache["normalisation"]["clip_hu"]
+    assert low < cache["normalisation"]["mean_hu"] < high
+    for figure in ("synthetic_cases.png", "training_samples.png"):
+        assert (tmp_path / "reports" / figure).read_bytes()[:4] == b"\x89PNG"
 
 
 def test_demo_refuses_a_bad_config(tmp_path):

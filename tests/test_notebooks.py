@@ -9,7 +9,11 @@ import pytest
 from nbclient import NotebookClient
 
 NOTEBOOKS = Path(__file__).resolve().parents[1] / "notebooks"
-SMALL = {"synthetic_data.ipynb": "N_CASES = 2\nMATRIX = 64"}
+SMALL = {
+    "synthetic_data.ipynb": "N_CASES = 2\nMATRIX = 64",
+    "dataset_statistics.ipynb": "N_CASES = 2\nMATRIX = 64\nWORKERS = 1",
+    "2D_data_stats.ipynb": "N_CASES = 2\nMATRIX = 64\nIMAGE_SIZE = 64\nN_SAMPLES = 40\nWORKERS = 1",
+}
 
 
 def _with_overrides(notebook: nbformat.NotebookNode, overrides: str) -> nbformat.NotebookNode:
@@ -27,7 +31,9 @@ def test_notebook_runs(name, tmp_path, monkeypatch):
     monkeypatch.delenv("MPLBACKEND", raising=False)  # let the kernel use its inline backend
     notebook = nbformat.read(NOTEBOOKS / name, as_version=4)
     assert not any(cell.get("outputs") for cell in notebook.cells if cell.cell_type == "code"), "commit without outputs"
-    overrides = f"{SMALL[name]}\nDATA_DIR = Path({str(tmp_path / 'data')!r})"
+    folders = {"DATA_DIR": "data", "SYNTHETIC_DIR": "synthetic", "CACHE_DIR": "cache", "REPORTS_DIR": "reports"}
+    overrides = SMALL[name] + "".join(f"\n{variable} = Path({str(tmp_path / folder)!r})"
+                                      for variable, folder in folders.items())
     client = NotebookClient(_with_overrides(notebook, overrides), timeout=300, kernel_name="python3",
                             resources={"metadata": {"path": str(NOTEBOOKS)}})
     executed = client.execute()

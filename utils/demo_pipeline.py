@@ -1,7 +1,7 @@
-"""The end-to-end demo on built-in synthetic data: generate, validate, summarise, plot.
+"""The end-to-end demo on built-in synthetic data: generate, validate, preprocess, sample, plot.
 
 Each stage calls the package's own functions exactly as a user's script would; later stages
-(preprocessing, training, evaluation) join here as they are built.
+(training, evaluation) join here as they are built.
 """
 
 from __future__ import annotations
@@ -17,8 +17,17 @@ from utils.case_validation import DatasetReport, load_case, select_cases, valida
 from utils.config import DemoConfig, config_as_dict
 from utils.intensity_separability import Separability, measure_separability
 from utils.nifti_io import write_bytes_atomic
+from utils.patch_dataset import build_patch_datasets
+from utils.preprocessed_cache import open_cache
+from utils.preprocessing import PreprocessingResult, preprocess_dataset
+from utils.slice_dataset import build_slice_dataset
+from utils.slice_statistics import classify_slices
+from utils.statistics_figures import plot_slice_gallery
 from utils.synthetic_dataset import CaseSummary, SyntheticOptions, generate_dataset
 from utils.visualisation import plot_case_gallery, save_figure
+
+#: Augmented training samples of each kind drawn for the demo's figure.
+SAMPLES_SHOWN = 6
 
 logger = logging.getLogger(__name__)
 
@@ -30,7 +39,10 @@ class DemoResult:
     summaries: list[CaseSummary]
     validation: DatasetReport
     separability: Separability
+    preprocessing: PreprocessingResult
+    split: tuple[list[str], list[str]]
     gallery_path: Path
+    samples_path: Path
     summary_path: Path
 
 
@@ -50,15 +62,40 @@ def run_demo(config: DemoConfig, show_progress: bool = True) -> DemoResult:
     reports_dir = Path(config.reports_dir)
     gallery = plot_case_gallery([(c.case_id, c.image, c.segmentation, c.spacing) for c in cases])
     gallery_path = save_figure(gallery, reports_dir / "synthetic_cases.png")
+    prepared = preprocess_dataset(synthetic.out_dir, config.preprocessing, config.split, workers=synthetic.workers,
+                                  show_progress=show_progress)
+    samples_path, split = _save_training_samples(config, prepared.folder, reports_dir / "training_samples.png")
     summary = {
         "config": config_as_dict(config),
         "cases": [asdict(s) for s in summaries],
         "validation": report.counts,
         "intensity_only_floor": asdict(pooled),
+        "cache": {"folder": prepared.folder, "cases": prepared.case_ids, "written": prepared.written,
+                  "skipped": prepared.skipped, "failed": prepared.failed, "seconds": prepared.seconds,
+                  "normalisation": {"clip_hu": prepared.fingerprint.clip_hu,
+                                    "mean_hu": prepared.fingerprint.foreground_mean_hu,
+                                    "std_hu": prepared.fingerprint.foreground_std_hu},
+                  "split": {"train": split[0], "val": split[1]}},
     }
     summary_path = reports_dir / "dataset_summary.json"
     write_bytes_atomic(summary_path, (json.dumps(summary, indent=2, default=_jsonable) + "\n").encode())
-    return DemoResult(summaries, report, pooled, gallery_path, summary_path)
+    return DemoResult(summaries, report, pooled, prepared, split, gallery_path, samples_path, summary_path)
+
+
+def _save_training_samples(config: DemoConfig, cache_folder: Path, path: Path) -> tuple[Path, tuple[list[str], list[str]]]:
+    """Draw augmented 3D patches (their middle axial slice) and 2D slices as the models see them; save a figure."""
+    cache = open_cache(cache_folder)
+    patches, _ = build_patch_datasets(cache, config.patches, config.augmentation, seed=config.seed)
+    slices = build_slice_dataset(cache, config.slices, config.augmentation, seed=config.seed)
+    middles = []
+    for patch in (patches[i] for i in range(SAMPLES_SHOWN)):
+        depth = patch["image"].shape[1]
+        label = patch["label"][:, depth // 2]
+        middles.append({"image": patch["image"][:, depth // 2], "label": label, "case_id": patch["case_id"],
+                        "slice_index": f"middle of 3D patch ({patch['centre_class']})",
+                        "slice_class": int(classify_slices(label.numpy())[0])})
+    figure = plot_slice_gallery(middles + [slices[i] for i in range(SAMPLES_SHOWN)], columns=SAMPLES_SHOWN)
+    return save_figure(figure, path), cache.split(0)
 
 
 def format_demo_result(result: DemoResult) -> str:
@@ -72,11 +109,18 @@ def format_demo_result(result: DemoResult) -> str:
                      f"{s.kidney_ml:>9.1f} {s.tumour_ml:>9.1f}")
     counts = ", ".join(f"{k}: {v}" for k, v in result.validation.counts.items())
     floor = result.separability
+    prepared = result.preprocessing
+    low, high = prepared.fingerprint.clip_hu
     lines += [f"validation (full): {counts}",
               f"intensity-only floor: best HU interval {floor.kidney_interval_hu} gives kidney Dice "
               f"{floor.kidney_interval_dice:.3f}; best HU threshold inside kidney gives tumour Dice "
               f"{floor.tumour_threshold_dice:.3f}",
-              f"figure: {result.gallery_path}", f"summary: {result.summary_path}"]
+              f"cache: {prepared.folder} ({len(prepared.written)} written, {len(prepared.skipped)} up to date, "
+              f"{len(prepared.failed)} failed, {prepared.seconds:.1f} s)",
+              f"normalisation: clip to [{low:.0f}, {high:.0f}] HU, z-score with mean "
+              f"{prepared.fingerprint.foreground_mean_hu:.1f} HU and std {prepared.fingerprint.foreground_std_hu:.1f} HU",
+              f"split: {len(result.split[0])} train, {len(result.split[1])} validation cases",
+              f"figures: {result.gallery_path}, {result.samples_path}", f"summary: {result.summary_path}"]
     return "\n".join(lines)
 
 
