@@ -93,6 +93,8 @@ def format_summary(result: PreprocessingResult) -> str:
                  f"clip {low:g} .. {high:g} HU (percentiles {fingerprint.clip_percentiles[0]:g}, "
                  f"{fingerprint.clip_percentiles[1]:g}), mean {fingerprint.foreground_mean_hu:.1f} HU, "
                  f"std {fingerprint.foreground_std_hu:.1f} HU")
+    if result.split_problem:
+        lines.append(f"warning: {result.split_problem}")
     lines.append(f"finished in {result.seconds:.1f} s")
     return "\n".join(lines)
 
@@ -116,7 +118,7 @@ def main(argv: list[str] | None = None) -> int:
         return EXIT_USAGE
     try:
         result = preprocess_dataset(data_dir, config, sections["split"], workers=args.workers,
-                                    show_progress=sys.stderr.isatty())
+                                    show_progress=True)
     except ValueError as error:  # no usable case, or too few for the split
         print(f"preprocess.py: error: {error}", file=sys.stderr)
         return EXIT_UNUSABLE

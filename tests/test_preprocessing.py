@@ -246,3 +246,31 @@ def test_an_interrupted_run_leaves_no_half_written_case(fixed_data: Path, tmp_pa
     result = preprocess_dataset(fixed_data, config, SplitConfig(), cache_dir=cache_dir, show_progress=False)
     assert result.skipped == ["case_00000"] and result.written == ["case_00001", "case_00002"]
     assert [case.case_id for case in open_cache(folder).cases()] == ["case_00000", "case_00001", "case_00002"]
+
+
+@pytest.mark.parametrize("case_id", ["case_00061", "case_00116"])  # 5 mm slices (upsampled); 0.5 mm (downsampled)
+def test_real_masks_survive_the_round_trip_at_the_default_spacing(real_kits19_dir: Path, case_id: str) -> None:
+    """A real KiTS19 mask through preprocessing and back: original shape, composite Dice >= 0.9."""
+    segmentation = nib.load(real_kits19_dir / case_id / SEGMENTATION_NAME)
+    labels = np.asarray(segmentation.dataobj).astype(np.uint8)
+    image = np.where(labels > 0, 100.0, -1000.0).astype(np.float32)  # a CT stand-in: only the crop uses it
+    _, cached, mapping = preprocess_volume(image, labels, segmentation.affine, PreprocessingConfig(),
+                                           Normalisation(-100.0, 300.0, 100.0, 50.0), overwrite_input=True)
+    assert mapping.resampled_spacing == pytest.approx((3.22, 1.62, 1.62), rel=0.05)
+    restored = restore_labels(cached, mapping)
+    assert restored.shape == labels.shape and np.allclose(np.asarray(mapping.original_affine), segmentation.affine)
+    for mask in (lambda a: a > 0, lambda a: a == 2):
+        overlap = np.count_nonzero(mask(restored) & mask(labels))
+        assert 2 * overlap / (np.count_nonzero(mask(restored)) + np.count_nonzero(mask(labels))) >= 0.9
+
+
+def test_a_single_case_is_cached_without_a_split(fixed_data: Path, tmp_path: Path) -> None:
+    data = tmp_path / "one"
+    _copy(fixed_data / "case_00000", data / "case_00000")
+    result = preprocess_dataset(data, PreprocessingConfig(), SplitConfig(), cache_dir=tmp_path / "cache",
+                                show_progress=False)
+    assert result.case_ids == ["case_00000"] and "at least 2 cases" in result.split_problem
+    cache = open_cache(result.folder)
+    assert cache.case("case_00000").shape == tuple(np.load(result.folder / CASES_DIR / "case_00000" / LABEL_FILE).shape)
+    with pytest.raises(FileNotFoundError, match="no splits file"):
+        cache.split(0)

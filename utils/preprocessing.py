@@ -140,6 +140,7 @@ class PreprocessingResult:
         excluded: cases validation found unusable, with the reason, or without a segmentation
             (reason :data:`NO_SEGMENTATION`).
         seconds: wall time.
+        split_problem: why no ``splits.json`` was written (too few cases), ``None`` when it was.
     """
 
     folder: Path
@@ -150,6 +151,7 @@ class PreprocessingResult:
     failed: dict[str, str] = field(default_factory=dict)
     excluded: dict[str, str] = field(default_factory=dict)
     seconds: float = 0.0
+    split_problem: str | None = None
 
 
 def preprocess_dataset(data_dir: str | os.PathLike, config: PreprocessingConfig, split: SplitConfig, *,
@@ -196,10 +198,12 @@ def preprocess_dataset(data_dir: str | os.PathLike, config: PreprocessingConfig,
     outcomes.sort()
     failed.update({case_id: error for case_id, status, error in outcomes if status == "failed"})
     done = [case_id for case_id, status, _ in outcomes if status != "failed"]
+    split_problem = None
     try:
         save_splits(folder, done, split)
     except ValueError as error:  # too few cases to split: the cache still serves inference and statistics
-        logger.warning("%s: no split written (%s)", folder, error)
+        split_problem = f"no split written: {error}"
+        logger.warning("%s: %s", folder, split_problem)
     save_json_atomic(folder / PLAN_NAME, {
         "version": PLAN_VERSION, "plan_name": folder.name, "plan_hash": plan_hash,
         "preprocessing": config_as_dict(config), "normalisation": asdict(normalisation),
@@ -210,7 +214,7 @@ def preprocess_dataset(data_dir: str | os.PathLike, config: PreprocessingConfig,
         logger.error("%s could not be preprocessed: %s", case_id, error)
     return PreprocessingResult(folder, fingerprint, done, [c for c, s, _ in outcomes if s == "written"],
                                [c for c, s, _ in outcomes if s == "skipped"], failed, excluded,
-                               time.perf_counter() - started)
+                               time.perf_counter() - started, split_problem)
 
 
 def source_signature(case: CaseFiles) -> dict[str, Any]:
