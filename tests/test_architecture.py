@@ -11,7 +11,7 @@ UTILS = Path(__file__).resolve().parents[1] / "utils"
 #: The synthetic generator is a data source: it writes raw NIfTI and knows nothing of loaders.
 STAGES: list[set[str]] = [
     {"kits_layout", "config", "parallel", "synthetic_shapes"},
-    {"nifti_io", "synthetic_anatomy", "slice_statistics"},
+    {"nifti_io", "synthetic_anatomy", "slice_statistics", "experiment_config"},
     {"case_discovery", "nifti_checks", "synthetic_tissues"},
     {"case_validation", "synthetic_ct", "dataset_statistics"},
     {"synthetic_dataset", "intensity_separability", "dataset_fingerprint", "resampling", "data_splits",
@@ -21,8 +21,12 @@ STAGES: list[set[str]] = [
     {"augmentation"},
     {"patch_dataset"},
     {"slice_dataset"},
+    {"models", "losses", "optimisation", "segmentation_metrics", "sliding_window", "checkpoints", "run_folder",
+     "experiment_tracking"},
+    {"training_setup"},
+    {"training_engine"},
     {"visualisation"},
-    {"statistics_figures"},
+    {"statistics_figures", "training_figures"},
     {"demo_pipeline", "data_loading_benchmark"},
 ]
 

@@ -13,7 +13,9 @@ def test_demo_script_end_to_end(tmp_path):
                "--set", "synthetic.cases=2", "--set", "synthetic.matrix=64", "--set", "synthetic.workers=1",
                "--set", f"synthetic.out_dir={tmp_path / 'data'}", "--set", f"reports_dir={tmp_path / 'reports'}",
                "--set", f"preprocessing.cache_dir={tmp_path / 'cache'}", "--set", "preprocessing.target_spacing=[4,4,4]",
-               "--set", "patches.patch_size=[8,16,16]", "--set", "slices.image_size=32"]
+               "--set", "patches.patch_size=[8,16,16]", "--set", "slices.image_size=32",
+               "--set", f"train_overrides=[training.epochs=1, preprocessing.cache_dir={tmp_path / 'cache'}, "
+                        f"training.output_dir={tmp_path / 'runs'}, patches.samples_per_epoch=8]"]
     run = subprocess.run(command, capture_output=True, text=True, cwd=REPO, timeout=300)
     assert run.returncode == 0, run.stderr
     assert "case_00001" in run.stdout and "validation (full): ok: 2" in run.stdout
@@ -26,7 +28,10 @@ def test_demo_script_end_to_end(tmp_path):
     assert (Path(cache["folder"]) / "plan.json").is_file() and Path(cache["folder"]).is_relative_to(tmp_path)
     low, high = cache["normalisation"]["clip_hu"]
     assert low < cache["normalisation"]["mean_hu"] < high
-    for figure in ("synthetic_cases.png", "training_samples.png"):
+    assert "training:" in run.stdout and "kidney Dice" in run.stdout
+    assert summary["training"]["best_epoch"] == 1 and 0 <= summary["training"]["kidney_dice"] <= 1
+    assert (Path(summary["training"]["run_folder"]) / "best.pt").is_file()
+    for figure in ("synthetic_cases.png", "training_samples.png", "training_progress.png"):
         assert (tmp_path / "reports" / figure).read_bytes()[:4] == b"\x89PNG"
 
 

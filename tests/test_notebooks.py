@@ -13,6 +13,7 @@ SMALL = {
     "synthetic_data.ipynb": "N_CASES = 2\nMATRIX = 64",
     "dataset_statistics.ipynb": "N_CASES = 2\nMATRIX = 64\nWORKERS = 1",
     "2D_data_stats.ipynb": "N_CASES = 2\nMATRIX = 64\nIMAGE_SIZE = 64\nN_SAMPLES = 40\nWORKERS = 1",
+    "train_3d_unet.ipynb": "N_CASES = 2\nMATRIX = 64\nEPOCHS = 1",
 }
 
 
@@ -31,7 +32,8 @@ def test_notebook_runs(name, tmp_path, monkeypatch):
     monkeypatch.delenv("MPLBACKEND", raising=False)  # let the kernel use its inline backend
     notebook = nbformat.read(NOTEBOOKS / name, as_version=4)
     assert not any(cell.get("outputs") for cell in notebook.cells if cell.cell_type == "code"), "commit without outputs"
-    folders = {"DATA_DIR": "data", "SYNTHETIC_DIR": "synthetic", "CACHE_DIR": "cache", "REPORTS_DIR": "reports"}
+    folders = {"DATA_DIR": "data", "SYNTHETIC_DIR": "synthetic", "CACHE_DIR": "cache", "REPORTS_DIR": "reports",
+               "CHECKPOINTS_DIR": "checkpoints"}
     overrides = SMALL[name] + "".join(f"\n{variable} = Path({str(tmp_path / folder)!r})"
                                       for variable, folder in folders.items())
     client = NotebookClient(_with_overrides(notebook, overrides), timeout=300, kernel_name="python3",

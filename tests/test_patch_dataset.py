@@ -105,3 +105,12 @@ def test_empty_case_list_is_refused():
     with pytest.raises(ValueError, match="at least one case"):
         PatchDataset([], PatchDatasetConfig(), None, seed=0, pad_value=0)
     assert len(VolumeDataset([])) == 0
+
+
+def test_epoch_sampler_shards_disjointly_and_evenly():
+    shards = [list(EpochSampler(10, epoch=2, rank=rank, world_size=3)) for rank in range(3)]
+    assert [len(shard) for shard in shards] == [3, 3, 3]
+    flat = sorted(i for shard in shards for i in shard)
+    assert len(set(flat)) == 9 and all(20 <= i < 30 for i in flat)
+    with pytest.raises(ValueError, match="rank"):
+        EpochSampler(10, rank=3, world_size=3)

@@ -217,7 +217,12 @@ class SliceDatasetConfig:
 
 @dataclass(frozen=True)
 class DemoConfig:
-    """Settings of the end-to-end demo (``make demo``)."""
+    """Settings of the end-to-end demo (``make demo``).
+
+    Attributes:
+        train_config: experiment file of the model the demo trains on its synthetic cases
+            (``None``: no training); ``train_overrides``: ``section.key=value`` changes to it.
+    """
 
     synthetic: SyntheticDataConfig = field(default_factory=SyntheticDataConfig)
     preprocessing: PreprocessingConfig = field(default_factory=PreprocessingConfig)
@@ -227,6 +232,8 @@ class DemoConfig:
     augmentation: AugmentationConfig = field(default_factory=AugmentationConfig)
     seed: int = 0
     reports_dir: str = "reports/demo"
+    train_config: str | None = "configs/resunet3d_quick.yaml"
+    train_overrides: tuple[str, ...] = ()
 
 
 def _convert(value: Any, annotation: Any, where: str) -> Any:

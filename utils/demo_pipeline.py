@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import json
 import logging
+import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
@@ -15,6 +16,7 @@ import numpy as np
 
 from utils.case_validation import DatasetReport, load_case, select_cases, validate_dataset
 from utils.config import DemoConfig, config_as_dict
+from utils.experiment_config import load_experiment_config
 from utils.intensity_separability import Separability, measure_separability
 from utils.nifti_io import write_bytes_atomic
 from utils.patch_dataset import build_patch_datasets
@@ -24,6 +26,8 @@ from utils.slice_dataset import build_slice_dataset
 from utils.slice_statistics import classify_slices
 from utils.statistics_figures import plot_slice_gallery
 from utils.synthetic_dataset import CaseSummary, SyntheticOptions, generate_dataset
+from utils.training_engine import TrainingResult, train
+from utils.training_figures import plot_training_progress
 from utils.visualisation import plot_case_gallery, save_figure
 
 #: Augmented training samples of each kind drawn for the demo's figure.
@@ -44,6 +48,8 @@ class DemoResult:
     gallery_path: Path
     samples_path: Path
     summary_path: Path
+    training: TrainingResult | None = None
+    training_seconds: float | None = None
 
 
 def run_demo(config: DemoConfig, show_progress: bool = True) -> DemoResult:
@@ -77,9 +83,29 @@ def run_demo(config: DemoConfig, show_progress: bool = True) -> DemoResult:
                                     "std_hu": prepared.fingerprint.foreground_std_hu},
                   "split": {"train": split[0], "val": split[1]}},
     }
+    training, seconds = _train(config, reports_dir, show_progress)
+    if training is not None:
+        best = next((r for r in training.records if r["epoch"] == training.best_epoch), {})
+        summary["training"] = {"run_folder": training.run_folder, "seconds": seconds, "best_epoch": training.best_epoch,
+                               "kidney_dice": best.get("kidney_dice"), "tumour_dice": best.get("tumour_dice"),
+                               "validation_space": best.get("validation_space")}
     summary_path = reports_dir / "dataset_summary.json"
     write_bytes_atomic(summary_path, (json.dumps(summary, indent=2, default=_jsonable) + "\n").encode())
-    return DemoResult(summaries, report, pooled, prepared, split, gallery_path, samples_path, summary_path)
+    return DemoResult(summaries, report, pooled, prepared, split, gallery_path, samples_path, summary_path,
+                      training, seconds)
+
+
+def _train(config: DemoConfig, reports_dir: Path, show_progress: bool) -> tuple[TrainingResult | None, float | None]:
+    """Train the demo's model on its synthetic cases and save its training curves."""
+    if config.train_config is None:
+        return None, None
+    experiment = load_experiment_config(config.train_config, config.train_overrides)
+    started = time.perf_counter()
+    result = train(experiment, data_dir=config.synthetic.out_dir, show_progress=show_progress)
+    seconds = time.perf_counter() - started
+    save_figure(plot_training_progress(result.records, title=result.run_folder.name),
+                reports_dir / "training_progress.png")
+    return result, seconds
 
 
 def _save_training_samples(config: DemoConfig, cache_folder: Path, path: Path) -> tuple[Path, tuple[list[str], list[str]]]:
@@ -121,6 +147,11 @@ def format_demo_result(result: DemoResult) -> str:
               f"{prepared.fingerprint.foreground_mean_hu:.1f} HU and std {prepared.fingerprint.foreground_std_hu:.1f} HU",
               f"split: {len(result.split[0])} train, {len(result.split[1])} validation cases",
               f"figures: {result.gallery_path}, {result.samples_path}", f"summary: {result.summary_path}"]
+    if result.training is not None:
+        best = next((r for r in result.training.records if r["epoch"] == result.training.best_epoch), None)
+        scores = (f"kidney Dice {best['kidney_dice']:.3f}, tumour Dice {best['tumour_dice']:.3f} per case on the "
+                  f"validation cases (cache grid), best of epoch {best['epoch']}") if best else "no validated epoch"
+        lines += [f"training: {result.training.run_folder} in {result.training_seconds:.0f} s; {scores}"]
     return "\n".join(lines)
 
 

@@ -59,11 +59,22 @@ def read_region(volume: np.ndarray, centre: Sequence[int], size: Sequence[int], 
 
 
 class EpochSampler(Sampler[int]):
-    """Yields the indices of one epoch as ``epoch * samples_per_epoch + i`` (call :meth:`set_epoch`)."""
+    """Yields one epoch's item indices ``epoch * samples_per_epoch + i`` (call :meth:`set_epoch`).
 
-    def __init__(self, samples_per_epoch: int, epoch: int = 0):
+    With ``world_size`` processes, process ``rank`` takes ``i = rank, rank + world_size, ...``:
+    the processes draw disjoint samples, each the same number (``samples_per_epoch // world_size``),
+    so no process waits for another at the end of an epoch.
+    """
+
+    def __init__(self, samples_per_epoch: int, epoch: int = 0, *, rank: int = 0, world_size: int = 1):
+        if not 0 <= rank < world_size:
+            raise ValueError(f"rank must be >= 0 and < world_size ({world_size}), got {rank}")
+        if samples_per_epoch < world_size:
+            raise ValueError(f"samples_per_epoch ({samples_per_epoch}) must be >= world_size ({world_size})")
         self.samples_per_epoch = samples_per_epoch
         self.epoch = epoch
+        self.rank = rank
+        self.world_size = world_size
 
     def set_epoch(self, epoch: int) -> None:
         """Select the epoch the next iteration yields."""
@@ -71,10 +82,10 @@ class EpochSampler(Sampler[int]):
 
     def __iter__(self) -> Iterator[int]:
         start = self.epoch * self.samples_per_epoch
-        return iter(range(start, start + self.samples_per_epoch))
+        return iter(range(start + self.rank, start + len(self) * self.world_size, self.world_size))
 
     def __len__(self) -> int:
-        return self.samples_per_epoch
+        return self.samples_per_epoch // self.world_size
 
 
 class SampledDataset(Dataset):
@@ -174,7 +185,7 @@ class VolumeDataset(Dataset):
 
     def __getitem__(self, index: int) -> dict[str, Any]:
         case = self.cases[index]
-        return {"image": torch.from_numpy(np.asarray(case.image, dtype=np.float32))[None],
+        return {"image": torch.from_numpy(np.array(case.image, dtype=np.float32))[None],
                 "label": torch.from_numpy(np.array(case.label, dtype=np.uint8))[None],
                 "case_id": case.case_id}
 

@@ -1,0 +1,137 @@
+"""Losses: hand-computed values, what class weights do, label dtypes, gradients, agreement with MONAI."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+from monai.losses import DiceCELoss
+
+from utils.experiment_config import LossConfig
+from utils.losses import build_loss
+
+NAMES = ("dice_focal", "dice_ce")
+
+
+def _confident_logits(labels: torch.Tensor, margin: float = 10.0) -> torch.Tensor:
+    """``(B, 3, *spatial)`` logits: ``+margin`` on the class in ``labels`` ``(B, 1, *spatial)``, else ``-margin``.
+
+    Confident under softmax (the Dice and cross-entropy terms) and per-channel sigmoid (the focal term).
+    """
+    one_hot = torch.nn.functional.one_hot(labels[:, 0].long(), 3).movedim(-1, 1).float()
+    return margin * (2 * one_hot - 1)
+
+
+@pytest.fixture
+def labels() -> torch.Tensor:
+    torch.manual_seed(0)
+    return torch.randint(0, 3, (2, 1, 4, 6, 6), dtype=torch.uint8)
+
+
+def test_uniform_logits_give_the_hand_computed_values():
+    # Labels 0, 1, 2, 2 and zero logits: p = 1/3 everywhere. Dice_c = 2 (n_c / 3) / (4/3 + n_c):
+    # 2/7 (background), 2/7 (kidney), 2/5 (tumour). Dice term with weights (0, 1, 3), averaged
+    # over the 3 classes: (5/7 + 3 * 3/5) / 3 = 88/105.
+    labels = torch.tensor([0, 1, 2, 2], dtype=torch.uint8).view(1, 1, 1, 1, 4)
+    logits = torch.zeros(1, 3, 1, 1, 4)
+    dice_term = 88 / 105
+    # Focal (sigmoid per channel, see utils.losses): sigmoid(0) = 1/2, so every element costs
+    # (1/2)^2 ln 2 times its channel's weight; per voxel (0 + 1 + 3) ln 2 / 4 = ln 2, averaged
+    # over B * C * N = 12 elements: 4 ln 2 / 12.
+    focal_term = math.log(2) / 3
+    # Cross-entropy: weighted mean of ln 3 is ln 3.
+    ce_term = math.log(3)
+    focal = build_loss(LossConfig(name="dice_focal", other_weight=0.5))(logits, labels)
+    ce = build_loss(LossConfig(name="dice_ce", other_weight=0.5))(logits, labels)
+    assert focal.ndim == 0 and focal.item() == pytest.approx(dice_term + 0.5 * focal_term, abs=1e-4)
+    assert ce.item() == pytest.approx(dice_term + 0.5 * ce_term, abs=1e-4)
+
+
+@pytest.mark.parametrize("name", NAMES)
+def test_right_logits_score_lower_than_wrong_ones(name, labels):
+    loss = build_loss(LossConfig(name=name))
+    right = loss(_confident_logits(labels), labels)
+    wrong = loss(_confident_logits((labels + 1) % 3), labels)
+    assert right.item() < 0.01 < 1.0 < wrong.item()
+
+
+def test_zero_background_weight_drops_the_background_channel_of_the_focal_term(labels):
+    # Focal is per channel, weighted by channel: with w_0 = 0 the background logits do not matter,
+    # but background voxels still count through the kidney and tumour channels.
+    loss = build_loss(LossConfig(name="dice_focal", class_weights=(0.0, 1.0, 3.0), dice_weight=0.0))
+    logits = torch.randn(2, 3, 4, 6, 6)
+    new_background_channel = logits.clone()
+    new_background_channel[:, 0] = torch.randn(2, 4, 6, 6) * 5
+    assert loss(new_background_channel, labels).item() == pytest.approx(loss(logits, labels).item(), rel=1e-6)
+    at_background_voxels = torch.where(labels == 0, torch.randn_like(logits) * 5, logits)
+    assert loss(at_background_voxels, labels).item() != pytest.approx(loss(logits, labels).item(), rel=1e-3)
+
+
+def test_zero_background_weight_drops_background_voxels_from_the_cross_entropy_term(labels):
+    # Cross-entropy is weighted by the true class: with w_0 = 0 the logits of voxels whose truth is
+    # background do not matter; with w_0 = 1 they do.
+    loss = build_loss(LossConfig(name="dice_ce", class_weights=(0.0, 1.0, 3.0), dice_weight=0.0))
+    logits = torch.randn(2, 3, 4, 6, 6)
+    at_background_voxels = torch.where(labels == 0, torch.randn_like(logits) * 5, logits)
+    assert loss(at_background_voxels, labels).item() == pytest.approx(loss(logits, labels).item(), rel=1e-6)
+    weighted = build_loss(LossConfig(name="dice_ce", class_weights=(1.0, 1.0, 3.0), dice_weight=0.0))
+    assert weighted(at_background_voxels, labels).item() != pytest.approx(weighted(logits, labels).item(), rel=1e-3)
+
+
+@pytest.mark.parametrize("name", NAMES)
+def test_background_only_batch_is_finite_and_still_penalises_false_kidney(name):
+    # MONAI's DiceCELoss returns NaN here (0/0 in the weighted cross-entropy); ours does not.
+    labels = torch.zeros(2, 1, 4, 4, 4, dtype=torch.uint8)
+    loss = build_loss(LossConfig(name=name))
+    logits = torch.randn(2, 3, 4, 4, 4, requires_grad=True)
+    value = loss(logits, labels)
+    value.backward()
+    assert torch.isfinite(value) and torch.isfinite(logits.grad).all()
+    # Kidney everywhere: the kidney Dice alone costs w_1 / C = 1/3.
+    assert loss(_confident_logits(labels), labels) < 0.1 < 0.33 < loss(_confident_logits(labels + 1), labels)
+
+
+def test_background_only_batch_has_no_cross_entropy_with_zero_background_weight():
+    labels = torch.zeros(1, 1, 4, 4, 4, dtype=torch.uint8)
+    loss = build_loss(LossConfig(name="dice_ce", class_weights=(0.0, 1.0, 3.0), dice_weight=0.0))
+    logits = torch.randn(1, 3, 4, 4, 4, requires_grad=True)
+    value = loss(logits, labels)
+    value.backward()
+    assert value.item() == 0.0 and torch.all(logits.grad == 0)
+
+
+@pytest.mark.parametrize("name", NAMES)
+def test_uint8_and_int64_labels_give_the_same_loss_and_gradients_flow(name, labels):
+    loss = build_loss(LossConfig(name=name))
+    logits = torch.randn(2, 3, 4, 6, 6, requires_grad=True)
+    value = loss(logits, labels)
+    assert value.item() == loss(logits, labels.long()).item()
+    value.backward()
+    assert logits.grad is not None and torch.isfinite(logits.grad).all() and logits.grad.abs().sum() > 0
+
+
+@pytest.mark.parametrize("name", NAMES)
+def test_2d_inputs_work(name):
+    labels = torch.randint(0, 3, (3, 1, 8, 8))
+    assert build_loss(LossConfig(name=name))(torch.randn(3, 3, 8, 8), labels).ndim == 0
+
+
+def test_dice_ce_matches_monai_when_the_batch_has_foreground(labels):
+    config = LossConfig(name="dice_ce", class_weights=(0.0, 1.0, 3.0), dice_weight=0.7, other_weight=1.3)
+    reference = DiceCELoss(include_background=True, to_onehot_y=True, softmax=True,
+                           weight=torch.tensor(config.class_weights), lambda_dice=0.7, lambda_ce=1.3)
+    logits = torch.randn(2, 3, 4, 6, 6)
+    assert build_loss(config)(logits, labels).item() == pytest.approx(reference(logits, labels.long()).item(),
+                                                                       rel=1e-5)
+
+
+@pytest.mark.parametrize("name", NAMES)
+def test_bad_inputs_are_rejected_with_the_shapes(name):
+    loss = build_loss(LossConfig(name=name))
+    with pytest.raises(ValueError, match="integer or bool"):
+        loss(torch.randn(1, 3, 4, 4, 4), torch.zeros(1, 1, 4, 4, 4))
+    with pytest.raises(ValueError, match=r"\(1, 1, 4, 4, 4\).*got \(1, 4, 4, 4\)"):
+        loss(torch.randn(1, 3, 4, 4, 4), torch.zeros(1, 4, 4, 4, dtype=torch.long))
+    with pytest.raises(ValueError, match=r"\(B, 3, \*spatial\)"):
+        loss(torch.randn(1, 2, 4, 4, 4), torch.zeros(1, 1, 4, 4, 4, dtype=torch.long))
