@@ -66,8 +66,8 @@ def train(config: ExperimentConfig, *, data_dir: str | Path | None = None, resum
     """Train a model as configured; the one entry point of scripts and notebooks.
 
     Args:
-        config: the experiment (when resuming, the run folder's saved config is used instead,
-            with ``training.epochs`` taken from ``config`` so a finished run can be extended).
+        config: the experiment. When resuming, pass the run folder's ``config.yaml`` (as
+            ``scripts/train_3d_unet.py --resume`` does); raising ``training.epochs`` extends a run.
         data_dir: raw KiTS19-layout folder (default ``config.data_dir``, then ``KITS19_DATA``).
         resume: a run folder to continue from its ``last.pt``.
         wandb: force wandb on or off (``None``: ``config.wandb.enabled``).
