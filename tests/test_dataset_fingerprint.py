@@ -11,8 +11,8 @@ import pytest
 
 from utils.dataset_fingerprint import (
     build_fingerprint, compute_case_statistics, load_case_statistics, load_fingerprint, save_case_statistics,
-    save_json_atomic,
 )
+from utils.nifti_io import save_json_atomic
 from utils.dataset_statistics import HU_HISTOGRAM_RANGE
 
 SOURCE = {"imaging": {"name": "imaging.nii.gz", "size": 10, "mtime_ns": 1}}

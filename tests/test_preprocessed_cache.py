@@ -11,7 +11,8 @@ import pytest
 
 from utils.config import SplitConfig
 from utils.data_splits import save_splits
-from utils.dataset_fingerprint import build_fingerprint, compute_case_statistics, save_json_atomic
+from utils.dataset_fingerprint import build_fingerprint, compute_case_statistics
+from utils.nifti_io import save_json_atomic
 from utils.kits_layout import build_kits_affine
 from utils.preprocessed_cache import (
     CASES_DIR, FINGERPRINT_NAME, IMAGE_FILE, LABEL_FILE, LOCATIONS_FILE, META_FILE, PLAN_NAME, CachedCase, open_cache,

@@ -17,7 +17,7 @@ from typing import Any
 import numpy as np
 
 from utils.config import SplitConfig, config_as_dict
-from utils.nifti_io import write_bytes_atomic
+from utils.nifti_io import save_json_atomic
 
 logger = logging.getLogger(__name__)
 
@@ -73,7 +73,7 @@ def save_splits(folder: str | os.PathLike, case_ids: Sequence[str], config: Spli
             return path
         logger.warning("%s: the cases or split settings changed; the split is rewritten, so runs trained on "
                        "the previous split are not comparable with new ones", path)
-    write_bytes_atomic(path, (json.dumps(data, indent=1) + "\n").encode())
+    save_json_atomic(path, data)
     return path
 
 

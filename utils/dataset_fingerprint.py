@@ -26,7 +26,7 @@ from typing import Any
 import numpy as np
 
 from utils.dataset_statistics import HU_HISTOGRAM_RANGE, compute_histogram_percentile
-from utils.nifti_io import write_bytes_atomic
+from utils.nifti_io import save_json_atomic
 
 FINGERPRINT_VERSION = 1
 
@@ -150,19 +150,6 @@ def build_fingerprint(statistics: list[CaseStatistics], clip_percentiles: tuple[
         foreground_min_hu=float(low + occupied[0]), foreground_max_hu=float(low + occupied[-1]),
         foreground_voxels=int(voxels),
     )
-
-
-def save_json_atomic(path: str | os.PathLike, data: Any) -> Path:
-    """Write ``data`` as indented JSON through a temporary file and a rename.
-
-    A file that already holds exactly this JSON is left untouched, so re-running a step whose
-    result has not changed changes no file (nor its modification time).
-    """
-    path = Path(path)
-    payload = (json.dumps(data, indent=1) + "\n").encode()
-    if not (path.is_file() and path.read_bytes() == payload):
-        write_bytes_atomic(path, payload)
-    return path
 
 
 def save_case_statistics(path: str | os.PathLike, statistics: CaseStatistics) -> Path:

@@ -16,10 +16,14 @@ from __future__ import annotations
 
 import gzip
 import io
+import json
 import os
+import shutil
 import tempfile
 import zlib
+from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 
 import nibabel as nib
 import numpy as np
@@ -201,3 +205,47 @@ def write_bytes_atomic(path: str | os.PathLike, payload: bytes) -> None:
     except BaseException:
         Path(temp_name).unlink(missing_ok=True)
         raise
+
+
+def save_json_atomic(path: str | os.PathLike, data: Any) -> Path:
+    """Write ``data`` as indented JSON through a temporary file and a rename.
+
+    A file that already holds exactly this JSON is left untouched, so re-running a step whose
+    result has not changed changes no file (nor its modification time).
+    """
+    path = Path(path)
+    payload = (json.dumps(data, indent=1) + "\n").encode()
+    if not (path.is_file() and path.read_bytes() == payload):
+        write_bytes_atomic(path, payload)
+    return path
+
+
+def write_folder_atomic(parent: str | os.PathLike, name: str, writer: Callable[[Path], None]) -> Path:
+    """Write a folder through ``writer(temporary_folder)``, then rename it into place as ``parent/name``.
+
+    The folder appears only complete: it is written under a hidden ``.<name>.tmp-*`` name; an
+    existing ``parent/name`` is moved aside (``.<name>.old-*``) and removed only once the new one is
+    in place. A failing ``writer`` leaves the old folder intact and no temporary folder; a killed
+    process can leave hidden ``.tmp-``/``.old-`` folders, which the next run may delete.
+
+    Returns:
+        ``parent/name``.
+    """
+    parent = Path(parent)
+    parent.mkdir(parents=True, exist_ok=True)
+    final = parent / name
+    temporary = Path(tempfile.mkdtemp(prefix=f".{name}.tmp-", dir=parent))
+    try:
+        writer(temporary)
+        os.chmod(temporary, 0o755)
+        if final.exists():
+            retired = Path(tempfile.mkdtemp(prefix=f".{name}.old-", dir=parent))
+            os.replace(final, retired / name)
+            os.replace(temporary, final)
+            shutil.rmtree(retired)
+        else:
+            os.replace(temporary, final)
+    except BaseException:
+        shutil.rmtree(temporary, ignore_errors=True)
+        raise
+    return final

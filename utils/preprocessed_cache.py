@@ -23,7 +23,6 @@ import json
 import logging
 import os
 import shutil
-import tempfile
 from functools import cached_property
 from pathlib import Path
 from typing import Any
@@ -32,6 +31,7 @@ import numpy as np
 
 from utils.data_splits import load_split
 from utils.dataset_fingerprint import DatasetFingerprint, load_fingerprint
+from utils.nifti_io import write_folder_atomic
 from utils.resampling import GridMapping
 
 logger = logging.getLogger(__name__)
@@ -182,26 +182,13 @@ def write_case_folder(cases_dir: Path, case_id: str, arrays: dict[str, np.ndarra
         which the next run removes; an older version of the case is replaced only once the new
         one is complete.
     """
-    cases_dir.mkdir(parents=True, exist_ok=True)
-    final = cases_dir / case_id
-    temporary = Path(tempfile.mkdtemp(prefix=f".{case_id}.tmp-", dir=cases_dir))
-    try:
+    def write(folder: Path) -> None:
         for name, array in arrays.items():
-            np.save(temporary / name, np.ascontiguousarray(array))
-        np.savez(temporary / LOCATIONS_FILE, **locations)
-        (temporary / META_FILE).write_text(json.dumps(meta, indent=1) + "\n")
-        os.chmod(temporary, 0o755)
-        if final.exists():
-            retired = Path(tempfile.mkdtemp(prefix=f".{case_id}.old-", dir=cases_dir))
-            os.replace(final, retired / case_id)
-            os.replace(temporary, final)
-            shutil.rmtree(retired)
-        else:
-            os.replace(temporary, final)
-    except BaseException:
-        shutil.rmtree(temporary, ignore_errors=True)
-        raise
-    return final
+            np.save(folder / name, np.ascontiguousarray(array))
+        np.savez(folder / LOCATIONS_FILE, **locations)
+        (folder / META_FILE).write_text(json.dumps(meta, indent=1) + "\n")
+
+    return write_folder_atomic(cases_dir, case_id, write)
 
 
 def remove_unfinished_writes(cases_dir: Path) -> int:

@@ -33,8 +33,9 @@ from utils.config import PreprocessingConfig, SplitConfig, config_as_dict
 from utils.data_splits import save_splits
 from utils.dataset_fingerprint import (
     CaseStatistics, DatasetFingerprint, build_fingerprint, compute_case_statistics, load_case_statistics,
-    save_case_statistics, save_json_atomic,
+    save_case_statistics,
 )
+from utils.nifti_io import save_json_atomic
 from utils.parallel import map_with_progress
 from utils.preprocessed_cache import (
     CASE_STATISTICS_DIR, CASES_DIR, FINGERPRINT_NAME, IMAGE_FILE, LABEL_FILE, LOCATION_CLASSES, PLAN_NAME,

@@ -12,7 +12,6 @@ from __future__ import annotations
 import json
 import logging
 import os
-import shutil
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
@@ -21,7 +20,7 @@ import numpy as np
 
 from utils.kits_layout import (IMAGING_NAME, KITS_AXCODES, KITS_JSON_NAME, SEGMENTATION_NAME, TUMOUR_LABEL,
                                VALID_LABELS, build_kits_affine, case_id_for_index, is_case_id, spacing_from_affine)
-from utils.nifti_io import load_nifti_verified, read_voxels, save_nifti, write_bytes_atomic
+from utils.nifti_io import load_nifti_verified, read_voxels, save_nifti, write_bytes_atomic, write_folder_atomic
 from utils.parallel import map_with_progress
 from utils.synthetic_anatomy import build_procedural_case, draw_cysts_within, layout_from_labels
 from utils.synthetic_ct import render_ct, sample_enhancement
@@ -125,23 +124,7 @@ def _summarise(case_id: str, labels: np.ndarray, affine: np.ndarray) -> CaseSumm
 
 def _write_case_folder(out_dir: Path, case_id: str, writer) -> None:
     """Write a case through ``writer(temp_folder)`` into a temporary folder, then swap it into place."""
-    final = out_dir / case_id
-    temp = out_dir / f".{case_id}.partial"
-    shutil.rmtree(temp, ignore_errors=True)
-    temp.mkdir(parents=True)
-    try:
-        writer(temp)
-    except BaseException:
-        shutil.rmtree(temp, ignore_errors=True)
-        raise
-    if final.exists():
-        old = out_dir / f".{case_id}.old"
-        shutil.rmtree(old, ignore_errors=True)
-        os.replace(final, old)
-        os.replace(temp, final)
-        shutil.rmtree(old)
-    else:
-        os.replace(temp, final)
+    write_folder_atomic(out_dir, case_id, writer)
 
 
 def _procedural_job(args: tuple[Path, int, int, SyntheticOptions]) -> CaseSummary:
