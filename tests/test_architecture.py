@@ -21,13 +21,13 @@ STAGES: list[set[str]] = [
     {"augmentation"},
     {"patch_dataset"},
     {"slice_dataset"},
-    {"models", "losses", "optimisation", "segmentation_metrics", "sliding_window", "checkpoints", "run_folder",
-     "experiment_tracking"},
-    {"training_setup"},
+    {"models", "losses", "optimisation", "segmentation_metrics", "sliding_window", "slice_inference", "checkpoints",
+     "run_folder", "experiment_tracking"},
+    {"training_setup", "inference"},
     {"training_engine"},
     {"visualisation"},
     {"statistics_figures", "training_figures"},
-    {"demo_pipeline", "data_loading_benchmark"},
+    {"demo_pipeline", "data_loading_benchmark", "training_command"},
 ]
 
 

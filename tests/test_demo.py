@@ -15,7 +15,7 @@ def test_demo_script_end_to_end(tmp_path):
                "--set", f"preprocessing.cache_dir={tmp_path / 'cache'}", "--set", "preprocessing.target_spacing=[4,4,4]",
                "--set", "patches.patch_size=[8,16,16]", "--set", "slices.image_size=32",
                "--set", f"train_overrides=[training.epochs=1, preprocessing.cache_dir={tmp_path / 'cache'}, "
-                        f"training.output_dir={tmp_path / 'runs'}, patches.samples_per_epoch=8]"]
+                        f"training.output_dir={tmp_path / 'runs'}, patches.samples_per_epoch=8, slices.samples_per_epoch=8]"]
     run = subprocess.run(command, capture_output=True, text=True, cwd=REPO, timeout=300)
     assert run.returncode == 0, run.stderr
     assert "case_00001" in run.stdout and "validation (full): ok: 2" in run.stdout
@@ -28,10 +28,18 @@ def test_demo_script_end_to_end(tmp_path):
     assert (Path(cache["folder"]) / "plan.json").is_file() and Path(cache["folder"]).is_relative_to(tmp_path)
     low, high = cache["normalisation"]["clip_hu"]
     assert low < cache["normalisation"]["mean_hu"] < high
-    assert "training:" in run.stdout and "kidney Dice" in run.stdout
-    assert summary["training"]["best_epoch"] == 1 and 0 <= summary["training"]["kidney_dice"] <= 1
-    assert (Path(summary["training"]["run_folder"]) / "best.pt").is_file()
-    for figure in ("synthetic_cases.png", "training_samples.png", "training_progress.png"):
+    assert "training resunet3d:" in run.stdout and "training unetr2d:" in run.stdout
+    table = run.stdout[run.stdout.index("validation Dice per case"):].splitlines()
+    assert "resunet3d kidney" in table[1] and "unetr2d kidney" in table[1]
+    validation_ids = cache["split"]["val"]
+    assert table[2].startswith(validation_ids[0]) and table[3].startswith("mean") and len(table[3].split()) == 5
+    for model in ("resunet3d", "unetr2d"):
+        trained = summary["training"][model]
+        assert trained["best_epoch"] == 1 and 0 <= trained["kidney_dice"] <= 1
+        assert [case["case_id"] for case in trained["per_case"]] == validation_ids
+        assert (Path(trained["run_folder"]) / "best.pt").is_file()
+    for figure in ("synthetic_cases.png", "training_samples.png", "training_progress_resunet3d.png",
+                   "training_progress_unetr2d.png"):
         assert (tmp_path / "reports" / figure).read_bytes()[:4] == b"\x89PNG"
 
 

@@ -37,11 +37,37 @@ def test_default_resunet3d_builds_with_about_17_million_parameters():
     assert spatial_dims(ModelConfig()) == 3
 
 
-def test_unetr2d_is_known_but_not_built_yet():
-    config = ModelConfig(name="unetr2d")
-    assert spatial_dims(config) == 2 and "unetr2d" in ARCHITECTURES
-    with pytest.raises(NotImplementedError, match="unetr2d.*resunet3d"):
-        build_model(config)
+TINY_UNETR = ModelConfig(name="unetr2d", feature_size=4, hidden_size=32, mlp_dim=64, num_heads=2)
+
+
+def test_unetr2d_maps_slices_to_class_logits_of_the_same_size():
+    model = build_model(TINY_UNETR, input_size=(32, 32))
+    assert spatial_dims(TINY_UNETR) == 2
+    assert model.vit.patch_embedding.patch_embeddings.kernel_size == (16, 16)  # MONAI's fixed ViT patch
+    logits = model(torch.randn(2, 1, 32, 32))
+    assert logits.shape == (2, 3, 32, 32) and logits.dtype == torch.float32
+    logits.sum().backward()
+    assert all(p.grad is not None for p in model.parameters() if p.requires_grad)
+
+
+def test_unetr2d_sizes_come_from_the_config():
+    small = count_parameters(build_model(TINY_UNETR, input_size=(32, 32)))
+    wider = count_parameters(build_model(ModelConfig(name="unetr2d", feature_size=8, hidden_size=32, mlp_dim=64,
+                                                     num_heads=2), input_size=(32, 32)))
+    assert wider > small
+    # position embeddings are learnt per patch: one per 16 x 16 patch of the input size
+    assert build_model(TINY_UNETR, input_size=(64, 64)).vit.patch_embedding.position_embeddings.shape[1] == 16
+
+
+def test_unetr2d_needs_a_valid_input_size():
+    with pytest.raises(ValueError, match="pass input_size"):
+        build_model(TINY_UNETR)
+    with pytest.raises(ValueError, match="16-pixel patches.*slices.image_size"):
+        build_model(TINY_UNETR, input_size=(40, 40))
+    with pytest.raises(ValueError, match="must have 2 values"):
+        check_input_size(TINY_UNETR, (16, 32, 32))
+    with pytest.raises(ValueError, match="hidden_size must be divisible by num_heads"):
+        ModelConfig(name="unetr2d", hidden_size=30, num_heads=4)
 
 
 def test_check_input_size_accepts_multiples_of_the_stride_product():

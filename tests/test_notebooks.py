@@ -14,6 +14,7 @@ SMALL = {
     "dataset_statistics.ipynb": "N_CASES = 2\nMATRIX = 64\nWORKERS = 1",
     "2D_data_stats.ipynb": "N_CASES = 2\nMATRIX = 64\nIMAGE_SIZE = 64\nN_SAMPLES = 40\nWORKERS = 1",
     "train_3d_unet.ipynb": "N_CASES = 2\nMATRIX = 64\nEPOCHS = 1",
+    "train_unetr.ipynb": "N_CASES = 2\nMATRIX = 64\nEPOCHS = 1",
 }
 
 

@@ -24,6 +24,7 @@ from utils.models import build_model
 from utils.nifti_io import load_nifti, read_voxels, save_nifti
 from utils.optimisation import build_optimiser
 from utils.patch_dataset import PatchDataset, background_value
+from utils.preprocessed_cache import open_cache
 from utils.training_engine import NonFiniteLossError, train
 
 REPO = Path(__file__).resolve().parents[1]
@@ -213,3 +214,49 @@ def test_a_nan_loss_stops_the_run_and_keeps_the_last_checkpoint(tiny_data, tmp_p
     skipping = tiny_config(tmp_path, training={"run_name": "skip", "epochs": 2, "nonfinite_loss": "skip"})
     result = train(skipping, data_dir=tiny_data, show_progress=False)
     assert [r["skipped_steps"] for r in result.records] == [0, 3]
+
+
+TINY_UNETR = {"model": {"name": "unetr2d", "feature_size": 4, "hidden_size": 32, "mlp_dim": 64, "num_heads": 2},
+              "slices": {"image_size": 32, "samples_per_epoch": 8}, "slice_inference": {"batch_size": 16}}
+UNETR_SCRIPT = REPO / "scripts" / "train_unetr.py"
+
+
+def test_unetr_trains_on_slices_and_is_scored_per_case_like_the_3d_model(tiny_data, tiny_cache, tmp_path):
+    from utils.inference import predict_volume_logits
+    from utils.patch_dataset import VolumeDataset
+    from utils.segmentation_metrics import score_case
+
+    config = tiny_config(tmp_path, **TINY_UNETR, training={"run_name": "unetr"})
+    result = train(config, data_dir=tiny_data, show_progress=False)
+    records = result.records
+    assert [r["epoch"] for r in records] == [1, 2] and all(np.isfinite(r["train_loss"]) for r in records)
+    checkpoint = load_checkpoint(result.run_folder / "last.pt")
+    assert checkpoint["config"]["model"]["name"] == "unetr2d"
+    # the validation volumes are the split's, the same the 3D model is validated on
+    _, validation_ids = tiny_cache.split(0)
+    assert [case["case_id"] for case in records[-1]["per_case"]] == sorted(validation_ids)
+    # and the recorded scores are score_case of the whole-volume prediction rebuilt from last.pt
+    model = build_model(config.model, (32, 32))
+    model.load_state_dict(checkpoint["model"])
+    model.eval()
+    (plan_folder,) = (tmp_path / "cache").glob("spacing_*")  # the cache this run built from tiny_data
+    cache = open_cache(plan_folder)
+    volumes = VolumeDataset(cache.cases(sorted(validation_ids)))
+    for item, recorded in zip(volumes, records[-1]["per_case"]):
+        logits = predict_volume_logits(model, item["image"][None], config, pad_value=background_value(cache))
+        assert logits.shape[2:] == item["label"].shape[1:]
+        scores = score_case(logits.argmax(dim=1)[0].to(torch.uint8).numpy(), item["label"][0].numpy())
+        assert scores["kidney_dice"] == pytest.approx(recorded["kidney_dice"], abs=1e-6)
+        assert scores["tumour_dice"] == pytest.approx(recorded["tumour_dice"], abs=1e-6)
+
+
+def test_each_training_script_refuses_the_other_models_config(tiny_data, tmp_path):
+    unetr_config = write_config(tmp_path, tiny_config(tmp_path, **TINY_UNETR))
+    run = subprocess.run([sys.executable, str(SCRIPT), "--config", str(unetr_config), "--data", str(tiny_data)],
+                         capture_output=True, text=True, cwd=REPO, timeout=300)
+    assert run.returncode == 2 and "scripts/train_unetr.py" in run.stderr
+    run = subprocess.run([sys.executable, str(UNETR_SCRIPT), "--config", str(unetr_config), "--data", str(tiny_data),
+                          "--set", "training.epochs=1", "--set", "training.run_name=script"],
+                         capture_output=True, text=True, cwd=REPO, timeout=300)
+    assert run.returncode == 0, run.stderr[-2000:]
+    assert "run folder" in run.stdout and (tmp_path / "runs" / "script" / "best.pt").is_file()

@@ -220,8 +220,9 @@ class DemoConfig:
     """Settings of the end-to-end demo (``make demo``).
 
     Attributes:
-        train_config: experiment file of the model the demo trains on its synthetic cases
-            (``None``: no training); ``train_overrides``: ``section.key=value`` changes to it.
+        train_configs: experiment files of the models the demo trains on its synthetic cases,
+            one after the other (empty: no training); ``train_overrides``: ``section.key=value``
+            changes applied to each.
     """
 
     synthetic: SyntheticDataConfig = field(default_factory=SyntheticDataConfig)
@@ -232,7 +233,7 @@ class DemoConfig:
     augmentation: AugmentationConfig = field(default_factory=AugmentationConfig)
     seed: int = 0
     reports_dir: str = "reports/demo"
-    train_config: str | None = "configs/resunet3d_quick.yaml"
+    train_configs: tuple[str, ...] = ("configs/resunet3d_quick.yaml", "configs/unetr2d_quick.yaml")
     train_overrides: tuple[str, ...] = ()
 
 

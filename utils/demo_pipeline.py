@@ -37,6 +37,21 @@ logger = logging.getLogger(__name__)
 
 
 @dataclass(frozen=True)
+class TrainedModel:
+    """One model the demo trained: its key, the engine's result, wall time and curve figure."""
+
+    name: str
+    result: TrainingResult
+    seconds: float
+    figure_path: Path
+
+    @property
+    def best_record(self) -> dict | None:
+        """The progress record of the best validated epoch (``None`` without one)."""
+        return next((r for r in self.result.records if r["epoch"] == self.result.best_epoch), None)
+
+
+@dataclass(frozen=True)
 class DemoResult:
     """What the demo produced: per-case summaries, the validation report, the intensity floor, files."""
 
@@ -48,8 +63,7 @@ class DemoResult:
     gallery_path: Path
     samples_path: Path
     summary_path: Path
-    training: TrainingResult | None = None
-    training_seconds: float | None = None
+    trained: tuple[TrainedModel, ...] = ()
 
 
 def run_demo(config: DemoConfig, show_progress: bool = True) -> DemoResult:
@@ -83,29 +97,30 @@ def run_demo(config: DemoConfig, show_progress: bool = True) -> DemoResult:
                                     "std_hu": prepared.fingerprint.foreground_std_hu},
                   "split": {"train": split[0], "val": split[1]}},
     }
-    training, seconds = _train(config, reports_dir, show_progress)
-    if training is not None:
-        best = next((r for r in training.records if r["epoch"] == training.best_epoch), {})
-        summary["training"] = {"run_folder": training.run_folder, "seconds": seconds, "best_epoch": training.best_epoch,
-                               "kidney_dice": best.get("kidney_dice"), "tumour_dice": best.get("tumour_dice"),
-                               "validation_space": best.get("validation_space")}
+    trained = tuple(_train(config, path, reports_dir, show_progress) for path in config.train_configs)
+    summary["training"] = {model.name: _training_summary(model) for model in trained}
     summary_path = reports_dir / "dataset_summary.json"
     write_bytes_atomic(summary_path, (json.dumps(summary, indent=2, default=_jsonable) + "\n").encode())
-    return DemoResult(summaries, report, pooled, prepared, split, gallery_path, samples_path, summary_path,
-                      training, seconds)
+    return DemoResult(summaries, report, pooled, prepared, split, gallery_path, samples_path, summary_path, trained)
 
 
-def _train(config: DemoConfig, reports_dir: Path, show_progress: bool) -> tuple[TrainingResult | None, float | None]:
-    """Train the demo's model on its synthetic cases and save its training curves."""
-    if config.train_config is None:
-        return None, None
-    experiment = load_experiment_config(config.train_config, config.train_overrides)
+def _train(config: DemoConfig, experiment_path: str, reports_dir: Path, show_progress: bool) -> TrainedModel:
+    """Train one model on the demo's synthetic cases and save its training curves."""
+    experiment = load_experiment_config(experiment_path, config.train_overrides)
     started = time.perf_counter()
     result = train(experiment, data_dir=config.synthetic.out_dir, show_progress=show_progress)
     seconds = time.perf_counter() - started
-    save_figure(plot_training_progress(result.records, title=result.run_folder.name),
-                reports_dir / "training_progress.png")
-    return result, seconds
+    figure_path = save_figure(plot_training_progress(result.records, title=result.run_folder.name),
+                              reports_dir / f"training_progress_{experiment.model.name}.png")
+    return TrainedModel(experiment.model.name, result, seconds, figure_path)
+
+
+def _training_summary(model: TrainedModel) -> dict:
+    """What ``dataset_summary.json`` records of one trained model."""
+    best = model.best_record or {}
+    return {"run_folder": model.result.run_folder, "seconds": model.seconds, "best_epoch": model.result.best_epoch,
+            "kidney_dice": best.get("kidney_dice"), "tumour_dice": best.get("tumour_dice"),
+            "per_case": best.get("per_case"), "validation_space": best.get("validation_space")}
 
 
 def _save_training_samples(config: DemoConfig, cache_folder: Path, path: Path) -> tuple[Path, tuple[list[str], list[str]]]:
@@ -147,12 +162,31 @@ def format_demo_result(result: DemoResult) -> str:
               f"{prepared.fingerprint.foreground_mean_hu:.1f} HU and std {prepared.fingerprint.foreground_std_hu:.1f} HU",
               f"split: {len(result.split[0])} train, {len(result.split[1])} validation cases",
               f"figures: {result.gallery_path}, {result.samples_path}", f"summary: {result.summary_path}"]
-    if result.training is not None:
-        best = next((r for r in result.training.records if r["epoch"] == result.training.best_epoch), None)
-        scores = (f"kidney Dice {best['kidney_dice']:.3f}, tumour Dice {best['tumour_dice']:.3f} per case on the "
-                  f"validation cases (cache grid), best of epoch {best['epoch']}") if best else "no validated epoch"
-        lines += [f"training: {result.training.run_folder} in {result.training_seconds:.0f} s; {scores}"]
+    for model in result.trained:
+        lines.append(f"training {model.name}: {model.result.run_folder} in {model.seconds:.0f} s, best epoch "
+                     f"{model.result.best_epoch}; curves {model.figure_path}")
+    if result.trained:
+        lines += format_validation_table(result.trained)
     return "\n".join(lines)
+
+
+def format_validation_table(trained: tuple[TrainedModel, ...]) -> list[str]:
+    """The models' per-case validation Dice side by side (best epoch of each run), and their means."""
+    header = f"{'validation case':<16}" + "".join(f" {m.name + ' kidney':>17} {'tumour':>7}" for m in trained)
+    per_model = [{case["case_id"]: case for case in (m.best_record or {}).get("per_case") or []} for m in trained]
+    lines = ["validation Dice per case (KiTS19: kidney = label > 0, tumour = label 2; cache grid, best epoch):", header]
+    for case_id in sorted(set().union(*per_model)):
+        cells = [(scores[case_id]["kidney_dice"], scores[case_id]["tumour_dice"]) if case_id in scores else None
+                 for scores in per_model]
+        lines.append(f"{case_id:<16}" + "".join(_dice_cells(c) for c in cells))
+    means = [((m.best_record or {}).get("kidney_dice"), (m.best_record or {}).get("tumour_dice")) for m in trained]
+    lines.append(f"{'mean':<16}" + "".join(_dice_cells(c) for c in means))
+    return lines
+
+
+def _dice_cells(pair: tuple[float | None, float | None] | None) -> str:
+    kidney, tumour = pair if pair is not None else (None, None)
+    return "".join(f" {'-' if v is None else f'{v:.3f}':>{w}}" for v, w in ((kidney, 17), (tumour, 7)))
 
 
 def _jsonable(value: object) -> object:

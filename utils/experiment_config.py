@@ -3,7 +3,9 @@
 One YAML file (e.g. ``configs/resunet3d.yaml``) holds every section of :class:`ExperimentConfig`;
 it is read with :func:`load_experiment_config`, saved resolved in every run folder and sent to
 wandb. The data sections (``preprocessing``, ``split``, ``patches``, ``slices``, ``augmentation``)
-are the dataclasses of :mod:`utils.config`.
+are the dataclasses of :mod:`utils.config`. The 3D model trains on ``patches`` and is validated
+with ``sliding_window``; the 2D model trains on ``slices`` and is validated with
+``slice_inference``; a section the model does not use is saved but has no effect.
 """
 
 from __future__ import annotations
@@ -32,8 +34,13 @@ class ModelConfig:
     Attributes:
         name: ``"resunet3d"`` (MONAI ``UNet``, 3D, residual units) or ``"unetr2d"``.
         in_channels, out_channels: 1 CT channel; 3 classes (background, kidney, tumour).
-        channels, strides, num_res_units, norm, act, dropout: ``resunet3d`` architecture
-            (MONAI ``UNet`` arguments; ``norm`` and ``act`` are MONAI layer names).
+        channels, strides, num_res_units, act: ``resunet3d`` architecture (MONAI ``UNet``
+            arguments; ``act`` is a MONAI layer name).
+        norm, dropout: both models (MONAI normalisation name; dropout probability).
+        feature_size, hidden_size, mlp_dim, num_heads: ``unetr2d`` architecture (MONAI ``UNETR``
+            arguments): decoder width, transformer token width, its MLP width and attention
+            heads (``hidden_size`` divisible by ``num_heads``). The transformer has MONAI's
+            fixed 12 layers and 16 x 16 patches; the input size is ``slices.image_size``.
     """
 
     name: str = "resunet3d"
@@ -45,10 +52,18 @@ class ModelConfig:
     norm: str = "instance"
     act: str = "PRELU"
     dropout: float = 0.0
+    feature_size: int = 16
+    hidden_size: int = 768
+    mlp_dim: int = 3072
+    num_heads: int = 12
 
     def __post_init__(self) -> None:
         check_choice("name", self.name, MODEL_NAMES)
         check_positive("channels", self.channels)
+        for name in ("feature_size", "hidden_size", "mlp_dim", "num_heads"):
+            check_positive(name, getattr(self, name))
+        if self.hidden_size % self.num_heads:
+            raise ValueError(f"hidden_size must be divisible by num_heads ({self.num_heads}), got {self.hidden_size}")
         if len(self.strides) != len(self.channels) - 1:
             raise ValueError(f"strides must have one value fewer than channels ({len(self.channels) - 1}), "
                              f"got {len(self.strides)}")
@@ -128,6 +143,23 @@ class SlidingWindowConfig:
         check_choice("blend", self.blend, ("gaussian", "constant"))
         if not 0 <= self.overlap < 1:
             raise ValueError(f"overlap must be >= 0 and < 1, got {self.overlap}")
+
+
+@dataclass(frozen=True)
+class SliceInferenceConfig:
+    """Slice-by-slice inference of 2D models on whole volumes (validation now, prediction later).
+
+    Each axial slice is fitted into the model's square exactly as in training
+    (``slices.image_size``, ``slices.fit``), so one slice is one forward input.
+
+    Attributes:
+        batch_size: slices per forward pass.
+    """
+
+    batch_size: int = 32
+
+    def __post_init__(self) -> None:
+        check_positive("batch_size", self.batch_size)
 
 
 @dataclass(frozen=True)
@@ -215,6 +247,7 @@ class ExperimentConfig:
     loss: LossConfig = field(default_factory=LossConfig)
     optimiser: OptimiserConfig = field(default_factory=OptimiserConfig)
     sliding_window: SlidingWindowConfig = field(default_factory=SlidingWindowConfig)
+    slice_inference: SliceInferenceConfig = field(default_factory=SliceInferenceConfig)
     training: TrainingConfig = field(default_factory=TrainingConfig)
     wandb: WandbConfig = field(default_factory=WandbConfig)
 

@@ -5,8 +5,11 @@ Model keys are spelled as in configs and run names:
 * ``resunet3d``: MONAI ``UNet`` in 3D with residual units; input ``(B, in_channels, Z, Y, X)``
   float, output ``(B, out_channels, Z, Y, X)`` logits (no softmax). Every spatial size of an
   input must be divisible by the product of ``strides`` (see :func:`check_input_size`).
-* ``unetr2d``: a 2D UNETR on axial slices; not built yet (:func:`build_model` raises
-  ``NotImplementedError``).
+* ``unetr2d``: MONAI ``UNETR`` in 2D on axial slices (a ViT encoder of 12 layers on 16 x 16
+  patches, skip features taken after layers 3, 6 and 9, a convolutional decoder); input
+  ``(B, in_channels, S, S)``, output ``(B, out_channels, S, S)`` logits. It is built for one
+  input size ``S`` (the position embeddings are learnt per patch), ``slices.image_size``,
+  a multiple of 16.
 
 Each key has one :class:`Architecture` entry in ``ARCHITECTURES``; adding a model is adding an entry.
 """
@@ -19,7 +22,7 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
 import torch
-from monai.networks.nets import UNet
+from monai.networks.nets import UNETR, UNet
 
 from utils.experiment_config import MODEL_NAMES, ModelConfig
 
@@ -32,16 +35,19 @@ class Architecture:
 
     Attributes:
         spatial_dims: 3 for volumes ``(Z, Y, X)``, 2 for axial slices ``(Y, X)``.
-        build: makes the untrained module from the config; ``None`` while not implemented.
+        build: makes the untrained module from the config and the input size (used by models
+            built for one size).
         input_divisor: the number every spatial input size must be a multiple of.
+        fixed_input_size: the model accepts only the input size it was built for.
     """
 
     spatial_dims: int
-    build: Callable[[ModelConfig], torch.nn.Module] | None
-    input_divisor: Callable[[ModelConfig], int] | None
+    build: Callable[[ModelConfig, tuple[int, ...]], torch.nn.Module]
+    input_divisor: Callable[[ModelConfig], int]
+    fixed_input_size: bool = False
 
 
-def _build_resunet3d(config: ModelConfig) -> torch.nn.Module:
+def _build_resunet3d(config: ModelConfig, input_size: tuple[int, ...]) -> torch.nn.Module:
     """MONAI ``UNet`` with every architecture argument taken from ``config``."""
     return UNet(
         spatial_dims=3,
@@ -56,14 +62,49 @@ def _build_resunet3d(config: ModelConfig) -> torch.nn.Module:
     )
 
 
+def _build_unetr2d(config: ModelConfig, input_size: tuple[int, ...]) -> torch.nn.Module:
+    """MONAI ``UNETR`` with ``spatial_dims=2`` for slices of ``input_size`` ``(S, S)``.
+
+    MONAI's transformer blocks hold a cross-attention norm even without cross-attention; it
+    never takes part in the forward pass, so it is frozen (distributed data parallel refuses
+    parameters that get no gradient).
+    """
+    model = UNETR(
+        in_channels=config.in_channels,
+        out_channels=config.out_channels,
+        img_size=input_size,
+        feature_size=config.feature_size,
+        hidden_size=config.hidden_size,
+        mlp_dim=config.mlp_dim,
+        num_heads=config.num_heads,
+        proj_type="conv",
+        norm_name=config.norm,
+        res_block=True,
+        dropout_rate=config.dropout,
+        spatial_dims=2,
+    )
+    for name, parameter in model.named_parameters():
+        if ".norm_cross_attn." in name:
+            parameter.requires_grad_(False)
+    return model
+
+
 def _stride_product(config: ModelConfig) -> int:
     """Total downsampling of a ``UNet``: the product of its strides."""
     return math.prod(config.strides)
 
 
+def _vit_patch(config: ModelConfig) -> int:
+    """Side of MONAI ``UNETR``'s ViT patches (fixed at 16 in MONAI)."""
+    return UNETR_PATCH_SIZE
+
+
+#: MONAI's ``UNETR`` always cuts its input into 16 x 16 (x 16) patches.
+UNETR_PATCH_SIZE = 16
+
 ARCHITECTURES: dict[str, Architecture] = {
     "resunet3d": Architecture(spatial_dims=3, build=_build_resunet3d, input_divisor=_stride_product),
-    "unetr2d": Architecture(spatial_dims=2, build=None, input_divisor=None),
+    "unetr2d": Architecture(spatial_dims=2, build=_build_unetr2d, input_divisor=_vit_patch, fixed_input_size=True),
 }
 
 
@@ -74,28 +115,28 @@ def _architecture(config: ModelConfig) -> Architecture:
     return ARCHITECTURES[config.name]
 
 
-def _not_implemented(config: ModelConfig) -> NotImplementedError:
-    return NotImplementedError(f"model {config.name!r} is not implemented yet; available: "
-                               f"{[name for name, arch in ARCHITECTURES.items() if arch.build is not None]}")
-
-
-def build_model(config: ModelConfig) -> torch.nn.Module:
+def build_model(config: ModelConfig, input_size: Sequence[int] | None = None) -> torch.nn.Module:
     """Build the untrained network named by ``config.name``, on the CPU, in float32.
 
     Args:
         config: the model section; ``name`` picks the entry of ``ARCHITECTURES``.
+        input_size: spatial input size, required by models built for one size (``unetr2d``:
+            ``(S, S)``, ``S = slices.image_size``); checked with :func:`check_input_size` when given.
 
     Returns:
         The module; its forward maps ``(B, in_channels, *spatial)`` float to
         ``(B, out_channels, *spatial)`` logits (``spatial`` of length :func:`spatial_dims`).
 
     Raises:
-        ValueError: unknown name. NotImplementedError: a known name without a builder yet.
+        ValueError: unknown name, a missing or unaccepted ``input_size``.
     """
     architecture = _architecture(config)
-    if architecture.build is None:
-        raise _not_implemented(config)
-    model = architecture.build(config)
+    if input_size is None and architecture.fixed_input_size:
+        raise ValueError(f"model {config.name!r} is built for one input size: pass input_size "
+                         f"({architecture.spatial_dims} values, multiples of {architecture.input_divisor(config)})")
+    if input_size is not None:
+        check_input_size(config, input_size)
+    model = architecture.build(config, tuple(int(s) for s in input_size) if input_size is not None else ())
     logger.info("built %s with %d parameters", config.name, count_parameters(model))
     return model
 
@@ -122,16 +163,17 @@ def check_input_size(config: ModelConfig, size: Sequence[int]) -> None:
     Raises:
         ValueError: wrong number of axes, or an axis not divisible by the model's divisor
             (for ``resunet3d`` the product of ``strides``); the message names the size, the
-            divisor and the settings to change. NotImplementedError: model not built yet.
+            divisor and the settings to change (for ``unetr2d`` 16, its ViT patch size).
     """
     architecture = _architecture(config)
     size = tuple(int(s) for s in size)
     if len(size) != architecture.spatial_dims:
         raise ValueError(f"size must have {architecture.spatial_dims} values for model {config.name!r}, got {size}")
-    if architecture.input_divisor is None:
-        raise _not_implemented(config)
     divisor = architecture.input_divisor(config)
     bad_axes = [axis for axis, s in enumerate(size) if s <= 0 or s % divisor]
+    if bad_axes and architecture.fixed_input_size:
+        raise ValueError(f"input size {size} is not accepted by model {config.name!r}: every axis must be a positive "
+                         f"multiple of its {divisor}-pixel patches; change slices.image_size to a multiple of {divisor}")
     if bad_axes:
         raise ValueError(
             f"input size {size} is not accepted by model {config.name!r}: axis/axes {bad_axes} are not "

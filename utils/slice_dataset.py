@@ -31,7 +31,7 @@ from tqdm.auto import tqdm
 from utils.augmentation import SampleAugmenter
 from utils.config import AugmentationConfig, SliceDatasetConfig
 from utils.nifti_io import write_bytes_atomic
-from utils.patch_dataset import SampledDataset, background_value, read_region
+from utils.patch_dataset import SampledDataset, VolumeDataset, background_value, read_region
 from utils.preprocessed_cache import CachedCase, PreprocessedCache
 from utils.slice_statistics import SLICE_BACKGROUND, SLICE_CLASS_NAMES, SLICE_KIDNEY, SLICE_TUMOUR
 
@@ -87,7 +87,8 @@ def fit_slices(slices: torch.Tensor, geometry: SliceGeometry, *, labels: bool = 
     else:
         resized = F.interpolate(slices.float(), size=geometry.resized, mode="bilinear", align_corners=False,
                                 antialias=geometry.resized[0] < geometry.source[0])
-    out = torch.full((*slices.shape[:2], geometry.size, geometry.size), pad_value, dtype=resized.dtype)
+    out = torch.full((*slices.shape[:2], geometry.size, geometry.size), pad_value, dtype=resized.dtype,
+                     device=slices.device)
     top, left = geometry.offset
     out[..., top:top + geometry.resized[0], left:left + geometry.resized[1]] = resized
     return out
@@ -159,8 +160,19 @@ class SliceDataset(SampledDataset):
 def build_slice_dataset(cache: PreprocessedCache, config: SliceDatasetConfig, augmentation: AugmentationConfig | None,
                         *, fold: int = 0, seed: int = 0) -> SliceDataset:
     """The training slices of one fold of the cache's split (validation uses whole volumes)."""
-    train_ids, _ = cache.split(fold)
-    return SliceDataset(cache.cases(train_ids), config, augmentation, seed=seed, pad_value=background_value(cache))
+    return build_slice_datasets(cache, config, augmentation, fold=fold, seed=seed)[0]
+
+
+def build_slice_datasets(cache: PreprocessedCache, config: SliceDatasetConfig, augmentation: AugmentationConfig | None,
+                         *, fold: int = 0, seed: int = 0) -> tuple[SliceDataset, VolumeDataset]:
+    """The training slices and the whole validation volumes of one fold of the cache's split.
+
+    The validation volumes are the same :class:`~utils.patch_dataset.VolumeDataset` the 3D model
+    is validated on: the 2D model predicts each of their axial slices and is scored per volume.
+    """
+    train_ids, val_ids = cache.split(fold)
+    train = SliceDataset(cache.cases(train_ids), config, augmentation, seed=seed, pad_value=background_value(cache))
+    return train, VolumeDataset(cache.cases(val_ids))
 
 
 def write_slice_dataset(cache: PreprocessedCache, out_dir: str | os.PathLike, config: SliceDatasetConfig, *,

@@ -6,12 +6,14 @@ What a run does, in order:
    being resumed) checked writable before anything else, the resolved config saved, the data
    preprocessed or checked up to date, datasets, model, optimiser and scheduler built, and on
    resume every state restored from ``last.pt``.
-2. **Epochs**: class-balanced augmented samples (sample ``i`` of epoch ``e`` depends only on
+2. **Epochs**: class-balanced augmented samples, 3D patches for ``resunet3d`` and axial
+   slices for ``unetr2d`` (sample ``i`` of epoch ``e`` depends only on
    ``(seed, e, i)``, each process taking every ``world_size``-th one), mixed precision and
    data parallelism through Hugging Face ``accelerate``, gradient clipping, the learning rate
    stepped per iteration, a non-finite loss stopping the run (or skipped and counted).
 3. **Validation** every ``validate_every`` epochs on whole preprocessed validation volumes
-   with sliding-window inference, per case KiTS19 kidney (label > 0) and tumour (label 2) Dice,
+   (sliding windows for the 3D model; every axial slice for the 2D one, stacked back into a
+   volume), per case KiTS19 kidney (label > 0) and tumour (label 2) Dice with one function,
    averaged over cases; ``best.pt`` follows the mean of the two. These figures are computed
    on the cache's grid (``validation_space`` in the log says so), not the CT's original one.
 4. **Records**: ``last.pt`` every ``checkpoint_every`` epochs, one line per epoch in
@@ -29,6 +31,7 @@ import math
 import time
 from dataclasses import dataclass
 from pathlib import Path
+from collections.abc import Callable
 from typing import Any
 
 import torch
@@ -38,7 +41,7 @@ from tqdm.auto import tqdm
 from utils.checkpoints import capture_rng_state, save_checkpoint
 from utils.experiment_config import ExperimentConfig
 from utils.segmentation_metrics import mean_scores, score_case
-from utils.sliding_window import predict_logits
+from utils.inference import predict_volume_logits
 from utils.training_setup import RunState, set_up_run
 
 logger = logging.getLogger(__name__)
@@ -62,7 +65,8 @@ class TrainingResult:
 
 
 def train(config: ExperimentConfig, *, data_dir: str | Path | None = None, resume: str | Path | None = None,
-          wandb: bool | None = None, show_progress: bool = True) -> TrainingResult:
+          wandb: bool | None = None, show_progress: bool = True,
+          epoch_callback: Callable[[dict[str, Any]], None] | None = None) -> TrainingResult:
     """Train a model as configured; the one entry point of scripts and notebooks.
 
     Args:
@@ -72,6 +76,11 @@ def train(config: ExperimentConfig, *, data_dir: str | Path | None = None, resum
         resume: a run folder to continue from its ``last.pt``.
         wandb: force wandb on or off (``None``: ``config.wandb.enabled``).
         show_progress: tqdm bars (main process only).
+        epoch_callback: called after every epoch, once its checkpoints and progress line are
+            written, with that epoch's record (``epoch``; ``mean_dice``, ``kidney_dice``,
+            ``tumour_dice`` on validation epochs, else absent); called on every process with the
+            same record. It may raise to stop the run (e.g. ``optuna.TrialPruned``): the
+            exception propagates after the run is closed, and the run folder can be resumed.
 
     Raises:
         NonFiniteLossError: a NaN/inf loss with ``nonfinite_loss: stop`` (``last.pt`` stays intact).
@@ -84,6 +93,8 @@ def train(config: ExperimentConfig, *, data_dir: str | Path | None = None, resum
         for epoch in range(state.start_epoch, state.config.training.epochs):
             record = _run_epoch(state, epoch, show_progress)
             _finish_epoch(state, epoch, record)
+            if epoch_callback is not None:
+                epoch_callback(record)
     finally:
         state.close()
     return TrainingResult(state.folder, state.progress.records if state.progress else [], state.best_epoch,
@@ -188,8 +199,8 @@ def validate(state: RunState) -> dict[str, Any]:
         item = state.validation[index]
         image = item["image"][None].to(accelerator.device)
         label = item["label"][None].to(accelerator.device)
-        logits = predict_logits(model, image, state.config.sliding_window, autocast_dtype=dtype,
-                                pad_value=state.extras["pad_value"])
+        logits = predict_volume_logits(model, image, state.config, autocast_dtype=dtype,
+                                       pad_value=state.extras["pad_value"])
         scores = score_case(logits.argmax(dim=1)[0].to(torch.uint8).cpu().numpy(), label[0, 0].cpu().numpy())
         scores["val_loss"] = float(state.loss(logits, label))
         per_case.append({"case_id": item["case_id"], **scores})

@@ -25,14 +25,15 @@ from utils.config import config_as_dict
 from utils.experiment_config import ExperimentConfig
 from utils.experiment_tracking import Tracker, build_tracker
 from utils.losses import build_loss
-from utils.models import build_model, check_input_size
+from utils.models import build_model, check_input_size, spatial_dims
 from utils.optimisation import build_optimiser, build_scheduler
-from utils.patch_dataset import EpochSampler, VolumeDataset, background_value, build_patch_datasets
+from utils.patch_dataset import EpochSampler, SampledDataset, VolumeDataset, background_value, build_patch_datasets
 from utils.preprocessed_cache import PreprocessedCache, open_cache
 from utils.preprocessing import NO_SEGMENTATION, preprocess_dataset
 from utils.run_folder import (
     ProgressLog, attach_text_log, check_writable, create_run_folder, detach_text_log, save_resolved_config,
 )
+from utils.slice_dataset import build_slice_datasets
 
 logger = logging.getLogger(__name__)
 
@@ -83,8 +84,10 @@ def set_up_run(config: ExperimentConfig, *, data_dir: str | Path | None, resume:
                wandb: bool | None) -> RunState:
     """Prepare a new run, or restore one from ``resume/last.pt`` (see :func:`utils.training_engine.train`)."""
     training = config.training
-    check_input_size(config.model, config.patches.patch_size)
-    check_input_size(config.model, config.sliding_window.roi_size)
+    input_size = model_input_size(config)
+    check_input_size(config.model, input_size)
+    if spatial_dims(config.model) == 3:
+        check_input_size(config.model, config.sliding_window.roi_size)
     accelerator = Accelerator(mixed_precision=training.mixed_precision, cpu=not torch.cuda.is_available())
     launched = int(os.environ.get("WORLD_SIZE", "1"))
     if launched != accelerator.num_processes:
@@ -100,14 +103,11 @@ def set_up_run(config: ExperimentConfig, *, data_dir: str | Path | None, resume:
     folder = _run_folder(config, resume, accelerator)
     handler = attach_text_log(folder) if accelerator.is_main_process else None
     cache = _prepare_cache(config, data_dir, accelerator)
-    train_set, validation = build_patch_datasets(cache, config.patches, config.augmentation, fold=training.fold,
-                                                 seed=training.seed)
-    if training.max_validation_cases is not None:
-        validation.cases = validation.cases[:training.max_validation_cases]
+    train_set, validation = _build_datasets(config, cache)
     sampler = EpochSampler(len(train_set), rank=accelerator.process_index, world_size=accelerator.num_processes)
     loader = DataLoader(train_set, batch_size=training.batch_size, sampler=sampler, num_workers=training.num_workers,
                         pin_memory=torch.cuda.is_available(), persistent_workers=training.num_workers > 0)
-    model = build_model(config.model).to(accelerator.device)
+    model = build_model(config.model, input_size).to(accelerator.device)
     optimiser = build_optimiser(model, config.optimiser)
     scheduler = build_scheduler(optimiser, config.optimiser, iterations_per_epoch=len(loader), epochs=training.epochs)
     model, optimiser = accelerator.prepare(model, optimiser)
@@ -124,6 +124,28 @@ def set_up_run(config: ExperimentConfig, *, data_dir: str | Path | None, resume:
                 "starting at epoch %d", folder, config.model.name, len(train_set.cases), len(validation),
                 len(train_set), accelerator.num_processes, state.start_epoch + 1)
     return state
+
+
+def model_input_size(config: ExperimentConfig) -> tuple[int, ...]:
+    """The spatial size of one training input: ``patches.patch_size`` ``(Z, Y, X)`` for a 3D model,
+    ``(S, S)`` with ``S = slices.image_size`` for a 2D one."""
+    if spatial_dims(config.model) == 2:
+        return config.slices.image_size, config.slices.image_size
+    return tuple(config.patches.patch_size)
+
+
+def _build_datasets(config: ExperimentConfig, cache: PreprocessedCache) -> tuple[SampledDataset, VolumeDataset]:
+    """Training samples (3D patches or 2D slices, as the model needs) and whole validation volumes."""
+    training = config.training
+    if spatial_dims(config.model) == 2:
+        train_set, validation = build_slice_datasets(cache, config.slices, config.augmentation, fold=training.fold,
+                                                     seed=training.seed)
+    else:
+        train_set, validation = build_patch_datasets(cache, config.patches, config.augmentation, fold=training.fold,
+                                                     seed=training.seed)
+    if training.max_validation_cases is not None:
+        validation.cases = validation.cases[:training.max_validation_cases]
+    return train_set, validation
 
 
 def _run_folder(config: ExperimentConfig, resume: str | Path | None, accelerator: Accelerator) -> Path:
