@@ -260,3 +260,26 @@ def test_each_training_script_refuses_the_other_models_config(tiny_data, tmp_pat
                          capture_output=True, text=True, cwd=REPO, timeout=300)
     assert run.returncode == 0, run.stderr[-2000:]
     assert "run folder" in run.stdout and (tmp_path / "runs" / "script" / "best.pt").is_file()
+
+
+class _StopAfterFirstEpoch(Exception):
+    pass
+
+
+def _stop_after_first_epoch(record):
+    if record["epoch"] == 1:
+        raise _StopAfterFirstEpoch
+
+
+def test_unetr_stopped_by_an_epoch_callback_resumes_exactly(tiny_data, tmp_path):
+    whole = train(tiny_config(tmp_path, **TINY_UNETR, training={"run_name": "whole"}), data_dir=tiny_data,
+                  show_progress=False)
+    config = tiny_config(tmp_path, **TINY_UNETR, training={"run_name": "stopped"})
+    with pytest.raises(_StopAfterFirstEpoch):
+        train(config, data_dir=tiny_data, show_progress=False, epoch_callback=_stop_after_first_epoch)
+    assert load_checkpoint(tmp_path / "runs" / "stopped" / "last.pt")["epoch"] == 1
+    resumed = train(config, data_dir=tiny_data, resume=tmp_path / "runs" / "stopped", show_progress=False)
+    assert [r["epoch"] for r in resumed.records] == [1, 2]
+    assert np.allclose([r["train_loss"] for r in resumed.records], [r["train_loss"] for r in whole.records],
+                       rtol=0, atol=1e-6)
+    assert resumed.records[-1]["kidney_dice"] == pytest.approx(whole.records[-1]["kidney_dice"], abs=1e-6)
