@@ -24,7 +24,7 @@ from dataclasses import dataclass
 import torch
 from monai.networks.nets import UNETR, UNet
 
-from utils.experiment_config import MODEL_NAMES, ModelConfig
+from utils.experiment_config import MODEL_NAMES, ExperimentConfig, ModelConfig
 
 logger = logging.getLogger(__name__)
 
@@ -179,3 +179,11 @@ def check_input_size(config: ModelConfig, size: Sequence[int]) -> None:
             f"input size {size} is not accepted by model {config.name!r}: axis/axes {bad_axes} are not "
             f"positive multiples of {divisor} (the product of model.strides {config.strides}); change "
             f"patches.patch_size / sliding_window.roi_size to multiples of {divisor}, or use fewer or smaller strides")
+
+
+def model_input_size(config: ExperimentConfig) -> tuple[int, ...]:
+    """The spatial size of one training input: ``patches.patch_size`` ``(Z, Y, X)`` for a 3D model,
+    ``(S, S)`` with ``S = slices.image_size`` for a 2D one."""
+    if spatial_dims(config.model) == 2:
+        return config.slices.image_size, config.slices.image_size
+    return tuple(config.patches.patch_size)

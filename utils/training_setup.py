@@ -25,7 +25,7 @@ from utils.config import config_as_dict
 from utils.experiment_config import ExperimentConfig
 from utils.experiment_tracking import Tracker, build_tracker
 from utils.losses import build_loss
-from utils.models import build_model, check_input_size, spatial_dims
+from utils.models import build_model, check_input_size, model_input_size, spatial_dims
 from utils.optimisation import build_optimiser, build_scheduler
 from utils.patch_dataset import EpochSampler, SampledDataset, VolumeDataset, background_value, build_patch_datasets
 from utils.preprocessed_cache import PreprocessedCache, open_cache
@@ -124,14 +124,6 @@ def set_up_run(config: ExperimentConfig, *, data_dir: str | Path | None, resume:
                 "starting at epoch %d", folder, config.model.name, len(train_set.cases), len(validation),
                 len(train_set), accelerator.num_processes, state.start_epoch + 1)
     return state
-
-
-def model_input_size(config: ExperimentConfig) -> tuple[int, ...]:
-    """The spatial size of one training input: ``patches.patch_size`` ``(Z, Y, X)`` for a 3D model,
-    ``(S, S)`` with ``S = slices.image_size`` for a 2D one."""
-    if spatial_dims(config.model) == 2:
-        return config.slices.image_size, config.slices.image_size
-    return tuple(config.patches.patch_size)
 
 
 def _build_datasets(config: ExperimentConfig, cache: PreprocessedCache) -> tuple[SampledDataset, VolumeDataset]:
