@@ -1,0 +1,71 @@
+"""Score a folder of predicted label maps against KiTS19 ground truth, on each CT's original grid.
+
+Usage::
+
+    python scripts/evaluate.py --gt DATA_DIR --pred PRED_DIR --out OUT_DIR [--tolerance-mm 2.0]
+
+``DATA_DIR`` holds ``case_XXXXX/segmentation.nii.gz`` (and ``imaging.nii.gz``, whose header
+gives each case's grid); ``PRED_DIR`` holds ``case_XXXXX.nii.gz`` or ``prediction_XXXXX.nii.gz``
+label maps (0 background, 1 kidney, 2 tumour). Per case: kidney (label > 0) and tumour
+(label == 2) Dice, surface Dice at ``--tolerance-mm`` and HD95 in mm. Writes
+``OUT_DIR/metrics.json`` and ``OUT_DIR/metrics.csv``, prints the summary; ``OUT_DIR`` may not
+lie inside either input folder.
+
+Exit status: 0 when every prediction was scored, 1 when a prediction was refused (shape,
+affine or labels wrong, unreadable) or none was scored, 2 on usage errors.
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import sys
+from pathlib import Path
+
+from utils.evaluation import EvaluationResult, evaluate_predictions
+from utils.evaluation_metrics import DEFAULT_TOLERANCE_MM, METRIC_NAMES
+
+EXIT_OK, EXIT_REFUSED, EXIT_USAGE = 0, 1, 2
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    """Parse the command line (see the module docstring)."""
+    parser = argparse.ArgumentParser(description="Score KiTS19 predictions: Dice, surface Dice and HD95 in mm.")
+    parser.add_argument("--gt", type=Path, required=True, help="KiTS19 data folder with case_XXXXX/segmentation.nii.gz")
+    parser.add_argument("--pred", type=Path, required=True,
+                        help="folder of case_XXXXX.nii.gz or prediction_XXXXX.nii.gz label maps")
+    parser.add_argument("--out", type=Path, required=True, help="output folder for metrics.json and metrics.csv")
+    parser.add_argument("--tolerance-mm", type=float, default=DEFAULT_TOLERANCE_MM,
+                        help=f"surface-Dice tolerance in mm (default {DEFAULT_TOLERANCE_MM})")
+    return parser.parse_args(argv)
+
+
+def print_summary(result: EvaluationResult) -> None:
+    """Print one line per metric (mean, std, median, n, missing) and where the files are."""
+    print(f"{'metric':<22} {'mean':>8} {'std':>8} {'median':>8} {'n':>5} {'missing':>8}")
+    for metric in METRIC_NAMES:
+        row = result.summary[metric]
+        cells = " ".join("       -" if row[key] is None else f"{row[key]:8.4f}" for key in ("mean", "std", "median"))
+        print(f"{metric:<22} {cells} {row['n']:>5} {row['missing']:>8}")
+    print(f"{len(result.cases)} cases scored, {len(result.refused)} refused, {len(result.warnings)} warnings; "
+          f"written {result.json_path} and {result.csv_path}")
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Run the evaluation; return the exit status."""
+    args = parse_args(argv)
+    logging.basicConfig(level=logging.WARNING, format="%(levelname)s: %(message)s")
+    try:
+        result = evaluate_predictions(args.gt, args.pred, args.out, tolerance_mm=args.tolerance_mm,
+                                      show_progress=sys.stderr.isatty())
+    except (ValueError, FileNotFoundError) as error:
+        print(f"evaluate.py: error: {error}", file=sys.stderr)
+        return EXIT_USAGE
+    print_summary(result)
+    if result.refused or not result.cases:
+        return EXIT_REFUSED
+    return EXIT_OK
+
+
+if __name__ == "__main__":
+    sys.exit(main())
