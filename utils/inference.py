@@ -17,7 +17,8 @@ from utils.sliding_window import predict_logits
 
 
 def predict_volume_logits(model: torch.nn.Module, image: torch.Tensor, config: ExperimentConfig, *,
-                          autocast_dtype: torch.dtype | None = None, pad_value: float = 0.0) -> torch.Tensor:
+                          autocast_dtype: torch.dtype | None = None, pad_value: float = 0.0,
+                          stitch_device: torch.device | str | None = None) -> torch.Tensor:
     """Logits of a whole preprocessed volume, without gradients.
 
     Args:
@@ -27,12 +28,15 @@ def predict_volume_logits(model: torch.nn.Module, image: torch.Tensor, config: E
             (``sliding_window``) or slice-wise prediction (``slices``, ``slice_inference``).
         autocast_dtype: ``torch.bfloat16``, ``torch.float16`` or ``None`` (no autocast).
         pad_value: normalised background value for any padding.
+        stitch_device: where the whole-volume logits are accumulated (``None``: the image's
+            device; ``"cpu"`` bounds GPU memory for long volumes).
 
     Returns:
-        ``(B, C, Z, Y, X)`` float32 logits on the image's device.
+        ``(B, C, Z, Y, X)`` float32 logits on ``stitch_device`` (default the image's device).
     """
     if spatial_dims(config.model) == 2:
         return predict_slice_logits(model, image, config.slices, config.slice_inference,
-                                    autocast_dtype=autocast_dtype, pad_value=pad_value)
-    return predict_logits(model, image, config.sliding_window, autocast_dtype=autocast_dtype, pad_value=pad_value)
+                                    autocast_dtype=autocast_dtype, pad_value=pad_value, stitch_device=stitch_device)
+    return predict_logits(model, image, config.sliding_window, autocast_dtype=autocast_dtype, pad_value=pad_value,
+                          stitch_device=stitch_device)
 

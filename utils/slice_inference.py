@@ -20,7 +20,7 @@ from utils.slice_dataset import SliceGeometry, fit_slices, restore_slices
 
 def predict_slice_logits(model: torch.nn.Module, image: torch.Tensor, slices: SliceDatasetConfig,
                          config: SliceInferenceConfig, *, autocast_dtype: torch.dtype | None = None,
-                         pad_value: float = 0.0) -> torch.Tensor:
+                         pad_value: float = 0.0, stitch_device: torch.device | str | None = None) -> torch.Tensor:
     """Logits of a whole volume from a 2D model applied to every axial slice, without gradients.
 
     The model's mode is left as it is: put it in ``eval()`` mode first.
@@ -34,9 +34,11 @@ def predict_slice_logits(model: torch.nn.Module, image: torch.Tensor, slices: Sl
         autocast_dtype: run the model under ``torch.autocast`` with this dtype
             (``torch.bfloat16`` or ``torch.float16``); ``None``: no autocast.
         pad_value: value of the square outside the fitted slice (the normalised background).
+        stitch_device: where the whole-volume logits are kept (``None``: the image's device;
+            ``"cpu"`` keeps GPU memory to one batch of slices).
 
     Returns:
-        ``(B, C, Z, Y, X)`` float32 logits on the image's device.
+        ``(B, C, Z, Y, X)`` float32 logits on ``stitch_device`` (default the image's device).
     """
     if not isinstance(image, torch.Tensor) or image.ndim != 5 or not torch.is_floating_point(image):
         description = f"{tuple(image.shape)} {image.dtype}" if isinstance(image, torch.Tensor) else type(image)
@@ -59,7 +61,7 @@ def predict_slice_logits(model: torch.nn.Module, image: torch.Tensor, slices: Sl
                 restored = restore_slices(output, geometry)  # (n, C, Y, X)
                 if logits is None:
                     logits = torch.empty((image.shape[0], restored.shape[1], *image.shape[2:]), dtype=torch.float32,
-                                         device=image.device)
-                logits[b, :, start:stop] = restored.transpose(0, 1)
+                                         device=stitch_device if stitch_device is not None else image.device)
+                logits[b, :, start:stop] = restored.transpose(0, 1).to(logits.device)
     assert logits is not None  # the image is not empty
     return logits

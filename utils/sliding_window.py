@@ -44,7 +44,8 @@ def _predictor(model: torch.nn.Module, device_type: str,
 
 
 def predict_logits(model: torch.nn.Module, image: torch.Tensor, config: SlidingWindowConfig, *,
-                   autocast_dtype: torch.dtype | None = None, pad_value: float = 0.0) -> torch.Tensor:
+                   autocast_dtype: torch.dtype | None = None, pad_value: float = 0.0,
+                   stitch_device: torch.device | str | None = None) -> torch.Tensor:
     """Logits of a whole volume, stitched from overlapping windows, without gradients.
 
     The model's mode is left as it is: put it in ``eval()`` mode first (a warning is logged
@@ -60,9 +61,12 @@ def predict_logits(model: torch.nn.Module, image: torch.Tensor, config: SlidingW
             this dtype (``torch.bfloat16`` or ``torch.float16``); ``None``: no autocast.
         pad_value: value of the voxels added when the volume is smaller than the window (the
             normalised background value keeps padding looking like air; 0 is MONAI's default).
+        stitch_device: where the whole-volume logits are accumulated (MONAI's ``device``);
+            ``None``: the image's device. ``"cpu"`` with the model on a GPU keeps GPU memory to
+            the windows, whatever the volume's size (windows are computed on the image's device).
 
     Returns:
-        ``(B, C, Z, Y, X)`` float32 logits on the image's device.
+        ``(B, C, Z, Y, X)`` float32 logits on ``stitch_device`` (default the image's device).
     """
     _check_image(model, image)
     if autocast_dtype is not None and autocast_dtype not in (torch.bfloat16, torch.float16):
@@ -71,7 +75,8 @@ def predict_logits(model: torch.nn.Module, image: torch.Tensor, config: SlidingW
     with torch.no_grad():
         logits = sliding_window_inference(
             image.float(), roi_size=tuple(config.roi_size), sw_batch_size=config.sw_batch_size, predictor=predictor,
-            overlap=config.overlap, mode=config.blend, cval=pad_value)
+            overlap=config.overlap, mode=config.blend, cval=pad_value, sw_device=image.device,
+            device=stitch_device if stitch_device is not None else image.device)
     return torch.as_tensor(logits, dtype=torch.float32)
 
 

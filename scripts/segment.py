@@ -1,0 +1,160 @@
+"""Segment kidneys and kidney tumours in your own CT scans with a trained model.
+
+Usage::
+
+    python scripts/segment.py --checkpoint checkpoints/<run> --input CT.nii.gz --output OUT.nii.gz
+    python scripts/segment.py --checkpoint RUN_DIR_OR_FILE --input DIR --output OUT_DIR
+                              [--device cpu|cuda] [--tta] [--postprocess [--min-component-ml ML]]
+
+``--checkpoint`` is a run folder (its ``best.pt``, else ``last.pt``) or a ``.pt`` file; it holds
+the model, its config and the preprocessing, so nothing else is needed. ``--input`` is one
+``.nii``/``.nii.gz`` CT in HU, a KiTS19-layout folder (``case_XXXXX/imaging.nii.gz`` gives
+``OUT_DIR/case_XXXXX.nii.gz``) or a flat folder of ``.nii.gz``/``.nii`` files (same names in
+``OUT_DIR``). Each prediction is a uint8 label map (0 background, 1 kidney, 2 tumour) with its
+CT's shape and affine, written atomically; the input is never written to. A folder output also
+gets ``segmentation_run.json``: the checkpoint, the options and each case's outcome.
+
+Exit status: 0 when every CT was segmented, 1 when any failed (the others are still written; the
+summary names each failure and why), 2 on usage errors (bad paths, checkpoint, or CUDA missing).
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import sys
+import time
+from pathlib import Path
+
+import torch
+from tqdm import tqdm
+
+from utils.case_discovery import discover_cases
+from utils.checkpoints import CheckpointError
+from utils.ct_inference import SegmentationModel, load_segmentation_model, segment_file, select_device
+from utils.kits_layout import IMAGING_NAME, is_case_id
+from utils.nifti_io import save_json_atomic
+from utils.postprocessing import DEFAULT_MIN_COMPONENT_ML
+
+EXIT_OK, EXIT_FAILED, EXIT_USAGE = 0, 1, 2
+NIFTI_SUFFIXES = (".nii.gz", ".nii")
+RUN_RECORD_NAME = "segmentation_run.json"
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    """Parse the command line (see the module docstring)."""
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--checkpoint", type=Path, required=True,
+                        help="run folder (best.pt, else last.pt) or .pt file")
+    parser.add_argument("--input", type=Path, required=True,
+                        help="CT .nii/.nii.gz, KiTS19-layout folder or folder of CTs")
+    parser.add_argument("--output", type=Path, required=True, help="output .nii.gz (for one CT) or folder")
+    parser.add_argument("--device", choices=("cpu", "cuda"), default=None, help="default: cuda when available")
+    parser.add_argument("--tta", action="store_true", help="average over mirrored inputs (8x slower for 3D models)")
+    parser.add_argument("--postprocess", action="store_true",
+                        help="keep the 2 largest kidney components and only tumour touching kidney")
+    parser.add_argument("--min-component-ml", type=float, default=DEFAULT_MIN_COMPONENT_ML,
+                        help="with --postprocess: smallest kidney component kept, in ml "
+                             f"(default {DEFAULT_MIN_COMPONENT_ML:g})")
+    return parser.parse_args(argv)
+
+
+def _is_nifti_name(path: Path) -> bool:
+    return path.name.endswith(NIFTI_SUFFIXES)
+
+
+def _folder_jobs(folder: Path, output: Path) -> list[tuple[str, Path, Path]]:
+    """(name, CT, prediction) of a KiTS19-layout folder, else of a flat folder of NIfTI files."""
+    if any(p.is_dir() and is_case_id(p.name) for p in folder.iterdir()):
+        return [(case.case_id, case.imaging or case.folder / IMAGING_NAME, output / f"{case.case_id}.nii.gz")
+                for case in discover_cases(folder).cases]
+    files = sorted(p for p in folder.iterdir() if _is_nifti_name(p) and not p.is_dir())
+    return [(p.name, p, output / p.name) for p in files]
+
+
+def list_jobs(source: Path, output: Path) -> list[tuple[str, Path, Path]]:
+    """Pair every input CT with its output path: ``(name, CT, prediction)``, sorted.
+
+    Raises:
+        FileNotFoundError: ``source`` does not exist.
+        ValueError: the output would write into the input (same file, the input folder or a
+            folder inside it), a folder input with a NIfTI file output, or no CT found.
+    """
+    if not source.exists():
+        raise FileNotFoundError(f"--input {source}: no such file or folder")
+    if source.is_file():
+        target = output if _is_nifti_name(output) else output / source.name
+        if target.resolve() == source.resolve():
+            raise ValueError(f"--output {target} is the input CT itself; the input is never overwritten")
+        return [(source.name, source, target)]
+    if _is_nifti_name(output):
+        raise ValueError(f"--output {output} names a NIfTI file, but --input {source} is a folder; "
+                         "give an output folder")
+    inside, resolved = output.resolve(), source.resolve()
+    if inside == resolved or resolved in inside.parents:
+        raise ValueError(f"--output {output} is the input folder {source} or inside it; the input folder is never "
+                         "written to: choose an output folder outside it")
+    jobs = _folder_jobs(source, output)
+    if not jobs:
+        raise ValueError(f"--input {source}: no CT found; expected case_XXXXX/{IMAGING_NAME} folders or "
+                         f"{' / '.join('*' + s for s in NIFTI_SUFFIXES)} files")
+    return jobs
+
+
+def segment_all(jobs: list[tuple[str, Path, Path]], segmenter: SegmentationModel,
+                args: argparse.Namespace) -> dict[str, str]:
+    """Segment each CT; returns name -> ``"written"`` or the reason it failed (the others go on)."""
+    outcomes: dict[str, str] = {}
+    for name, source, target in tqdm(jobs, desc="segment", unit="CT", disable=None):
+        try:
+            segment_file(source, target, segmenter, tta=args.tta, postprocess=args.postprocess,
+                         min_component_ml=args.min_component_ml)
+            outcomes[name] = "written"
+        except (ValueError, OSError, torch.cuda.OutOfMemoryError) as error:  # NiftiReadError is a ValueError
+            reason = str(error) if str(source) in str(error) else f"{source}: {error}"
+            outcomes[name] = reason
+            logging.getLogger("segment").error("%s failed: %s", name, reason)
+            if segmenter.device.type == "cuda":
+                torch.cuda.empty_cache()
+    return outcomes
+
+
+def format_summary(outcomes: dict[str, str], segmenter: SegmentationModel, output: Path, seconds: float,
+                   args: argparse.Namespace) -> str:
+    """A few lines: how many CTs were segmented, with what, where, and each failure with its reason."""
+    failed = {name: reason for name, reason in outcomes.items() if reason != "written"}
+    lines = [f"segmented {len(outcomes) - len(failed)} of {len(outcomes)} CT(s) in {seconds:.1f} s with "
+             f"{segmenter.run_name} ({segmenter.config.model.name}, {segmenter.device}, tta "
+             f"{'on' if args.tta else 'off'}, postprocessing {'on' if args.postprocess else 'off'}) -> {output}"]
+    lines += [f"failed: {name}: {reason}" for name, reason in failed.items()]
+    return "\n".join(lines)
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Run the segmentation; return the exit status."""
+    args = parse_args(argv)
+    logging.basicConfig(level=logging.WARNING, format="%(levelname)s: %(message)s")
+    started = time.perf_counter()
+    try:
+        if args.min_component_ml < 0:
+            raise ValueError(f"--min-component-ml must be >= 0 ml, got {args.min_component_ml}")
+        device = select_device(args.device)
+        jobs = list_jobs(args.input, args.output)
+        segmenter = load_segmentation_model(args.checkpoint, device)
+    except (ValueError, FileNotFoundError, CheckpointError) as error:
+        print(f"segment.py: error: {error}", file=sys.stderr)
+        return EXIT_USAGE
+    outcomes = segment_all(jobs, segmenter, args)
+    if args.input.is_dir():
+        args.output.mkdir(parents=True, exist_ok=True)
+        save_json_atomic(args.output / RUN_RECORD_NAME, {
+            "checkpoint": str(segmenter.checkpoint.resolve()), "run_name": segmenter.run_name,
+            "model": segmenter.config.model.name, "device": str(segmenter.device), "tta": args.tta,
+            "postprocess": args.postprocess, "min_component_ml": args.min_component_ml,
+            "input": str(args.input.resolve()), "cases": outcomes})
+    print(format_summary(outcomes, segmenter, args.output, time.perf_counter() - started, args))
+    return EXIT_OK if all(reason == "written" for reason in outcomes.values()) else EXIT_FAILED
+
+
+if __name__ == "__main__":
+    sys.exit(main())

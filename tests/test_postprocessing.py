@@ -1,0 +1,76 @@
+"""Post-processing on hand-made label maps whose answers are known."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+from utils.postprocessing import keep_largest_kidneys, postprocess_labels, remove_detached_tumour
+
+
+def _three_blobs() -> np.ndarray:
+    """(12, 12, 12): blobs of 27 (3x3x3, with 1 tumour voxel), 8 (2x2x2) and 1 voxels, apart."""
+    labels = np.zeros((12, 12, 12), np.uint8)
+    labels[0:3, 0:3, 0:3] = 1
+    labels[1, 1, 1] = 2
+    labels[6:8, 6:8, 6:8] = 1
+    labels[11, 0, 11] = 1
+    return labels
+
+
+def test_the_threshold_is_in_ml_so_the_spacing_decides():
+    labels = _three_blobs()
+    # 27 voxels of 1 mm^3 are 0.027 ml: below 0.05 ml, so everything goes
+    assert keep_largest_kidneys(labels, (1.0, 1.0, 1.0), min_component_ml=0.05).sum() == 0
+    # the same voxels 4 x 1 x 1 mm are 0.108 ml: the big blob stays (8 voxels = 0.032 ml do not)
+    kept = keep_largest_kidneys(labels, (4.0, 1.0, 1.0), min_component_ml=0.05)
+    expected = labels.copy()
+    expected[6:8, 6:8, 6:8] = 0
+    expected[11, 0, 11] = 0
+    np.testing.assert_array_equal(kept, expected)
+    assert kept[1, 1, 1] == 2  # tumour inside a kept component stays tumour
+
+
+def test_at_most_the_two_largest_components_are_kept():
+    labels = _three_blobs()
+    kept = keep_largest_kidneys(labels, (1.0, 1.0, 1.0), min_component_ml=0.0)
+    assert kept[0:3, 0:3, 0:3].astype(bool).all() and kept[6:8, 6:8, 6:8].all()
+    assert kept[11, 0, 11] == 0
+    assert keep_largest_kidneys(labels, (1.0, 1.0, 1.0), min_component_ml=0.0, max_components=1).sum() == 27 + 1
+    np.testing.assert_array_equal(labels, _three_blobs())  # input untouched
+
+
+def test_tumour_not_touching_kidney_is_dropped():
+    labels = np.zeros((8, 8, 8), np.uint8)
+    labels[0:2, 0:2, 0:2] = 1
+    labels[2, 2, 2] = 2  # touches the kidney at a corner (26-connectivity): kept
+    labels[5:7, 5:7, 5:7] = 2  # touches nothing: dropped
+    out = remove_detached_tumour(labels)
+    assert out[2, 2, 2] == 2 and out[5:7, 5:7, 5:7].sum() == 0
+    assert (out == 1).sum() == 8
+
+
+def test_postprocess_labels_runs_both_steps():
+    labels = np.zeros((8, 8, 8), np.int64)
+    labels[0:3, 0:3, 0:3] = 1
+    labels[4:6, 4:6, 4:6] = 2  # a second component made only of tumour: kept by size, dropped as detached
+    out = postprocess_labels(labels, (1.0, 1.0, 1.0), min_component_ml=0.0)
+    assert out.dtype == np.int64 and (out == 1).sum() == 27 and (out == 2).sum() == 0
+
+
+@pytest.mark.parametrize("labels, spacing, match", [
+    (np.zeros((4, 4), np.uint8), (1, 1, 1), "3D integer"),
+    (np.zeros((4, 4, 4), np.float32), (1, 1, 1), "3D integer"),
+    (np.zeros((4, 4, 4), np.uint8), (1, 0, 1), "spacing_mm"),
+    (np.zeros((4, 4, 4), np.uint8), (1, 1), "spacing_mm"),
+])
+def test_bad_arguments_are_refused(labels, spacing, match):
+    with pytest.raises(ValueError, match=match):
+        keep_largest_kidneys(labels, spacing)
+
+
+def test_bad_thresholds_are_refused():
+    with pytest.raises(ValueError, match="min_component_ml must be >= 0 ml, got -1"):
+        keep_largest_kidneys(np.zeros((2, 2, 2), np.uint8), (1, 1, 1), min_component_ml=-1)
+    with pytest.raises(ValueError, match="max_components must be >= 1, got 0"):
+        keep_largest_kidneys(np.zeros((2, 2, 2), np.uint8), (1, 1, 1), max_components=0)
