@@ -28,8 +28,9 @@ STAGES: list[set[str]] = [
     {"training_engine", "evaluation", "ct_inference"},
     {"hyperparameter_search"},
     {"visualisation"},
-    {"statistics_figures", "training_figures"},
-    {"demo_pipeline", "data_loading_benchmark", "training_command"},
+    {"statistics_figures", "training_figures", "evaluation_figures"},
+    {"run_evaluation"},
+    {"demo_pipeline", "data_loading_benchmark", "training_command", "evaluation_command"},
 ]
 
 

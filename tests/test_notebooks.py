@@ -15,6 +15,8 @@ SMALL = {
     "2D_data_stats.ipynb": "N_CASES = 2\nMATRIX = 64\nIMAGE_SIZE = 64\nN_SAMPLES = 40\nWORKERS = 1",
     "train_3d_unet.ipynb": "N_CASES = 2\nMATRIX = 64\nEPOCHS = 1",
     "train_unetr.ipynb": "N_CASES = 2\nMATRIX = 64\nEPOCHS = 1",
+    "eval_unet.ipynb": "N_CASES = 2\nMATRIX = 64\nEPOCHS = 1",
+    "eval_unetr.ipynb": "N_CASES = 2\nMATRIX = 64\nEPOCHS = 1",
 }
 
 

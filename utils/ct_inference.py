@@ -56,6 +56,8 @@ class SegmentationModel:
         run_name: the run folder's name (or the checkpoint file's stem).
         checkpoint: the checkpoint file read.
         device: where the model runs.
+        training_case_ids: the cases of its training cache (train and validation), from which
+            ``config.split`` makes its split.
     """
 
     model: torch.nn.Module
@@ -65,6 +67,7 @@ class SegmentationModel:
     run_name: str
     checkpoint: Path
     device: torch.device
+    training_case_ids: tuple[str, ...] = ()
 
     @property
     def background_value(self) -> float:
@@ -145,7 +148,8 @@ def load_segmentation_model(checkpoint: str | os.PathLike,
     model.eval().requires_grad_(False).to(device)
     run_name = path.parent.name if path.name in CHECKPOINT_NAMES else path.stem
     logger.info("loaded %s (%s, run %s) on %s", path, config.model.name, run_name, device)
-    return SegmentationModel(model, config, preprocessing, normalisation, run_name, path, device)
+    return SegmentationModel(model, config, preprocessing, normalisation, run_name, path, device,
+                             tuple(str(case) for case in plan.get("case_ids", ())))
 
 
 def flip_axes_for_tta(dims: int) -> list[tuple[int, ...]]:

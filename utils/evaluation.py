@@ -21,6 +21,7 @@ import io
 import logging
 import os
 import re
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -178,9 +179,11 @@ def score_prediction(case: CaseFiles, prediction_path: Path, tolerance_mm: float
     return {"case_id": case.case_id, **score_case_metrics(prediction, truth, spacing, tolerance_mm)}
 
 
-def _match_cases(gt_dir: Path, pred_dir: Path) -> tuple[list[tuple[CaseFiles, Path]], dict[str, str], list[str]]:
-    """Pair ground-truth cases with predictions; return the pairs, refusals and warnings."""
-    truth = {case.case_id: case for case in discover_cases(gt_dir).cases if case.segmentation is not None}
+def _match_cases(gt_dir: Path, pred_dir: Path, case_ids: Sequence[str] | None = None
+                 ) -> tuple[list[tuple[CaseFiles, Path]], dict[str, str], list[str]]:
+    """Pair ground-truth cases (only ``case_ids`` when given) with predictions; return the pairs, refusals, warnings."""
+    truth = {case.case_id: case for case in discover_cases(gt_dir).cases if case.segmentation is not None
+             and (case_ids is None or case.case_id in case_ids)}
     predictions, refused, warnings = find_predictions(pred_dir)
     without_truth = sorted(set(predictions) - set(truth))
     without_prediction = sorted(set(truth) - set(predictions) - set(refused))
@@ -195,7 +198,8 @@ def _match_cases(gt_dir: Path, pred_dir: Path) -> tuple[list[tuple[CaseFiles, Pa
 
 
 def evaluate_predictions(gt_dir: str | os.PathLike, pred_dir: str | os.PathLike, out_dir: str | os.PathLike, *,
-                         tolerance_mm: float = 2.0, show_progress: bool = False) -> EvaluationResult:
+                         tolerance_mm: float = 2.0, show_progress: bool = False,
+                         case_ids: Sequence[str] | None = None) -> EvaluationResult:
     """Score every prediction in ``pred_dir`` against ``gt_dir`` and write ``metrics.json`` and ``metrics.csv``.
 
     Args:
@@ -204,6 +208,7 @@ def evaluate_predictions(gt_dir: str | os.PathLike, pred_dir: str | os.PathLike,
         out_dir: output folder (created if needed), outside both input folders.
         tolerance_mm: surface-Dice tolerance in mm, finite and >= 0.
         show_progress: a tqdm bar per case on stderr.
+        case_ids: score only these ground-truth cases (e.g. a run's validation cases); ``None``: all.
 
     Returns:
         The scored cases, summary, refusals and warnings (also logged); a refused case does
@@ -220,7 +225,7 @@ def evaluate_predictions(gt_dir: str | os.PathLike, pred_dir: str | os.PathLike,
     if not (np.isfinite(tolerance_mm) and tolerance_mm >= 0):
         raise ValueError(f"tolerance_mm must be a finite number >= 0 mm, got {tolerance_mm}")
     out = check_output_dir(out_dir, gt, pred)
-    pairs, refused, warnings = _match_cases(gt, pred)
+    pairs, refused, warnings = _match_cases(gt, pred, None if case_ids is None else set(case_ids))
     for message in warnings:
         logger.warning("%s", message)
     cases = []

@@ -1,0 +1,87 @@
+"""Evaluating a trained run: its validation cases segmented from raw CTs, scored on the original grid."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import nibabel as nib
+import numpy as np
+import pytest
+
+from test_training_engine import TINY_UNETR, tiny_config
+from utils.evaluation_metrics import METRIC_NAMES
+from utils.run_evaluation import evaluate_run
+from utils.training_engine import train
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+@pytest.fixture(scope="module")
+def trained_runs(tiny_cache, tmp_path_factory) -> tuple[Path, Path, Path]:
+    """A one-epoch tiny 3D run and 2D run on the tiny synthetic cases, and their raw data folder."""
+    data = Path(tiny_cache.plan["source_data"])
+    root = tmp_path_factory.mktemp("runs")
+    resunet = train(tiny_config(root, training={"run_name": "tiny3d", "epochs": 1}), data_dir=data,
+                    show_progress=False)
+    unetr = train(tiny_config(root, **TINY_UNETR, training={"run_name": "tiny2d", "epochs": 1}), data_dir=data,
+                  show_progress=False)
+    return resunet.run_folder, unetr.run_folder, data
+
+
+@pytest.mark.parametrize("which", [0, 1])
+def test_a_run_is_scored_on_its_validation_cases_in_the_original_grid(trained_runs, tiny_cache, tmp_path, which):
+    run, data = trained_runs[which], trained_runs[2]
+    result = evaluate_run(run, data_dir=data, reports_dir=tmp_path, show_progress=False)
+    assert result.report_folder == tmp_path / run.name
+    _, validation_ids = tiny_cache.split(0)
+    metrics = json.loads((result.report_folder / "metrics.json").read_text())
+    assert [case["case_id"] for case in metrics["cases"]] == sorted(validation_ids)
+    assert metrics["warnings"] == [] and metrics["refused"] == []
+    for case in metrics["cases"]:
+        assert set(METRIC_NAMES) <= set(case) and 0 <= case["kidney_dice"] <= 1
+        truth = nib.load(data / case["case_id"] / "segmentation.nii.gz")
+        prediction = nib.load(result.report_folder / "predictions" / f"{case['case_id']}.nii.gz")
+        assert prediction.shape == truth.shape and np.allclose(prediction.affine, truth.affine)
+        assert prediction.get_data_dtype() == np.uint8
+    inference = json.loads((result.report_folder / "inference.json").read_text())
+    assert inference["model"] == ("resunet3d", "unetr2d")[which] and inference["parameters"] > 0
+    assert [c["case_id"] for c in inference["cases"]] == sorted(validation_ids)
+    assert all(c["seconds"] > 0 for c in inference["cases"])
+    assert (result.report_folder / "case_scores.png").read_bytes()[:4] == b"\x89PNG"
+
+
+def test_all_cases_can_be_evaluated(trained_runs, tmp_path):
+    result = evaluate_run(trained_runs[0], data_dir=trained_runs[2], cases="all", out_dir=tmp_path / "all",
+                          show_progress=False)
+    assert len(result.evaluation.cases) == 4
+
+
+def test_a_report_folder_inside_the_data_is_refused_before_anything_is_written(trained_runs):
+    data = trained_runs[2]
+    before = sorted(p.relative_to(data) for p in data.rglob("*"))
+    with pytest.raises(ValueError, match="must not be inside"):
+        evaluate_run(trained_runs[0], data_dir=data, out_dir=data / "reports", show_progress=False)
+    assert sorted(p.relative_to(data) for p in data.rglob("*")) == before
+
+
+def test_each_eval_script_refuses_the_other_models_run_and_runs_its_own(trained_runs, tmp_path):
+    resunet, unetr, data = trained_runs
+    wrong = subprocess.run([sys.executable, "scripts/eval_unet.py", "--run", str(unetr), "--data", str(data)],
+                           capture_output=True, text=True, cwd=REPO, timeout=300)
+    assert wrong.returncode == 2 and "scripts/eval_unetr.py" in wrong.stderr
+    right = subprocess.run([sys.executable, "scripts/eval_unetr.py", "--run", str(unetr), "--data", str(data),
+                            "--reports", str(tmp_path)], capture_output=True, text=True, cwd=REPO, timeout=300)
+    assert right.returncode == 0, right.stderr[-2000:]
+    assert "kidney_dice" in right.stdout and (tmp_path / unetr.name / "metrics.csv").is_file()
+
+
+def test_the_latest_run_of_a_model_is_found(trained_runs, tmp_path):
+    from utils.run_evaluation import find_latest_run
+
+    resunet, unetr, _ = trained_runs
+    assert find_latest_run(resunet.parent, "resunet3d") == resunet
+    assert find_latest_run(resunet.parent, "unetr2d") == unetr
+    assert find_latest_run(tmp_path, "unetr2d") is None
