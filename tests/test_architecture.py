@@ -28,8 +28,10 @@ STAGES: list[set[str]] = [
     {"training_engine", "evaluation", "ct_inference"},
     {"hyperparameter_search"},
     {"visualisation"},
-    {"statistics_figures", "training_figures", "evaluation_figures"},
+    {"statistics_figures", "training_figures", "evaluation_figures", "comparison_figures"},
     {"run_evaluation"},
+    {"model_comparison"},
+    {"comparison_report"},
     {"demo_pipeline", "data_loading_benchmark", "training_command", "evaluation_command"},
 ]
 

@@ -17,12 +17,9 @@ from pathlib import Path
 from utils.checkpoints import CheckpointError
 from utils.evaluation_metrics import METRIC_NAMES
 from utils.experiment_config import load_experiment_config
-from utils.run_evaluation import CASE_SELECTIONS, RunEvaluation, evaluate_run
+from utils.run_evaluation import CASE_SELECTIONS, EVALUATION_SCRIPTS, RunEvaluation, evaluate_run
 
 EXIT_OK, EXIT_FAILED, EXIT_USAGE = 0, 1, 2
-
-#: The evaluation script of each model, named when a run goes to the wrong one.
-EVALUATION_SCRIPTS = {"resunet3d": "scripts/eval_unet.py", "unetr2d": "scripts/eval_unetr.py"}
 
 
 def parse_evaluation_args(argv: list[str] | None, description: str) -> argparse.Namespace:

@@ -42,6 +42,8 @@ logger = logging.getLogger(__name__)
 INFERENCE_JSON = "inference.json"
 PREDICTIONS = "predictions"
 CASE_SELECTIONS = ("validation", "all")
+#: The evaluation script of each model, named when a run goes to the wrong one.
+EVALUATION_SCRIPTS = {"resunet3d": "scripts/eval_unet.py", "unetr2d": "scripts/eval_unetr.py"}
 
 
 @dataclass(frozen=True)

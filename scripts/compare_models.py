@@ -1,0 +1,72 @@
+"""Compare two evaluated runs (e.g. resunet3d and unetr2d) case by case, and write the report.
+
+Usage::
+
+    python scripts/compare_models.py RUN_A RUN_B --out reports/comparison \
+        [--reports-dir reports] [--bootstrap 10000] [--seed 0]
+
+``RUN_A`` and ``RUN_B`` are report folders (holding ``metrics.json`` and ``inference.json``) or
+training run folders ``checkpoints/<run>/``, whose report folder is ``<reports-dir>/<run>/``
+(written by ``scripts/eval_unet.py`` for resunet3d runs, ``scripts/eval_unetr.py`` for unetr2d).
+Writes ``comparison.md``, ``comparison.html`` (self-contained), ``comparison.json`` and the
+figures ``boxplots.png`` and ``dice_scatter.png`` into ``--out``. Differences are B - A.
+
+Exit status: 0 when the report was written, 1 when it could not be (missing or invalid report,
+no shared case), 2 on usage errors.
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import sys
+from pathlib import Path
+
+from utils.comparison_report import write_comparison_report
+from utils.model_comparison import resolve_report_folder
+
+EXIT_OK, EXIT_FAILED, EXIT_USAGE = 0, 1, 2
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    """Parse the command line (see the module docstring)."""
+    parser = argparse.ArgumentParser(description="Compare two evaluated runs: paired statistics, figures, report.")
+    parser.add_argument("run_a", type=Path, help="run A: report folder or training run folder")
+    parser.add_argument("run_b", type=Path, help="run B: report folder or training run folder")
+    parser.add_argument("--out", type=Path, required=True, help="folder for the comparison report")
+    parser.add_argument("--reports-dir", type=Path, default=Path("reports"),
+                        help="folder of the runs' report folders (default reports)")
+    parser.add_argument("--bootstrap", type=int, default=10000, help="bootstrap resamples (default 10000)")
+    parser.add_argument("--seed", type=int, default=0, help="seed of the bootstrap (default 0)")
+    return parser.parse_args(argv)
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Run the comparison; return the exit status."""
+    args = parse_args(argv)
+    logging.basicConfig(level=logging.INFO, format="%(levelname)s: %(message)s")
+    if args.bootstrap < 1:
+        print(f"compare_models.py: error: --bootstrap must be >= 1, got {args.bootstrap}", file=sys.stderr)
+        return EXIT_USAGE
+    try:
+        folders = (resolve_report_folder(args.run_a, args.reports_dir),
+                   resolve_report_folder(args.run_b, args.reports_dir))
+    except FileNotFoundError as error:
+        print(f"compare_models.py: error: {error}", file=sys.stderr)
+        return EXIT_FAILED
+    if any(f.resolve() == args.out.resolve() for f in folders):
+        print(f"compare_models.py: error: --out must differ from the input report folders, got {args.out}; "
+              "choose e.g. reports/comparison", file=sys.stderr)
+        return EXIT_USAGE
+    try:
+        paths = write_comparison_report(*folders, args.out, n_resamples=args.bootstrap, seed=args.seed)
+    except (ValueError, FileNotFoundError) as error:
+        print(f"compare_models.py: error: {error}", file=sys.stderr)
+        return EXIT_FAILED
+    for path in paths.values():
+        print(f"written: {path}")
+    return EXIT_OK
+
+
+if __name__ == "__main__":
+    sys.exit(main())
