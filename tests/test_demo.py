@@ -13,7 +13,7 @@ def test_demo_script_end_to_end(tmp_path):
                "--set", "synthetic.cases=2", "--set", "synthetic.matrix=64", "--set", "synthetic.workers=1",
                "--set", f"synthetic.out_dir={tmp_path / 'data'}", "--set", f"reports_dir={tmp_path / 'reports'}",
                "--set", f"preprocessing.cache_dir={tmp_path / 'cache'}", "--set", "preprocessing.target_spacing=[4,4,4]",
-               "--set", "patches.patch_size=[8,16,16]", "--set", "slices.image_size=32",
+               "--set", "patches.patch_size=[8,16,16]", "--set", "slices.image_size=32", "--set", "bootstrap_resamples=200",
                "--set", f"train_overrides=[training.epochs=1, preprocessing.cache_dir={tmp_path / 'cache'}, "
                         f"training.output_dir={tmp_path / 'runs'}, patches.samples_per_epoch=8, slices.samples_per_epoch=8]"]
     run = subprocess.run(command, capture_output=True, text=True, cwd=REPO, timeout=300)
@@ -38,8 +38,16 @@ def test_demo_script_end_to_end(tmp_path):
         assert trained["best_epoch"] == 1 and 0 <= trained["kidney_dice"] <= 1
         assert [case["case_id"] for case in trained["per_case"]] == validation_ids
         assert (Path(trained["run_folder"]) / "best.pt").is_file()
+    assert "evaluation in each CT's original grid" in run.stdout and "comparison report:" in run.stdout
+    for model in ("resunet3d", "unetr2d"):
+        report = Path(summary["evaluation"][model]["report"])
+        metrics = json.loads((report / "metrics.json").read_text())
+        assert [case["case_id"] for case in metrics["cases"]] == validation_ids
+        assert (report / "predictions" / f"{validation_ids[0]}.nii.gz").is_file()
+    comparison = Path(summary["comparison"]["markdown"])
+    assert comparison.parent == tmp_path / "reports" / "comparison" and "resunet3d" in comparison.read_text()
     for figure in ("synthetic_cases.png", "training_samples.png", "training_progress_resunet3d.png",
-                   "training_progress_unetr2d.png"):
+                   "training_progress_unetr2d.png", "comparison/boxplots.png"):
         assert (tmp_path / "reports" / figure).read_bytes()[:4] == b"\x89PNG"
 
 

@@ -17,6 +17,7 @@ SMALL = {
     "train_unetr.ipynb": "N_CASES = 2\nMATRIX = 64\nEPOCHS = 1",
     "eval_unet.ipynb": "N_CASES = 2\nMATRIX = 64\nEPOCHS = 1",
     "eval_unetr.ipynb": "N_CASES = 2\nMATRIX = 64\nEPOCHS = 1",
+    "compare_models.ipynb": "N_CASES = 2\nMATRIX = 64\nEPOCHS = 1\nBOOTSTRAP = 200",
 }
 
 

@@ -223,6 +223,7 @@ class DemoConfig:
         train_configs: experiment files of the models the demo trains on its synthetic cases,
             one after the other (empty: no training); ``train_overrides``: ``section.key=value``
             changes applied to each.
+        bootstrap_resamples: resamples of the comparison report's confidence intervals.
     """
 
     synthetic: SyntheticDataConfig = field(default_factory=SyntheticDataConfig)
@@ -235,6 +236,7 @@ class DemoConfig:
     reports_dir: str = "reports/demo"
     train_configs: tuple[str, ...] = ("configs/resunet3d_quick.yaml", "configs/unetr2d_quick.yaml")
     train_overrides: tuple[str, ...] = ()
+    bootstrap_resamples: int = 10000
 
 
 def _convert(value: Any, annotation: Any, where: str) -> Any:

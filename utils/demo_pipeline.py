@@ -1,7 +1,7 @@
-"""The end-to-end demo on built-in synthetic data: generate, validate, preprocess, sample, plot.
+"""The end-to-end demo on built-in synthetic data: generate, validate, preprocess, sample, train
+both models, evaluate them in each CT's original grid and write the comparison report.
 
-Each stage calls the package's own functions exactly as a user's script would; later stages
-(training, evaluation) join here as they are built.
+Each stage calls the package's own functions exactly as a user's script would.
 """
 
 from __future__ import annotations
@@ -16,12 +16,15 @@ import numpy as np
 
 from utils.case_validation import DatasetReport, load_case, select_cases, validate_dataset
 from utils.config import DemoConfig, config_as_dict
+from utils.comparison_report import write_comparison_report
+from utils.evaluation_metrics import METRIC_NAMES
 from utils.experiment_config import load_experiment_config
 from utils.intensity_separability import Separability, measure_separability
 from utils.nifti_io import write_bytes_atomic
 from utils.patch_dataset import build_patch_datasets
 from utils.preprocessed_cache import open_cache
 from utils.preprocessing import PreprocessingResult, preprocess_dataset
+from utils.run_evaluation import RunEvaluation, evaluate_run
 from utils.slice_dataset import build_slice_dataset
 from utils.slice_statistics import classify_slices
 from utils.statistics_figures import plot_slice_gallery
@@ -64,6 +67,8 @@ class DemoResult:
     samples_path: Path
     summary_path: Path
     trained: tuple[TrainedModel, ...] = ()
+    evaluations: tuple[RunEvaluation, ...] = ()
+    comparison: dict[str, Path] | None = None
 
 
 def run_demo(config: DemoConfig, show_progress: bool = True) -> DemoResult:
@@ -99,9 +104,14 @@ def run_demo(config: DemoConfig, show_progress: bool = True) -> DemoResult:
     }
     trained = tuple(_train(config, path, reports_dir, show_progress) for path in config.train_configs)
     summary["training"] = {model.name: _training_summary(model) for model in trained}
+    evaluations, comparison = _evaluate_and_compare(config, trained, reports_dir, show_progress)
+    summary["evaluation"] = {e.inference["model"]: {"report": e.report_folder, "summary": e.evaluation.summary}
+                             for e in evaluations}
+    summary["comparison"] = comparison
     summary_path = reports_dir / "dataset_summary.json"
     write_bytes_atomic(summary_path, (json.dumps(summary, indent=2, default=_jsonable) + "\n").encode())
-    return DemoResult(summaries, report, pooled, prepared, split, gallery_path, samples_path, summary_path, trained)
+    return DemoResult(summaries, report, pooled, prepared, split, gallery_path, samples_path, summary_path, trained,
+                      evaluations, comparison)
 
 
 def _train(config: DemoConfig, experiment_path: str, reports_dir: Path, show_progress: bool) -> TrainedModel:
@@ -113,6 +123,19 @@ def _train(config: DemoConfig, experiment_path: str, reports_dir: Path, show_pro
     figure_path = save_figure(plot_training_progress(result.records, title=result.run_folder.name),
                               reports_dir / f"training_progress_{experiment.model.name}.png")
     return TrainedModel(experiment.model.name, result, seconds, figure_path)
+
+
+def _evaluate_and_compare(config: DemoConfig, trained: tuple[TrainedModel, ...], reports_dir: Path,
+                          show_progress: bool) -> tuple[tuple[RunEvaluation, ...], dict[str, Path] | None]:
+    """Evaluate each trained run on its validation cases in the original grid; compare the first two."""
+    evaluations = tuple(evaluate_run(model.result.run_folder, data_dir=config.synthetic.out_dir,
+                                     reports_dir=reports_dir, show_progress=show_progress) for model in trained)
+    if len(evaluations) < 2:
+        return evaluations, None
+    comparison = write_comparison_report(evaluations[0].report_folder, evaluations[1].report_folder,
+                                         reports_dir / "comparison", n_resamples=config.bootstrap_resamples,
+                                         seed=config.seed)
+    return evaluations, comparison
 
 
 def _training_summary(model: TrainedModel) -> dict:
@@ -167,7 +190,27 @@ def format_demo_result(result: DemoResult) -> str:
                      f"{model.result.best_epoch}; curves {model.figure_path}")
     if result.trained:
         lines += format_validation_table(result.trained)
+    if result.evaluations:
+        lines += format_evaluation_table(result.evaluations)
+    if result.comparison is not None:
+        lines.append(f"comparison report: {result.comparison['markdown']} (and {result.comparison['html'].name})")
     return "\n".join(lines)
+
+
+def format_evaluation_table(evaluations: tuple[RunEvaluation, ...]) -> list[str]:
+    """Each evaluated model's mean metrics in the CTs' original grids (missing HD95 counted)."""
+    lines = ["evaluation in each CT's original grid (validation cases; mean, HD95 in mm, missing counted):",
+             f"{'model':<12}" + "".join(f" {name:>20}" for name in METRIC_NAMES)]
+    for evaluation in evaluations:
+        cells = []
+        for name in METRIC_NAMES:
+            stats = evaluation.evaluation.summary[name]
+            text = "-" if stats["mean"] is None else f"{stats['mean']:.3f}"
+            if stats["missing"]:
+                text += f" ({stats['missing']} missing)"
+            cells.append(f" {text:>20}")
+        lines.append(f"{evaluation.inference['model']:<12}" + "".join(cells))
+    return lines
 
 
 def format_validation_table(trained: tuple[TrainedModel, ...]) -> list[str]:
