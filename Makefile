@@ -23,8 +23,10 @@ $(VENV)/.full-installed: requirements_full.txt $(VENV)/.minimal-installed
 demo: $(VENV)/.minimal-installed
 	WANDB_MODE=$${WANDB_MODE:-offline} $(PY) scripts/demo.py --config configs/demo.yaml
 
+# One compute thread per test process: two pytest workers on two cores, no oversubscription
+# (idle OpenMP threads spinning against each other slow small models down many times over).
 test: $(VENV)/.full-installed
-	WANDB_MODE=disabled $(PY) -m pytest $(PYTEST_ARGS)
+	OMP_NUM_THREADS=$${OMP_NUM_THREADS:-1} WANDB_MODE=disabled $(PY) -m pytest $(PYTEST_ARGS)
 
 clean-venv:
 	rm -rf $(VENV)

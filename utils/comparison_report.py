@@ -201,9 +201,8 @@ def write_comparison_report(folder_a: str | os.PathLike, folder_b: str | os.Path
                          f"folder {clashing[0]}); choose e.g. reports/comparison")
     report_a, report_b = (load_evaluation_report(folder) for folder in (folder_a, folder_b))
     comparison = compare_reports(report_a, report_b, n_resamples=n_resamples, seed=seed)
-    labels = [report_a.run_name, report_b.run_name]
-    if labels[0] == labels[1]:
-        labels = [f"{labels[0]} (A)", f"{labels[1]} (B)"]
+    # short axis labels: the run names are in the report's table
+    labels = [f"A: {report_a.model or report_a.run_name}", f"B: {report_b.model or report_b.run_name}"]
     records_a = [comparison["per_case"][c]["a"] for c in comparison["shared_cases"]]
     records_b = [comparison["per_case"][c]["b"] for c in comparison["shared_cases"]]
     out.mkdir(parents=True, exist_ok=True)
