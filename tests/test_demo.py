@@ -47,7 +47,7 @@ def test_demo_script_end_to_end(tmp_path):
     comparison = Path(summary["comparison"]["markdown"])
     assert comparison.parent == tmp_path / "reports" / "comparison" and "resunet3d" in comparison.read_text()
     for figure in ("synthetic_cases.png", "training_samples.png", "training_progress_resunet3d.png",
-                   "training_progress_unetr2d.png", "comparison/boxplots.png"):
+                   "training_progress_unetr2d.png", "training_progress_models.png", "comparison/boxplots.png"):
         assert (tmp_path / "reports" / figure).read_bytes()[:4] == b"\x89PNG"
 
 

@@ -30,7 +30,7 @@ from utils.slice_statistics import classify_slices
 from utils.statistics_figures import plot_slice_gallery
 from utils.synthetic_dataset import CaseSummary, SyntheticOptions, generate_dataset
 from utils.training_engine import TrainingResult, train
-from utils.training_figures import plot_training_progress
+from utils.training_figures import plot_training_progress, plot_training_runs
 from utils.visualisation import plot_case_gallery, save_figure
 
 #: Augmented training samples of each kind drawn for the demo's figure.
@@ -104,6 +104,10 @@ def run_demo(config: DemoConfig, show_progress: bool = True) -> DemoResult:
     }
     trained = tuple(_train(config, path, reports_dir, show_progress) for path in config.train_configs)
     summary["training"] = {model.name: _training_summary(model) for model in trained}
+    if len(trained) > 1:
+        summary["training_curves"] = save_figure(
+            plot_training_runs({model.name: model.result.records for model in trained}, title="quick models"),
+            reports_dir / "training_progress_models.png")
     evaluations, comparison = _evaluate_and_compare(config, trained, reports_dir, show_progress)
     summary["evaluation"] = {e.inference["model"]: {"report": e.report_folder, "summary": e.evaluation.summary}
                              for e in evaluations}

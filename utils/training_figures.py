@@ -32,33 +32,63 @@ def load_training_progress(path: str | os.PathLike) -> list[dict[str, Any]]:
 
 
 def plot_training_progress(records: Sequence[Mapping[str, Any]], title: str = "") -> Figure:
-    """Losses, validation Dice (on the cache grid) and learning rate against epoch.
+    """Losses, validation Dice (on the cache grid), learning rate and epoch time against epoch, one run.
 
     Args:
-        records: per-epoch dicts with ``epoch``, ``train_loss``, ``learning_rate`` and, on
-            validated epochs, ``val_loss``, ``kidney_dice``, ``tumour_dice``.
+        records: per-epoch dicts with ``epoch``, ``train_loss``, ``learning_rate``,
+            ``epoch_seconds`` and, on validated epochs, ``val_loss``, ``kidney_dice``, ``tumour_dice``.
         title: figure title (e.g. the run name).
     """
-    if not records:
-        raise ValueError("records must hold at least one epoch")
-    figure = Figure(figsize=(13, 3.6), layout="constrained")
-    loss_ax, dice_ax, lr_ax = figure.subplots(1, 3)
-    epochs = [r["epoch"] for r in records]
-    loss_ax.plot(epochs, [r.get("train_loss") for r in records], label="train loss", color="0.3")
-    validated = [r for r in records if r.get("kidney_dice") is not None]
-    if validated:
-        val_epochs = [r["epoch"] for r in validated]
-        loss_ax.plot(val_epochs, [r.get("val_loss") for r in validated], "o-", label="validation loss", color="0.6")
-        dice_ax.plot(val_epochs, [r["kidney_dice"] for r in validated], "o-", label="kidney (label > 0)",
-                     color=LABEL_COLOURS[KIDNEY_LABEL])
-        dice_ax.plot(val_epochs, [r["tumour_dice"] for r in validated], "o-", label="tumour (label 2)",
-                     color=LABEL_COLOURS[TUMOUR_LABEL])
+    return plot_training_runs({"": records}, title=title)
+
+
+#: Line styles of overlaid runs, in order (colours stay those of the metric).
+RUN_LINE_STYLES = ("-", "--", ":", "-.")
+
+
+def plot_training_runs(runs: Mapping[str, Sequence[Mapping[str, Any]]], title: str = "") -> Figure:
+    """The panels of :func:`plot_training_progress` with several runs overlaid (one line style per run).
+
+    Args:
+        runs: run name -> per-epoch records (at most 4 runs; e.g. a resunet3d and a unetr2d run).
+        title: figure title.
+
+    Raises:
+        ValueError: no run, a run without records, or more runs than line styles.
+    """
+    if not runs or any(not records for records in runs.values()):
+        raise ValueError("runs must map each run name to at least one epoch record")
+    if len(runs) > len(RUN_LINE_STYLES):
+        raise ValueError(f"at most {len(RUN_LINE_STYLES)} runs can be overlaid, got {len(runs)}")
+    figure = Figure(figsize=(16, 3.8), layout="constrained")
+    loss_ax, dice_ax, lr_ax, time_ax = figure.subplots(1, 4)
+    for (name, records), style in zip(runs.items(), RUN_LINE_STYLES):
+        _plot_run(records, f"{name}: " if name else "", style, (loss_ax, dice_ax, lr_ax, time_ax))
     loss_ax.set(xlabel="epoch", ylabel="loss", title="loss")
-    loss_ax.legend(frameon=False)
     dice_ax.set(xlabel="epoch", ylabel="Dice", ylim=(0, 1), title="validation Dice per case (cache grid)")
-    dice_ax.legend(frameon=False, loc="lower right")
-    lr_ax.plot(epochs, [r.get("learning_rate") for r in records], color="0.3")
     lr_ax.set(xlabel="epoch", ylabel="learning rate", yscale="log", title="learning rate (end of epoch)")
+    time_ax.set(xlabel="epoch", ylabel="seconds", title="epoch time (training)")
+    for ax in (loss_ax, dice_ax, lr_ax, time_ax):
+        if ax.get_legend_handles_labels()[0]:
+            ax.legend(frameon=False, fontsize="small")
     if title:
         figure.suptitle(title)
     return figure
+
+
+def _plot_run(records: Sequence[Mapping[str, Any]], prefix: str, style: str, axes: Sequence[Any]) -> None:
+    """Draw one run's lines into the four panels."""
+    loss_ax, dice_ax, lr_ax, time_ax = axes
+    epochs = [r["epoch"] for r in records]
+    loss_ax.plot(epochs, [r.get("train_loss") for r in records], style, label=f"{prefix}train loss", color="0.3")
+    validated = [r for r in records if r.get("kidney_dice") is not None]
+    if validated:
+        val_epochs = [r["epoch"] for r in validated]
+        loss_ax.plot(val_epochs, [r.get("val_loss") for r in validated], style, marker="o",
+                     label=f"{prefix}validation loss", color="0.6")
+        dice_ax.plot(val_epochs, [r["kidney_dice"] for r in validated], style, marker="o",
+                     label=f"{prefix}kidney (label > 0)", color=LABEL_COLOURS[KIDNEY_LABEL])
+        dice_ax.plot(val_epochs, [r["tumour_dice"] for r in validated], style, marker="o",
+                     label=f"{prefix}tumour (label 2)", color=LABEL_COLOURS[TUMOUR_LABEL])
+    lr_ax.plot(epochs, [r.get("learning_rate") for r in records], style, color="0.3", label=prefix.rstrip(": "))
+    time_ax.plot(epochs, [r.get("epoch_seconds") for r in records], style, color="0.3", label=prefix.rstrip(": "))
