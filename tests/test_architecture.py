@@ -28,7 +28,7 @@ STAGES: list[set[str]] = [
     {"training_engine", "evaluation", "ct_inference"},
     {"hyperparameter_search"},
     {"visualisation"},
-    {"statistics_figures", "training_figures", "evaluation_figures", "comparison_figures"},
+    {"statistics_figures", "training_figures", "evaluation_figures", "comparison_figures", "slice_figures"},
     {"run_evaluation"},
     {"model_comparison"},
     {"comparison_report"},
