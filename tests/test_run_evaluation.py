@@ -51,6 +51,9 @@ def test_a_run_is_scored_on_its_validation_cases_in_the_original_grid(trained_ru
     assert [c["case_id"] for c in inference["cases"]] == sorted(validation_ids)
     assert all(c["seconds"] > 0 for c in inference["cases"])
     assert (result.report_folder / "case_scores.png").read_bytes()[:4] == b"\x89PNG"
+    for case_id in validation_ids:
+        for kind in ("overlay", "errors"):
+            assert (result.report_folder / "figures" / f"{case_id}_{kind}.png").read_bytes()[:4] == b"\x89PNG"
 
 
 def test_all_cases_can_be_evaluated(trained_runs, tmp_path):

@@ -9,7 +9,10 @@ notebooks call. It writes into ``reports/<run-name>/``:
 * ``metrics.json`` / ``metrics.csv``: :func:`utils.evaluation.evaluate_predictions` on those files;
 * ``inference.json``: run name, model, parameter count, device, checkpoint and the wall time of
   each case from reading its CT to writing its prediction;
-* ``case_scores.png``: per-case Dice and HD95.
+* ``case_scores.png``: per-case Dice and HD95;
+* ``figures/<case>_overlay.png`` and ``figures/<case>_errors.png``: for every case, the CT with
+  truth and prediction side by side and the per-class error map (true positives, false
+  positives, false negatives), axial slice through the tumour's centre, at the physical aspect.
 
 The validation cases are the run's own: the split of its training cache's cases made with its
 ``split`` settings (the split depends only on those case ids and ``split.seed``), fold
@@ -24,17 +27,20 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
+import numpy as np
 import torch
 from tqdm.auto import tqdm
 
-from utils.case_discovery import discover_cases, resolve_data_dir
+from utils.case_discovery import CaseFiles, discover_cases, resolve_data_dir
+from utils.case_validation import load_case
 from utils.ct_inference import SegmentationModel, load_segmentation_model, segment_file
 from utils.data_splits import make_splits
 from utils.evaluation import EvaluationResult, check_output_dir, evaluate_predictions
 from utils.evaluation_figures import plot_case_scores
 from utils.experiment_config import load_experiment_config
 from utils.models import count_parameters
-from utils.nifti_io import save_json_atomic
+from utils.nifti_io import load_nifti, read_voxels, save_json_atomic
+from utils.slice_figures import plot_error_map, plot_overlay
 from utils.visualisation import save_figure
 
 logger = logging.getLogger(__name__)
@@ -42,6 +48,7 @@ logger = logging.getLogger(__name__)
 INFERENCE_JSON = "inference.json"
 PREDICTIONS = "predictions"
 CASE_SELECTIONS = ("validation", "all")
+FIGURES = "figures"
 #: The evaluation script of each model, named when a run goes to the wrong one.
 EVALUATION_SCRIPTS = {"resunet3d": "scripts/eval_unet.py", "unetr2d": "scripts/eval_unetr.py"}
 
@@ -126,8 +133,26 @@ def evaluate_run(run: str | os.PathLike, *, data_dir: str | os.PathLike | None =
                                       show_progress=False)
     figure_path = save_figure(plot_case_scores(evaluation.cases, title=f"{segmenter.run_name}: {cases} cases, "
                                                "original grid"), report / "case_scores.png")
+    for case in evaluation.cases:
+        save_case_figures(by_id[case["case_id"]], predictions / f"{case['case_id']}.nii.gz", report / FIGURES)
     logger.info("evaluated %d case(s) of %s into %s", len(evaluation.cases), segmenter.run_name, report)
     return RunEvaluation(report, evaluation, inference, figure_path)
+
+
+def save_case_figures(case: CaseFiles, prediction_path: Path, folder: Path) -> tuple[Path, Path]:
+    """Save ``<case>_overlay.png`` (truth and prediction over the CT) and ``<case>_errors.png`` into ``folder``.
+
+    The axial slice through the true tumour's centre (else the kidneys', else the middle) is shown.
+    """
+    loaded = load_case(case)
+    prediction = read_voxels(load_nifti(prediction_path), np.uint8)
+    overlay = plot_overlay(loaded.image, loaded.segmentation, prediction, spacing=loaded.spacing,
+                           path=folder / f"{case.case_id}_overlay.png")
+    errors = plot_error_map(loaded.image, loaded.segmentation, prediction, loaded.spacing,
+                            path=folder / f"{case.case_id}_errors.png")
+    for figure in (overlay, errors):
+        figure.clear()
+    return folder / f"{case.case_id}_overlay.png", folder / f"{case.case_id}_errors.png"
 
 
 def find_latest_run(checkpoints_dir: str | os.PathLike, model_name: str) -> Path | None:
