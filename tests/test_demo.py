@@ -44,6 +44,10 @@ def test_demo_script_end_to_end(tmp_path):
         metrics = json.loads((report / "metrics.json").read_text())
         assert [case["case_id"] for case in metrics["cases"]] == validation_ids
         assert (report / "predictions" / f"{validation_ids[0]}.nii.gz").is_file()
+    assert "case figures:" in run.stdout and len(summary["visuals"]) == 3
+    for visual in summary["visuals"]:
+        assert Path(visual).is_relative_to(tmp_path / "reports") and Path(visual).stat().st_size > 1000
+    assert Path(summary["visuals"][2]).read_bytes()[:3] == b"GIF"
     comparison = Path(summary["comparison"]["markdown"])
     assert comparison.parent == tmp_path / "reports" / "comparison" and "resunet3d" in comparison.read_text()
     for figure in ("synthetic_cases.png", "training_samples.png", "training_progress_resunet3d.png",

@@ -14,19 +14,23 @@ from pathlib import Path
 
 import numpy as np
 
+from utils.case_discovery import discover_cases
 from utils.case_validation import DatasetReport, load_case, select_cases, validate_dataset
 from utils.config import DemoConfig, config_as_dict
 from utils.comparison_report import write_comparison_report
 from utils.evaluation_metrics import METRIC_NAMES
 from utils.experiment_config import load_experiment_config
 from utils.intensity_separability import Separability, measure_separability
-from utils.nifti_io import write_bytes_atomic
+from utils.mesh_figures import plot_meshes
+from utils.nifti_io import load_nifti, read_voxels, write_bytes_atomic
 from utils.patch_dataset import build_patch_datasets
 from utils.preprocessed_cache import open_cache
 from utils.preprocessing import PreprocessingResult, preprocess_dataset
 from utils.run_evaluation import RunEvaluation, evaluate_run
+from utils.slice_animation import save_slice_animation
 from utils.slice_dataset import build_slice_dataset
 from utils.slice_statistics import classify_slices
+from utils.slice_viewer import plot_slice_viewer
 from utils.statistics_figures import plot_slice_gallery
 from utils.synthetic_dataset import CaseSummary, SyntheticOptions, generate_dataset
 from utils.training_engine import TrainingResult, train
@@ -69,6 +73,7 @@ class DemoResult:
     trained: tuple[TrainedModel, ...] = ()
     evaluations: tuple[RunEvaluation, ...] = ()
     comparison: dict[str, Path] | None = None
+    visuals: tuple[Path, ...] = ()
 
 
 def run_demo(config: DemoConfig, show_progress: bool = True) -> DemoResult:
@@ -112,10 +117,12 @@ def run_demo(config: DemoConfig, show_progress: bool = True) -> DemoResult:
     summary["evaluation"] = {e.inference["model"]: {"report": e.report_folder, "summary": e.evaluation.summary}
                              for e in evaluations}
     summary["comparison"] = comparison
+    visuals = _save_case_visuals(config, evaluations[0], reports_dir) if evaluations else ()
+    summary["visuals"] = visuals
     summary_path = reports_dir / "dataset_summary.json"
     write_bytes_atomic(summary_path, (json.dumps(summary, indent=2, default=_jsonable) + "\n").encode())
     return DemoResult(summaries, report, pooled, prepared, split, gallery_path, samples_path, summary_path, trained,
-                      evaluations, comparison)
+                      evaluations, comparison, visuals)
 
 
 def _train(config: DemoConfig, experiment_path: str, reports_dir: Path, show_progress: bool) -> TrainedModel:
@@ -140,6 +147,21 @@ def _evaluate_and_compare(config: DemoConfig, trained: tuple[TrainedModel, ...],
                                          reports_dir / "comparison", n_resamples=config.bootstrap_resamples,
                                          seed=config.seed)
     return evaluations, comparison
+
+
+def _save_case_visuals(config: DemoConfig, evaluation: RunEvaluation, reports_dir: Path) -> tuple[Path, ...]:
+    """For the first evaluated case: 3D meshes (HTML), a slice viewer (HTML) and a sagittal sweep (GIF)."""
+    case_id = evaluation.evaluation.cases[0]["case_id"]
+    case = load_case(next(c for c in discover_cases(config.synthetic.out_dir).cases if c.case_id == case_id))
+    prediction = read_voxels(load_nifti(evaluation.report_folder / "predictions" / f"{case_id}.nii.gz"), np.uint8)
+    name = f"{case_id}_{evaluation.inference['model']}"
+    plot_meshes(case.segmentation, prediction, case.spacing, path=reports_dir / f"3d_{name}.html",
+                title=f"{case_id}: ground truth | {evaluation.inference['model']}")
+    plot_slice_viewer(case.image, case.segmentation, case.spacing, prediction=prediction,
+                      path=reports_dir / f"viewer_{name}.html")
+    animation = save_slice_animation(case.image, case.segmentation, case.spacing,
+                                     reports_dir / f"sagittal_{name}.gif", prediction=prediction)
+    return reports_dir / f"3d_{name}.html", reports_dir / f"viewer_{name}.html", animation
 
 
 def _training_summary(model: TrainedModel) -> dict:
@@ -198,6 +220,9 @@ def format_demo_result(result: DemoResult) -> str:
         lines += format_evaluation_table(result.evaluations)
     if result.comparison is not None:
         lines.append(f"comparison report: {result.comparison['markdown']} (and {result.comparison['html'].name})")
+    if result.visuals:
+        lines.append(f"case figures: {', '.join(str(p) for p in result.visuals)}; overlays and error maps in "
+                     f"{result.evaluations[0].report_folder / 'figures'}")
     return "\n".join(lines)
 
 
