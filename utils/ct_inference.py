@@ -72,8 +72,7 @@ class SegmentationModel:
     @property
     def background_value(self) -> float:
         """Normalised value of air (the lower clip bound after z-scoring), used for padding."""
-        norm = self.normalisation
-        return float((norm.clip_low_hu - norm.mean_hu) / norm.std_hu)
+        return self.normalisation.background_value
 
 
 def find_checkpoint(path: str | os.PathLike) -> Path:

@@ -34,9 +34,6 @@ from utils.run_folder import CONFIG_FILE
 
 logger = logging.getLogger(__name__)
 
-INFERENCE_JSON_NAME = INFERENCE_JSON
-#: The evaluation script that writes the report folder of a run, by model key.
-EVAL_SCRIPTS = EVALUATION_SCRIPTS
 #: Fewest non-zero paired differences for which a Wilcoxon p-value is reported.
 MIN_WILCOXON_PAIRS = 6
 #: Confidence level of the bootstrap interval of the mean difference.
@@ -92,7 +89,7 @@ def resolve_report_folder(run_or_report: str | os.PathLike, reports_dir: str | o
 
     Raises:
         FileNotFoundError: the folder does not exist, or the run's report does not; the message
-            names the evaluation script to run (:data:`EVAL_SCRIPTS`, by the config's ``model: name:``).
+            names the evaluation script to run (:data:`EVALUATION_SCRIPTS`, by the config's ``model: name:``).
     """
     folder = Path(run_or_report)
     if not folder.is_dir():
@@ -107,7 +104,7 @@ def resolve_report_folder(run_or_report: str | os.PathLike, reports_dir: str | o
     if (report / METRICS_JSON_NAME).is_file():
         return report
     model = _read_run_model(folder)
-    script = EVAL_SCRIPTS.get(model or "", " or ".join(EVAL_SCRIPTS.values()))
+    script = EVALUATION_SCRIPTS.get(model or "", " or ".join(EVALUATION_SCRIPTS.values()))
     raise FileNotFoundError(f"no evaluation report {report / METRICS_JSON_NAME} for run {folder} (model {model!r}); "
                             f"evaluate the run first with {script}")
 
@@ -142,7 +139,7 @@ def load_evaluation_report(folder: str | os.PathLike) -> EvaluationReport:
         raise FileNotFoundError(f"{metrics_path} does not exist; evaluate the run first")
     metrics = _read_json(metrics_path)
     cases = _read_cases(metrics_path, metrics)
-    inference_path = folder / INFERENCE_JSON_NAME
+    inference_path = folder / INFERENCE_JSON
     inference: dict[str, Any] = {}
     if inference_path.is_file():
         inference = _read_json(inference_path)
@@ -263,7 +260,7 @@ def compare_reports(report_a: EvaluationReport, report_b: EvaluationReport, n_re
                 for side, name, ids in (("A", report_a.run_name, only_a), ("B", report_b.run_name, only_b)) if ids]
     for report, side in ((report_a, "A"), (report_b, "B")):
         if not report.seconds:
-            warnings.append(f"no {INFERENCE_JSON_NAME} in {report.folder} ({side}): "
+            warnings.append(f"no {INFERENCE_JSON} in {report.folder} ({side}): "
                             "no inference time or parameter count")
     tolerances = {r.settings.get("tolerance_mm") for r in (report_a, report_b)}
     if len(tolerances) > 1:

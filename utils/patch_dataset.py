@@ -20,14 +20,14 @@ from torch.utils.data import Dataset, Sampler
 from utils.augmentation import SampleAugmenter
 from utils.config import AugmentationConfig, PatchDatasetConfig
 from utils.preprocessed_cache import CachedCase, PreprocessedCache
+from utils.preprocessing import Normalisation
 
 CENTRE_CLASSES = ("tumour", "kidney", "anywhere")
 
 
 def background_value(cache: PreprocessedCache) -> float:
     """The normalised value of air/background: the lower clip bound after z-scoring (used for padding)."""
-    norm = cache.plan["normalisation"]
-    return float((norm["clip_low_hu"] - norm["mean_hu"]) / norm["std_hu"])
+    return Normalisation(**cache.plan["normalisation"]).background_value
 
 
 def read_region(volume: np.ndarray, centre: Sequence[int], size: Sequence[int], pad_value: float,

@@ -69,6 +69,11 @@ class Normalisation:
         """The normalisation nnU-Net uses for CT: foreground percentiles, mean and std."""
         return cls(*fingerprint.clip_hu, fingerprint.foreground_mean_hu, max(fingerprint.foreground_std_hu, 1e-3))
 
+    @property
+    def background_value(self) -> float:
+        """The normalised value of air: the lower clip bound after z-scoring (used for padding)."""
+        return float((self.clip_low_hu - self.mean_hu) / self.std_hu)
+
     def apply(self, image: np.ndarray) -> np.ndarray:
         """Clip and z-score a float32 image in HU, in place; returns it."""
         np.clip(image, self.clip_low_hu, self.clip_high_hu, out=image)

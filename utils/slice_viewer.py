@@ -23,16 +23,13 @@ from plotly.subplots import make_subplots
 
 from utils.kits_layout import KIDNEY_LABEL, TUMOUR_LABEL
 from utils.nifti_io import write_bytes_atomic
-from utils.visualisation import DISPLAY_WINDOW_HU, LABEL_COLOURS
+from utils.slice_figures import blend_masks, window_to_rgb
+from utils.visualisation import LABEL_COLOURS
 
 #: Planes: array axis swept by the slider, and the ``(row, column)`` spacing axes of a frame.
 PLANES = {"axial": (0, (1, 2)), "coronal": (1, (0, 2)), "sagittal": (2, (0, 1))}
 #: Opacity of the label colours over the CT.
 OVERLAY_ALPHA = 0.45
-
-
-def _hex_to_rgb(colour: str) -> np.ndarray:
-    return np.array([int(colour[i:i + 2], 16) for i in (1, 3, 5)], dtype=np.float32)
 
 
 def validate_volumes(image: np.ndarray, labels: np.ndarray, spacing: Sequence[float],
@@ -64,13 +61,10 @@ def compose_slice_rgb(image_slice: np.ndarray, label_slice: np.ndarray,
         ``(H, W, 3)`` uint8 RGB; ``DISPLAY_WINDOW_HU`` maps to 0..255, a labelled pixel is
         ``(1 - alpha) * grey + alpha * LABEL_COLOURS[label]``.
     """
-    low, high = DISPLAY_WINDOW_HU
-    grey = (np.clip((np.asarray(image_slice, dtype=np.float32) - low) / (high - low), 0.0, 1.0) * 255.0)
-    rgb = np.repeat(grey[..., None], 3, axis=-1)
-    for label in (KIDNEY_LABEL, TUMOUR_LABEL):
-        mask = np.asarray(label_slice) == label
-        rgb[mask] = (1.0 - alpha) * rgb[mask] + alpha * _hex_to_rgb(LABEL_COLOURS[label])
-    return np.rint(rgb).astype(np.uint8)
+    labels = np.asarray(label_slice)
+    rgb = blend_masks(window_to_rgb(image_slice), [(labels == label, LABEL_COLOURS[label])
+                                                  for label in (KIDNEY_LABEL, TUMOUR_LABEL)], alpha)
+    return np.rint(rgb * 255.0).astype(np.uint8)
 
 
 def display_shape(shape: tuple[int, int], pixel_mm: tuple[float, float], max_size: int) -> tuple[tuple[int, int], float]:
