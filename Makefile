@@ -6,7 +6,7 @@ VENV ?= .venv
 PY := $(VENV)/bin/python
 PYTEST_ARGS ?= -n 2
 
-.PHONY: demo test lab clean-venv
+.PHONY: demo test kernel lab clean-venv
 
 $(PY):
 	$(PYTHON) -m venv $(VENV)
@@ -27,6 +27,13 @@ demo: $(VENV)/.minimal-installed
 # (idle OpenMP threads spinning against each other slow small models down many times over).
 test: $(VENV)/.full-installed
 	OMP_NUM_THREADS=$${OMP_NUM_THREADS:-1} WANDB_MODE=disabled $(PY) -m pytest $(PYTEST_ARGS)
+
+# The project's Jupyter kernel, registered inside the virtual environment (no files in ~/.local).
+kernel: $(VENV)/.full-installed
+	$(PY) -m ipykernel install --sys-prefix --name kits19-segmentation --display-name "Python (kits19-segmentation)"
+
+lab: kernel
+	$(VENV)/bin/jupyter lab --notebook-dir=notebooks
 
 clean-venv:
 	rm -rf $(VENV)

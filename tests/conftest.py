@@ -78,3 +78,9 @@ def _make_cached_case(folder: Path, case_id: str, labels: np.ndarray, spacing=(2
 def make_cached_case():
     """A function ``(folder, case_id, labels, spacing=(2, 1, 1)) -> CachedCase`` writing a hand-made case."""
     return _make_cached_case
+
+
+@pytest.fixture(scope="session")
+def tiny_data(tiny_cache) -> Path:
+    """The raw synthetic folder behind the shared tiny cache (four 64 x 64 cases)."""
+    return Path(tiny_cache.plan["source_data"])

@@ -10,7 +10,7 @@ UTILS = Path(__file__).resolve().parents[1] / "utils"
 #: Stages in data-flow order; a module may import utils modules of earlier stages only.
 #: The synthetic generator is a data source: it writes raw NIfTI and knows nothing of loaders.
 STAGES: list[set[str]] = [
-    {"kits_layout", "config", "parallel", "synthetic_shapes"},
+    {"kits_layout", "config", "parallel", "synthetic_shapes", "stop_signals"},
     {"nifti_io", "synthetic_anatomy", "slice_statistics", "experiment_config"},
     {"case_discovery", "nifti_checks", "synthetic_tissues"},
     {"case_validation", "synthetic_ct", "dataset_statistics"},
@@ -23,7 +23,7 @@ STAGES: list[set[str]] = [
     {"slice_dataset"},
     {"models", "losses", "optimisation", "segmentation_metrics", "sliding_window", "slice_inference", "checkpoints",
      "run_folder", "experiment_tracking", "search_space",
-     "postprocessing"},
+     "postprocessing", "performance"},
     {"training_setup", "inference", "evaluation_metrics"},
     {"training_engine", "evaluation", "ct_inference"},
     {"hyperparameter_search"},
@@ -33,8 +33,10 @@ STAGES: list[set[str]] = [
     {"slice_viewer"},
     {"run_evaluation", "slice_animation"},
     {"model_comparison"},
-    {"comparison_report"},
+    {"comparison_report", "demo_results"},
     {"demo_pipeline", "data_loading_benchmark", "training_command", "evaluation_command"},
+    {"speed_benchmark"},
+    {"benchmark_run"},
 ]
 
 

@@ -5,6 +5,8 @@ import subprocess
 import sys
 from pathlib import Path
 
+from utils.demo_results import read_readme_results, render_demo_results
+
 REPO = Path(__file__).resolve().parents[1]
 
 
@@ -15,7 +17,9 @@ def test_demo_script_end_to_end(tmp_path):
                "--set", f"preprocessing.cache_dir={tmp_path / 'cache'}", "--set", "preprocessing.target_spacing=[4,4,4]",
                "--set", "patches.patch_size=[8,16,16]", "--set", "slices.image_size=32", "--set", "bootstrap_resamples=200",
                "--set", f"train_overrides=[training.epochs=1, preprocessing.cache_dir={tmp_path / 'cache'}, "
-                        f"training.output_dir={tmp_path / 'runs'}, patches.samples_per_epoch=8, slices.samples_per_epoch=8]"]
+                        f"training.output_dir={tmp_path / 'runs'}, patches.samples_per_epoch=8, slices.samples_per_epoch=8]",
+               "--set", f"readme={tmp_path / 'README.md'}"]
+    (tmp_path / "README.md").write_text((REPO / "README.md").read_text(encoding="utf-8"), encoding="utf-8")
     run = subprocess.run(command, capture_output=True, text=True, cwd=REPO, timeout=300)
     assert run.returncode == 0, run.stderr
     assert "case_00001" in run.stdout and "validation (full): ok: 2" in run.stdout
@@ -44,6 +48,10 @@ def test_demo_script_end_to_end(tmp_path):
         metrics = json.loads((report / "metrics.json").read_text())
         assert [case["case_id"] for case in metrics["cases"]] == validation_ids
         assert (report / "predictions" / f"{validation_ids[0]}.nii.gz").is_file()
+    results, table = read_readme_results((tmp_path / "README.md").read_text(encoding="utf-8"))
+    assert results["cases"] == 2 and [m["model"] for m in results["models"]] == ["resunet3d", "unetr2d"]
+    assert results["models"][0]["kidney_dice"] == summary["evaluation"]["resunet3d"]["summary"]["kidney_dice"]["mean"]
+    assert table == render_demo_results(results) and results["seconds"] == round(summary["seconds"], 1)
     assert "case figures:" in run.stdout and len(summary["visuals"]) == 3
     for visual in summary["visuals"]:
         assert Path(visual).is_relative_to(tmp_path / "reports") and Path(visual).stat().st_size > 1000

@@ -10,7 +10,9 @@ import torch
 from torch.utils.data import DataLoader
 
 from utils.config import AugmentationConfig, PatchDatasetConfig
-from utils.patch_dataset import EpochSampler, PatchDataset, VolumeDataset, build_patch_datasets, read_region
+from utils.patch_dataset import (
+    EpochSampler, PatchDataset, VolumeDataset, augment_batch, build_patch_datasets, collate_samples, read_region,
+)
 
 
 def test_read_region_inside_partly_outside_and_outside():
@@ -114,3 +116,39 @@ def test_epoch_sampler_shards_disjointly_and_evenly():
     assert len(set(flat)) == 9 and all(20 <= i < 30 for i in flat)
     with pytest.raises(ValueError, match="rank"):
         EpochSampler(10, rank=3, world_size=3)
+
+
+def test_epoch_sampler_skip_continues_a_stopped_epoch_on_every_rank():
+    whole = [list(EpochSampler(12, epoch=1, rank=rank, world_size=2)) for rank in range(2)]
+    for rank in range(2):
+        sampler = EpochSampler(12, rank=rank, world_size=2)
+        sampler.set_epoch(1, skip=4)
+        assert list(sampler) == whole[rank][4:] and len(sampler) == 6
+        sampler.set_epoch(1)
+        assert list(sampler) == whole[rank]
+    with pytest.raises(ValueError, match="skip"):
+        EpochSampler(12, world_size=2).set_epoch(0, skip=7)
+
+
+@pytest.mark.parametrize("workers", [0, 1])
+def test_deferred_augmentation_gives_the_same_batches_as_augmenting_in_the_workers(tiny_cache, workers):
+    config = PatchDatasetConfig(patch_size=(8, 16, 16), samples_per_epoch=8)
+    augmentation = AugmentationConfig(affine_prob=0.7, elastic_prob=0.4, noise_prob=0.5, rotate_degrees=(15, 10, 10))
+    dataset = PatchDataset(tiny_cache.cases(), config, augmentation, seed=3, pad_value=-1)
+    deferred = PatchDataset(tiny_cache.cases(), config, augmentation, seed=3, pad_value=-1)
+    deferred.defer_augmentation = True
+    item = deferred[1]
+    assert {"draw", "rng"} <= set(item) and item["image"].shape[1:] == item["draw"].region_size
+    plain = DataLoader(dataset, batch_size=4, sampler=EpochSampler(8, epoch=2), collate_fn=collate_samples)
+    later = DataLoader(deferred, batch_size=4, sampler=EpochSampler(8, epoch=2), collate_fn=collate_samples,
+                       num_workers=workers)
+    resampled = 0
+    for expected, batch in zip(plain, later):
+        assert isinstance(batch["image"], list) and batch["case_id"] == expected["case_id"]
+        resampled += sum(draw.matrix is not None for draw in batch["draw"])
+        image, label = augment_batch(batch, deferred.augmenter, "cpu")
+        assert type(image) is torch.Tensor and image.shape == (4, 1, 8, 16, 16) and label.dtype == torch.uint8
+        assert torch.equal(image, expected["image"]) and torch.equal(label, expected["label"])
+    assert resampled > 0, "no sample exercised the spatial transform"
+    same_image, same_label = augment_batch(next(iter(plain)), dataset.augmenter, "cpu")  # not deferred: moved only
+    assert same_image.shape == (4, 1, 8, 16, 16) and same_label.shape == (4, 1, 8, 16, 16)

@@ -90,3 +90,17 @@ def test_write_slice_dataset_writes_every_slice_outside_the_data(tiny_cache, tmp
     assert {row["split"] for row in rows} == {"train", "val"}
     with pytest.raises(ValueError, match="refusing"):
         write_slice_dataset(tiny_cache, tiny_cache.folder / "slices", SliceDatasetConfig(image_size=24))
+
+
+def test_deferred_slice_augmentation_equals_augmenting_in_the_dataset(tiny_cache):
+    from utils.patch_dataset import augment_batch, collate_samples
+    config = SliceDatasetConfig(image_size=32, samples_per_epoch=6)
+    augmentation = AugmentationConfig(affine_prob=1.0, elastic_prob=0.5, noise_prob=1.0)
+    dataset = build_slice_dataset(tiny_cache, config, augmentation, seed=4)
+    deferred = build_slice_dataset(tiny_cache, config, augmentation, seed=4)
+    deferred.defer_augmentation = True
+    batch = collate_samples([deferred[i] for i in range(6)])
+    image, label = augment_batch(batch, deferred.augmenter, "cpu")
+    expected = collate_samples([dataset[i] for i in range(6)])
+    assert torch.equal(image, expected["image"]) and torch.equal(label, expected["label"])
+    assert batch["slice_index"].tolist() == expected["slice_index"].tolist()

@@ -53,12 +53,6 @@ def tiny_config(tmp_path: Path, **sections) -> ExperimentConfig:
     return build_config(ExperimentConfig, mapping)
 
 
-@pytest.fixture(scope="session")
-def tiny_data(tiny_cache) -> Path:
-    """The raw synthetic folder behind the shared tiny cache (four 64 x 64 cases)."""
-    return Path(tiny_cache.plan["source_data"])
-
-
 def write_config(tmp_path: Path, config: ExperimentConfig) -> Path:
     import yaml
     path = tmp_path / "config.yaml"

@@ -39,7 +39,9 @@ class SpatialDraw:
         patch_size: output size. region_size: size of the region to read, centred like the patch.
         matrix: ``(D, D)`` map from output voxel offsets (from the patch centre) to input voxel
             offsets, ``None`` when only flips fire (then ``region_size == patch_size``).
-        displacement: ``(D, *patch_size)`` float32 input-voxel offsets of the elastic field, or ``None``.
+        displacement: ``(D, *control_points)`` float32 input-voxel offsets of the elastic field at
+            its coarse control points (interpolated to ``patch_size`` when applied, on the
+            image's device; see :meth:`displacement_field`), or ``None``.
         flips: spatial axes mirrored.
         shift: ``(D,)`` input-voxel translation that makes a mirrored even-sized axis map
             ``i -> size - 1 - i``, exactly like a flip of the patch.
@@ -51,6 +53,14 @@ class SpatialDraw:
     displacement: torch.Tensor | None
     flips: tuple[int, ...]
     shift: np.ndarray | None = None
+
+    def displacement_field(self, device: torch.device | str = "cpu") -> torch.Tensor | None:
+        """The elastic field ``(D, *patch_size)`` in input voxels on ``device`` (``None`` without one)."""
+        if self.displacement is None:
+            return None
+        mode = "trilinear" if len(self.patch_size) == 3 else "bilinear"
+        return F.interpolate(self.displacement.to(device)[None], size=self.patch_size, mode=mode,
+                             align_corners=True)[0]
 
 
 class SampleAugmenter:
@@ -99,7 +109,7 @@ class SampleAugmenter:
             shift -= matrix[:, axis] * (1 - patch_size[axis] % 2)
             matrix[:, axis] *= -1
         half = np.abs(matrix) @ (np.asarray(patch_size, dtype=float) / 2) + np.abs(shift)
-        if displacement is not None:
+        if displacement is not None:  # the interpolated field never exceeds its control points
             half += displacement.abs().amax(dim=tuple(range(1, dims + 1))).numpy()
         region = tuple(int(2 * math.ceil(h) + 4) for h in half)
         return SpatialDraw(tuple(patch_size), region, matrix, displacement, flips, shift)
@@ -114,6 +124,10 @@ class SampleAugmenter:
             label: same shape (any numeric dtype).
             draw: from :meth:`draw_spatial`. rng: the sample's generator (intensity draws).
 
+        ``image`` and ``label`` may be on any device (the loader workers' CPU, or the GPU with
+        ``performance.augment_on_device``); the work and the result stay there. The same draws
+        give the same sample on either, up to floating-point rounding.
+
         Returns:
             ``(1, *draw.patch_size)`` float32 image and uint8 label.
         """
@@ -124,7 +138,7 @@ class SampleAugmenter:
         elif _is_slice_separable(draw):
             image, label = _resample_slice_wise(image, label, draw)
         else:
-            grid = sampling_grid(draw)
+            grid = sampling_grid(draw, image.device)
             image = F.grid_sample(image[None].float(), grid, mode="bilinear", padding_mode="border",
                                   align_corners=False)[0]
             label = F.grid_sample(label[None].float(), grid, mode="nearest", padding_mode="border",
@@ -134,17 +148,17 @@ class SampleAugmenter:
     def _intensity(self, image: torch.Tensor, rng: np.random.Generator) -> torch.Tensor:
         config = self.config
         if rng.random() < config.noise_prob:
-            generator = torch.Generator().manual_seed(int(rng.integers(2 ** 63)))
-            image = image + config.noise_std * torch.randn(image.shape, generator=generator)
+            generator = torch.Generator(image.device).manual_seed(int(rng.integers(2 ** 63)))
+            image = image + config.noise_std * torch.randn(image.shape, generator=generator, device=image.device)
         for transform, prob in ((self._scale, config.intensity_scale_prob), (self._shift, config.intensity_shift_prob),
                                 (self._gamma, config.gamma_prob)):
             if rng.random() < prob:
                 transform.set_random_state(seed=int(rng.integers(2 ** 31)))
                 image = transform(image)
-        return torch.as_tensor(image, dtype=torch.float32)
+        return torch.as_tensor(image, dtype=torch.float32).as_subclass(torch.Tensor)  # plain tensor, not MONAI's MetaTensor
 
 
-def sampling_grid(draw: SpatialDraw) -> torch.Tensor:
+def sampling_grid(draw: SpatialDraw, device: torch.device | str = "cpu") -> torch.Tensor:
     """``grid_sample`` grid ``(1, *patch_size, D)`` mapping each output voxel into the region.
 
     Output voxel ``i`` has offset ``i - patch // 2`` from the patch centre; it samples the input
@@ -153,17 +167,19 @@ def sampling_grid(draw: SpatialDraw) -> torch.Tensor:
     The affine part is summed from 1D terms, so building the grid costs a few passes over it.
     """
     dims = len(draw.patch_size)
-    grid = torch.empty((1, *draw.patch_size, dims), dtype=torch.float32)
+    grid = torch.empty((1, *draw.patch_size, dims), dtype=torch.float32, device=device)
+    field = draw.displacement_field(device)
     for k in range(dims):
         size = draw.region_size[k]
         # normalised = (2 * voxel + 1) / size - 1, folded into the linear coefficients
         shift = 0.0 if draw.shift is None else float(draw.shift[k])
-        total = torch.tensor((2 * (size // 2 + shift) + 1) / size - 1, dtype=torch.float32)
+        total = torch.tensor((2 * (size // 2 + shift) + 1) / size - 1, dtype=torch.float32, device=device)
         for j, n in enumerate(draw.patch_size):
-            term = (2 * float(draw.matrix[k, j]) / size) * (torch.arange(n, dtype=torch.float32) - n // 2)
+            offsets = torch.arange(n, dtype=torch.float32, device=device) - n // 2
+            term = (2 * float(draw.matrix[k, j]) / size) * offsets
             total = total + term.view([-1 if a == j else 1 for a in range(dims)])
-        if draw.displacement is not None:
-            total = total + draw.displacement[k] * (2 / size)
+        if field is not None:
+            total = total + field[k] * (2 / size)
         grid[..., dims - 1 - k] = total
     return grid
 
@@ -185,7 +201,8 @@ def _resample_slice_wise(image: torch.Tensor, label: torch.Tensor,
     """
     depth, region_depth = draw.patch_size[0], draw.region_size[0]
     shift = 0.0 if draw.shift is None else float(draw.shift[0])
-    source = region_depth // 2 + shift + float(draw.matrix[0, 0]) * (torch.arange(depth) - depth // 2).float()
+    offsets = torch.arange(depth, device=image.device) - depth // 2
+    source = region_depth // 2 + shift + float(draw.matrix[0, 0]) * offsets.float()
     source = source.clamp(0, region_depth - 1)  # as grid_sample's border padding
     lower = source.floor().long()
     upper = (lower + 1).clamp(max=region_depth - 1)
@@ -194,7 +211,7 @@ def _resample_slice_wise(image: torch.Tensor, label: torch.Tensor,
     nearest = label[0, source.round().long()].float()
     plane = SpatialDraw(draw.patch_size[1:], draw.region_size[1:], draw.matrix[1:, 1:], None, (),
                         None if draw.shift is None else draw.shift[1:])
-    grid = sampling_grid(plane)
+    grid = sampling_grid(plane, image.device)
     image = F.grid_sample(between[None], grid, mode="bilinear", padding_mode="border", align_corners=False)
     label = F.grid_sample(nearest[None], grid, mode="nearest", padding_mode="border", align_corners=False)
     return image, label.round()
@@ -214,11 +231,10 @@ def _rotation(radians: list[float]) -> np.ndarray:
 
 def _elastic_field(rng: np.random.Generator, patch_size: tuple[int, ...], spacing: tuple[float, ...],
                    config: AugmentationConfig) -> torch.Tensor:
-    """A smooth random displacement ``(D, *patch_size)`` in input voxels, from coarse control points."""
+    """A smooth random displacement at coarse control points ``(D, *control_points)``, in input voxels."""
     control_mm = rng.uniform(*config.elastic_spacing_mm)
     magnitude_mm = rng.uniform(*config.elastic_magnitude_mm)
     coarse = [max(2, int(math.ceil(n * s / control_mm)) + 1) for n, s in zip(patch_size, spacing)]
     noise = rng.standard_normal((len(patch_size), *coarse)).astype(np.float32)
     noise *= (magnitude_mm / np.asarray(spacing, dtype=np.float32)).reshape(-1, *[1] * len(patch_size))
-    mode = "trilinear" if len(patch_size) == 3 else "bilinear"
-    return F.interpolate(torch.from_numpy(noise)[None], size=tuple(patch_size), mode=mode, align_corners=True)[0]
+    return torch.from_numpy(noise)

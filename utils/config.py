@@ -224,6 +224,8 @@ class DemoConfig:
             one after the other (empty: no training); ``train_overrides``: ``section.key=value``
             changes applied to each.
         bootstrap_resamples: resamples of the comparison report's confidence intervals.
+        readme: a README whose demo results block (see :mod:`utils.demo_results`) the demo
+            rewrites with its own figures (``None``: leave every README alone).
     """
 
     synthetic: SyntheticDataConfig = field(default_factory=SyntheticDataConfig)
@@ -237,6 +239,7 @@ class DemoConfig:
     train_configs: tuple[str, ...] = ("configs/resunet3d_quick.yaml", "configs/unetr2d_quick.yaml")
     train_overrides: tuple[str, ...] = ()
     bootstrap_resamples: int = 10000
+    readme: str | None = None
 
 
 def _convert(value: Any, annotation: Any, where: str) -> Any:

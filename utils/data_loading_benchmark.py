@@ -28,6 +28,7 @@ import torch
 from monai.transforms import (
     Compose, CropForegroundd, EnsureChannelFirstd, LoadImaged, Orientationd, ScaleIntensityRanged, Spacingd,
 )
+from torch.utils.data import Dataset
 from tqdm.auto import tqdm
 
 from utils.augmentation import SampleAugmenter
@@ -82,25 +83,51 @@ def build_per_sample_loader(cache: PreprocessedCache) -> Compose:
     ])
 
 
+class PerSamplePatchDataset(Dataset):
+    """The per-sample pattern as a dataset: every item loads and preprocesses its case's NIfTI files.
+
+    Item ``i`` draws its case, centre and augmentation from ``numpy.random.default_rng([seed, 0, i])``
+    like :class:`PatchDataset`, but from the MONAI chain of :func:`build_per_sample_loader` run on
+    the raw files, so its cost is what a plain dataset without a cache pays for every patch.
+
+    Items: ``image`` ``(1, *patch_size)`` float32 and ``label`` uint8.
+    """
+
+    def __init__(self, cache: PreprocessedCache, data_dir: str | Path, config: PatchDatasetConfig,
+                 augmentation: AugmentationConfig, *, case_ids: Sequence[str] | None = None, seed: int = 0):
+        files = {c.case_id: c for c in discover_cases(data_dir).cases}
+        self.files = [files[case_id] for case_id in (cache.case_ids if case_ids is None else case_ids)]
+        self.loader = build_per_sample_loader(cache)
+        self.augmenter = SampleAugmenter(augmentation, 3)
+        self.config = config
+        self.pad = background_value(cache)
+        self.seed = seed
+
+    def __len__(self) -> int:
+        return self.config.samples_per_epoch
+
+    def __getitem__(self, index: int) -> dict[str, torch.Tensor]:
+        rng = np.random.default_rng([self.seed, 0, index])
+        case = self.files[int(rng.integers(len(self.files)))]
+        data = self.loader({"image": str(case.imaging), "label": str(case.segmentation)})
+        image, label = np.asarray(data["image"][0]), np.asarray(data["label"][0]).astype(np.uint8)
+        centre = _draw_centre(label, self.config, rng)
+        spacing = tuple(float(s) for s in data["image"].pixdim[:3])
+        draw = self.augmenter.draw_spatial(rng, tuple(self.config.patch_size), spacing)
+        image, label = self.augmenter.apply(torch.from_numpy(read_region(image, centre, draw.region_size, self.pad))[None],
+                                            torch.from_numpy(read_region(label, centre, draw.region_size, 0, np.uint8))[None],
+                                            draw, rng)
+        return {"image": image, "label": label}
+
+
 def time_per_sample_patches(cache: PreprocessedCache, data_dir: str | Path, config: PatchDatasetConfig,
                             augmentation: AugmentationConfig, patches: int, seed: int = 0,
                             show_progress: bool = True) -> PatchTiming:
     """Time ``patches`` samples made the per-sample way from the raw NIfTI files of the cache's cases."""
-    files = {c.case_id: c for c in discover_cases(data_dir).cases}
-    loader = build_per_sample_loader(cache)
-    augmenter = SampleAugmenter(augmentation, 3)
-    pad = background_value(cache)
+    dataset = PerSamplePatchDataset(cache, data_dir, config, augmentation, seed=seed)
     start = time.perf_counter()
     for index in tqdm(range(patches), desc="per-sample patches", disable=not show_progress):
-        rng = np.random.default_rng([seed, 0, index])
-        case = files[cache.case_ids[int(rng.integers(len(cache.case_ids)))]]
-        data = loader({"image": str(case.imaging), "label": str(case.segmentation)})
-        image, label = np.asarray(data["image"][0]), np.asarray(data["label"][0]).astype(np.uint8)
-        centre = _draw_centre(label, config, rng)
-        spacing = tuple(float(s) for s in data["image"].pixdim[:3])
-        draw = augmenter.draw_spatial(rng, tuple(config.patch_size), spacing)
-        augmenter.apply(torch.from_numpy(read_region(image, centre, draw.region_size, pad))[None],
-                        torch.from_numpy(read_region(label, centre, draw.region_size, 0, np.uint8))[None], draw, rng)
+        dataset[index]
     return PatchTiming("per-sample", patches, time.perf_counter() - start)
 
 

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import json
 import logging
+import os
 import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -18,6 +19,7 @@ from utils.case_discovery import discover_cases
 from utils.case_validation import DatasetReport, load_case, select_cases, validate_dataset
 from utils.config import DemoConfig, config_as_dict
 from utils.comparison_report import write_comparison_report
+from utils.demo_results import demo_results, update_readme_results
 from utils.evaluation_metrics import METRIC_NAMES
 from utils.experiment_config import load_experiment_config
 from utils.intensity_separability import Separability, measure_separability
@@ -82,6 +84,7 @@ def run_demo(config: DemoConfig, show_progress: bool = True) -> DemoResult:
     Raises:
         UnusableCaseError: a generated case failed validation (the message names it).
     """
+    started = time.perf_counter()
     synthetic = config.synthetic
     options = SyntheticOptions(matrix=synthetic.matrix, spacing=synthetic.spacing)
     summaries = generate_dataset(synthetic.out_dir, synthetic.cases, seed=synthetic.seed, options=options,
@@ -114,13 +117,19 @@ def run_demo(config: DemoConfig, show_progress: bool = True) -> DemoResult:
             plot_training_runs({model.name: model.result.records for model in trained}, title="quick models"),
             reports_dir / "training_progress_models.png")
     evaluations, comparison = _evaluate_and_compare(config, trained, reports_dir, show_progress)
-    summary["evaluation"] = {e.inference["model"]: {"report": e.report_folder, "summary": e.evaluation.summary}
+    summary["evaluation"] = {e.inference["model"]: {"report": e.report_folder, "summary": e.evaluation.summary,
+                                                    "seconds_per_case": _mean_seconds(e.inference["cases"]),
+                                                    "parameters": e.inference["parameters"]}
                              for e in evaluations}
     summary["comparison"] = comparison
     visuals = _save_case_visuals(config, evaluations[0], reports_dir) if evaluations else ()
     summary["visuals"] = visuals
     summary_path = reports_dir / "dataset_summary.json"
-    write_bytes_atomic(summary_path, (json.dumps(summary, indent=2, default=_jsonable) + "\n").encode())
+    summary["seconds"] = time.perf_counter() - started
+    summary = json.loads(json.dumps(summary, default=_jsonable))
+    write_bytes_atomic(summary_path, (json.dumps(summary, indent=2) + "\n").encode())
+    if config.readme is not None and trained:
+        _update_readme(config.readme, summary)
     return DemoResult(summaries, report, pooled, prepared, split, gallery_path, samples_path, summary_path, trained,
                       evaluations, comparison, visuals)
 
@@ -162,6 +171,28 @@ def _save_case_visuals(config: DemoConfig, evaluation: RunEvaluation, reports_di
     animation = save_slice_animation(case.image, case.segmentation, case.spacing,
                                      reports_dir / f"sagittal_{name}.gif", prediction=prediction)
     return reports_dir / f"3d_{name}.html", reports_dir / f"viewer_{name}.html", animation
+
+
+def _mean_seconds(cases: list[dict]) -> float | None:
+    """Mean seconds per case of an evaluation's segmentation timings."""
+    return sum(case["seconds"] for case in cases) / len(cases) if cases else None
+
+
+def _machine() -> str:
+    """Where the demo ran, in a few words (the README's results say it)."""
+    import torch
+    if torch.cuda.is_available():
+        return f"{torch.cuda.get_device_name(0)}, {os.cpu_count()} CPU cores"
+    return f"{os.cpu_count()} CPU cores, no GPU"
+
+
+def _update_readme(readme: str, summary: dict) -> None:
+    """Rewrite the README's results block with this run's figures (a warning when it cannot)."""
+    try:
+        path = update_readme_results(readme, demo_results(summary, seconds=summary["seconds"], machine=_machine()))
+        logger.info("README results updated: %s", path)
+    except (OSError, ValueError) as error:
+        logger.warning("README results not updated: %s", error)
 
 
 def _training_summary(model: TrainedModel) -> dict:

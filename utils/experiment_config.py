@@ -25,6 +25,7 @@ MIXED_PRECISION = ("no", "fp16", "bf16")
 NONFINITE_LOSS_POLICIES = ("stop", "skip")
 ON_BAD_CASE = ("error", "skip")
 WANDB_MODES = ("auto", "online", "offline")
+COMPILE_MODES = ("default", "reduce-overhead", "max-autotune", "max-autotune-no-cudagraphs")
 
 
 @dataclass(frozen=True)
@@ -208,6 +209,42 @@ class TrainingConfig:
 
 
 @dataclass(frozen=True)
+class PerformanceConfig:
+    """Speed settings of training (see :mod:`utils.performance`); none changes what is learnt.
+
+    The defaults are safe everywhere (CPU, one or several GPUs); the GPU recipes switch the rest on.
+
+    Attributes:
+        channels_last: channels-last memory format for the model and its inputs (faster
+            convolutions with bf16/fp16 on recent GPUs).
+        compile: ``torch.compile`` the training forward pass; when compiling fails the run
+            continues uncompiled and says why in the log.
+        compile_mode: ``torch.compile`` mode.
+        augment_on_device: loader workers only read regions; the augmentation (same draws, same
+            samples) runs on the training device, so a GPU never waits for CPU augmentation.
+        fused_optimiser: AdamW's fused CUDA kernel when the model is on a GPU.
+        pin_memory: page-locked loader batches for asynchronous host-to-GPU copies (GPU only).
+        prefetch_factor: batches each loader worker prepares ahead.
+        cudnn_benchmark: let cuDNN pick the fastest convolution algorithms for the fixed input size.
+        tf32: TensorFloat-32 matrix multiplications and convolutions for float32 work on GPUs.
+    """
+
+    channels_last: bool = False
+    compile: bool = False
+    compile_mode: str = "default"
+    augment_on_device: bool = False
+    fused_optimiser: bool = True
+    pin_memory: bool = True
+    prefetch_factor: int = 2
+    cudnn_benchmark: bool = True
+    tf32: bool = True
+
+    def __post_init__(self) -> None:
+        check_choice("compile_mode", self.compile_mode, COMPILE_MODES)
+        check_positive("prefetch_factor", self.prefetch_factor)
+
+
+@dataclass(frozen=True)
 class WandbConfig:
     """Optional Weights & Biases logging (see :mod:`utils.experiment_tracking`).
 
@@ -249,6 +286,7 @@ class ExperimentConfig:
     sliding_window: SlidingWindowConfig = field(default_factory=SlidingWindowConfig)
     slice_inference: SliceInferenceConfig = field(default_factory=SliceInferenceConfig)
     training: TrainingConfig = field(default_factory=TrainingConfig)
+    performance: PerformanceConfig = field(default_factory=PerformanceConfig)
     wandb: WandbConfig = field(default_factory=WandbConfig)
 
 

@@ -6,6 +6,10 @@ needs around that centre from the memory map, augment it (:mod:`utils.augmentati
 ``i`` of epoch ``e`` depends only on ``(seed, e, i)``: the same on any number of loader
 workers, and reproduced exactly after a resume. Epochs reach the workers through the index
 itself (see :class:`EpochSampler`), so persistent workers see them too.
+
+With ``defer_augmentation`` the workers stop after reading the region: items carry the region,
+the spatial draw and the sample's generator, :func:`collate_samples` keeps them as lists, and
+:func:`augment_batch` applies the very same augmentation on the GPU in the training process.
 """
 
 from __future__ import annotations
@@ -15,14 +19,17 @@ from typing import Any
 
 import numpy as np
 import torch
-from torch.utils.data import Dataset, Sampler
+from torch.utils.data import Dataset, Sampler, default_collate
 
-from utils.augmentation import SampleAugmenter
+from utils.augmentation import SampleAugmenter, SpatialDraw
 from utils.config import AugmentationConfig, PatchDatasetConfig
 from utils.preprocessed_cache import CachedCase, PreprocessedCache
 from utils.preprocessing import Normalisation
 
 CENTRE_CLASSES = ("tumour", "kidney", "anywhere")
+
+#: Item keys of a deferred sample that stay per-sample lists in a batch (regions differ in size).
+DEFERRED_KEYS = ("image", "label", "draw", "rng")
 
 
 def background_value(cache: PreprocessedCache) -> float:
@@ -73,16 +80,24 @@ class EpochSampler(Sampler[int]):
             raise ValueError(f"samples_per_epoch ({samples_per_epoch}) must be >= world_size ({world_size})")
         self.samples_per_epoch = samples_per_epoch
         self.epoch = epoch
+        self.skip = 0
         self.rank = rank
         self.world_size = world_size
 
-    def set_epoch(self, epoch: int) -> None:
-        """Select the epoch the next iteration yields."""
+    def set_epoch(self, epoch: int, skip: int = 0) -> None:
+        """Select the epoch the next iteration yields, leaving out this process's first ``skip`` items.
+
+        ``skip`` continues an epoch that was stopped part-way (items already trained on); the
+        length stays the full epoch's, so the learning-rate schedule is unchanged.
+        """
+        if not 0 <= skip <= len(self):
+            raise ValueError(f"skip must be >= 0 and <= {len(self)}, got {skip}")
         self.epoch = epoch
+        self.skip = skip
 
     def __iter__(self) -> Iterator[int]:
-        start = self.epoch * self.samples_per_epoch
-        return iter(range(start + self.rank, start + len(self) * self.world_size, self.world_size))
+        start = self.epoch * self.samples_per_epoch + (self.rank + self.skip * self.world_size)
+        return iter(range(start, self.epoch * self.samples_per_epoch + len(self) * self.world_size, self.world_size))
 
     def __len__(self) -> int:
         return self.samples_per_epoch // self.world_size
@@ -92,6 +107,11 @@ class SampledDataset(Dataset):
     """Base of the training datasets: ``samples_per_epoch`` items per epoch, each from its own generator.
 
     Item ``epoch * samples_per_epoch + i`` is drawn from ``numpy.random.default_rng([seed, epoch, i])``.
+
+    Attributes:
+        defer_augmentation: when ``True`` (and there is an augmenter), items hold the unaugmented
+            region read around the sample, its ``draw`` and its generator ``rng`` instead of the
+            augmented sample; :func:`augment_batch` finishes them (on the GPU) identically.
     """
 
     def __init__(self, cases: Sequence[CachedCase], samples_per_epoch: int, augmenter: SampleAugmenter | None, *,
@@ -103,6 +123,7 @@ class SampledDataset(Dataset):
         self.augmenter = augmenter
         self.seed = seed
         self.pad_value = pad_value
+        self.defer_augmentation = False
 
     def __len__(self) -> int:
         return self.samples_per_epoch
@@ -113,6 +134,16 @@ class SampledDataset(Dataset):
             raise IndexError(f"index must be >= 0, got {index}")
         epoch, i = divmod(int(index), len(self))
         return np.random.default_rng([self.seed, epoch, i])
+
+    def finish_sample(self, image: torch.Tensor, label: torch.Tensor, draw: SpatialDraw | None,
+                      rng: np.random.Generator, **fields: Any) -> dict[str, Any]:
+        """The item: augmented now, or (``defer_augmentation``) the region with its draw and generator."""
+        if draw is None:
+            return {"image": image, "label": label, **fields}
+        if self.defer_augmentation:
+            return {"image": image, "label": label, "draw": draw, "rng": rng, **fields}
+        image, label = self.augmenter.apply(image, label, draw, rng)
+        return {"image": image, "label": label, **fields}
 
 
 class PatchDataset(SampledDataset):
@@ -145,9 +176,7 @@ class PatchDataset(SampledDataset):
         region = draw.region_size if draw else patch_size
         image = torch.from_numpy(read_region(case.image, centre, region, self.pad_value))[None]
         label = torch.from_numpy(read_region(case.label, centre, region, 0, np.uint8))[None]
-        if self.augmenter:
-            image, label = self.augmenter.apply(image, label, draw, rng)
-        return {"image": image, "label": label, "case_id": case.case_id, "centre_class": centre_class}
+        return self.finish_sample(image, label, draw, rng, case_id=case.case_id, centre_class=centre_class)
 
     def _draw_centre(self, case: CachedCase, rng: np.random.Generator) -> tuple[tuple[int, ...], str]:
         """A voxel of the drawn class (falling back to the other class, then anywhere)."""
@@ -188,6 +217,38 @@ class VolumeDataset(Dataset):
         return {"image": torch.from_numpy(np.array(case.image, dtype=np.float32))[None],
                 "label": torch.from_numpy(np.array(case.label, dtype=np.uint8))[None],
                 "case_id": case.case_id}
+
+
+def collate_samples(samples: list[dict[str, Any]]) -> dict[str, Any]:
+    """Batch items: stacked as usual, or for deferred items the :data:`DEFERRED_KEYS` as lists."""
+    if "draw" not in samples[0]:
+        return default_collate(samples)
+    batch = default_collate([{k: v for k, v in s.items() if k not in DEFERRED_KEYS} for s in samples])
+    batch.update({key: [s[key] for s in samples] for key in DEFERRED_KEYS})
+    return batch
+
+
+def augment_batch(batch: dict[str, Any], augmenter: SampleAugmenter,
+                  device: torch.device | str) -> tuple[torch.Tensor, torch.Tensor]:
+    """Images and labels of a batch on ``device``, augmenting deferred items there.
+
+    Args:
+        batch: from :func:`collate_samples` (deferred or not).
+        augmenter: the dataset's augmenter (used only for deferred items).
+        device: where the tensors go and the augmentation runs.
+
+    Returns:
+        ``(B, 1, *size)`` float32 images and ``(B, 1, *size)`` uint8 labels on ``device``.
+    """
+    if "draw" not in batch:
+        return (batch["image"].to(device, non_blocking=True), batch["label"].to(device, non_blocking=True))
+    images, labels = [], []
+    for image, label, draw, rng in zip(*(batch[key] for key in DEFERRED_KEYS)):
+        image, label = augmenter.apply(image.to(device, non_blocking=True), label.to(device, non_blocking=True),
+                                       draw, rng)
+        images.append(image)
+        labels.append(label)
+    return torch.stack(images), torch.stack(labels)
 
 
 def build_patch_datasets(cache: PreprocessedCache, config: PatchDatasetConfig, augmentation: AugmentationConfig | None,

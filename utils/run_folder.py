@@ -28,6 +28,8 @@ logger = logging.getLogger(__name__)
 CONFIG_FILE = "config.yaml"
 PROGRESS_FILE = "training_progress.json"
 LOG_FORMAT = "%(asctime)s %(levelname)s %(name)s: %(message)s"
+#: File name of a run's terminal output, written by launchers (``scripts/launch_tmux.sh``).
+CONSOLE_LOG = "console.log"
 
 
 def _check_folder_name(name: str, what: str) -> None:
@@ -45,7 +47,8 @@ def create_run_folder(output_dir: str | os.PathLike, run_name: str | None, model
         model_name: model key (e.g. ``"resunet3d"``), used only when ``run_name`` is ``None``.
 
     Returns:
-        The new (or existing but empty) folder.
+        The new (or existing but empty) folder; a folder holding only :data:`CONSOLE_LOG` (the
+        terminal output a launcher copies into the run folder) counts as empty.
 
     Raises:
         ValueError: ``run_name`` or ``model_name`` is not a plain folder name.
@@ -56,7 +59,7 @@ def create_run_folder(output_dir: str | os.PathLike, run_name: str | None, model
     if run_name is not None:
         _check_folder_name(run_name, "run_name")
         folder = output_dir / run_name
-        if folder.exists() and (not folder.is_dir() or any(folder.iterdir())):
+        if folder.exists() and (not folder.is_dir() or any(p.name != CONSOLE_LOG for p in folder.iterdir())):
             raise FileExistsError(f"{folder} already exists and is not empty: a new run never writes into another "
                                   f"run's folder; pick another run name, or continue that run with "
                                   f"--resume {folder}")

@@ -145,6 +145,7 @@ class SliceDataset(SampledDataset):
         image = fit_slices(torch.from_numpy(np.array(case.image[z], dtype=np.float32))[None, None], geometry,
                            pad_value=self.pad_value)[0]
         label = fit_slices(torch.from_numpy(np.array(case.label[z]))[None, None], geometry, labels=True)[0]
+        draw = None
         if self.augmenter is not None:
             spacing = tuple(s / f for s, f in zip(case.spacing[1:], geometry.scale))
             draw = self.augmenter.draw_spatial(rng, (geometry.size, geometry.size), spacing)
@@ -152,9 +153,8 @@ class SliceDataset(SampledDataset):
                 centre = (geometry.size // 2, geometry.size // 2)
                 image = torch.from_numpy(read_region(image[0].numpy(), centre, draw.region_size, self.pad_value))[None]
                 label = torch.from_numpy(read_region(label[0].numpy(), centre, draw.region_size, 0, np.uint8))[None]
-            image, label = self.augmenter.apply(image, label, draw, rng)
-        return {"image": image, "label": label, "case_id": case.case_id, "slice_index": int(z),
-                "slice_class": int(slice_class)}
+        return self.finish_sample(image, label, draw, rng, case_id=case.case_id, slice_index=int(z),
+                                  slice_class=int(slice_class))
 
 
 def build_slice_dataset(cache: PreprocessedCache, config: SliceDatasetConfig, augmentation: AugmentationConfig | None,

@@ -5,7 +5,8 @@ config (or the run folder's saved one with ``--resume``), check it names the scr
 and call :func:`utils.training_engine.train`.
 
 Exit status: 0 when training finished, 1 when it stopped on an error (the message says why;
-checkpoints already written are intact), 2 on usage errors.
+checkpoints already written are intact), 2 on usage errors, 75 when SIGTERM or SIGUSR1 stopped
+it after saving ``last.pt`` (requeue the job; ``--resume`` or ``--auto-resume`` continues it).
 """
 
 from __future__ import annotations
@@ -17,7 +18,9 @@ from pathlib import Path
 
 from utils.checkpoints import CheckpointError
 from utils.experiment_config import ExperimentConfig, load_experiment_config
-from utils.training_engine import NonFiniteLossError, train
+from utils.run_folder import CONSOLE_LOG
+from utils.stop_signals import EXIT_INTERRUPTED
+from utils.training_engine import NonFiniteLossError, TrainingInterrupted, train
 
 EXIT_OK, EXIT_FAILED, EXIT_USAGE = 0, 1, 2
 
@@ -26,7 +29,7 @@ TRAINING_SCRIPTS = {"resunet3d": "scripts/train_3d_unet.py", "unetr2d": "scripts
 
 
 def parse_training_args(argv: list[str] | None, *, description: str, example_config: str) -> argparse.Namespace:
-    """Parse ``--config``, ``--data``, ``--resume``, ``--set`` and ``--wandb``."""
+    """Parse ``--config``, ``--data``, ``--resume``, ``--auto-resume``, ``--set`` and ``--wandb``."""
     lines = description.strip().splitlines()
     parser = argparse.ArgumentParser(description=lines[0], formatter_class=argparse.RawDescriptionHelpFormatter,
                                      epilog="\n".join(lines[2:]))
@@ -36,6 +39,9 @@ def parse_training_args(argv: list[str] | None, *, description: str, example_con
                                                      "then $KITS19_DATA)")
     parser.add_argument("--resume", type=Path, default=None, metavar="RUN_DIR",
                         help="continue the run in this folder from its last.pt, with its saved config.yaml")
+    parser.add_argument("--auto-resume", action="store_true",
+                        help="with training.run_name set: continue that run when its folder holds last.pt, else "
+                             f"start it (for jobs that are requeued; the folder may hold only {CONSOLE_LOG})")
     parser.add_argument("--set", action="append", default=[], metavar="SECTION.KEY=VALUE",
                         help="override a config value, e.g. --set training.epochs=10 (repeatable)")
     parser.add_argument("--wandb", action="store_true", help="log to Weights & Biases (offline without an API key)")
@@ -51,6 +57,15 @@ def load_training_config(args: argparse.Namespace, model_name: str) -> Experimen
     """
     if args.resume is None and args.config is None:
         raise ValueError("give --config CONFIG.yaml for a new run, or --resume RUN_DIR")
+    if getattr(args, "auto_resume", False):
+        if args.resume is not None or args.config is None:
+            raise ValueError("--auto-resume needs --config (with training.run_name set), not --resume")
+        config = load_experiment_config(args.config, args.set)
+        if config.training.run_name is None:
+            raise ValueError("--auto-resume needs a run name: add --set training.run_name=NAME")
+        folder = Path(config.training.output_dir) / config.training.run_name
+        if (folder / "last.pt").is_file():
+            args.resume = folder
     path = args.resume / "config.yaml" if args.resume is not None else args.config
     config = load_experiment_config(path, args.set)
     if config.model.name != model_name:
@@ -71,6 +86,9 @@ def run_training_command(argv: list[str] | None, *, model_name: str, description
         return EXIT_USAGE
     try:
         result = train(config, data_dir=args.data, resume=args.resume, wandb=True if args.wandb else None)
+    except TrainingInterrupted as error:
+        logging.getLogger(program).warning("%s", error)
+        return EXIT_INTERRUPTED
     except (NonFiniteLossError, CheckpointError, OSError, ValueError) as error:
         logging.getLogger(program).error("%s", error)
         return EXIT_FAILED

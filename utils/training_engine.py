@@ -10,7 +10,9 @@ What a run does, in order:
    slices for ``unetr2d`` (sample ``i`` of epoch ``e`` depends only on
    ``(seed, e, i)``, each process taking every ``world_size``-th one), mixed precision and
    data parallelism through Hugging Face ``accelerate``, gradient clipping, the learning rate
-   stepped per iteration, a non-finite loss stopping the run (or skipped and counted).
+   stepped per iteration, a non-finite loss stopping the run (or skipped and counted). The
+   ``performance`` settings (:mod:`utils.performance`) decide how fast, not what: channels-last,
+   ``torch.compile`` with a fallback, augmentation on the device, fused AdamW, pinned prefetching.
 3. **Validation** every ``validate_every`` epochs on whole preprocessed validation volumes
    (sliding windows for the 3D model; every axial slice for the 2D one, stacked back into a
    volume), per case KiTS19 kidney (label > 0) and tumour (label 2) Dice with one function,
@@ -21,7 +23,9 @@ What a run does, in order:
 
 ``--resume`` continues from the last checkpoint: a run killed at any moment loses at most the
 work since that checkpoint, and on CPU with ``deterministic: true`` reproduces the per-epoch
-losses of an uninterrupted run.
+losses of an uninterrupted run. SIGTERM or SIGUSR1 (a scheduler's pre-emption or time-limit
+warning) lose nothing: the run saves ``last.pt`` after the current step, mid-epoch, and raises
+:class:`TrainingInterrupted`; resuming continues with the next batch of that epoch.
 """
 
 from __future__ import annotations
@@ -42,6 +46,8 @@ from utils.checkpoints import capture_rng_state, save_checkpoint
 from utils.experiment_config import ExperimentConfig
 from utils.segmentation_metrics import mean_scores, score_case
 from utils.inference import predict_volume_logits
+from utils.patch_dataset import augment_batch
+from utils.stop_signals import StopSignals
 from utils.training_setup import RunState, set_up_run
 
 logger = logging.getLogger(__name__)
@@ -51,6 +57,20 @@ VALIDATION_SPACE = "preprocessed cache grid (resampled and cropped), not the ori
 
 class NonFiniteLossError(RuntimeError):
     """The loss became NaN or infinite; the message names the epoch and step."""
+
+
+class TrainingInterrupted(RuntimeError):
+    """A stop signal (SIGTERM/SIGUSR1) arrived; ``last.pt`` holds the run up to the last step.
+
+    Attributes:
+        run_folder: the folder to resume (``--resume`` or ``--auto-resume``).
+        signal_name: the signal received.
+    """
+
+    def __init__(self, message: str, run_folder: Path, signal_name: str):
+        super().__init__(message)
+        self.run_folder = run_folder
+        self.signal_name = signal_name
 
 
 @dataclass(frozen=True)
@@ -84,43 +104,55 @@ def train(config: ExperimentConfig, *, data_dir: str | Path | None = None, resum
 
     Raises:
         NonFiniteLossError: a NaN/inf loss with ``nonfinite_loss: stop`` (``last.pt`` stays intact).
+        TrainingInterrupted: SIGTERM or SIGUSR1 arrived (a scheduler's pre-emption or time limit);
+            ``last.pt`` was saved after the last finished step, and resuming continues exactly there.
         utils.checkpoints.CheckpointError: a checkpoint could not be written (the previous stays intact).
         OSError: the run folder is not writable (before the first epoch).
         ValueError: bad data with ``on_bad_case: error``, or inconsistent settings.
     """
     state = set_up_run(config, data_dir=data_dir, resume=resume, wandb=wandb)
     try:
-        for epoch in range(state.start_epoch, state.config.training.epochs):
-            record = _run_epoch(state, epoch, show_progress)
-            _finish_epoch(state, epoch, record)
-            if epoch_callback is not None:
-                epoch_callback(record)
+        with StopSignals() as stop:
+            for epoch in range(state.start_epoch, state.config.training.epochs):
+                record = _run_epoch(state, epoch, show_progress, stop)
+                _finish_epoch(state, epoch, record)
+                if epoch_callback is not None:
+                    epoch_callback(record)
     finally:
         state.close()
     return TrainingResult(state.folder, state.progress.records if state.progress else [], state.best_epoch,
                           state.best_score, state.accelerator.is_main_process)
 
 
-def _run_epoch(state: RunState, epoch: int, show_progress: bool) -> dict[str, Any]:
-    """Train one epoch; returns its record (losses reduced over processes)."""
+def _run_epoch(state: RunState, epoch: int, show_progress: bool, stop: StopSignals) -> dict[str, Any]:
+    """Train one epoch (or the rest of a stopped one); returns its record (losses reduced over processes)."""
     accelerator, training = state.accelerator, state.config.training
+    done = state.epoch_progress or {"batches": 0, "steps": 0, "skipped": 0, "samples": 0, "loss_sum": 0.0,
+                                    "seconds": 0.0}
+    state.epoch_progress = None
     state.model.train()
-    state.sampler.set_epoch(epoch)
-    started = time.perf_counter()
-    loss_sum = torch.zeros((), dtype=torch.float64, device=accelerator.device)
-    steps = skipped = samples = 0
+    state.sampler.set_epoch(epoch, skip=done["batches"] * training.batch_size)
+    started = time.perf_counter() - done["seconds"]
+    loss_sum = torch.tensor(done["loss_sum"], dtype=torch.float64, device=accelerator.device)
+    batches, steps, skipped, samples = done["batches"], done["steps"], done["skipped"], done["samples"]
     bar = tqdm(state.loader, desc=f"epoch {epoch + 1}/{training.epochs}", unit="batch", leave=False,
-               disable=not (show_progress and accelerator.is_main_process))
-    for step, batch in enumerate(bar):
-        image = batch["image"].to(accelerator.device, non_blocking=True)
-        label = batch["label"].to(accelerator.device, non_blocking=True)
+               initial=batches, disable=not (show_progress and accelerator.is_main_process))
+    for batch in bar:
+        image, label = augment_batch(batch, state.extras["augmenter"], accelerator.device)
+        image = image.contiguous(memory_format=state.extras["memory_format"])
         with accelerator.autocast():
-            logits = state.model(image)
+            logits = state.forward(image)
         loss = state.loss(logits.float(), label)
-        if not _finite_everywhere(accelerator, loss):
+        finite, stopping = _step_flags(accelerator, loss, stop)
+        if stopping:
+            progress = {"batches": batches, "steps": steps, "skipped": skipped, "samples": samples,
+                        "loss_sum": loss_sum.item(), "seconds": time.perf_counter() - started}
+            _stop_on_signal(state, epoch, progress, stop.received or "a stop signal on another process")
+        batches += 1
+        if not finite:
             if training.nonfinite_loss == "stop":
                 raise NonFiniteLossError(
-                    f"non-finite loss at epoch {epoch + 1}, step {step + 1} (iteration {state.iteration + 1}); "
+                    f"non-finite loss at epoch {epoch + 1}, step {batches} (iteration {state.iteration + 1}); "
                     f"the last checkpoint in {state.folder} is intact. Lower the learning rate, check the data, "
                     "or set training.nonfinite_loss=skip to skip such steps")
             skipped += 1
@@ -147,14 +179,35 @@ def _run_epoch(state: RunState, epoch: int, show_progress: bool) -> dict[str, An
               "learning_rate": state.learning_rate, "epoch_seconds": seconds,
               "samples_per_second": totals[3] / seconds, "skipped_steps": int(totals[2]),
               "world_size": accelerator.num_processes}
+    state.sampler.set_epoch(epoch)
     record.update(_sample_sharding(state, epoch))
     return record
 
 
-def _finite_everywhere(accelerator: Any, loss: torch.Tensor) -> bool:
-    """Whether the loss is finite on every process (all processes take the same decision)."""
-    bad = torch.tensor(0.0 if torch.isfinite(loss.detach()).item() else 1.0, device=accelerator.device)
-    return accelerator.reduce(bad, reduction="sum").item() == 0
+def _step_flags(accelerator: Any, loss: torch.Tensor, stop: StopSignals) -> tuple[bool, bool]:
+    """Whether the loss is finite on every process, and whether any process received a stop signal.
+
+    One reduction per step carries both, so every process takes the same decisions.
+    """
+    flags = torch.tensor([0.0 if torch.isfinite(loss.detach()).item() else 1.0, 1.0 if stop.received else 0.0],
+                         device=accelerator.device)
+    bad, stopping = accelerator.reduce(flags, reduction="sum").tolist()
+    return bad == 0, stopping > 0
+
+
+def _stop_on_signal(state: RunState, epoch: int, progress: dict[str, Any], signal_name: str) -> None:
+    """Save ``last.pt`` at this point of the epoch, then raise :class:`TrainingInterrupted`."""
+    if state.accelerator.is_main_process:
+        checkpoint = _checkpoint_state(state, epoch - 1, {"epoch": epoch})
+        checkpoint["epoch_progress"] = progress
+        save_checkpoint(state.folder / "last.pt", checkpoint)
+        logger.warning("%s: saved %s at epoch %d, batch %d (iteration %d); resume with --resume %s",
+                       signal_name, state.folder / "last.pt", epoch + 1, progress["batches"], state.iteration,
+                       state.folder)
+    state.accelerator.wait_for_everyone()
+    raise TrainingInterrupted(f"stopped by {signal_name} at epoch {epoch + 1}, batch {progress['batches']}; "
+                              f"{state.folder / 'last.pt'} holds the run up to there: continue it with "
+                              f"--resume {state.folder}", state.folder, signal_name)
 
 
 def _sample_sharding(state: RunState, epoch: int) -> dict[str, Any]:

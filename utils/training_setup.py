@@ -27,7 +27,10 @@ from utils.experiment_tracking import Tracker, build_tracker
 from utils.losses import build_loss
 from utils.models import build_model, check_input_size, model_input_size, spatial_dims
 from utils.optimisation import build_optimiser, build_scheduler
-from utils.patch_dataset import EpochSampler, SampledDataset, VolumeDataset, background_value, build_patch_datasets
+from utils.patch_dataset import (
+    EpochSampler, SampledDataset, VolumeDataset, background_value, build_patch_datasets, collate_samples,
+)
+from utils.performance import CompiledForward, configure_backends, loader_options, memory_format
 from utils.preprocessed_cache import PreprocessedCache, open_cache
 from utils.preprocessing import NO_SEGMENTATION, preprocess_dataset
 from utils.run_folder import (
@@ -58,8 +61,10 @@ class RunState:
     loss: torch.nn.Module
     tracker: Tracker
     progress: ProgressLog | None
+    forward: CompiledForward
     log_handler: logging.Handler | None = None
     start_epoch: int = 0
+    epoch_progress: dict[str, Any] | None = None
     iteration: int = 0
     best_epoch: int | None = None
     best_score: float | None = None
@@ -104,20 +109,27 @@ def set_up_run(config: ExperimentConfig, *, data_dir: str | Path | None, resume:
     handler = attach_text_log(folder) if accelerator.is_main_process else None
     cache = _prepare_cache(config, data_dir, accelerator)
     train_set, validation = _build_datasets(config, cache)
+    performance = config.performance
+    configure_backends(performance, accelerator.device)
+    train_set.defer_augmentation = performance.augment_on_device and train_set.augmenter is not None
     sampler = EpochSampler(len(train_set), rank=accelerator.process_index, world_size=accelerator.num_processes)
-    loader = DataLoader(train_set, batch_size=training.batch_size, sampler=sampler, num_workers=training.num_workers,
-                        pin_memory=torch.cuda.is_available(), persistent_workers=training.num_workers > 0)
-    model = build_model(config.model, input_size).to(accelerator.device)
-    optimiser = build_optimiser(model, config.optimiser)
+    loader = DataLoader(train_set, batch_size=training.batch_size, sampler=sampler, collate_fn=collate_samples,
+                        **loader_options(performance, training.num_workers, accelerator.device))
+    layout = memory_format(performance, spatial_dims(config.model))
+    model = build_model(config.model, input_size).to(accelerator.device, memory_format=layout)
+    optimiser = build_optimiser(model, config.optimiser, fused=None if performance.fused_optimiser else False)
     scheduler = build_scheduler(optimiser, config.optimiser, iterations_per_epoch=len(loader), epochs=training.epochs)
     model, optimiser = accelerator.prepare(model, optimiser)
     tracker = build_tracker(config.wandb, enabled_override=wandb, is_main_process=accelerator.is_main_process)
     state = RunState(config, config_as_dict(config), accelerator, folder, cache, sampler, loader, validation, model,
                      optimiser, scheduler, build_loss(config.loss), tracker,
-                     ProgressLog(folder) if accelerator.is_main_process else None, handler)
-    state.extras["pad_value"] = background_value(cache)
+                     ProgressLog(folder) if accelerator.is_main_process else None, CompiledForward(model, performance),
+                     handler)
+    state.extras.update(pad_value=background_value(cache), augmenter=train_set.augmenter, memory_format=layout)
     resume_id = _restore(state, folder / LAST_CHECKPOINT) if resume is not None else None
-    if resume is not None:  # wandb may have logged steps up to the next checkpoint before the run stopped
+    if state.epoch_progress is not None:  # stopped by a signal mid-epoch: wandb saw every step up to it
+        state.extras["wandb_logged_until"] = state.iteration
+    elif resume is not None:  # wandb may have logged steps up to the next checkpoint before the run stopped
         state.extras["wandb_logged_until"] = state.iteration + len(loader) * training.checkpoint_every
     state.tracker.start(state.config_dict, folder, folder.name, resume_id)
     logger.info("run folder %s: %s, %d training and %d validation cases, %d samples per epoch on %d process(es), "
@@ -204,11 +216,13 @@ def _restore(state: RunState, path: Path) -> str | None:
         scaler.load_state_dict(checkpoint["grad_scaler"])
     restore_rng_state(checkpoint["rng"])
     state.start_epoch, state.iteration = int(checkpoint["epoch"]), int(checkpoint["iteration"])
+    state.epoch_progress = checkpoint.get("epoch_progress")
     state.best_epoch, state.best_score = checkpoint.get("best_epoch"), checkpoint.get("best_score")
     if state.progress is not None:
         state.progress.truncate(after_epoch=state.start_epoch)
     if checkpoint.get("preprocessing_plan", {}).get("plan_hash") != state.cache.plan.get("plan_hash"):
         logger.warning("the cache was rebuilt since this run started (another plan hash): resumed epochs see "
                        "differently preprocessed data")
-    logger.info("resumed %s at epoch %d (iteration %d)", path, state.start_epoch, state.iteration)
+    within = f", batch {state.epoch_progress['batches'] + 1} of epoch {state.start_epoch + 1}" if state.epoch_progress else ""
+    logger.info("resumed %s at epoch %d (iteration %d%s)", path, state.start_epoch, state.iteration, within)
     return checkpoint.get("wandb_run_id")

@@ -1,0 +1,106 @@
+"""scripts/benchmark.py: every measurement of both configurations on the CPU, the table, the JSON, refusals."""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+from utils.benchmark_run import BenchmarkPlan, PARTS, format_benchmark, run_benchmark
+
+REPO = Path(__file__).resolve().parents[1]
+
+TINY_PLAN = BenchmarkPlan("configs/resunet3d_quick.yaml", "configs/unetr2d_quick.yaml", cases=3, matrix=64,
+                          coverage_mm=(120.0, 140.0), volume_shape=(16, 48, 48), ct_shape=(24, 64, 64),
+                          ct_spacing=(5.0, 3.0, 3.0), warmup=1, steps=2, baseline_warmup=1, baseline_steps=1,
+                          compare_steps=2, repeats=1, workers=0, baseline_workers=0, ablation=True)
+TINY_3D = ["model.channels=[4,8,16,32]", "patches.patch_size=[16,32,32]", "sliding_window.roi_size=[16,32,32]",
+           "performance.augment_on_device=true", "performance.channels_last=true"]
+TINY_2D = ["model.hidden_size=32", "model.mlp_dim=64", "model.num_heads=2", "model.feature_size=4",
+           "slices.image_size=32", "training.batch_size=4", "performance.augment_on_device=true"]
+
+
+@pytest.fixture(scope="module")
+def work(tmp_path_factory):
+    return tmp_path_factory.mktemp("benchmark")
+
+
+@pytest.fixture(scope="module")
+def result(work):
+    return run_benchmark(TINY_PLAN, work, torch.device("cpu"), overrides_3d=TINY_3D, overrides_2d=TINY_2D,
+                         show_progress=False)
+
+
+def test_every_measurement_is_taken_for_both_configurations(result):
+    names = {(m["name"], m["settings"]) for m in result["measurements"]}
+    expected = {"resunet3d training", "unetr2d training", "sliding-window inference", "segment one CT (file to file)"}
+    ablated = {("resunet3d training", f"ours without {option}") for option in ("cache", "channels_last",
+                                                                               "augment_on_device")}
+    ablated |= {("unetr2d training", f"ours without {option}") for option in ("cache", "augment_on_device")}
+    assert names == {(name, settings) for name in expected for settings in ("baseline", "ours")} | ablated
+    by_key = {(m["name"], m["settings"]): m for m in result["measurements"]}
+    for m in result["measurements"]:
+        assert m["value"] > 0 and m["peak_memory_gb"] is None  # no GPU memory on the CPU
+    train3d = by_key[("resunet3d training", "ours")]
+    assert train3d["unit"] == "patches/s" and train3d["details"]["pipeline"] == "cache"
+    assert by_key[("resunet3d training", "baseline")]["details"]["pipeline"] == "per_sample"
+    assert by_key[("unetr2d training", "baseline")]["details"]["batch_size"] == 4
+    assert by_key[("unetr2d training", "ours")]["unit"] == "slices/s"
+    assert by_key[("sliding-window inference", "baseline")]["details"]["sw_batch_size"] == 1
+    assert by_key[("segment one CT (file to file)", "ours")]["details"]["ct_shape"] == [24, 64, 64]  # KiTS19 files store slices first
+    rates = result["ratios"]["resunet3d training"]
+    assert rates == pytest.approx(train3d["value"] / by_key[("resunet3d training", "baseline")]["value"])
+    times = result["ratios"]["segment one CT (file to file)"]
+    assert times == pytest.approx(by_key[("segment one CT (file to file)", "baseline")]["value"]
+                                  / by_key[("segment one CT (file to file)", "ours")]["value"])
+
+
+def test_the_training_comparison_scores_both_settings_after_the_same_steps(result):
+    comparison = result["training_comparison"]
+    for name in ("baseline", "ours"):
+        assert comparison[name]["steps"] == 2 and comparison[name]["validation_cases"] >= 1
+        assert 0 <= comparison[name]["kidney_dice"] <= 1 and 0 <= comparison[name]["mean_dice"] <= 1
+    assert comparison["ours_at_least_baseline"] == (comparison["ours"]["mean_dice"] >= comparison["baseline"]["mean_dice"])
+
+
+def test_the_table_names_the_device_every_measurement_and_the_targets(result):
+    table = format_benchmark(result)
+    assert "CPU" in table and torch.__version__ in table
+    for name in ("resunet3d training", "unetr2d training", "sliding-window inference", "segment one CT"):
+        assert name in table
+    assert "not applicable on a CPU" in table and "training comparison, ours" in table
+    assert "what each option bought in resunet3d training" in table and "  channels_last" in table
+
+
+def test_the_script_prints_the_table_and_writes_json(result, work, tmp_path):
+    out = tmp_path / "bench.json"  # the synthetic data of the measurements above is reused
+    run = subprocess.run([sys.executable, "scripts/benchmark.py", "--device", "cpu", "--parts", "sliding_window",
+                          "--work", str(work), "--out", str(out)],
+                         capture_output=True, text=True, cwd=REPO, timeout=600)
+    assert run.returncode == 0, run.stderr
+    saved = json.loads(out.read_text())
+    assert [m["name"] for m in saved["measurements"]] == ["sliding-window inference"] * 2
+    assert "sliding-window inference" in run.stdout and "ours/baseline" in run.stdout
+
+
+def _script_main():
+    spec = importlib.util.spec_from_file_location("benchmark_script", REPO / "scripts" / "benchmark.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module.main
+
+
+def test_the_script_refuses_an_unknown_part_and_a_missing_gpu(tmp_path, capsys):
+    main = _script_main()
+    assert main(["--device", "cpu", "--parts", "warp_drive", "--work", str(tmp_path)]) == 2
+    error = capsys.readouterr().err
+    assert "warp_drive" in error and all(part in error for part in PARTS)
+    assert not any(tmp_path.iterdir()), "nothing is generated before the arguments are checked"
+    if not torch.cuda.is_available():
+        assert main(["--device", "cuda"]) == 2
+        assert "CUDA is not available" in capsys.readouterr().err

@@ -1,0 +1,61 @@
+"""The README's demo results: rendered from the demo's figures, replaced in place, never typed by hand."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+from utils.demo_results import (
+    BEGIN, END, demo_results, read_readme_results, readme_block, render_demo_results, update_readme_results,
+)
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+def _summary() -> dict:
+    metric = lambda mean: {"mean": mean, "std": 0.0, "median": mean, "n": 2, "missing": 0}  # noqa: E731
+    return {
+        "config": {"synthetic": {"matrix": 160}},
+        "cases": [{"case_id": f"case_{i:05d}"} for i in range(8)],
+        "cache": {"split": {"train": ["a"] * 6, "val": ["case_00002", "case_00004"]}},
+        "training": {"resunet3d": {"kidney_dice": 0.9051, "tumour_dice": 0.0, "seconds": 301.4},
+                     "unetr2d": {"kidney_dice": 0.8499, "tumour_dice": None, "seconds": 176.6}},
+        "evaluation": {"resunet3d": {"seconds_per_case": 0.544, "summary": {
+            "kidney_dice": metric(0.9031), "tumor_dice": metric(0.0), "kidney_surface_dice": metric(0.5071),
+            "kidney_hd95": metric(46.015), "tumor_hd95": metric(158.137)}}},
+    }
+
+
+def test_results_come_from_the_summary_and_render_one_row_per_model():
+    results = demo_results(_summary(), seconds=508.24, machine="2 CPU cores, no GPU")
+    assert results["cases"] == 8 and results["validation_cases"] == 2 and results["seconds"] == 508.2
+    table = render_demo_results(results)
+    rows = table.splitlines()
+    assert rows[0].startswith("| model | validation Dice, cache grid (kidney / tumour) | kidney Dice")
+    assert rows[2] == "| resunet3d | 0.905 / 0.000 | 0.903 | 0.000 | 0.507 | 46.0 | 158.1 | 301 | 0.54 |"
+    assert rows[3] == "| unetr2d | 0.850 / - | - | - | - | - | - | 177 | - |"  # not evaluated: dashes, not zeros
+    assert "508 s on 2 CPU cores, no GPU" in table and "8 synthetic cases of 160 x 160" in table
+
+
+def test_update_replaces_only_the_block_and_reads_back(tmp_path):
+    readme = tmp_path / "README.md"
+    readme.write_text(f"# Title\n\nbefore\n{BEGIN}\nold table typed by hand\n{END}\nafter\n", encoding="utf-8")
+    results = demo_results(_summary(), seconds=100.0, machine="m")
+    update_readme_results(readme, results)
+    text = readme.read_text(encoding="utf-8")
+    assert text.startswith("# Title\n\nbefore\n") and text.endswith(f"{END}\nafter\n") and "typed by hand" not in text
+    assert read_readme_results(text) == (results, render_demo_results(results))
+    update_readme_results(readme, results)
+    assert readme.read_text(encoding="utf-8") == text  # idempotent
+    (tmp_path / "plain.md").write_text("no block here")
+    with pytest.raises(ValueError, match="no demo results block"):
+        update_readme_results(tmp_path / "plain.md", results)
+
+
+def test_the_committed_readme_table_is_exactly_what_the_demo_rendered():
+    text = (REPO / "README.md").read_text(encoding="utf-8")
+    results, table = read_readme_results(text)
+    assert table == render_demo_results(results), "the README's demo table was edited by hand; rerun make demo"
+    assert readme_block(results) in text
+    assert {model["model"] for model in results["models"]} == {"resunet3d", "unetr2d"}
