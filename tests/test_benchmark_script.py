@@ -52,7 +52,9 @@ def test_every_measurement_is_taken_for_both_configurations(result):
     assert by_key[("unetr2d training", "baseline")]["details"]["batch_size"] == 4
     assert by_key[("unetr2d training", "ours")]["unit"] == "slices/s"
     assert by_key[("sliding-window inference", "baseline")]["details"]["sw_batch_size"] == 1
-    assert by_key[("segment one CT (file to file)", "ours")]["details"]["ct_shape"] == [24, 64, 64]  # KiTS19 files store slices first
+    segment_ours = by_key[("segment one CT (file to file)", "ours")]["details"]
+    assert segment_ours["ct_shape"] == [24, 64, 64]  # KiTS19 files store slices first
+    assert set(segment_ours["stage_seconds"]) == {"read", "preprocess", "predict", "restore", "write"}
     rates = result["ratios"]["resunet3d training"]
     assert rates == pytest.approx(train3d["value"] / by_key[("resunet3d training", "baseline")]["value"])
     times = result["ratios"]["segment one CT (file to file)"]
@@ -75,6 +77,7 @@ def test_the_table_names_the_device_every_measurement_and_the_targets(result):
         assert name in table
     assert "not applicable on a CPU" in table and "training comparison, ours" in table
     assert "what each option bought in resunet3d training" in table and "  channels_last" in table
+    assert "segment one CT (file to file), ours, by stage: read" in table
 
 
 def test_the_script_prints_the_table_and_writes_json(result, work, tmp_path):

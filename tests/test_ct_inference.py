@@ -184,3 +184,14 @@ def test_on_the_gpu_logits_stitched_on_the_cpu_match(synthetic_case, tmp_path, m
     on_cpu = segment_ct(image_hu, affine, segmenter, tta=True)
     assert on_gpu.shape == truth.shape
     assert (on_gpu == on_cpu).mean() > 0.999
+
+
+def test_segment_file_reports_the_seconds_of_each_stage(synthetic_case, segmenter_3d, tmp_path):
+    import time
+    _, _, _, path = synthetic_case
+    timings: dict[str, float] = {}
+    started = time.perf_counter()
+    segment_file(path, tmp_path / "pred.nii.gz", segmenter_3d, timings=timings)
+    total = time.perf_counter() - started
+    assert list(timings) == ["read", "preprocess", "predict", "restore", "write"]
+    assert all(seconds >= 0 for seconds in timings.values()) and sum(timings.values()) <= total

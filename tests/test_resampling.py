@@ -203,3 +203,14 @@ def test_restore_labels_pads_and_upsamples() -> None:
     assert restored.shape == mapping.original_shape and restored.dtype == np.uint8
     assert not restored[[0, 3]].any()  # slices outside the crop box
     np.testing.assert_array_equal(restored[1, 0], [0, 0, 1, 1, 2, 2, 0, 0])
+
+
+@pytest.mark.parametrize("shape", [(31, 47, 40), (55, 47, 120), (12, 20, 83)])
+def test_resampling_on_a_torch_device_equals_the_cache_resampling(shape) -> None:
+    image = np.random.default_rng(3).normal(size=(40, 97, 83)).astype(np.float32) * 300
+    expected = resample_image(image, shape)
+    on_device = resample_image(image, shape, device="cpu")  # the code path of a GPU, run on the CPU
+    assert on_device.shape == shape and on_device.dtype == np.float32
+    np.testing.assert_allclose(on_device, expected, rtol=0, atol=1e-3)  # values of hundreds: float32 rounding
+    plain = resample_image(image, shape, antialias=False, device="cpu")
+    np.testing.assert_allclose(plain, resample_image(image, shape, antialias=False), rtol=0, atol=1e-3)

@@ -228,6 +228,10 @@ def format_benchmark(result: dict[str, Any]) -> str:
             rows.append(f"what each option bought in {name} (ours / ours without it):")
             rows += [f"  {settings[len('ours without '):]:<28} {m['value']:>10.2f} {m['unit']:<10} "
                      f"{pair['ours']['value'] / m['value']:.2f}x" for settings, m in variants]
+    for m in result["measurements"]:
+        if m["details"].get("stage_seconds"):
+            rows.append(f"{m['name']}, {m['settings']}, by stage: " + ", ".join(
+                f"{stage} {seconds:.2f} s" for stage, seconds in m["details"]["stage_seconds"].items()))
     comparison = result.get("training_comparison")
     if comparison:
         for name in ("baseline", "ours"):

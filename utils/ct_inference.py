@@ -19,6 +19,7 @@ from __future__ import annotations
 import itertools
 import logging
 import os
+import time
 from dataclasses import dataclass, fields
 from pathlib import Path
 
@@ -230,7 +231,7 @@ def predict_preprocessed_labels(segmenter: SegmentationModel, image: np.ndarray,
 
 def segment_ct(image_hu: np.ndarray, affine: np.ndarray, segmenter: SegmentationModel, *, tta: bool = False,
                postprocess: bool = False, min_component_ml: float = DEFAULT_MIN_COMPONENT_ML,
-               overwrite_input: bool = False) -> np.ndarray:
+               overwrite_input: bool = False, timings: dict[str, float] | None = None) -> np.ndarray:
     """Segment one CT: training preprocessing, prediction, labels back on the CT's own grid.
 
     Args:
@@ -244,6 +245,8 @@ def segment_ct(image_hu: np.ndarray, affine: np.ndarray, segmenter: Segmentation
         min_component_ml: smallest kidney component kept by the post-processing, in ml.
         overwrite_input: let the preprocessing use ``image_hu`` as scratch space when it is
             float32 (saves a copy of a long CT; ``image_hu`` is then garbage).
+        timings: when given, receives the seconds of each stage (``preprocess``, ``predict``,
+            ``restore``; post-processing counts in ``restore``).
 
     Returns:
         ``(I, J, K)`` uint8 labels (0 background, 1 kidney, 2 tumour), to be saved with ``affine``.
@@ -257,27 +260,49 @@ def segment_ct(image_hu: np.ndarray, affine: np.ndarray, segmenter: Segmentation
     affine = np.asarray(affine, dtype=np.float64)
     if affine.shape != (4, 4) or not np.isfinite(affine).all() or abs(np.linalg.det(affine[:3, :3])) < 1e-12:
         raise ValueError(f"affine must be a finite, invertible 4 x 4 matrix, got {affine.tolist()}")
+    clock = _StageClock(timings)
     image = np.asarray(image_hu, dtype=np.float32)
     scratch = overwrite_input or image is not image_hu
+    on_gpu = segmenter.device if segmenter.device.type == "cuda" else None  # resampling too, on a GPU
     preprocessed, _, mapping = preprocess_volume(image, None, affine, segmenter.preprocessing,
-                                                 segmenter.normalisation, overwrite_input=scratch)
+                                                 segmenter.normalisation, overwrite_input=scratch, device=on_gpu)
     del image
+    clock.lap("preprocess")
     labels = predict_preprocessed_labels(segmenter, preprocessed, tta=tta)
     del preprocessed
+    clock.lap("predict")
     if postprocess:
         labels = postprocess_labels(labels, mapping.resampled_spacing, min_component_ml=min_component_ml)
-    return restore_labels(labels, mapping)
+    restored = restore_labels(labels, mapping)
+    clock.lap("restore")
+    return restored
+
+
+class _StageClock:
+    """Adds the seconds since the previous lap to ``timings[stage]`` (does nothing without ``timings``)."""
+
+    def __init__(self, timings: dict[str, float] | None):
+        self.timings = timings
+        self.last = time.perf_counter()
+
+    def lap(self, stage: str) -> None:
+        now = time.perf_counter()
+        if self.timings is not None:
+            self.timings[stage] = self.timings.get(stage, 0.0) + now - self.last
+        self.last = now
 
 
 def segment_file(input_path: str | os.PathLike, output_path: str | os.PathLike, segmenter: SegmentationModel, *,
                  tta: bool = False, postprocess: bool = False,
-                 min_component_ml: float = DEFAULT_MIN_COMPONENT_ML) -> Path:
+                 min_component_ml: float = DEFAULT_MIN_COMPONENT_ML, timings: dict[str, float] | None = None) -> Path:
     """Segment one NIfTI CT into a uint8 label NIfTI of the same shape and affine, written atomically.
 
     Args:
         input_path: ``.nii`` / ``.nii.gz`` CT in HU (only read; its gzip CRC and length are checked).
         output_path: ``.nii`` / ``.nii.gz`` destination, not the input; its folder is created.
         segmenter, tta, postprocess, min_component_ml: as in :func:`segment_ct`.
+        timings: when given, receives the seconds of each stage: ``read``, those of
+            :func:`segment_ct`, and ``write``.
 
     Returns:
         ``output_path``.
@@ -292,14 +317,19 @@ def segment_file(input_path: str | os.PathLike, output_path: str | os.PathLike, 
         raise ValueError(f"output must end in .nii or .nii.gz, got {str(output_path)!r}")
     if output_path.resolve() == input_path.resolve():
         raise ValueError(f"{output_path}: the output would overwrite the input CT; choose another output path")
+    clock = _StageClock(timings)
     image = load_nifti_verified(input_path)
     if len(image.shape) != 3:
         raise ValueError(f"{input_path}: not a 3D image: shape {tuple(image.shape)}; a CT volume has 3 axes")
     affine = np.asarray(image.affine, dtype=np.float64)
     image_hu = read_voxels(image, np.float32)
     del image  # drop the file's bytes before preprocessing
+    clock.lap("read")
     labels = segment_ct(image_hu, affine, segmenter, tta=tta, postprocess=postprocess,
-                        min_component_ml=min_component_ml, overwrite_input=True)
+                        min_component_ml=min_component_ml, overwrite_input=True, timings=timings)
+    clock.last = time.perf_counter()
     del image_hu
     output_path.parent.mkdir(parents=True, exist_ok=True)
-    return save_nifti(labels, affine, output_path)
+    written = save_nifti(labels, affine, output_path)
+    clock.lap("write")
+    return written

@@ -95,7 +95,8 @@ def plan_folder(config: PreprocessingConfig, cache_dir: str | os.PathLike | None
 
 def preprocess_volume(image_hu: np.ndarray, labels: np.ndarray | None, affine: np.ndarray,
                       config: PreprocessingConfig, normalisation: Normalisation,
-                      *, overwrite_input: bool = False) -> tuple[np.ndarray, np.ndarray | None, GridMapping]:
+                      *, overwrite_input: bool = False,
+                      device: torch.device | str | None = None) -> tuple[np.ndarray, np.ndarray | None, GridMapping]:
     """Preprocess one CT (and its labels) exactly as the cache does.
 
     Args:
@@ -103,6 +104,8 @@ def preprocess_volume(image_hu: np.ndarray, labels: np.ndarray | None, affine: n
         labels: same shape uint8 labels, or ``None`` (a CT to segment).
         affine: the file's ``(4, 4)`` affine. config: the parameters. normalisation: from the fingerprint.
         overwrite_input: allow ``image_hu`` to be used as scratch space (saves memory on long CTs).
+        device: where the image is resampled (``None``: the CPU, as the cache; a GPU at
+            inference, equal to float32 rounding; see :func:`utils.resampling.resample_image`).
 
     Returns:
         The image (``config.image_dtype``, ``(Z, Y, X)`` canonical, cropped), the labels (uint8,
@@ -115,7 +118,7 @@ def preprocess_volume(image_hu: np.ndarray, labels: np.ndarray | None, affine: n
     image, orientation = reorient_to_canonical(image_hu, affine)
     spacing, canonical_shape = canonical_spacing(affine, orientation), image.shape
     shape = resampled_shape(image.shape, spacing, config.target_spacing)
-    image = resample_image(image, shape, antialias=config.antialias, overwrite_input=overwrite_input)
+    image = resample_image(image, shape, antialias=config.antialias, overwrite_input=overwrite_input, device=device)
     if labels is not None:
         labels = resample_labels(reorient_to_canonical(labels, affine)[0], shape)
     box = (find_body_box(image, config.body_threshold_hu, labels) if config.crop_to_body

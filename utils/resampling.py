@@ -127,7 +127,7 @@ def resampled_shape(shape: Sequence[int], spacing: Sequence[float], target: Sequ
 
 
 def resample_image(image: np.ndarray, shape: Sequence[int], *, antialias: bool = True,
-                   overwrite_input: bool = False) -> np.ndarray:
+                   overwrite_input: bool = False, device: torch.device | str | None = None) -> np.ndarray:
     """Resample a 3D image to ``shape`` with trilinear interpolation (half-voxel convention).
 
     Args:
@@ -136,6 +136,9 @@ def resample_image(image: np.ndarray, shape: Sequence[int], *, antialias: bool =
         antialias: before downsampling an axis by a factor ``f``, smooth it with a Gaussian of
             sigma ``(f - 1) / 2`` voxels, so the output averages the input rather than sampling it.
         overwrite_input: allow smoothing ``image`` in place (saves one copy of a large volume).
+        device: ``None`` (default) filters with SciPy and interpolates with torch on the CPU, as
+            the cache does; a torch device (a GPU at inference) does both there, with the same
+            Gaussian kernel (truncated at 4 sigma, edges extended), equal to float32 rounding.
 
     Returns:
         ``shape`` float32 array.
@@ -146,6 +149,8 @@ def resample_image(image: np.ndarray, shape: Sequence[int], *, antialias: bool =
     if tuple(image.shape) == shape:
         return np.asarray(image, dtype=np.float32) if overwrite_input else np.array(image, dtype=np.float32)
     factors = [n_in / n_out for n_in, n_out in zip(image.shape, shape)]
+    if device is not None:
+        return _resample_on_device(image, shape, factors if antialias else [1.0, 1.0, 1.0], torch.device(device))
     work = image
     if antialias and any(f > 1 for f in factors):
         if not (overwrite_input and image.dtype == np.float32 and image.flags.writeable):
@@ -157,6 +162,32 @@ def resample_image(image: np.ndarray, shape: Sequence[int], *, antialias: bool =
     with torch.no_grad():
         out = F.interpolate(tensor, size=shape, mode="trilinear", align_corners=False)
     return out[0, 0].numpy()
+
+
+def _resample_on_device(image: np.ndarray, shape: tuple[int, ...], factors: Sequence[float],
+                        device: torch.device) -> np.ndarray:
+    """:func:`resample_image` computed on ``device``: separable Gaussian, then trilinear interpolation."""
+    with torch.no_grad():
+        work = torch.from_numpy(np.ascontiguousarray(image, dtype=np.float32)).to(device)[None, None]
+        for axis, factor in enumerate(factors):
+            if factor > 1:
+                work = _gaussian_along(work, (factor - 1) / 2, axis)
+        out = F.interpolate(work, size=shape, mode="trilinear", align_corners=False)
+        return out[0, 0].cpu().numpy()
+
+
+def _gaussian_along(volume: torch.Tensor, sigma: float, axis: int) -> torch.Tensor:
+    """SciPy's ``gaussian_filter1d(mode="nearest", truncate=4)`` along spatial ``axis`` of ``(1, 1, Z, Y, X)``."""
+    radius = int(4.0 * sigma + 0.5)
+    if radius == 0:
+        return volume
+    offsets = torch.arange(-radius, radius + 1, dtype=torch.float64)
+    kernel = torch.exp(-0.5 * (offsets / sigma) ** 2)
+    kernel = (kernel / kernel.sum()).to(device=volume.device, dtype=volume.dtype)
+    moved = volume.movedim(2 + axis, -1)
+    padded = F.pad(moved.reshape(1, -1, moved.shape[-1]), (radius, radius), mode="replicate")
+    filtered = F.conv1d(padded.reshape(-1, 1, padded.shape[-1]), kernel.view(1, 1, -1))
+    return filtered.reshape(moved.shape).movedim(-1, 2 + axis)
 
 
 def resample_labels(labels: np.ndarray, shape: Sequence[int]) -> np.ndarray:

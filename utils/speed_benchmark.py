@@ -372,16 +372,20 @@ def measure_segmentation(config: ExperimentConfig, settings: Settings, cache: Pr
         segmenter = load_segmentation_model(checkpoint, device=device)
 
         def segment() -> None:
-            segment_file(ct_path, output, segmenter)
+            stages.append({})
+            segment_file(ct_path, output, segmenter, timings=stages[-1])
+    stages: list[dict[str, float]] = []
     times = _repeat(segment, device, repeats)
     written = nib.load(str(output))
     source = nib.load(str(ct_path))
     if written.shape != source.shape or not np.allclose(written.affine, source.affine, atol=1e-4):
         raise RuntimeError(f"{output}: the {settings.name} segmentation is not on the CT's grid "
                            f"({written.shape} vs {source.shape})")
+    details = {"ct_shape": list(source.shape), "seconds_each": times, "precision": settings.precision}
+    if stages:  # ours: median seconds of each stage over the timed runs
+        details["stage_seconds"] = {name: float(np.median([s[name] for s in stages[1:]])) for name in stages[-1]}
     return Measurement("segment one CT (file to file)", settings.name, float(np.median(times)), "s",
-                       peak_memory_gb(device), {"ct_shape": list(source.shape), "seconds_each": times,
-                                                "precision": settings.precision})
+                       peak_memory_gb(device), details)
 
 
 def compare_training(config: ExperimentConfig, baseline: Settings, ours: Settings, cache: PreprocessedCache,
