@@ -5,6 +5,7 @@ Usage::
     python scripts/train_3d_unet.py --config configs/resunet3d.yaml [--data DIR] [--set section.key=value ...] [--wandb]
     python scripts/train_3d_unet.py --resume checkpoints/<run> [--set training.epochs=1500]
     accelerate launch --num_processes 4 scripts/train_3d_unet.py --config configs/resunet3d.yaml
+    python scripts/train_3d_unet.py --config configs/resunet3d.yaml --set training.run_name=NAME --auto-resume   # start or continue NAME
 
 The data folder is preprocessed into the cache first (cases already cached are skipped). Each
 run writes ``checkpoints/<run>/``: ``config.yaml``, ``last.pt``, ``best.pt``,
@@ -12,7 +13,8 @@ run writes ``checkpoints/<run>/``: ``config.yaml``, ``last.pt``, ``best.pt``,
 with the config saved in its folder (``--set`` may still change, e.g., ``training.epochs``).
 
 Exit status: 0 when training finished, 1 when it stopped on an error (the message says why;
-checkpoints already written are intact), 2 on usage errors.
+checkpoints already written are intact), 2 on usage errors, 75 when SIGTERM or SIGUSR1 (a
+scheduler's time limit or pre-emption) stopped it after saving ``last.pt`` mid-epoch.
 """
 
 from __future__ import annotations

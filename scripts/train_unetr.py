@@ -6,6 +6,7 @@ Usage::
     python scripts/train_unetr.py --resume checkpoints/<run> [--set training.epochs=600]
     python scripts/train_unetr.py --config checkpoints/<search>/best_config.yaml   # a search's best trial
     accelerate launch --num_processes 4 scripts/train_unetr.py --config configs/unetr2d.yaml
+    python scripts/train_unetr.py --config configs/unetr2d.yaml --set training.run_name=NAME --auto-resume   # start or continue NAME
 
 It uses the same cache, split, engine and run folder as the 3D model: class-balanced,
 augmented axial slices for training; every axial slice of each validation volume predicted,
@@ -14,7 +15,8 @@ stacked back into a volume and scored per case with the same KiTS19 Dice. Each r
 and ``train.log``.
 
 Exit status: 0 when training finished, 1 when it stopped on an error (the message says why;
-checkpoints already written are intact), 2 on usage errors.
+checkpoints already written are intact), 2 on usage errors, 75 when SIGTERM or SIGUSR1 (a
+scheduler's time limit or pre-emption) stopped it after saving ``last.pt`` mid-epoch.
 """
 
 from __future__ import annotations

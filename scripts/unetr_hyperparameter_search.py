@@ -16,7 +16,9 @@ Run the same command again to continue an interrupted search: ``--trials`` count
 already finished, and a trial that was killed is retried with its parameters from its ``last.pt``.
 
 Exit status: 0 when the study has the trials asked for and the reports are written, 1 when it
-stopped on an error or was interrupted (rerun to continue), 2 on usage errors.
+stopped on an error or was interrupted (rerun to continue), 2 on usage errors, 75 when SIGTERM
+or SIGUSR1 stopped a trial's training after saving its ``last.pt`` (rerun to continue; the trial
+is retried from there).
 """
 
 from __future__ import annotations
@@ -31,6 +33,8 @@ from pathlib import Path
 from utils.checkpoints import CheckpointError
 from utils.hyperparameter_search import run_search
 from utils.search_space import load_search_config
+from utils.stop_signals import EXIT_INTERRUPTED
+from utils.training_engine import TrainingInterrupted
 
 EXIT_OK, EXIT_FAILED, EXIT_USAGE = 0, 1, 2
 
@@ -73,6 +77,9 @@ def main(argv: list[str] | None = None) -> int:
     signal.signal(signal.SIGTERM, _interrupt)  # a scheduler's SIGTERM queues the trial's retry like Ctrl-C
     try:
         result = run_search(config, trials=args.trials, storage=args.storage, data_dir=args.data)
+    except TrainingInterrupted as error:  # SIGTERM/SIGUSR1 during a trial: its last.pt is saved
+        log.warning("%s; the trial is retried from there: run the same command again to continue the study", error)
+        return EXIT_INTERRUPTED
     except KeyboardInterrupt:
         log.error("interrupted: run the same command again to continue the study")
         return EXIT_FAILED

@@ -207,3 +207,20 @@ def test_values_are_written_as_yaml_that_reads_back_equal():
     assert format_yaml_value(1e-05) == "1.0e-05" and yaml.safe_load("1.0e-05") == 1e-05
     assert format_yaml_value([0.0, 1.0, 3.0]) == "[0.0, 1.0, 3.0]"
     assert format_yaml_value("dice_ce") == "dice_ce" and format_yaml_value("123") == "'123'"
+
+
+def test_a_trial_stopped_by_a_scheduler_signal_is_queued_for_a_retry_with_its_parameters(tmp_path, monkeypatch):
+    import utils.hyperparameter_search as search
+    from utils.training_engine import TrainingInterrupted
+
+    def stopped(config, **kwargs):
+        raise TrainingInterrupted("stopped by SIGTERM at epoch 1, batch 3", Path(config.training.output_dir),
+                                  "SIGTERM")
+
+    monkeypatch.setattr(search, "train", stopped)
+    config = load_search_config(write_search(tmp_path))
+    with pytest.raises(TrainingInterrupted, match="SIGTERM"):
+        run_search(config, trials=2, show_progress=False)
+    trials = optuna.load_study(study_name="tiny", storage=f"sqlite:///{study_folder(config) / 'study.db'}").trials
+    assert [t.state.name for t in trials] == ["FAIL", "WAITING"]
+    assert trials[1].params == trials[0].params  # the retry keeps the interrupted trial's parameters

@@ -43,7 +43,7 @@ from utils.experiment_config import load_experiment_config
 from utils.nifti_io import write_bytes_atomic
 from utils.run_folder import PROGRESS_FILE, attach_text_log, detach_text_log
 from utils.search_space import PrunerConfig, SearchConfig, build_trial_experiment, parameter_overrides
-from utils.training_engine import NonFiniteLossError, train
+from utils.training_engine import NonFiniteLossError, TrainingInterrupted, train
 
 logger = logging.getLogger(__name__)
 
@@ -80,7 +80,7 @@ class TrialObjective:
         except NonFiniteLossError as error:
             trial.set_user_attr("failure", str(error))
             raise
-        except KeyboardInterrupt:
+        except (KeyboardInterrupt, TrainingInterrupted):  # Ctrl-C, or SIGTERM/SIGUSR1 after saving last.pt
             _queue_retry(trial, self.config.max_retries)
             raise
         if result.best_score is None:
