@@ -32,8 +32,8 @@ from utils.patch_dataset import background_value
 from utils.preprocessed_cache import PreprocessedCache, open_cache
 from utils.preprocessing import preprocess_dataset
 from utils.speed_benchmark import (
-    Measurement, ablation_settings, baseline_settings, compare_training, measure_segmentation, measure_sliding_window, measure_training,
-    our_settings, prepare_slices, ratio,
+    Measurement, Settings, ablation_settings, baseline_settings, compare_training, measure_segmentation,
+    measure_sliding_window, measure_training, our_settings, prepare_slices, ratio,
 )
 from utils.synthetic_dataset import SyntheticOptions, generate_dataset
 
@@ -130,45 +130,52 @@ def run_benchmark(plan: BenchmarkPlan, work: str | os.PathLike, device: torch.de
         generate_dataset(data, plan.cases, seed=0, workers=min(plan.cases, cpus),
                          options=SyntheticOptions(matrix=plan.matrix, coverage_mm=plan.coverage_mm),
                          show_progress=show_progress)
-    config_3d = _config(plan.config_3d, work, list(overrides_3d or []))
-    config_2d = _config(plan.config_2d, work, list(overrides_2d or []))
+    configs = {"3d": _config(plan.config_3d, work, list(overrides_3d or [])),
+               "2d": _config(plan.config_2d, work, list(overrides_2d or []))}
+    caches: dict[str, PreprocessedCache] = {}  # each experiment's cache, preprocessed (or checked) once
     measurements: list[Measurement] = []
+    comparison = None
     steps = [part for part in PARTS if part in parts]
     for part in tqdm(steps, desc="benchmark", unit="part", disable=not show_progress):
-        measurements.extend(_run_part(part, plan, work, data, device, config_3d, config_2d))
+        kind = "2d" if part == "train2d" else "3d"
+        if kind not in caches:
+            caches[kind] = _cache(configs[kind], data, min(cpus, plan.cases))
+        if part == "compare":
+            config = configs[kind]
+            comparison = compare_training(config, _baseline(config, plan, device),
+                                          our_settings(config, device, plan.workers), caches[kind], data, device,
+                                          steps=plan.compare_steps)
+        else:
+            measurements.extend(_run_part(part, plan, work, data, device, configs[kind], caches[kind]))
     result = {"device": _device_name(device), "torch": torch.__version__, "python": platform.python_version(),
-              "cpus": cpus, "plan": asdict(plan), "measurements": [asdict(m) for m in measurements if isinstance(m, Measurement)],
-              "ratios": _ratios([m for m in measurements if isinstance(m, Measurement)])}
-    comparison = [m for m in measurements if isinstance(m, dict)]
-    if comparison:
-        result["training_comparison"] = comparison[0]
+              "cpus": cpus, "plan": asdict(plan), "measurements": [asdict(m) for m in measurements],
+              "ratios": _ratios(measurements)}
+    if comparison is not None:
+        result["training_comparison"] = comparison
     return result
 
 
+def _baseline(config: ExperimentConfig, plan: BenchmarkPlan, device: torch.device) -> Settings:
+    """The baseline settings with the plan's number of loader workers."""
+    return replace(baseline_settings(config, device), workers=plan.baseline_workers)
+
+
 def _run_part(part: str, plan: BenchmarkPlan, work: Path, data: Path, device: torch.device,
-              config_3d: ExperimentConfig, config_2d: ExperimentConfig) -> list[Any]:
-    """The measurements of one part, baseline first."""
-    cpus = os.cpu_count() or 1
-    config = config_2d if part == "train2d" else config_3d
-    cache = _cache(config, data, min(cpus, plan.cases))
-    baseline = replace(baseline_settings(config, device), workers=plan.baseline_workers)
-    ours = our_settings(config, device, plan.workers)
+              config: ExperimentConfig, cache: PreprocessedCache) -> list[Measurement]:
+    """The measurements of one timed part (not ``compare``), baseline first."""
+    baseline, ours = _baseline(config, plan, device), our_settings(config, device, plan.workers)
     if part in ("train3d", "train2d"):
         slices = prepare_slices(cache, config, work / "slices" / cache.folder.name) if part == "train2d" else None
-        measured = [measure_training(config, baseline, cache, data, slices, device, warmup=plan.baseline_warmup,
-                                     steps=plan.baseline_steps),
-                    measure_training(config, ours, cache, data, slices, device, warmup=plan.warmup, steps=plan.steps)]
-        if plan.ablation:
-            measured += [measure_training(config, variant, cache, data, slices, device, warmup=plan.warmup,
-                                          steps=plan.steps) for variant in ablation_settings(ours, device)]
-        return measured
+        variants = [baseline, ours, *(ablation_settings(ours, device) if plan.ablation else [])]
+        return [measure_training(config, settings, cache, data, slices, device,
+                                 warmup=plan.baseline_warmup if settings is baseline else plan.warmup,
+                                 steps=plan.baseline_steps if settings is baseline else plan.steps)
+                for settings in variants]
     if part == "sliding_window":
         pad = background_value(cache)
         return [measure_sliding_window(config, s, plan.volume_shape, device, pad, plan.repeats) for s in (baseline, ours)]
-    if part == "segment":
-        ct = _benchmark_ct(plan, work)
-        return [measure_segmentation(config, s, cache, ct, work, device, plan.repeats) for s in (baseline, ours)]
-    return [compare_training(config, baseline, ours, cache, data, device, steps=plan.compare_steps)]
+    ct = _benchmark_ct(plan, work)
+    return [measure_segmentation(config, s, cache, ct, work, device, plan.repeats) for s in (baseline, ours)]
 
 
 def _benchmark_ct(plan: BenchmarkPlan, work: Path) -> Path:
@@ -216,11 +223,10 @@ def format_benchmark(result: dict[str, Any]) -> str:
         if base is None and ours is None:
             continue
         unit = (ours or base)["unit"]
-        value = lambda m: f"{m['value']:.2f} {unit}" if m else "-"  # noqa: E731
         memory = " / ".join(f"{m['peak_memory_gb']:.1f}" if m and m["peak_memory_gb"] is not None else "-"
                             for m in (base, ours))
         share = result["ratios"].get(name)
-        rows.append(f"{name:<30} {value(base):>17} {value(ours):>17} "
+        rows.append(f"{name:<30} {_value(base, unit):>17} {_value(ours, unit):>17} "
                     f"{(f'{share:.2f}x' if share else '-'):>13} {memory:>11}  {_target(name, share, ours, on_gpu)}")
     for name, pair in pairs.items():
         variants = [(settings, m) for settings, m in pair.items() if settings.startswith("ours without")]
@@ -242,6 +248,11 @@ def format_benchmark(result: dict[str, Any]) -> str:
         rows.append("ours reaches at least the baseline's mean Dice in the same steps: "
                     + ("yes" if comparison["ours_at_least_baseline"] else "no"))
     return "\n".join(rows)
+
+
+def _value(measurement: dict[str, Any] | None, unit: str) -> str:
+    """A measurement's value with its unit, or ``-`` when it was not taken."""
+    return f"{measurement['value']:.2f} {unit}" if measurement else "-"
 
 
 def _target(name: str, share: float | None, ours: dict[str, Any] | None, on_gpu: bool) -> str:

@@ -14,6 +14,7 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 
 import numpy as np
+import torch
 
 from utils.case_discovery import discover_cases
 from utils.case_validation import DatasetReport, load_case, select_cases, validate_dataset
@@ -180,7 +181,6 @@ def _mean_seconds(cases: list[dict]) -> float | None:
 
 def _machine() -> str:
     """Where the demo ran, in a few words (the README's results say it)."""
-    import torch
     if torch.cuda.is_available():
         return f"{torch.cuda.get_device_name(0)}, {os.cpu_count()} CPU cores"
     return f"{os.cpu_count()} CPU cores, no GPU"

@@ -198,7 +198,7 @@ def _step_flags(accelerator: Any, loss: torch.Tensor, stop: StopSignals) -> tupl
 def _stop_on_signal(state: RunState, epoch: int, progress: dict[str, Any], signal_name: str) -> None:
     """Save ``last.pt`` at this point of the epoch, then raise :class:`TrainingInterrupted`."""
     if state.accelerator.is_main_process:
-        checkpoint = _checkpoint_state(state, epoch - 1, {"epoch": epoch})
+        checkpoint = _checkpoint_state(state, epoch, {"epoch": epoch})  # the epoch in progress counts as not done
         checkpoint["epoch_progress"] = progress
         save_checkpoint(state.folder / "last.pt", checkpoint)
         logger.warning("%s: saved %s at epoch %d, batch %d (iteration %d); resume with --resume %s",
@@ -228,7 +228,7 @@ def _finish_epoch(state: RunState, epoch: int, record: dict[str, Any]) -> None:
         state.best_epoch, state.best_score = epoch + 1, record["mean_dice"]
     record["best_epoch"] = state.best_epoch
     if state.accelerator.is_main_process:
-        checkpoint = _checkpoint_state(state, epoch, record)
+        checkpoint = _checkpoint_state(state, epoch + 1, record)
         if improved:
             save_checkpoint(state.folder / "best.pt", checkpoint)
         if (epoch + 1) % training.checkpoint_every == 0 or last or improved:
@@ -266,13 +266,13 @@ def validate(state: RunState) -> dict[str, Any]:
             "per_case": sorted(cases, key=lambda case: case["case_id"])}
 
 
-def _checkpoint_state(state: RunState, epoch: int, record: dict[str, Any]) -> dict[str, Any]:
-    """Everything needed to continue the run exactly, or to use the model later."""
+def _checkpoint_state(state: RunState, epochs_done: int, record: dict[str, Any]) -> dict[str, Any]:
+    """Everything needed to continue the run exactly (after ``epochs_done`` whole epochs), or to use the model later."""
     accelerator = state.accelerator
     scaler = getattr(accelerator, "scaler", None)
     return {
         "format_version": 1,
-        "epoch": epoch + 1,
+        "epoch": epochs_done,
         "iteration": state.iteration,
         "model": accelerator.unwrap_model(state.model).state_dict(),
         "optimiser": state.optimiser.state_dict(),
