@@ -28,9 +28,9 @@ import tempfile
 from dataclasses import replace
 from pathlib import Path
 
-from utils.benchmark_run import PARTS, cpu_plan, format_benchmark, gpu_plan, run_benchmark
-from utils.ct_inference import select_device
-from utils.nifti_io import write_bytes_atomic
+from utils.benchmarks.suite import PARTS, cpu_plan, format_benchmark, gpu_plan, run_benchmark
+from utils.inference.segment import select_device
+from utils.data.nifti_io import write_bytes_atomic
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:

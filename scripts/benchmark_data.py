@@ -25,14 +25,14 @@ import sys
 import tempfile
 from pathlib import Path
 
-from utils.config import AugmentationConfig, PatchDatasetConfig, PreprocessingConfig, SplitConfig
-from utils.data_loading_benchmark import (
+from utils.config.data import AugmentationConfig, PatchDatasetConfig, PreprocessingConfig, SplitConfig
+from utils.benchmarks.data_loading import (
     format_timings, measure_peak_memory, summarise, time_cache_patches, time_per_sample_patches,
 )
-from utils.nifti_io import write_bytes_atomic
-from utils.preprocessed_cache import open_cache
-from utils.preprocessing import preprocess_dataset
-from utils.synthetic_dataset import SyntheticOptions, generate_dataset
+from utils.data.nifti_io import write_bytes_atomic
+from utils.preprocessing.cache import open_cache
+from utils.preprocessing.preprocess import preprocess_dataset
+from utils.synthetic.dataset import SyntheticOptions, generate_dataset
 
 MEMORY_TARGET_GB = 6.0
 

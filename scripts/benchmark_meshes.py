@@ -18,7 +18,7 @@ import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from utils.mesh_figures import LAYOUTS, plot_meshes  # noqa: E402
+from utils.figures.meshes import LAYOUTS, plot_meshes  # noqa: E402
 
 SHAPE = (600, 512, 512)
 SPACING = (1.0, 0.78, 0.78)

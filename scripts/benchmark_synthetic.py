@@ -22,8 +22,8 @@ from pathlib import Path  # noqa: E402
 
 import numpy as np  # noqa: E402
 
-from utils.nifti_io import load_nifti, read_voxels, save_nifti, write_bytes_atomic  # noqa: E402
-from utils.synthetic_dataset import SyntheticOptions, find_masks, generate_case, synthesise_image_for_mask  # noqa: E402
+from utils.data.nifti_io import load_nifti, read_voxels, save_nifti, write_bytes_atomic  # noqa: E402
+from utils.synthetic.dataset import SyntheticOptions, find_masks, generate_case, synthesise_image_for_mask  # noqa: E402
 
 MEDIAN_CASE = SyntheticOptions(matrix=512, spacing=(3.0, 0.78125, 0.78125), coverage_mm=(321.0, 321.0))
 TARGET_S = 20.0

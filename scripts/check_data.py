@@ -20,9 +20,9 @@ import logging
 import sys
 from pathlib import Path
 
-from utils.case_discovery import resolve_data_dir
-from utils.case_validation import CaseReport, DatasetReport, validate_dataset
-from utils.nifti_io import write_bytes_atomic
+from utils.data.case_discovery import resolve_data_dir
+from utils.data.case_validation import CaseReport, DatasetReport, validate_dataset
+from utils.data.nifti_io import write_bytes_atomic
 
 EXIT_OK, EXIT_UNUSABLE, EXIT_USAGE = 0, 1, 2
 

@@ -22,8 +22,8 @@ import logging
 import sys
 from pathlib import Path
 
-from utils.comparison_report import write_comparison_report
-from utils.model_comparison import resolve_report_folder
+from utils.evaluation.report import write_comparison_report
+from utils.evaluation.comparison import resolve_report_folder
 
 EXIT_OK, EXIT_FAILED, EXIT_USAGE = 0, 1, 2
 

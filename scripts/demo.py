@@ -10,9 +10,10 @@ import logging
 import sys
 import time
 
-from utils.case_validation import UnusableCaseError
-from utils.config import DemoConfig, load_config
-from utils.demo_pipeline import format_demo_result, run_demo
+from utils.data.case_validation import UnusableCaseError
+from utils.config.demo import DemoConfig
+from utils.config.loading import load_config
+from utils.cli.demo import format_demo_result, run_demo
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -15,7 +15,7 @@ from __future__ import annotations
 
 import sys
 
-from utils.evaluation_command import run_evaluation_command
+from utils.cli.evaluate import run_evaluation_command
 
 
 def main(argv: list[str] | None = None) -> int:

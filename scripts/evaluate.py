@@ -22,8 +22,8 @@ import logging
 import sys
 from pathlib import Path
 
-from utils.evaluation import EvaluationResult, evaluate_predictions
-from utils.evaluation_metrics import DEFAULT_TOLERANCE_MM, METRIC_NAMES
+from utils.evaluation.predictions import EvaluationResult, evaluate_predictions
+from utils.metrics.surface import DEFAULT_TOLERANCE_MM, METRIC_NAMES
 
 EXIT_OK, EXIT_REFUSED, EXIT_USAGE = 0, 1, 2
 

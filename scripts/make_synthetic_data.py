@@ -12,7 +12,7 @@ import logging
 import sys
 import time
 
-from utils.synthetic_dataset import SyntheticOptions, generate_dataset, generate_from_masks
+from utils.synthetic.dataset import SyntheticOptions, generate_dataset, generate_from_masks
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:

@@ -5,7 +5,7 @@ Usage::
     python scripts/prepare_2D_dataset.py --cache PLAN_DIR --out OUT [--config CFG] [--fold 0] [--set slices.image_size=256]
 
 ``PLAN_DIR`` is a plan folder made by ``scripts/preprocess.py`` (it prints it). Slices are
-fitted to ``slices.image_size`` exactly as the 2D UNETR sees them (see ``utils/slice_dataset.py``)
+fitted to ``slices.image_size`` exactly as the 2D UNETR sees them (see ``utils/datasets/slices.py``)
 and written under ``OUT`` (``images/``, ``labels/``, ``slices.csv`` with the split of each case).
 Training does not need this: the 2D dataset reads the same cache directly. ``OUT`` may not lie
 inside the raw data folder or the cache.
@@ -20,9 +20,11 @@ import logging
 import sys
 from pathlib import Path
 
-from utils.config import SliceDatasetConfig, load_config_sections
-from utils.preprocessed_cache import open_cache
-from utils.slice_dataset import write_slice_dataset
+from utils.config.data import SliceDatasetConfig
+
+from utils.config.loading import load_config_sections
+from utils.preprocessing.cache import open_cache
+from utils.datasets.slices import write_slice_dataset
 
 EXIT_OK, EXIT_USAGE = 0, 2
 DEFAULT_CONFIG = Path(__file__).resolve().parents[1] / "configs" / "preprocessing.yaml"

@@ -23,16 +23,17 @@ import logging
 import sys
 from pathlib import Path
 
-from utils.case_discovery import resolve_data_dir
-from utils.config import PreprocessingConfig, SplitConfig, load_config_sections
-from utils.preprocessing import NO_SEGMENTATION, PreprocessingResult, preprocess_dataset
+from utils.data.case_discovery import resolve_data_dir
+from utils.config.data import PreprocessingConfig, SplitConfig
+from utils.config.loading import load_config_sections
+from utils.preprocessing.preprocess import NO_SEGMENTATION, PreprocessingResult, preprocess_dataset
 
 EXIT_OK, EXIT_UNUSABLE, EXIT_USAGE = 0, 1, 2
 DEFAULT_CONFIG = "configs/preprocessing.yaml"
 #: How many case ids a summary line lists before abbreviating.
 _IDS_SHOWN = 5
 #: Loggers whose messages (skipped, excluded and failed cases) the summary repeats.
-_REPORTED_BY_SUMMARY = frozenset({"utils.case_validation", "utils.preprocessing"})
+_REPORTED_BY_SUMMARY = frozenset({"utils.data.case_validation", "utils.preprocessing.preprocess"})
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:

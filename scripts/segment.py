@@ -29,12 +29,12 @@ from pathlib import Path
 import torch
 from tqdm import tqdm
 
-from utils.case_discovery import discover_cases
-from utils.checkpoints import CheckpointError
-from utils.ct_inference import SegmentationModel, load_segmentation_model, segment_file, select_device
-from utils.kits_layout import IMAGING_NAME, is_case_id
-from utils.nifti_io import save_json_atomic
-from utils.postprocessing import DEFAULT_MIN_COMPONENT_ML
+from utils.data.case_discovery import discover_cases
+from utils.networks.checkpoints import CheckpointError
+from utils.inference.segment import SegmentationModel, load_segmentation_model, segment_file, select_device
+from utils.data.kits_layout import IMAGING_NAME, is_case_id
+from utils.data.nifti_io import save_json_atomic
+from utils.inference.postprocessing import DEFAULT_MIN_COMPONENT_ML
 
 EXIT_OK, EXIT_FAILED, EXIT_USAGE = 0, 1, 2
 NIFTI_SUFFIXES = (".nii.gz", ".nii")

@@ -23,7 +23,7 @@ from __future__ import annotations
 
 import sys
 
-from utils.training_command import run_training_command
+from utils.cli.train import run_training_command
 
 
 def main(argv: list[str] | None = None) -> int:

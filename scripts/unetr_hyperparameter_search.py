@@ -6,7 +6,7 @@ Usage::
         [--storage sqlite:///path/study.db] [--study-name NAME] [--data DIR] [--set key=value ...]
 
 The search config names the base experiment, the overrides that make trials short and the
-search space (see ``utils/hyperparameter_search.py``); ``--set`` overrides its settings, e.g.
+search space (see ``utils/training/search.py``); ``--set`` overrides its settings, e.g.
 ``--set sampler_seed=1`` or ``--set pruner.n_warmup_steps=20``. Everything goes to
 ``<output_dir>/<study_name>/``: ``study.db`` (unless ``--storage``), ``trials/trial_NNNN/`` run
 folders, ``results.csv``, ``best_config.yaml`` (train it with ``scripts/train_unetr.py --config``),
@@ -30,11 +30,11 @@ import signal
 import sys
 from pathlib import Path
 
-from utils.checkpoints import CheckpointError
-from utils.hyperparameter_search import run_search
-from utils.search_space import load_search_config
-from utils.stop_signals import EXIT_INTERRUPTED
-from utils.training_engine import TrainingInterrupted
+from utils.networks.checkpoints import CheckpointError
+from utils.training.search import run_search
+from utils.config.search import load_search_config
+from utils.training.stop_signals import EXIT_INTERRUPTED
+from utils.training.engine import TrainingInterrupted
 
 EXIT_OK, EXIT_FAILED, EXIT_USAGE = 0, 1, 2
 

@@ -30,10 +30,10 @@ def real_kits19_dir() -> Path:
 @pytest.fixture(scope="session")
 def tiny_cache(tmp_path_factory):
     """A preprocessed cache of four small synthetic cases (4 mm voxels), shared by the dataset tests."""
-    from utils.config import PreprocessingConfig, SplitConfig
-    from utils.preprocessed_cache import open_cache
-    from utils.preprocessing import preprocess_dataset
-    from utils.synthetic_dataset import SyntheticOptions, generate_dataset
+    from utils.config.data import PreprocessingConfig, SplitConfig
+    from utils.preprocessing.cache import open_cache
+    from utils.preprocessing.preprocess import preprocess_dataset
+    from utils.synthetic.dataset import SyntheticOptions, generate_dataset
 
     root = tmp_path_factory.mktemp("tiny_cache")
     generate_dataset(root / "data", 4, seed=3, options=SyntheticOptions(matrix=64), show_progress=False)
@@ -63,8 +63,8 @@ def hand_made_labels():
 
 def _make_cached_case(folder: Path, case_id: str, labels: np.ndarray, spacing=(2.0, 1.0, 1.0)):
     """A hand-made cached case whose image value is the voxel's flat index."""
-    from utils.preprocessed_cache import CachedCase, write_case_folder
-    from utils.slice_statistics import classify_slices
+    from utils.preprocessing.cache import CachedCase, write_case_folder
+    from utils.analysis.slice_statistics import classify_slices
 
     image = np.arange(labels.size, dtype=np.float32).reshape(labels.shape)
     meta = {"case_id": case_id, "shape": list(labels.shape), "mapping": {"resampled_spacing": list(spacing)},

@@ -1,66 +1,110 @@
-"""The package's data flow runs one way: a module imports only from stages before its own."""
+"""The package's shape: stage subpackages whose imports run one way, in the order the README's map gives.
+
+The stage order is not kept here by hand: it is derived from the folders under ``utils/`` and
+the imports between them. A stage may import only from stages that it does not feed, so the
+stage-level import graph must have no cycle; the README's folder map must list every stage in
+an order that respects it (each stage after every stage it imports from).
+"""
 
 from __future__ import annotations
 
 import ast
+import re
+from graphlib import CycleError, TopologicalSorter
 from pathlib import Path
 
-UTILS = Path(__file__).resolve().parents[1] / "utils"
+REPO = Path(__file__).resolve().parents[1]
+UTILS = REPO / "utils"
+MAX_MODULES_PER_STAGE = 12
 
-#: Stages in data-flow order; a module may import utils modules of earlier stages only.
-#: The synthetic generator is a data source: it writes raw NIfTI and knows nothing of loaders.
-STAGES: list[set[str]] = [
-    {"kits_layout", "config", "parallel", "synthetic_shapes", "stop_signals"},
-    {"nifti_io", "synthetic_anatomy", "slice_statistics", "experiment_config"},
-    {"case_discovery", "nifti_checks", "synthetic_tissues"},
-    {"case_validation", "synthetic_ct", "dataset_statistics"},
-    {"synthetic_dataset", "intensity_separability", "dataset_fingerprint", "resampling", "data_splits",
-     "statistics_tables"},
-    {"preprocessed_cache"},
-    {"preprocessing"},
-    {"augmentation"},
-    {"patch_dataset"},
-    {"slice_dataset"},
-    {"models", "losses", "optimisation", "segmentation_metrics", "sliding_window", "slice_inference", "checkpoints",
-     "run_folder", "experiment_tracking", "search_space",
-     "postprocessing", "performance"},
-    {"training_setup", "inference", "evaluation_metrics"},
-    {"training_engine", "evaluation", "ct_inference"},
-    {"hyperparameter_search"},
-    {"visualisation"},
-    {"statistics_figures", "training_figures", "evaluation_figures", "comparison_figures", "slice_figures",
-     "mesh_figures"},
-    {"slice_viewer"},
-    {"run_evaluation", "slice_animation"},
-    {"model_comparison"},
-    {"comparison_report", "demo_results"},
-    {"demo_pipeline", "data_loading_benchmark", "training_command", "evaluation_command"},
-    {"speed_benchmark"},
-    {"benchmark_run"},
-]
+
+def _stages() -> list[str]:
+    return sorted(p.name for p in UTILS.iterdir() if (p / "__init__.py").is_file())
+
+
+def _module_name(path: Path) -> str:
+    parts = path.relative_to(REPO).with_suffix("").parts
+    return ".".join(parts[:-1] if parts[-1] == "__init__" else parts)
 
 
 def _utils_imports(path: Path) -> set[str]:
-    tree = ast.parse(path.read_text())
+    """Dotted ``utils`` modules that ``path`` imports (``from utils.x import y`` counts ``utils.x.y`` if a module)."""
     found = set()
-    for node in ast.walk(tree):
-        if isinstance(node, ast.ImportFrom) and node.module and node.module.startswith("utils."):
-            found.add(node.module.split(".")[1])
+    for node in ast.walk(ast.parse(path.read_text())):
+        if isinstance(node, ast.ImportFrom) and node.module and node.module.split(".")[0] == "utils":
+            for alias in node.names:
+                candidate = f"{node.module}.{alias.name}"
+                is_module = (REPO / Path(*candidate.split("."))).with_suffix(".py").is_file()
+                found.add(candidate if is_module else node.module)
         elif isinstance(node, ast.Import):
-            found |= {a.name.split(".")[1] for a in node.names if a.name.startswith("utils.")}
+            found |= {a.name for a in node.names if a.name.split(".")[0] == "utils"}
     return found
 
 
-def test_every_module_has_a_stage():
-    modules = {p.stem for p in UTILS.glob("*.py")} - {"__init__"}
-    staged = set().union(*STAGES)
-    assert modules - staged == set(), "place new modules in STAGES"
-    assert staged - modules == set(), "STAGES names a module that does not exist"
+def _module_graph() -> dict[str, set[str]]:
+    return {_module_name(p): _utils_imports(p) for p in UTILS.rglob("*.py")}
 
 
-def test_imports_only_from_earlier_stages():
-    stage_of = {name: index for index, stage in enumerate(STAGES) for name in stage}
-    offences = [f"{path.stem} (stage {stage_of[path.stem]}) imports {name} (stage {stage_of.get(name)})"
-                for path in sorted(UTILS.glob("*.py")) if path.stem in stage_of
-                for name in _utils_imports(path) if stage_of.get(name, 99) >= stage_of[path.stem]]
+def _stage_graph() -> dict[str, set[str]]:
+    graph: dict[str, set[str]] = {stage: set() for stage in _stages()}
+    for module, imports in _module_graph().items():
+        stage = module.split(".")[1] if module.count(".") else None
+        if stage is None:
+            continue
+        graph[stage] |= {name.split(".")[1] for name in imports if name.count(".") and name.split(".")[1] != stage}
+    return graph
+
+
+def test_utils_holds_only_stage_packages():
+    loose = sorted(p.name for p in UTILS.glob("*.py") if p.name != "__init__.py")
+    assert loose == [], "place modules in a stage subpackage"
+    assert _stages(), "no stage packages found"
+    for stage in _stages():
+        modules = [p for p in (UTILS / stage).glob("*.py") if p.name != "__init__.py"]
+        assert 0 < len(modules) <= MAX_MODULES_PER_STAGE, f"utils/{stage} holds {len(modules)} modules"
+        assert not list((UTILS / stage).glob("*/__init__.py")), f"utils/{stage}: stages are one level deep"
+
+
+def test_no_module_import_cycle():
+    graph = _module_graph()
+    try:
+        list(TopologicalSorter({m: {i for i in imports if i in graph} for m, imports in graph.items()}).static_order())
+    except CycleError as error:
+        raise AssertionError(f"import cycle between modules: {error.args[1]}") from None
+
+
+def test_stages_import_one_way():
+    try:
+        list(TopologicalSorter(_stage_graph()).static_order())
+    except CycleError as error:
+        raise AssertionError(f"stages import each other in a cycle: {' -> '.join(error.args[1])}") from None
+
+
+def _readme_stage_order() -> list[str]:
+    section = REPO.joinpath("README.md").read_text().split("<!-- stage-map:begin -->")[1].split("<!-- stage-map:end -->")[0]
+    return re.findall(r"^\| `utils/(\w+)/` \|", section, flags=re.M)
+
+
+def test_readme_map_lists_the_stages_in_data_flow_order():
+    order = _readme_stage_order()
+    assert sorted(order) == _stages(), "the README's map must list every stage folder exactly once"
+    position = {stage: index for index, stage in enumerate(order)}
+    offences = [f"utils/{stage} imports utils/{used}, listed after it"
+                for stage, uses in _stage_graph().items() for used in uses if position[used] > position[stage]]
     assert offences == []
+
+
+def test_the_checks_catch_an_upward_import():
+    """A stage importing a later one breaks the README order; a mutual import is a cycle."""
+    graph = _stage_graph()
+    order = _readme_stage_order()
+    first, last = order[0], order[-1]
+    graph[first] = graph[first] | {last}
+    position = {stage: index for index, stage in enumerate(order)}
+    assert any(position[used] > position[stage] for stage, uses in graph.items() for used in uses)
+    graph[last] = graph[last] | {first}
+    try:
+        list(TopologicalSorter(graph).static_order())
+    except CycleError:
+        return
+    raise AssertionError("a cycle between the first and last stages went unnoticed")

@@ -6,8 +6,8 @@ import numpy as np
 import pytest
 import torch
 
-from utils.augmentation import SampleAugmenter, sampling_grid
-from utils.config import AugmentationConfig
+from utils.datasets.augmentation import SampleAugmenter, sampling_grid
+from utils.config.data import AugmentationConfig
 
 OFF = dict(flip_prob=0.0, affine_prob=0.0, elastic_prob=0.0, noise_prob=0.0, intensity_scale_prob=0.0,
            intensity_shift_prob=0.0, gamma_prob=0.0)

@@ -11,7 +11,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from utils.benchmark_run import BenchmarkPlan, PARTS, format_benchmark, run_benchmark
+from utils.benchmarks.suite import BenchmarkPlan, PARTS, format_benchmark, run_benchmark
 
 REPO = Path(__file__).resolve().parents[1]
 

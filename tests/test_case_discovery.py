@@ -1,4 +1,4 @@
-"""Tests for utils.case_discovery: case folders, kits.json cross-checks and the data folder."""
+"""Tests for utils.data.case_discovery: case folders, kits.json cross-checks and the data folder."""
 
 from __future__ import annotations
 
@@ -7,8 +7,8 @@ from pathlib import Path
 
 import pytest
 
-from utils.case_discovery import DATA_DIR_ENV_VAR, discover_cases, resolve_data_dir
-from utils.kits_layout import IMAGING_NAME, KITS_JSON_NAME, SEGMENTATION_NAME
+from utils.data.case_discovery import DATA_DIR_ENV_VAR, discover_cases, resolve_data_dir
+from utils.data.kits_layout import IMAGING_NAME, KITS_JSON_NAME, SEGMENTATION_NAME
 
 
 def _make_case(root: Path, case_id: str, *, imaging: bool = True, segmentation: bool = True) -> Path:

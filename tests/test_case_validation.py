@@ -1,4 +1,4 @@
-"""Tests for utils.case_validation: case reports and status, the loader guard and the safe loader.
+"""Tests for utils.data.case_validation: case reports and status, the loader guard and the safe loader.
 
 The checks on single files are tested in test_nifti_checks.py; here they are seen through a case.
 """
@@ -14,11 +14,11 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from utils import case_validation as cv
-from utils import nifti_checks
-from utils.case_discovery import CaseFiles, discover_cases
-from utils.kits_layout import IMAGING_NAME, KITS_JSON_NAME, SEGMENTATION_NAME, build_kits_affine
-from utils.nifti_io import save_nifti
+from utils.data import case_validation as cv
+from utils.data import nifti_checks
+from utils.data.case_discovery import CaseFiles, discover_cases
+from utils.data.kits_layout import IMAGING_NAME, KITS_JSON_NAME, SEGMENTATION_NAME, build_kits_affine
+from utils.data.nifti_io import save_nifti
 
 SHAPE = (6, 16, 16)
 SPACING = (2.0, 0.8, 0.8)
@@ -234,7 +234,7 @@ def test_select_cases_error_names_every_bad_case(tmp_path: Path) -> None:
 
 def test_select_cases_skip_and_inference(tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
     report = _mixed_dataset(tmp_path)
-    with caplog.at_level(logging.WARNING, logger="utils.case_validation"):
+    with caplog.at_level(logging.WARNING, logger="utils.data.case_validation"):
         kept = cv.select_cases(report, on_bad="skip")
     assert [c.case_id for c in kept] == ["case_00000"]
     assert sum("skipping" in r.message for r in caplog.records) == 3

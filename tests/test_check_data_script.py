@@ -10,8 +10,8 @@ from pathlib import Path
 
 import numpy as np
 
-from utils.kits_layout import IMAGING_NAME, SEGMENTATION_NAME, build_kits_affine
-from utils.nifti_io import save_nifti
+from utils.data.kits_layout import IMAGING_NAME, SEGMENTATION_NAME, build_kits_affine
+from utils.data.nifti_io import save_nifti
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 SCRIPT = REPO_ROOT / "scripts" / "check_data.py"

@@ -1,4 +1,4 @@
-"""Tests for utils.checkpoints: atomic saves that keep the old file on failure, clear load errors, RNG round trips."""
+"""Tests for utils.networks.checkpoints: atomic saves that keep the old file on failure, clear load errors, RNG round trips."""
 
 from __future__ import annotations
 
@@ -9,8 +9,8 @@ import numpy as np
 import pytest
 import torch
 
-from utils import checkpoints
-from utils.checkpoints import (
+from utils.networks import checkpoints
+from utils.networks.checkpoints import (
     CheckpointError, capture_rng_state, load_checkpoint, restore_rng_state, save_checkpoint,
 )
 

@@ -11,7 +11,7 @@ from pathlib import Path
 
 import pytest
 
-from utils.evaluation_metrics import METRIC_NAMES
+from utils.metrics.surface import METRIC_NAMES
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 SCRIPT = REPO_ROOT / "scripts" / "compare_models.py"

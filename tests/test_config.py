@@ -1,6 +1,10 @@
 import pytest
 
-from utils.config import DemoConfig, SyntheticDataConfig, config_as_dict, load_config, parse_override
+from utils.config.data import SyntheticDataConfig
+
+from utils.config.demo import DemoConfig
+
+from utils.config.loading import config_as_dict, load_config, parse_override
 
 REPO = __import__("pathlib").Path(__file__).resolve().parents[1]
 
@@ -40,6 +44,6 @@ def test_bad_configs_name_the_file_and_the_key(tmp_path, text, message):
 
 def test_missing_file_and_bad_override(tmp_path):
     with pytest.raises(FileNotFoundError, match="nope.yaml: config file not found"):
-        load_config(tmp_path / "nope.yaml")
+        load_config(tmp_path / "nope.yaml", DemoConfig)
     with pytest.raises(ValueError, match="section.key=value"):
         parse_override("novalue")

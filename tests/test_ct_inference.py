@@ -9,19 +9,19 @@ import numpy as np
 import pytest
 import torch
 
-import utils.ct_inference as ct_inference
-from utils.checkpoints import save_checkpoint
-from utils.config import build_config, config_as_dict
-from utils.ct_inference import (
+import utils.inference.segment as ct_inference
+from utils.networks.checkpoints import save_checkpoint
+from utils.config.loading import build_config, config_as_dict
+from utils.inference.segment import (
     find_checkpoint, flip_axes_for_tta, load_segmentation_model, predict_preprocessed_labels, segment_ct,
     segment_file,
 )
-from utils.experiment_config import ExperimentConfig
-from utils.models import build_model, model_input_size
-from utils.nifti_io import read_voxels
-from utils.preprocessing import preprocess_volume
-from utils.segmentation_metrics import score_case
-from utils.synthetic_dataset import SyntheticOptions, generate_dataset
+from utils.config.experiment import ExperimentConfig
+from utils.networks.models import build_model, model_input_size
+from utils.data.nifti_io import read_voxels
+from utils.preprocessing.preprocess import preprocess_volume
+from utils.metrics.dice import score_case
+from utils.synthetic.dataset import SyntheticOptions, generate_dataset
 
 TINY_3D = {
     "preprocessing": {"target_spacing": [4.0, 4.0, 4.0], "image_dtype": "float32"},

@@ -1,4 +1,4 @@
-"""Tests of utils.data_splits: seeded, case-level holdout and k-fold splits saved as JSON."""
+"""Tests of utils.data.splits: seeded, case-level holdout and k-fold splits saved as JSON."""
 
 from __future__ import annotations
 
@@ -8,8 +8,8 @@ from pathlib import Path
 
 import pytest
 
-from utils.config import SplitConfig
-from utils.data_splits import SPLITS_NAME, load_split, make_splits, save_splits
+from utils.config.data import SplitConfig
+from utils.data.splits import SPLITS_NAME, load_split, make_splits, save_splits
 
 CASES = [f"case_{i:05d}" for i in range(10)]
 
@@ -63,10 +63,10 @@ def test_save_splits_rewrites_with_a_warning_only_when_something_changed(tmp_pat
     assert stored["case_ids"] == CASES and stored["settings"]["seed"] == 0
     assert stored["splits"] == make_splits(CASES, config)
     before = path.stat().st_mtime_ns
-    with caplog.at_level(logging.WARNING, logger="utils.data_splits"):
+    with caplog.at_level(logging.WARNING, logger="utils.data.splits"):
         save_splits(tmp_path, list(reversed(CASES)), config)
     assert caplog.records == [] and path.stat().st_mtime_ns == before
-    with caplog.at_level(logging.WARNING, logger="utils.data_splits"):
+    with caplog.at_level(logging.WARNING, logger="utils.data.splits"):
         save_splits(tmp_path, CASES, SplitConfig(seed=1))
     assert len(caplog.records) == 1 and "not comparable" in caplog.records[0].getMessage()
     assert json.loads(path.read_text())["settings"]["seed"] == 1

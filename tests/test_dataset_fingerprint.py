@@ -1,4 +1,4 @@
-"""Tests of utils.dataset_fingerprint: per-case statistics, pooling and percentiles, worked out by hand."""
+"""Tests of utils.preprocessing.fingerprint: per-case statistics, pooling and percentiles, worked out by hand."""
 
 from __future__ import annotations
 
@@ -9,11 +9,11 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from utils.dataset_fingerprint import (
+from utils.preprocessing.fingerprint import (
     build_fingerprint, compute_case_statistics, load_case_statistics, load_fingerprint, save_case_statistics,
 )
-from utils.nifti_io import save_json_atomic
-from utils.dataset_statistics import HU_HISTOGRAM_RANGE
+from utils.data.nifti_io import save_json_atomic
+from utils.analysis.dataset_statistics import HU_HISTOGRAM_RANGE
 
 SOURCE = {"imaging": {"name": "imaging.nii.gz", "size": 10, "mtime_ns": 1}}
 

@@ -4,12 +4,12 @@ import math
 import numpy as np
 import pytest
 
-from utils.case_discovery import CaseFiles
-from utils.dataset_statistics import (HU_HISTOGRAM_RANGE, HuSummary, accumulate_hu_histograms,
+from utils.data.case_discovery import CaseFiles
+from utils.analysis.dataset_statistics import (HU_HISTOGRAM_RANGE, HuSummary, accumulate_hu_histograms,
                                       compute_case_statistics, compute_dataset_statistics,
                                       compute_histogram_percentile, compute_label_statistics)
-from utils.kits_layout import build_kits_affine
-from utils.nifti_io import save_nifti
+from utils.data.kits_layout import build_kits_affine
+from utils.data.nifti_io import save_nifti
 
 SPACING = (4.0, 2.5, 2.5)  # 25 mm³ = 0.025 ml per voxel
 
@@ -112,7 +112,7 @@ def test_folder_with_imaging_labels_only_and_a_missing_segmentation(tmp_path, ca
     _write_case(tmp_path, "case_00000", labels, _hand_made_image(labels))
     _write_case(tmp_path, "case_00001", labels, spacing=(1.0, 0.5, 0.5))  # labels only, like the real copy
     _write_case(tmp_path, "case_00002", image=_hand_made_image(labels))  # no segmentation: skipped
-    with caplog.at_level(logging.INFO, logger="utils.dataset_statistics"):
+    with caplog.at_level(logging.INFO, logger="utils.analysis.dataset_statistics"):
         stats = compute_dataset_statistics(tmp_path, show_progress=False)
     assert [s.case_id for s in stats] == ["case_00000", "case_00001"]
     assert "case_00002" in caplog.text and "without a segmentation" in caplog.text

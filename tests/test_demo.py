@@ -5,7 +5,7 @@ import subprocess
 import sys
 from pathlib import Path
 
-from utils.demo_results import read_readme_results, render_demo_results
+from utils.cli.demo_results import read_readme_results, render_demo_results
 
 REPO = Path(__file__).resolve().parents[1]
 

@@ -6,7 +6,7 @@ from pathlib import Path
 
 import pytest
 
-from utils.demo_results import (
+from utils.cli.demo_results import (
     BEGIN, END, demo_results, read_readme_results, readme_block, render_demo_results, update_readme_results,
 )
 

@@ -1,4 +1,4 @@
-"""Tests of utils/evaluation.py and scripts/evaluate.py on hand-made predictions for two synthetic cases."""
+"""Tests of utils/evaluation/predictions.py and scripts/evaluate.py on hand-made predictions for two synthetic cases."""
 
 from __future__ import annotations
 
@@ -15,10 +15,10 @@ import numpy as np
 import pytest
 import torch
 
-from utils.evaluation import evaluate_predictions
-from utils.kits_layout import SEGMENTATION_NAME, spacing_from_affine
-from utils.nifti_io import load_nifti, read_voxels, save_nifti
-from utils.synthetic_dataset import SyntheticOptions, generate_dataset
+from utils.evaluation.predictions import evaluate_predictions
+from utils.data.kits_layout import SEGMENTATION_NAME, spacing_from_affine
+from utils.data.nifti_io import load_nifti, read_voxels, save_nifti
+from utils.synthetic.dataset import SyntheticOptions, generate_dataset
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 SCRIPT = REPO_ROOT / "scripts" / "evaluate.py"
@@ -149,7 +149,7 @@ def test_unmatched_files_are_reported(data_dir: Path, tmp_path: Path, caplog: py
     for name in ("case_00000.nii.gz", "prediction_00007.nii.gz"):
         _write(tmp_path / "pred", name, labels, affine)
     (tmp_path / "pred" / "notes.txt").write_text("not a prediction")
-    with caplog.at_level(logging.WARNING, logger="utils.evaluation"):
+    with caplog.at_level(logging.WARNING, logger="utils.evaluation.predictions"):
         result = evaluate_predictions(data_dir, tmp_path / "pred", tmp_path / "out")
     assert [case["case_id"] for case in result.cases] == ["case_00000"] and result.refused == ()
     text = " | ".join(result.warnings)

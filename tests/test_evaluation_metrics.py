@@ -1,4 +1,4 @@
-"""Tests of utils/evaluation_metrics.py: hand-computed Dice, surface Dice and HD95, empty masks, MONAI agreement."""
+"""Tests of utils/metrics/surface.py: hand-computed Dice, surface Dice and HD95, empty masks, MONAI agreement."""
 
 from __future__ import annotations
 
@@ -11,7 +11,7 @@ import pytest
 import torch
 from scipy import ndimage
 
-from utils.evaluation_metrics import (METRIC_NAMES, find_bounding_box, find_surface, measure_surface_distances,
+from utils.metrics.surface import (METRIC_NAMES, find_bounding_box, find_surface, measure_surface_distances,
                                       score_case_metrics, score_structure, summarise_metrics)
 
 

@@ -1,4 +1,4 @@
-"""Tests for utils.experiment_tracking: mode resolution without prompts, no-op trackers, wandb failures never raise."""
+"""Tests for utils.training.tracking: mode resolution without prompts, no-op trackers, wandb failures never raise."""
 
 from __future__ import annotations
 
@@ -6,8 +6,8 @@ import logging
 
 import pytest
 
-from utils.experiment_config import WandbConfig
-from utils.experiment_tracking import build_tracker, explain_wandb_mode, resolve_wandb_mode
+from utils.config.experiment import WandbConfig
+from utils.training.tracking import build_tracker, explain_wandb_mode, resolve_wandb_mode
 
 
 @pytest.fixture
@@ -75,7 +75,7 @@ def test_failing_wandb_warns_once_and_never_raises(tmp_path, quiet_home, monkeyp
 
     monkeypatch.setattr(wandb, "init", broken_init)
     tracker = build_tracker(WandbConfig(enabled=True, mode="offline"))
-    with caplog.at_level(logging.WARNING, logger="utils.experiment_tracking"):
+    with caplog.at_level(logging.WARNING, logger="utils.training.tracking"):
         tracker.start({"a": 1}, tmp_path, "run", resume_id="abc123")
         tracker.log({"loss": 1.0}, step=1)
         tracker.finish()
@@ -94,7 +94,7 @@ def test_start_twice_is_a_programming_error(tmp_path):
 def test_offline_run_logs_into_the_run_folder(tmp_path, quiet_home, caplog):
     run_folder = tmp_path / "resunet3d_run"
     tracker = build_tracker(WandbConfig(enabled=True, tags=("test",)))  # auto, no key: offline
-    with caplog.at_level(logging.INFO, logger="utils.experiment_tracking"):
+    with caplog.at_level(logging.INFO, logger="utils.training.tracking"):
         tracker.start({"model": {"channels": (8, 16)}}, run_folder, run_folder.name)
         assert tracker.active and tracker.run_id
         for epoch in (1, 2, 3):
@@ -109,7 +109,7 @@ def test_offline_run_logs_into_the_run_folder(tmp_path, quiet_home, caplog):
 
 def test_online_without_credentials_falls_back_to_offline_without_prompting(tmp_path, quiet_home, caplog):
     tracker = build_tracker(WandbConfig(enabled=True, mode="online"))
-    with caplog.at_level(logging.INFO, logger="utils.experiment_tracking"):
+    with caplog.at_level(logging.INFO, logger="utils.training.tracking"):
         tracker.start({}, tmp_path, "run")
         tracker.finish()
     messages = [r.getMessage() for r in caplog.records]

@@ -16,10 +16,10 @@ import pytest
 import torch
 import yaml
 
-from utils.experiment_config import load_experiment_config
-from utils.hyperparameter_search import SEARCH_CONFIG, TrialObjective, build_pruner, open_study, run_search, study_folder
-from utils.search_space import format_yaml_value, load_search_config
-from utils.training_engine import NonFiniteLossError, TrainingResult, train
+from utils.config.experiment import load_experiment_config
+from utils.training.search import SEARCH_CONFIG, TrialObjective, build_pruner, open_study, run_search, study_folder
+from utils.config.search import format_yaml_value, load_search_config
+from utils.training.engine import NonFiniteLossError, TrainingResult, train
 
 REPO = Path(__file__).resolve().parents[1]
 SCRIPT = REPO / "scripts" / "unetr_hyperparameter_search.py"
@@ -181,7 +181,7 @@ def test_the_search_config_refuses_clashes_and_a_changed_study(tmp_path):
 
 
 def test_diverging_trials_stop_the_search_and_a_run_without_a_score_is_an_error(tmp_path, monkeypatch):
-    import utils.hyperparameter_search as search
+    import utils.training.search as search
 
     def diverge(config, **kwargs):
         raise NonFiniteLossError("non-finite loss at epoch 1, step 1")
@@ -210,8 +210,8 @@ def test_values_are_written_as_yaml_that_reads_back_equal():
 
 
 def test_a_trial_stopped_by_a_scheduler_signal_is_queued_for_a_retry_with_its_parameters(tmp_path, monkeypatch):
-    import utils.hyperparameter_search as search
-    from utils.training_engine import TrainingInterrupted
+    import utils.training.search as search
+    from utils.training.engine import TrainingInterrupted
 
     def stopped(config, **kwargs):
         raise TrainingInterrupted("stopped by SIGTERM at epoch 1, batch 3", Path(config.training.output_dir),

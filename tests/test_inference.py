@@ -4,11 +4,13 @@ from __future__ import annotations
 
 import torch
 
-from utils.config import SliceDatasetConfig, build_config
-from utils.experiment_config import ExperimentConfig, SliceInferenceConfig, SlidingWindowConfig
-from utils.inference import predict_volume_logits
-from utils.slice_inference import predict_slice_logits
-from utils.sliding_window import predict_logits
+from utils.config.data import SliceDatasetConfig
+
+from utils.config.loading import build_config
+from utils.config.experiment import ExperimentConfig, SliceInferenceConfig, SlidingWindowConfig
+from utils.inference.predict import predict_volume_logits
+from utils.inference.slice_inference import predict_slice_logits
+from utils.inference.sliding_window import predict_logits
 
 
 def test_a_3d_experiment_uses_sliding_windows():

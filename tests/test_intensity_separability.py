@@ -3,7 +3,7 @@ import itertools
 import numpy as np
 import pytest
 
-from utils.intensity_separability import measure_separability
+from utils.analysis.intensity_separability import measure_separability
 
 
 def _brute_force(image, labels):

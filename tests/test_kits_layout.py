@@ -2,7 +2,7 @@ import nibabel as nib
 import numpy as np
 import pytest
 
-from utils.kits_layout import KITS_AXCODES, build_kits_affine, case_id_for_index, is_case_id, spacing_from_affine
+from utils.data.kits_layout import KITS_AXCODES, build_kits_affine, case_id_for_index, is_case_id, spacing_from_affine
 
 
 def test_kits_affine_matches_the_published_convention():

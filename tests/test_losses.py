@@ -8,8 +8,8 @@ import pytest
 import torch
 from monai.losses import DiceCELoss
 
-from utils.experiment_config import LossConfig
-from utils.losses import build_loss
+from utils.config.experiment import LossConfig
+from utils.networks.losses import build_loss
 
 NAMES = ("dice_focal", "dice_ce")
 
@@ -36,7 +36,7 @@ def test_uniform_logits_give_the_hand_computed_values():
     labels = torch.tensor([0, 1, 2, 2], dtype=torch.uint8).view(1, 1, 1, 1, 4)
     logits = torch.zeros(1, 3, 1, 1, 4)
     dice_term = 88 / 105
-    # Focal (sigmoid per channel, see utils.losses): sigmoid(0) = 1/2, so every element costs
+    # Focal (sigmoid per channel, see utils.networks.losses): sigmoid(0) = 1/2, so every element costs
     # (1/2)^2 ln 2 times its channel's weight; per voxel (0 + 1 + 3) ln 2 / 4 = ln 2, averaged
     # over B * C * N = 12 elements: 4 ln 2 / 12.
     focal_term = math.log(2) / 3

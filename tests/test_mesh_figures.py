@@ -3,9 +3,9 @@ import plotly.graph_objects as go
 import plotly.io as pio
 import pytest
 
-from utils.kits_layout import KIDNEY_LABEL, TUMOUR_LABEL
-from utils.mesh_figures import build_surface_mesh, plot_meshes
-from utils.visualisation import LABEL_COLOURS
+from utils.data.kits_layout import KIDNEY_LABEL, TUMOUR_LABEL
+from utils.figures.meshes import build_surface_mesh, plot_meshes
+from utils.figures.drawing import LABEL_COLOURS
 
 SPACING = (2.5, 0.8, 0.8)
 

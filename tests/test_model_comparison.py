@@ -1,4 +1,4 @@
-"""Tests of utils/model_comparison.py and utils/comparison_figures.py on hand-made numbers."""
+"""Tests of utils/evaluation/comparison.py and utils/figures/comparison.py on hand-made numbers."""
 
 from __future__ import annotations
 
@@ -10,10 +10,10 @@ import pytest
 from matplotlib.figure import Figure
 from scipy import stats
 
-from utils.comparison_figures import plot_metric_boxplots, plot_paired_scatter
-from utils.evaluation_metrics import METRIC_NAMES
-from utils.comparison_report import render_markdown
-from utils.model_comparison import (bootstrap_mean_interval, compare_metric, compare_reports,
+from utils.figures.comparison import plot_metric_boxplots, plot_paired_scatter
+from utils.metrics.surface import METRIC_NAMES
+from utils.evaluation.report import render_markdown
+from utils.evaluation.comparison import (bootstrap_mean_interval, compare_metric, compare_reports,
                                     compute_wilcoxon_p_value, load_evaluation_report, resolve_report_folder)
 
 

@@ -5,8 +5,8 @@ from __future__ import annotations
 import pytest
 import torch
 
-from utils.experiment_config import ModelConfig
-from utils.models import ARCHITECTURES, build_model, check_input_size, count_parameters, spatial_dims
+from utils.config.experiment import ModelConfig
+from utils.networks.models import ARCHITECTURES, build_model, check_input_size, count_parameters, spatial_dims
 
 TINY = ModelConfig(channels=(4, 8, 16), strides=(2, 2), num_res_units=1)
 

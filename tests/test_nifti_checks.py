@@ -1,4 +1,4 @@
-"""Tests for utils.nifti_checks: header checks, verified voxel reads and voxel checks of one file."""
+"""Tests for utils.data.nifti_checks: header checks, verified voxel reads and voxel checks of one file."""
 
 from __future__ import annotations
 
@@ -10,9 +10,9 @@ import nibabel as nib
 import numpy as np
 import pytest
 
-from utils import nifti_checks as nc
-from utils.kits_layout import build_kits_affine
-from utils.nifti_io import save_nifti, write_bytes_atomic
+from utils.data import nifti_checks as nc
+from utils.data.kits_layout import build_kits_affine
+from utils.data.nifti_io import save_nifti, write_bytes_atomic
 
 SHAPE = (6, 16, 16)
 SPACING = (2.0, 0.8, 0.8)

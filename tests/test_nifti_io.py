@@ -1,4 +1,4 @@
-"""Tests for utils.nifti_io: round trips, reproducible atomic writes, clear errors, verified reads."""
+"""Tests for utils.data.nifti_io: round trips, reproducible atomic writes, clear errors, verified reads."""
 
 from __future__ import annotations
 
@@ -10,8 +10,8 @@ import nibabel as nib
 import numpy as np
 import pytest
 
-from utils.kits_layout import build_kits_affine
-from utils.nifti_io import NiftiReadError, load_nifti, load_nifti_verified, read_voxels, save_nifti
+from utils.data.kits_layout import build_kits_affine
+from utils.data.nifti_io import NiftiReadError, load_nifti, load_nifti_verified, read_voxels, save_nifti
 
 
 def test_round_trip_keeps_dtype_values_and_affine(tmp_path):

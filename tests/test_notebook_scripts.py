@@ -1,9 +1,9 @@
 """Each notebook and its script make the same calls into ``utils``, so the two cannot drift apart.
 
 Read by AST, nothing is executed. From a script's ``main`` the checker follows calls into the
-script's own functions and into the command modules (``utils/*_command.py``); every other
-``utils`` callable it meets is a work function of the script (``utils.training_engine.train``,
-``utils.run_evaluation.evaluate_run``, ...). The paired notebook must call each of them (but
+script's own functions and into the command modules (``utils/cli/*.py``); every other
+``utils`` callable it meets is a work function of the script (``utils.training.engine.train``,
+``utils.evaluation.run.evaluate_run``, ...). The paired notebook must call each of them (but
 those in :data:`SCRIPT_ONLY`, which serve command-line options only), imported
 from the same module, with the same positional arguments and keywords, and with arguments built
 by the same ``utils`` functions (``train``'s config comes from ``load_experiment_config`` in both).
@@ -50,18 +50,18 @@ KERNELSPEC = {"name": "kits19-segmentation", "display_name": "Python (kits19-seg
 
 #: Work functions a script reaches that its notebook need not call, and why.
 SCRIPT_ONLY = {
-    "utils.model_comparison.resolve_report_folder": "turns command-line run folders into report folders; "
+    "utils.evaluation.comparison.resolve_report_folder": "turns command-line run folders into report folders; "
                                                     "the notebook evaluates its runs itself",
-    "utils.synthetic_dataset.generate_from_masks": "the --from-masks option (CT synthesised around real masks)",
+    "utils.synthetic.dataset.generate_from_masks": "the --from-masks option (CT synthesised around real masks)",
 }
 
 #: Keywords a script passes from a command-line option that its notebook may leave at the default.
 KEYWORDS_LEFT_AT_DEFAULT = {
-    "utils.training_engine.train": {"wandb"},
-    "utils.run_evaluation.evaluate_run": {"out_dir", "device", "tta", "postprocess", "tolerance_mm"},
-    "utils.comparison_report.write_comparison_report": {"seed"},
-    "utils.synthetic_dataset.generate_dataset": {"workers"},
-    "utils.synthetic_dataset.SyntheticOptions": {"spacing"},
+    "utils.training.engine.train": {"wandb"},
+    "utils.evaluation.run.evaluate_run": {"out_dir", "device", "tta", "postprocess", "tolerance_mm"},
+    "utils.evaluation.report.write_comparison_report": {"seed"},
+    "utils.synthetic.dataset.generate_dataset": {"workers"},
+    "utils.synthetic.dataset.SyntheticOptions": {"spacing"},
 }
 
 
@@ -70,7 +70,7 @@ class Source:
     """One parsed file: a script, a ``utils`` module or a notebook's code cells joined."""
 
     label: str  # how messages name it, e.g. "scripts/eval_unet.py"
-    module: str  # dotted name of its own functions, e.g. "utils.training_command"
+    module: str  # dotted name of its own functions, e.g. "utils.cli.train"
     tree: ast.Module
     imports: dict[str, str]  # local name -> dotted name of what it is bound to
     functions: dict[str, ast.FunctionDef]
@@ -111,7 +111,7 @@ def parse_source(label: str, module: str, text: str, cell_lines: tuple[tuple[int
 
 @lru_cache(maxsize=None)
 def load_module(module: str) -> Source:
-    """A script or ``utils`` module by dotted name (``scripts.eval_unet``, ``utils.evaluation_command``)."""
+    """A script or ``utils`` module by dotted name (``scripts.eval_unet``, ``utils.cli.evaluate``)."""
     path = REPO / (module.replace(".", "/") + ".py")
     return parse_source(str(path.relative_to(REPO)), module, path.read_text())
 
@@ -152,7 +152,7 @@ def followed(qualname: str, source: Source) -> tuple[Source, ast.FunctionDef] | 
     module, _, name = qualname.rpartition(".")
     if module == source.module:
         target = source
-    elif re.fullmatch(r"utils\.\w+_command", module):
+    elif re.fullmatch(r"utils\.cli\.\w+", module):
         target = load_module(module)
     else:
         return None
@@ -161,7 +161,7 @@ def followed(qualname: str, source: Source) -> tuple[Source, ast.FunctionDef] | 
 
 
 def is_work_function(qualname: str | None) -> bool:
-    return bool(qualname) and qualname.startswith("utils.") and not re.match(r"utils\.\w+_command\.", qualname)
+    return bool(qualname) and qualname.startswith("utils.") and not re.match(r"utils\.cli\.\w+\.", qualname)
 
 
 @dataclass(frozen=True)
@@ -378,7 +378,7 @@ def config_problems(notebook: Source, reach: ScriptReach) -> list[str]:
     documented = set(re.findall(r"configs/[\w.-]+\.yaml", script_text))
     if documented and quick not in documented:
         problems.append(f"the script documents {', '.join(sorted(documented))} but not the quick config {quick}")
-    loader = "utils.experiment_config.load_experiment_config"
+    loader = "utils.config.experiment.load_experiment_config"
     script_yaml = {s for site in reach.calls.get(loader, []) if site.call.args
                    for s in strings(site.call.args[0], site.scope) if s.endswith(".yaml")}
     loads = [c for c in ast.walk(notebook.tree) if isinstance(c, ast.Call) and qualify(c.func, notebook) == loader]
@@ -478,12 +478,12 @@ def test_every_pair_exists_and_reaches_work_functions():
 def test_the_scripts_reach_the_expected_work_functions():
     """A check of the AST walk itself: the scripts' known entry points are found, through the commands."""
     expected = {
-        "scripts/train_3d_unet.py": {"utils.training_engine.train", "utils.experiment_config.load_experiment_config"},
-        "scripts/train_unetr.py": {"utils.training_engine.train", "utils.experiment_config.load_experiment_config"},
-        "scripts/eval_unet.py": {"utils.run_evaluation.evaluate_run"},
-        "scripts/eval_unetr.py": {"utils.run_evaluation.evaluate_run"},
-        "scripts/compare_models.py": {"utils.comparison_report.write_comparison_report"},
-        "scripts/make_synthetic_data.py": {"utils.synthetic_dataset.generate_dataset"},
+        "scripts/train_3d_unet.py": {"utils.training.engine.train", "utils.config.experiment.load_experiment_config"},
+        "scripts/train_unetr.py": {"utils.training.engine.train", "utils.config.experiment.load_experiment_config"},
+        "scripts/eval_unet.py": {"utils.evaluation.run.evaluate_run"},
+        "scripts/eval_unetr.py": {"utils.evaluation.run.evaluate_run"},
+        "scripts/compare_models.py": {"utils.evaluation.report.write_comparison_report"},
+        "scripts/make_synthetic_data.py": {"utils.synthetic.dataset.generate_dataset"},
     }
     for script, functions in expected.items():
         assert functions <= set(script_reach(script).calls), f"{script}: {sorted(script_reach(script).calls)}"
@@ -518,15 +518,15 @@ def _only(problems: list[str], notebook: str, script: str, *parts: str) -> None:
 def test_calling_another_function_is_reported():
     notebook = edited("eval_unetr.ipynb", "result = evaluate_run(run,", "result = find_latest_run(run,")
     _only(notebook_disagreements("eval_unetr.ipynb", notebook), "eval_unetr.ipynb", "scripts/eval_unetr.py",
-          "does not call utils.run_evaluation.evaluate_run", "utils.evaluation_command.run_evaluation_command")
+          "does not call utils.evaluation.run.evaluate_run", "utils.cli.evaluate.run_evaluation_command")
 
 
 def test_the_same_name_from_another_module_is_reported():
-    notebook = edited("train_3d_unet.ipynb", "from utils.training_engine import train",
-                      "from utils.hyperparameter_search import train")
+    notebook = edited("train_3d_unet.ipynb", "from utils.training.engine import train",
+                      "from utils.training.search import train")
     _only(notebook_disagreements("train_3d_unet.ipynb", notebook), "train_3d_unet.ipynb",
-          "scripts/train_3d_unet.py", "does not call utils.training_engine.train",
-          "the notebook calls utils.hyperparameter_search.train")
+          "scripts/train_3d_unet.py", "does not call utils.training.engine.train",
+          "the notebook calls utils.training.search.train")
 
 
 def test_a_dropped_keyword_is_reported():
@@ -546,13 +546,13 @@ def test_an_argument_built_another_way_is_reported():
     notebook = edited("synthetic_data.ipynb", "options=SyntheticOptions(matrix=MATRIX)", "options=None")
     _only(notebook_disagreements("synthetic_data.ipynb", notebook), "synthetic_data.ipynb",
           "scripts/make_synthetic_data.py", "generate_dataset's keyword options is built by "
-          "utils.synthetic_dataset.SyntheticOptions", "(None)")
+          "utils.synthetic.dataset.SyntheticOptions", "(None)")
 
 
 def test_a_config_not_from_load_experiment_config_is_reported():
     notebook = edited("train_3d_unet.ipynb", "result = train(config,", "result = train(RESUME,")
     _only(notebook_disagreements("train_3d_unet.ipynb", notebook), "train_3d_unet.ipynb",
-          "scripts/train_3d_unet.py", "train's argument 1 is built by utils.experiment_config.load_experiment_config")
+          "scripts/train_3d_unet.py", "train's argument 1 is built by utils.config.experiment.load_experiment_config")
 
 
 def test_another_models_config_is_reported():

@@ -8,8 +8,8 @@ import math
 import pytest
 import torch
 
-from utils.experiment_config import OptimiserConfig
-from utils.optimisation import build_optimiser, build_scheduler, learning_rate_factor
+from utils.config.experiment import OptimiserConfig
+from utils.training.optimisation import build_optimiser, build_scheduler, learning_rate_factor
 
 CONFIG = OptimiserConfig(learning_rate=1e-3, warmup_epochs=2, warmup_start_factor=0.1, min_lr_factor=0.05)
 PER_EPOCH, EPOCHS = 5, 10  # 10 warm-up iterations, 50 in all

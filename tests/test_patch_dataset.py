@@ -9,8 +9,8 @@ import pytest
 import torch
 from torch.utils.data import DataLoader
 
-from utils.config import AugmentationConfig, PatchDatasetConfig
-from utils.patch_dataset import (
+from utils.config.data import AugmentationConfig, PatchDatasetConfig
+from utils.datasets.patches import (
     EpochSampler, PatchDataset, VolumeDataset, augment_batch, build_patch_datasets, collate_samples, read_region,
 )
 

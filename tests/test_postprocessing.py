@@ -5,7 +5,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from utils.postprocessing import keep_largest_kidneys, postprocess_labels, remove_detached_tumour
+from utils.inference.postprocessing import keep_largest_kidneys, postprocess_labels, remove_detached_tumour
 
 
 def _three_blobs() -> np.ndarray:

@@ -18,9 +18,9 @@ import nibabel as nib
 import numpy as np
 import pytest
 
-from utils.kits_layout import IMAGING_NAME, SEGMENTATION_NAME
-from utils.nifti_io import save_nifti
-from utils.synthetic_dataset import SyntheticOptions, generate_dataset
+from utils.data.kits_layout import IMAGING_NAME, SEGMENTATION_NAME
+from utils.data.nifti_io import save_nifti
+from utils.synthetic.dataset import SyntheticOptions, generate_dataset
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 SCRIPT = REPO_ROOT / "scripts" / "preprocess.py"

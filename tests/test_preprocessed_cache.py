@@ -1,4 +1,4 @@
-"""Tests of utils.preprocessed_cache: atomic case writes, memory-mapped reads and plan checks."""
+"""Tests of utils.preprocessing.cache: atomic case writes, memory-mapped reads and plan checks."""
 
 from __future__ import annotations
 
@@ -9,17 +9,17 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from utils.config import SplitConfig
-from utils.data_splits import save_splits
-from utils.dataset_fingerprint import build_fingerprint, compute_case_statistics
-from utils.nifti_io import save_json_atomic
-from utils.kits_layout import build_kits_affine
-from utils.preprocessed_cache import (
+from utils.config.data import SplitConfig
+from utils.data.splits import save_splits
+from utils.preprocessing.fingerprint import build_fingerprint, compute_case_statistics
+from utils.data.nifti_io import save_json_atomic
+from utils.data.kits_layout import build_kits_affine
+from utils.preprocessing.cache import (
     CASES_DIR, FINGERPRINT_NAME, IMAGE_FILE, LABEL_FILE, LOCATIONS_FILE, META_FILE, PLAN_NAME, CachedCase, open_cache,
     read_case_meta, remove_unfinished_writes, write_case_folder,
 )
-from utils.resampling import GridMapping
-from utils.slice_statistics import SLICE_BACKGROUND, SLICE_KIDNEY, SLICE_TUMOUR
+from utils.preprocessing.resampling import GridMapping
+from utils.analysis.slice_statistics import SLICE_BACKGROUND, SLICE_KIDNEY, SLICE_TUMOUR
 
 SHAPE = (4, 32, 32)
 PLAN_HASH = "a" * 64

@@ -1,4 +1,4 @@
-"""Tests of utils.preprocessing on small synthetic datasets: the cache, re-runs, and the way back to the CT."""
+"""Tests of utils.preprocessing.preprocess on small synthetic datasets: the cache, re-runs, and the way back to the CT."""
 
 from __future__ import annotations
 
@@ -10,18 +10,18 @@ import nibabel as nib
 import numpy as np
 import pytest
 
-from utils.case_discovery import discover_cases
-from utils.case_validation import load_case
-from utils.config import PreprocessingConfig, SplitConfig
-from utils.dataset_fingerprint import load_case_statistics
-from utils.kits_layout import IMAGING_NAME, SEGMENTATION_NAME
-from utils.nifti_io import save_nifti
-from utils.preprocessed_cache import (CASE_STATISTICS_DIR, CASES_DIR, FINGERPRINT_NAME, IMAGE_FILE, LABEL_FILE,
+from utils.data.case_discovery import discover_cases
+from utils.data.case_validation import load_case
+from utils.config.data import PreprocessingConfig, SplitConfig
+from utils.preprocessing.fingerprint import load_case_statistics
+from utils.data.kits_layout import IMAGING_NAME, SEGMENTATION_NAME
+from utils.data.nifti_io import save_nifti
+from utils.preprocessing.cache import (CASE_STATISTICS_DIR, CASES_DIR, FINGERPRINT_NAME, IMAGE_FILE, LABEL_FILE,
                                       LOCATIONS_FILE, META_FILE, PLAN_NAME, open_cache)
-from utils.preprocessing import (NO_SEGMENTATION, Normalisation, PreprocessingResult, plan_name, preprocess_dataset,
+from utils.preprocessing.preprocess import (NO_SEGMENTATION, Normalisation, PreprocessingResult, plan_name, preprocess_dataset,
                                  preprocess_volume)
-from utils.resampling import crop_to_box, restore_labels
-from utils.synthetic_dataset import SyntheticOptions, generate_dataset
+from utils.preprocessing.resampling import crop_to_box, restore_labels
+from utils.synthetic.dataset import SyntheticOptions, generate_dataset
 
 FIXED_SPACING = (3.0, 1.5, 1.5)
 NORMALISATION = Normalisation(clip_low_hu=-50.0, clip_high_hu=300.0, mean_hu=150.0, std_hu=60.0)

@@ -1,4 +1,4 @@
-"""Tests of utils.resampling: reorientation, resampling, body crop and the grid mapping, on tiny arrays."""
+"""Tests of utils.preprocessing.resampling: reorientation, resampling, body crop and the grid mapping, on tiny arrays."""
 
 from __future__ import annotations
 
@@ -9,8 +9,8 @@ import nibabel as nib
 import numpy as np
 import pytest
 
-from utils.kits_layout import build_kits_affine
-from utils.resampling import (
+from utils.data.kits_layout import build_kits_affine
+from utils.preprocessing.resampling import (
     CANONICAL_AXCODES, GridMapping, bounding_box, canonical_spacing, crop_to_box, find_body_box, pad_from_box,
     reorient_to_canonical, resample_image, resample_labels, resampled_shape, restore_labels, restore_orientation,
 )

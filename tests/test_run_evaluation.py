@@ -12,9 +12,9 @@ import numpy as np
 import pytest
 
 from test_training_engine import TINY_UNETR, tiny_config
-from utils.evaluation_metrics import METRIC_NAMES
-from utils.run_evaluation import evaluate_run
-from utils.training_engine import train
+from utils.metrics.surface import METRIC_NAMES
+from utils.evaluation.run import evaluate_run
+from utils.training.engine import train
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -82,7 +82,7 @@ def test_each_eval_script_refuses_the_other_models_run_and_runs_its_own(trained_
 
 
 def test_the_latest_run_of_a_model_is_found(trained_runs, tmp_path):
-    from utils.run_evaluation import find_latest_run
+    from utils.evaluation.run import find_latest_run
 
     resunet, unetr, _ = trained_runs
     assert find_latest_run(resunet.parent, "resunet3d") == resunet

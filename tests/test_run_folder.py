@@ -1,4 +1,4 @@
-"""Tests for utils.run_folder: new-run folders, write checks, the saved config, the progress log, the text log."""
+"""Tests for utils.training.run_folder: new-run folders, write checks, the saved config, the progress log, the text log."""
 
 from __future__ import annotations
 
@@ -12,9 +12,9 @@ import numpy as np
 import pytest
 import yaml
 
-from utils.config import build_config, config_as_dict
-from utils.experiment_config import ExperimentConfig, TrainingConfig
-from utils.run_folder import (
+from utils.config.loading import build_config, config_as_dict
+from utils.config.experiment import ExperimentConfig, TrainingConfig
+from utils.training.run_folder import (
     ProgressLog, attach_text_log, check_writable, create_run_folder, detach_text_log, save_resolved_config,
 )
 

@@ -20,8 +20,8 @@ import pytest
 import torch
 
 from test_ct_inference import TINY_2D, TINY_3D, write_tiny_checkpoint
-from utils.nifti_io import save_nifti
-from utils.synthetic_dataset import SyntheticOptions, generate_dataset
+from utils.data.nifti_io import save_nifti
+from utils.synthetic.dataset import SyntheticOptions, generate_dataset
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 SCRIPT = REPO_ROOT / "scripts" / "segment.py"

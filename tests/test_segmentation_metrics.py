@@ -7,7 +7,7 @@ import pytest
 import torch
 from monai.metrics import DiceMetric
 
-from utils.segmentation_metrics import dice, mean_scores, score_case
+from utils.metrics.dice import dice, mean_scores, score_case
 
 
 def test_dice_of_hand_made_masks():

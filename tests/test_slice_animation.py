@@ -6,8 +6,8 @@ import numpy as np
 import pytest
 from PIL import Image
 
-import utils.slice_animation as slice_animation
-from utils.slice_animation import PANEL_GAP, save_slice_animation
+import utils.figures.slice_animation as slice_animation
+from utils.figures.slice_animation import PANEL_GAP, save_slice_animation
 
 SPACING = (5.0, 1.0, 1.0)
 

@@ -9,8 +9,8 @@ import numpy as np
 import pytest
 import torch
 
-from utils.config import AugmentationConfig, SliceDatasetConfig
-from utils.slice_dataset import (
+from utils.config.data import AugmentationConfig, SliceDatasetConfig
+from utils.datasets.slices import (
     SliceDataset, SliceGeometry, build_slice_dataset, fit_slices, restore_slices, write_slice_dataset,
 )
 
@@ -93,7 +93,7 @@ def test_write_slice_dataset_writes_every_slice_outside_the_data(tiny_cache, tmp
 
 
 def test_deferred_slice_augmentation_equals_augmenting_in_the_dataset(tiny_cache):
-    from utils.patch_dataset import augment_batch, collate_samples
+    from utils.datasets.patches import augment_batch, collate_samples
     config = SliceDatasetConfig(image_size=32, samples_per_epoch=6)
     augmentation = AugmentationConfig(affine_prob=1.0, elastic_prob=0.5, noise_prob=1.0)
     dataset = build_slice_dataset(tiny_cache, config, augmentation, seed=4)

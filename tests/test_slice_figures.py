@@ -5,9 +5,9 @@ from matplotlib.backends.backend_agg import FigureCanvasAgg
 from matplotlib.colors import to_rgb
 from matplotlib.figure import Figure
 
-from utils.slice_figures import (ERROR_COLOURS, FILL_ALPHA, choose_slices, compose_overlay, plane_aspect,
+from utils.figures.slices import (ERROR_COLOURS, FILL_ALPHA, choose_slices, compose_overlay, plane_aspect,
                                  plot_error_map, plot_overlay, take_slice, window_to_rgb)
-from utils.visualisation import DISPLAY_WINDOW_HU, LABEL_COLOURS
+from utils.figures.drawing import DISPLAY_WINDOW_HU, LABEL_COLOURS
 
 SPACING = (5.0, 1.0, 1.0)
 CT_HU = 40.0  # mid-window: grey 0.5

@@ -5,9 +5,9 @@ from __future__ import annotations
 import pytest
 import torch
 
-from utils.config import SliceDatasetConfig
-from utils.experiment_config import SliceInferenceConfig
-from utils.slice_inference import predict_slice_logits
+from utils.config.data import SliceDatasetConfig
+from utils.config.experiment import SliceInferenceConfig
+from utils.inference.slice_inference import predict_slice_logits
 
 
 class PointwiseSliceModel(torch.nn.Module):

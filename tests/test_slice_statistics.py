@@ -3,7 +3,7 @@ from dataclasses import dataclass
 import numpy as np
 import pytest
 
-from utils.slice_statistics import (SamplingShares, classify_slices, compare_sampled_classes, compute_case_slice_areas,
+from utils.analysis.slice_statistics import (SamplingShares, classify_slices, compare_sampled_classes, compute_case_slice_areas,
                                     compute_sampling_shares, compute_slice_areas, compute_slice_class_counts,
                                     compute_slice_pixel_counts, count_slice_classes_per_case)
 
@@ -97,10 +97,10 @@ def test_sampling_shares_read_the_sampler_order():
 @pytest.fixture(scope="module")
 def tiny_cache(tmp_path_factory):
     """Two synthetic cases (64 x 64 in-plane, the generator's smallest) preprocessed with default settings."""
-    from utils.config import PreprocessingConfig, SplitConfig
-    from utils.preprocessed_cache import open_cache
-    from utils.preprocessing import preprocess_dataset
-    from utils.synthetic_dataset import SyntheticOptions, generate_dataset
+    from utils.config.data import PreprocessingConfig, SplitConfig
+    from utils.preprocessing.cache import open_cache
+    from utils.preprocessing.preprocess import preprocess_dataset
+    from utils.synthetic.dataset import SyntheticOptions, generate_dataset
 
     root = tmp_path_factory.mktemp("slice_statistics")
     generate_dataset(root / "data", 2, options=SyntheticOptions(matrix=64), show_progress=False)
@@ -123,8 +123,8 @@ def test_cache_statistics_agree_with_its_labels(tiny_cache):
 
 
 def test_sampling_shares_of_a_slice_dataset(tiny_cache):
-    from utils.config import SliceDatasetConfig
-    from utils.slice_dataset import build_slice_dataset
+    from utils.config.data import SliceDatasetConfig
+    from utils.datasets.slices import build_slice_dataset
 
     only_tumour = SliceDatasetConfig(image_size=16, tumour_share=1.0, kidney_share=0.0, background_share=0.0)
     shares = compute_sampling_shares(build_slice_dataset(tiny_cache, only_tumour, None), 5)

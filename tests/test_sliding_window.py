@@ -7,8 +7,8 @@ import logging
 import pytest
 import torch
 
-from utils.experiment_config import SlidingWindowConfig
-from utils.sliding_window import predict_labels, predict_logits
+from utils.config.experiment import SlidingWindowConfig
+from utils.inference.sliding_window import predict_labels, predict_logits
 
 
 class PointwiseModel(torch.nn.Module):

@@ -4,13 +4,13 @@ import numpy as np
 import pytest
 from matplotlib.figure import Figure
 
-from utils.dataset_statistics import HU_HISTOGRAM_RANGE, CaseStatistics
-from utils.slice_statistics import SliceAreas, compare_sampled_classes
-from utils.statistics_figures import (plot_class_proportions, plot_hu_histograms, plot_sampling_shares,
+from utils.analysis.dataset_statistics import HU_HISTOGRAM_RANGE, CaseStatistics
+from utils.analysis.slice_statistics import SliceAreas, compare_sampled_classes
+from utils.figures.statistics import (plot_class_proportions, plot_hu_histograms, plot_sampling_shares,
                                       plot_slice_areas, plot_slice_class_counts, plot_slice_classes_per_case,
                                       plot_slice_gallery, plot_slice_shares, plot_slices_per_case,
                                       plot_spacing_distributions, plot_tumours_per_case, plot_volume_distributions)
-from utils.visualisation import save_figure
+from utils.figures.drawing import save_figure
 
 
 def _cases() -> list[CaseStatistics]:

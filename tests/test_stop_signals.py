@@ -12,8 +12,8 @@ import time
 import torch
 
 from tests.test_training_engine import REPO, SCRIPT, tiny_config, write_config
-from utils.checkpoints import load_checkpoint
-from utils.stop_signals import EXIT_INTERRUPTED, StopSignals, ignore_stop_signals
+from utils.networks.checkpoints import load_checkpoint
+from utils.training.stop_signals import EXIT_INTERRUPTED, StopSignals, ignore_stop_signals
 
 
 def test_stop_signals_are_recorded_not_fatal_and_the_old_handlers_come_back():
@@ -30,7 +30,7 @@ def test_stop_signals_are_recorded_not_fatal_and_the_old_handlers_come_back():
 
 
 def test_loader_workers_ignore_stop_signals():
-    code = ("import os, signal, time\nfrom utils.stop_signals import ignore_stop_signals\nignore_stop_signals(0)\n"
+    code = ("import os, signal, time\nfrom utils.training.stop_signals import ignore_stop_signals\nignore_stop_signals(0)\n"
             "os.kill(os.getpid(), signal.SIGTERM)\nos.kill(os.getpid(), signal.SIGUSR1)\ntime.sleep(0.05)\n"
             "print('alive')")
     run = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=REPO, timeout=60)

@@ -8,10 +8,10 @@ import numpy as np
 import pytest
 from scipy import ndimage
 
-from utils.intensity_separability import measure_separability
-from utils.kits_layout import KITS_AXCODES, build_kits_affine, spacing_from_affine
-from utils.nifti_io import save_nifti
-from utils.synthetic_dataset import (SyntheticOptions, _write_case_folder, generate_case, generate_dataset,
+from utils.analysis.intensity_separability import measure_separability
+from utils.data.kits_layout import KITS_AXCODES, build_kits_affine, spacing_from_affine
+from utils.data.nifti_io import save_nifti
+from utils.synthetic.dataset import (SyntheticOptions, _write_case_folder, generate_case, generate_dataset,
                                      generate_from_masks)
 
 REPO = Path(__file__).resolve().parents[1]

@@ -1,7 +1,7 @@
 import numpy as np
 import pytest
 
-from utils.synthetic_shapes import Grid, box_around, capsule_mask, ellipsoid_level, rotation_matrix, smooth_noise, surface_voxels
+from utils.synthetic.shapes import Grid, box_around, capsule_mask, ellipsoid_level, rotation_matrix, smooth_noise, surface_voxels
 
 
 def test_sphere_volume_matches_formula():

@@ -15,17 +15,17 @@ import numpy as np
 import pytest
 import torch
 
-from utils.checkpoints import load_checkpoint
-from utils.config import build_config, config_as_dict
-from utils.experiment_config import ExperimentConfig
-from utils.kits_layout import SEGMENTATION_NAME
-from utils.losses import build_loss
-from utils.models import build_model
-from utils.nifti_io import load_nifti, read_voxels, save_nifti
-from utils.optimisation import build_optimiser
-from utils.patch_dataset import PatchDataset, background_value
-from utils.preprocessed_cache import open_cache
-from utils.training_engine import NonFiniteLossError, train
+from utils.networks.checkpoints import load_checkpoint
+from utils.config.loading import build_config, config_as_dict
+from utils.config.experiment import ExperimentConfig
+from utils.data.kits_layout import SEGMENTATION_NAME
+from utils.networks.losses import build_loss
+from utils.networks.models import build_model
+from utils.data.nifti_io import load_nifti, read_voxels, save_nifti
+from utils.training.optimisation import build_optimiser
+from utils.datasets.patches import PatchDataset, background_value
+from utils.preprocessing.cache import open_cache
+from utils.training.engine import NonFiniteLossError, train
 
 REPO = Path(__file__).resolve().parents[1]
 SCRIPT = REPO / "scripts" / "train_3d_unet.py"
@@ -198,7 +198,7 @@ class _NaNAfter(torch.nn.Module):
 
 
 def test_a_nan_loss_stops_the_run_and_keeps_the_last_checkpoint(tiny_data, tmp_path, monkeypatch):
-    import utils.training_setup as setup
+    import utils.training.setup as setup
     # per epoch: 4 training calls, then 1 validation call (no gradient: never NaN); call 7 is epoch 2, step 2
     monkeypatch.setattr(setup, "build_loss", lambda config: _NaNAfter(build_loss(config), after=7))
     config = tiny_config(tmp_path, training={"run_name": "nan", "epochs": 3})
@@ -216,9 +216,9 @@ UNETR_SCRIPT = REPO / "scripts" / "train_unetr.py"
 
 
 def test_unetr_trains_on_slices_and_is_scored_per_case_like_the_3d_model(tiny_data, tiny_cache, tmp_path):
-    from utils.inference import predict_volume_logits
-    from utils.patch_dataset import VolumeDataset
-    from utils.segmentation_metrics import score_case
+    from utils.inference.predict import predict_volume_logits
+    from utils.datasets.patches import VolumeDataset
+    from utils.metrics.dice import score_case
 
     config = tiny_config(tmp_path, **TINY_UNETR, training={"run_name": "unetr"})
     result = train(config, data_dir=tiny_data, show_progress=False)

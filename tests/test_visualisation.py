@@ -2,7 +2,7 @@ import numpy as np
 import pytest
 from matplotlib.figure import Figure
 
-from utils.visualisation import pick_axial_slice, plot_case_gallery, save_figure
+from utils.figures.drawing import pick_axial_slice, plot_case_gallery, save_figure
 
 
 def test_slice_choice_follows_the_tumour_then_the_kidney():

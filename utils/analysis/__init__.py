@@ -1,0 +1,1 @@
+"""Looking at a dataset before training: label and HU statistics, slice statistics, separability, tables."""

@@ -1,0 +1,1 @@
+"""Speed measurements of the code users run: data loading, training steps, inference, segmentation."""

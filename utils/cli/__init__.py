@@ -1,0 +1,1 @@
+"""Command glue: the argparse-level functions behind scripts/ and the end-to-end demo."""

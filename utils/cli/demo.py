@@ -1,0 +1,301 @@
+"""The end-to-end demo on built-in synthetic data: generate, validate, preprocess, sample, train
+both models, evaluate them in each CT's original grid and write the comparison report.
+
+Each stage calls the package's own functions exactly as a user's script would.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import time
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from utils.data.case_discovery import discover_cases
+from utils.data.case_validation import DatasetReport, load_case, select_cases, validate_dataset
+from utils.config.demo import DemoConfig
+from utils.config.loading import config_as_dict
+from utils.evaluation.report import write_comparison_report
+from utils.cli.demo_results import demo_results, update_readme_results
+from utils.metrics.surface import METRIC_NAMES
+from utils.config.experiment import load_experiment_config
+from utils.analysis.intensity_separability import Separability, measure_separability
+from utils.figures.meshes import plot_meshes
+from utils.data.nifti_io import load_nifti, read_voxels, write_bytes_atomic
+from utils.datasets.patches import build_patch_datasets
+from utils.preprocessing.cache import open_cache
+from utils.preprocessing.preprocess import PreprocessingResult, preprocess_dataset
+from utils.evaluation.run import RunEvaluation, evaluate_run
+from utils.figures.slice_animation import save_slice_animation
+from utils.datasets.slices import build_slice_dataset
+from utils.analysis.slice_statistics import classify_slices
+from utils.figures.slice_viewer import plot_slice_viewer
+from utils.figures.statistics import plot_slice_gallery
+from utils.synthetic.dataset import CaseSummary, SyntheticOptions, generate_dataset
+from utils.training.engine import TrainingResult, train
+from utils.figures.training_curves import plot_training_progress, plot_training_runs
+from utils.figures.drawing import plot_case_gallery, save_figure
+
+#: Augmented training samples of each kind drawn for the demo's figure.
+SAMPLES_SHOWN = 6
+
+logger = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class TrainedModel:
+    """One model the demo trained: its key, the engine's result, wall time and curve figure."""
+
+    name: str
+    result: TrainingResult
+    seconds: float
+    figure_path: Path
+
+    @property
+    def best_record(self) -> dict | None:
+        """The progress record of the best validated epoch (``None`` without one)."""
+        return next((r for r in self.result.records if r["epoch"] == self.result.best_epoch), None)
+
+
+@dataclass(frozen=True)
+class DemoResult:
+    """What the demo produced: per-case summaries, the validation report, the intensity floor, files."""
+
+    summaries: list[CaseSummary]
+    validation: DatasetReport
+    separability: Separability
+    preprocessing: PreprocessingResult
+    split: tuple[list[str], list[str]]
+    gallery_path: Path
+    samples_path: Path
+    summary_path: Path
+    trained: tuple[TrainedModel, ...] = ()
+    evaluations: tuple[RunEvaluation, ...] = ()
+    comparison: dict[str, Path] | None = None
+    visuals: tuple[Path, ...] = ()
+
+
+def run_demo(config: DemoConfig, show_progress: bool = True) -> DemoResult:
+    """Generate the synthetic dataset, validate it in full, measure it and save a gallery figure.
+
+    Raises:
+        UnusableCaseError: a generated case failed validation (the message names it).
+    """
+    started = time.perf_counter()
+    synthetic = config.synthetic
+    options = SyntheticOptions(matrix=synthetic.matrix, spacing=synthetic.spacing)
+    summaries = generate_dataset(synthetic.out_dir, synthetic.cases, seed=synthetic.seed, options=options,
+                                 workers=synthetic.workers, show_progress=show_progress)
+    report = validate_dataset(synthetic.out_dir, full=True, show_progress=show_progress)
+    cases = [load_case(files) for files in select_cases(report, on_bad="error")]
+    pooled, _ = measure_separability((case.image, case.segmentation) for case in cases)
+    reports_dir = Path(config.reports_dir)
+    gallery = plot_case_gallery([(c.case_id, c.image, c.segmentation, c.spacing) for c in cases])
+    gallery_path = save_figure(gallery, reports_dir / "synthetic_cases.png")
+    prepared = preprocess_dataset(synthetic.out_dir, config.preprocessing, config.split, workers=synthetic.workers,
+                                  show_progress=show_progress)
+    samples_path, split = _save_training_samples(config, prepared.folder, reports_dir / "training_samples.png")
+    summary = {
+        "config": config_as_dict(config),
+        "cases": [asdict(s) for s in summaries],
+        "validation": report.counts,
+        "intensity_only_floor": asdict(pooled),
+        "cache": {"folder": prepared.folder, "cases": prepared.case_ids, "written": prepared.written,
+                  "skipped": prepared.skipped, "failed": prepared.failed, "seconds": prepared.seconds,
+                  "normalisation": {"clip_hu": prepared.fingerprint.clip_hu,
+                                    "mean_hu": prepared.fingerprint.foreground_mean_hu,
+                                    "std_hu": prepared.fingerprint.foreground_std_hu},
+                  "split": {"train": split[0], "val": split[1]}},
+    }
+    trained = tuple(_train(config, path, reports_dir, show_progress) for path in config.train_configs)
+    summary["training"] = {model.name: _training_summary(model) for model in trained}
+    if len(trained) > 1:
+        summary["training_curves"] = save_figure(
+            plot_training_runs({model.name: model.result.records for model in trained}, title="quick models"),
+            reports_dir / "training_progress_models.png")
+    evaluations, comparison = _evaluate_and_compare(config, trained, reports_dir, show_progress)
+    summary["evaluation"] = {e.inference["model"]: {"report": e.report_folder, "summary": e.evaluation.summary,
+                                                    "seconds_per_case": _mean_seconds(e.inference["cases"]),
+                                                    "parameters": e.inference["parameters"]}
+                             for e in evaluations}
+    summary["comparison"] = comparison
+    visuals = _save_case_visuals(config, evaluations[0], reports_dir) if evaluations else ()
+    summary["visuals"] = visuals
+    summary_path = reports_dir / "dataset_summary.json"
+    summary["seconds"] = time.perf_counter() - started
+    summary = json.loads(json.dumps(summary, default=_jsonable))
+    write_bytes_atomic(summary_path, (json.dumps(summary, indent=2) + "\n").encode())
+    if config.readme is not None and trained:
+        _update_readme(config.readme, summary)
+    return DemoResult(summaries, report, pooled, prepared, split, gallery_path, samples_path, summary_path, trained,
+                      evaluations, comparison, visuals)
+
+
+def _train(config: DemoConfig, experiment_path: str, reports_dir: Path, show_progress: bool) -> TrainedModel:
+    """Train one model on the demo's synthetic cases and save its training curves."""
+    experiment = load_experiment_config(experiment_path, config.train_overrides)
+    started = time.perf_counter()
+    result = train(experiment, data_dir=config.synthetic.out_dir, show_progress=show_progress)
+    seconds = time.perf_counter() - started
+    figure_path = save_figure(plot_training_progress(result.records, title=result.run_folder.name),
+                              reports_dir / f"training_progress_{experiment.model.name}.png")
+    return TrainedModel(experiment.model.name, result, seconds, figure_path)
+
+
+def _evaluate_and_compare(config: DemoConfig, trained: tuple[TrainedModel, ...], reports_dir: Path,
+                          show_progress: bool) -> tuple[tuple[RunEvaluation, ...], dict[str, Path] | None]:
+    """Evaluate each trained run on its validation cases in the original grid; compare the first two."""
+    evaluations = tuple(evaluate_run(model.result.run_folder, data_dir=config.synthetic.out_dir,
+                                     reports_dir=reports_dir, show_progress=show_progress) for model in trained)
+    if len(evaluations) < 2:
+        return evaluations, None
+    comparison = write_comparison_report(evaluations[0].report_folder, evaluations[1].report_folder,
+                                         reports_dir / "comparison", n_resamples=config.bootstrap_resamples,
+                                         seed=config.seed)
+    return evaluations, comparison
+
+
+def _save_case_visuals(config: DemoConfig, evaluation: RunEvaluation, reports_dir: Path) -> tuple[Path, ...]:
+    """For the first evaluated case: 3D meshes (HTML), a slice viewer (HTML) and a sagittal sweep (GIF)."""
+    case_id = evaluation.evaluation.cases[0]["case_id"]
+    case = load_case(next(c for c in discover_cases(config.synthetic.out_dir).cases if c.case_id == case_id))
+    prediction = read_voxels(load_nifti(evaluation.report_folder / "predictions" / f"{case_id}.nii.gz"), np.uint8)
+    name = f"{case_id}_{evaluation.inference['model']}"
+    plot_meshes(case.segmentation, prediction, case.spacing, path=reports_dir / f"3d_{name}.html",
+                title=f"{case_id}: ground truth | {evaluation.inference['model']}")
+    plot_slice_viewer(case.image, case.segmentation, case.spacing, prediction=prediction,
+                      path=reports_dir / f"viewer_{name}.html")
+    animation = save_slice_animation(case.image, case.segmentation, case.spacing,
+                                     reports_dir / f"sagittal_{name}.gif", prediction=prediction)
+    return reports_dir / f"3d_{name}.html", reports_dir / f"viewer_{name}.html", animation
+
+
+def _mean_seconds(cases: list[dict]) -> float | None:
+    """Mean seconds per case of an evaluation's segmentation timings."""
+    return sum(case["seconds"] for case in cases) / len(cases) if cases else None
+
+
+def _machine() -> str:
+    """Where the demo ran, in a few words (the README's results say it)."""
+    if torch.cuda.is_available():
+        return f"{torch.cuda.get_device_name(0)}, {os.cpu_count()} CPU cores"
+    return f"{os.cpu_count()} CPU cores, no GPU"
+
+
+def _update_readme(readme: str, summary: dict) -> None:
+    """Rewrite the README's results block with this run's figures (a warning when it cannot)."""
+    try:
+        path = update_readme_results(readme, demo_results(summary, seconds=summary["seconds"], machine=_machine()))
+        logger.info("README results updated: %s", path)
+    except (OSError, ValueError) as error:
+        logger.warning("README results not updated: %s", error)
+
+
+def _training_summary(model: TrainedModel) -> dict:
+    """What ``dataset_summary.json`` records of one trained model."""
+    best = model.best_record or {}
+    return {"run_folder": model.result.run_folder, "seconds": model.seconds, "best_epoch": model.result.best_epoch,
+            "kidney_dice": best.get("kidney_dice"), "tumour_dice": best.get("tumour_dice"),
+            "per_case": best.get("per_case"), "validation_space": best.get("validation_space")}
+
+
+def _save_training_samples(config: DemoConfig, cache_folder: Path, path: Path) -> tuple[Path, tuple[list[str], list[str]]]:
+    """Draw augmented 3D patches (their middle axial slice) and 2D slices as the models see them; save a figure."""
+    cache = open_cache(cache_folder)
+    patches, _ = build_patch_datasets(cache, config.patches, config.augmentation, seed=config.seed)
+    slices = build_slice_dataset(cache, config.slices, config.augmentation, seed=config.seed)
+    middles = []
+    for patch in (patches[i] for i in range(SAMPLES_SHOWN)):
+        depth = patch["image"].shape[1]
+        label = patch["label"][:, depth // 2]
+        middles.append({"image": patch["image"][:, depth // 2], "label": label, "case_id": patch["case_id"],
+                        "slice_index": f"middle of 3D patch ({patch['centre_class']})",
+                        "slice_class": int(classify_slices(label.numpy())[0])})
+    figure = plot_slice_gallery(middles + [slices[i] for i in range(SAMPLES_SHOWN)], columns=SAMPLES_SHOWN)
+    return save_figure(figure, path), cache.split(0)
+
+
+def format_demo_result(result: DemoResult) -> str:
+    """The demo's summary as text: a per-case table, validation counts and the intensity floor."""
+    lines = [f"{'case':<12} {'status':<15} {'shape (Z,Y,X)':<17} {'spacing mm (Z,Y,X)':<21} "
+             f"{'kidney ml':>9} {'tumour ml':>9}"]
+    status = {r.case_id: r.status for r in result.validation.reports}
+    for s in result.summaries:
+        spacing = " x ".join(f"{v:.2f}" for v in s.spacing)
+        lines.append(f"{s.case_id:<12} {status.get(s.case_id, '?'):<15} {str(s.shape):<17} {spacing:<21} "
+                     f"{s.kidney_ml:>9.1f} {s.tumour_ml:>9.1f}")
+    counts = ", ".join(f"{k}: {v}" for k, v in result.validation.counts.items())
+    floor = result.separability
+    prepared = result.preprocessing
+    low, high = prepared.fingerprint.clip_hu
+    lines += [f"validation (full): {counts}",
+              f"intensity-only floor: best HU interval {floor.kidney_interval_hu} gives kidney Dice "
+              f"{floor.kidney_interval_dice:.3f}; best HU threshold inside kidney gives tumour Dice "
+              f"{floor.tumour_threshold_dice:.3f}",
+              f"cache: {prepared.folder} ({len(prepared.written)} written, {len(prepared.skipped)} up to date, "
+              f"{len(prepared.failed)} failed, {prepared.seconds:.1f} s)",
+              f"normalisation: clip to [{low:.0f}, {high:.0f}] HU, z-score with mean "
+              f"{prepared.fingerprint.foreground_mean_hu:.1f} HU and std {prepared.fingerprint.foreground_std_hu:.1f} HU",
+              f"split: {len(result.split[0])} train, {len(result.split[1])} validation cases",
+              f"figures: {result.gallery_path}, {result.samples_path}", f"summary: {result.summary_path}"]
+    for model in result.trained:
+        lines.append(f"training {model.name}: {model.result.run_folder} in {model.seconds:.0f} s, best epoch "
+                     f"{model.result.best_epoch}; curves {model.figure_path}")
+    if result.trained:
+        lines += format_validation_table(result.trained)
+    if result.evaluations:
+        lines += format_evaluation_table(result.evaluations)
+    if result.comparison is not None:
+        lines.append(f"comparison report: {result.comparison['markdown']} (and {result.comparison['html'].name})")
+    if result.visuals:
+        lines.append(f"case figures: {', '.join(str(p) for p in result.visuals)}; overlays and error maps in "
+                     f"{result.evaluations[0].report_folder / 'figures'}")
+    return "\n".join(lines)
+
+
+def format_evaluation_table(evaluations: tuple[RunEvaluation, ...]) -> list[str]:
+    """Each evaluated model's mean metrics in the CTs' original grids (missing HD95 counted)."""
+    lines = ["evaluation in each CT's original grid (validation cases; mean, HD95 in mm, missing counted):",
+             f"{'model':<12}" + "".join(f" {name:>20}" for name in METRIC_NAMES)]
+    for evaluation in evaluations:
+        cells = []
+        for name in METRIC_NAMES:
+            stats = evaluation.evaluation.summary[name]
+            text = "-" if stats["mean"] is None else f"{stats['mean']:.3f}"
+            if stats["missing"]:
+                text += f" ({stats['missing']} missing)"
+            cells.append(f" {text:>20}")
+        lines.append(f"{evaluation.inference['model']:<12}" + "".join(cells))
+    return lines
+
+
+def format_validation_table(trained: tuple[TrainedModel, ...]) -> list[str]:
+    """The models' per-case validation Dice side by side (best epoch of each run), and their means."""
+    header = f"{'validation case':<16}" + "".join(f" {m.name + ' kidney':>17} {'tumour':>7}" for m in trained)
+    per_model = [{case["case_id"]: case for case in (m.best_record or {}).get("per_case") or []} for m in trained]
+    lines = ["validation Dice per case (KiTS19: kidney = label > 0, tumour = label 2; cache grid, best epoch):", header]
+    for case_id in sorted(set().union(*per_model)):
+        cells = [(scores[case_id]["kidney_dice"], scores[case_id]["tumour_dice"]) if case_id in scores else None
+                 for scores in per_model]
+        lines.append(f"{case_id:<16}" + "".join(_dice_cells(c) for c in cells))
+    means = [((m.best_record or {}).get("kidney_dice"), (m.best_record or {}).get("tumour_dice")) for m in trained]
+    lines.append(f"{'mean':<16}" + "".join(_dice_cells(c) for c in means))
+    return lines
+
+
+def _dice_cells(pair: tuple[float | None, float | None] | None) -> str:
+    kidney, tumour = pair if pair is not None else (None, None)
+    return "".join(f" {'-' if v is None else f'{v:.3f}':>{w}}" for v, w in ((kidney, 17), (tumour, 7)))
+
+
+def _jsonable(value: object) -> object:
+    if isinstance(value, (np.integer, np.floating)):
+        return value.item()
+    if isinstance(value, Path):
+        return str(value)
+    raise TypeError(f"cannot write {type(value).__name__} to JSON")

@@ -1,0 +1,84 @@
+"""The command line of the evaluation scripts (``scripts/eval_unet.py``, ``scripts/eval_unetr.py``).
+
+Both scripts are :func:`run_evaluation_command` with their model's name: it checks the run
+holds that model, calls :func:`utils.evaluation.run.evaluate_run` and prints the summary.
+
+Exit status: 0 when every case was scored, 1 when a case was refused or the evaluation
+failed (the message says why), 2 on usage errors.
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import sys
+from pathlib import Path
+
+from utils.networks.checkpoints import CheckpointError
+from utils.metrics.surface import METRIC_NAMES
+from utils.config.experiment import load_experiment_config
+from utils.evaluation.run import CASE_SELECTIONS, EVALUATION_SCRIPTS, RunEvaluation, evaluate_run
+
+EXIT_OK, EXIT_FAILED, EXIT_USAGE = 0, 1, 2
+
+
+def parse_evaluation_args(argv: list[str] | None, description: str) -> argparse.Namespace:
+    """Parse ``--run``, ``--data``, ``--cases``, ``--reports``, ``--out``, ``--device``, ``--tta``, ``--postprocess``."""
+    lines = description.strip().splitlines()
+    parser = argparse.ArgumentParser(description=lines[0], formatter_class=argparse.RawDescriptionHelpFormatter,
+                                     epilog="\n".join(lines[2:]))
+    parser.add_argument("--run", type=Path, required=True, metavar="RUN_DIR", help="training run folder (or a .pt)")
+    parser.add_argument("--data", default=None, help="KiTS19-layout folder with CTs and segmentations "
+                                                     "(default: data_dir of the run's config, then $KITS19_DATA)")
+    parser.add_argument("--cases", choices=CASE_SELECTIONS, default="validation",
+                        help="the run's validation split (default) or every labelled case of --data")
+    parser.add_argument("--reports", type=Path, default=Path("reports"), help="root of report folders")
+    parser.add_argument("--out", type=Path, default=None, help="report folder (default REPORTS/<run-name>)")
+    parser.add_argument("--device", choices=("cpu", "cuda"), default=None, help="default: cuda when available")
+    parser.add_argument("--tta", action="store_true", help="average over mirrored inputs")
+    parser.add_argument("--postprocess", action="store_true", help="largest kidneys, tumour touching kidney only")
+    parser.add_argument("--tolerance-mm", type=float, default=2.0, help="surface-Dice tolerance in mm")
+    return parser.parse_args(argv)
+
+
+def check_run_model(run: Path, model_name: str) -> None:
+    """Refuse a run folder whose ``config.yaml`` names another model, naming the right script."""
+    config_path = run / "config.yaml"
+    if run.is_dir() and config_path.is_file():
+        name = load_experiment_config(config_path).model.name
+        if name != model_name:
+            raise ValueError(f"{run} holds a {name!r} model, but this script evaluates {model_name!r}; use "
+                             f"{EVALUATION_SCRIPTS.get(name, 'the script of that model')}")
+
+
+def format_evaluation(result: RunEvaluation) -> str:
+    """The report folder, per-metric mean, median and missing counts, and any refused case."""
+    summary = result.evaluation.summary
+    lines = [f"report: {result.report_folder} ({len(result.evaluation.cases)} case(s), original grid)"]
+    for name in METRIC_NAMES:
+        stats = summary[name]
+        mean = "-" if stats["mean"] is None else f"{stats['mean']:.3f}"
+        median = "-" if stats["median"] is None else f"{stats['median']:.3f}"
+        lines.append(f"  {name:<20} mean {mean:>8}  median {median:>8}  missing {stats['missing']}")
+    lines += [f"refused {r['case_id']}: {r['reason']}" for r in result.evaluation.refused]
+    return "\n".join(lines)
+
+
+def run_evaluation_command(argv: list[str] | None, *, model_name: str, description: str) -> int:
+    """Parse the command line, evaluate, print the summary; returns the exit status."""
+    args = parse_evaluation_args(argv, description)
+    program = Path(EVALUATION_SCRIPTS[model_name]).name
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    try:
+        check_run_model(args.run, model_name)
+        result = evaluate_run(args.run, data_dir=args.data, cases=args.cases, reports_dir=args.reports,
+                              out_dir=args.out, device=args.device, tta=args.tta, postprocess=args.postprocess,
+                              tolerance_mm=args.tolerance_mm)
+    except (ValueError, FileNotFoundError, CheckpointError) as error:
+        print(f"{program}: error: {error}", file=sys.stderr)
+        return EXIT_USAGE
+    except OSError as error:
+        logging.getLogger(program).error("%s", error)
+        return EXIT_FAILED
+    print(format_evaluation(result))
+    return EXIT_FAILED if result.evaluation.refused else EXIT_OK

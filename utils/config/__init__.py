@@ -1,0 +1,1 @@
+"""Settings: YAML read into typed, frozen dataclasses (data sections, experiments, searches, the demo)."""

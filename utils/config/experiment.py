@@ -1,0 +1,294 @@
+"""Settings of a training experiment: model, loss, optimiser, sliding-window validation, run, wandb.
+
+One YAML file (e.g. ``configs/resunet3d.yaml``) holds every section of :class:`ExperimentConfig`;
+it is read with :func:`load_experiment_config`, saved resolved in every run folder and sent to
+wandb. The data sections (``preprocessing``, ``split``, ``patches``, ``slices``, ``augmentation``)
+are the dataclasses of :mod:`utils.config`. The 3D model trains on ``patches`` and is validated
+with ``sliding_window``; the 2D model trains on ``slices`` and is validated with
+``slice_inference``; a section the model does not use is saved but has no effect.
+"""
+
+from __future__ import annotations
+
+import os
+import typing
+from dataclasses import dataclass, field
+
+from utils.config.data import AugmentationConfig, PatchDatasetConfig, PreprocessingConfig, SliceDatasetConfig, SplitConfig
+
+from utils.config.loading import check_choice, check_positive, load_config
+
+MODEL_NAMES = ("resunet3d", "unetr2d")
+LOSS_NAMES = ("dice_focal", "dice_ce")
+MIXED_PRECISION = ("no", "fp16", "bf16")
+NONFINITE_LOSS_POLICIES = ("stop", "skip")
+ON_BAD_CASE = ("error", "skip")
+WANDB_MODES = ("auto", "online", "offline")
+COMPILE_MODES = ("default", "reduce-overhead", "max-autotune", "max-autotune-no-cudagraphs")
+
+
+@dataclass(frozen=True)
+class ModelConfig:
+    """The network (see :mod:`utils.networks.models`).
+
+    Attributes:
+        name: ``"resunet3d"`` (MONAI ``UNet``, 3D, residual units) or ``"unetr2d"``.
+        in_channels, out_channels: 1 CT channel; 3 classes (background, kidney, tumour).
+        channels, strides, num_res_units, act: ``resunet3d`` architecture (MONAI ``UNet``
+            arguments; ``act`` is a MONAI layer name).
+        norm, dropout: both models (MONAI normalisation name; dropout probability).
+        feature_size, hidden_size, mlp_dim, num_heads: ``unetr2d`` architecture (MONAI ``UNETR``
+            arguments): decoder width, transformer token width, its MLP width and attention
+            heads (``hidden_size`` divisible by ``num_heads``). The transformer has MONAI's
+            fixed 12 layers and 16 x 16 patches; the input size is ``slices.image_size``.
+    """
+
+    name: str = "resunet3d"
+    in_channels: int = 1
+    out_channels: int = 3
+    channels: tuple[int, ...] = (30, 60, 120, 240, 320)
+    strides: tuple[int, ...] = (2, 2, 2, 2)
+    num_res_units: int = 3
+    norm: str = "instance"
+    act: str = "PRELU"
+    dropout: float = 0.0
+    feature_size: int = 16
+    hidden_size: int = 768
+    mlp_dim: int = 3072
+    num_heads: int = 12
+
+    def __post_init__(self) -> None:
+        check_choice("name", self.name, MODEL_NAMES)
+        check_positive("channels", self.channels)
+        for name in ("feature_size", "hidden_size", "mlp_dim", "num_heads"):
+            check_positive(name, getattr(self, name))
+        if self.hidden_size % self.num_heads:
+            raise ValueError(f"hidden_size must be divisible by num_heads ({self.num_heads}), got {self.hidden_size}")
+        if len(self.strides) != len(self.channels) - 1:
+            raise ValueError(f"strides must have one value fewer than channels ({len(self.channels) - 1}), "
+                             f"got {len(self.strides)}")
+        if not 0 <= self.dropout < 1:
+            raise ValueError(f"dropout must be >= 0 and < 1, got {self.dropout}")
+
+
+@dataclass(frozen=True)
+class LossConfig:
+    """The loss (see :mod:`utils.networks.losses`).
+
+    Attributes:
+        name: ``"dice_focal"`` or ``"dice_ce"``.
+        class_weights: per class (background, kidney, tumour), for both terms.
+        dice_weight, other_weight: weights of the Dice term and of the focal / cross-entropy term.
+        focal_gamma: focusing parameter of the focal term.
+    """
+
+    name: str = "dice_focal"
+    class_weights: tuple[float, float, float] = (0.0, 1.0, 3.0)
+    dice_weight: float = 1.0
+    other_weight: float = 1.0
+    focal_gamma: float = 2.0
+
+    def __post_init__(self) -> None:
+        check_choice("name", self.name, LOSS_NAMES)
+        if min(self.class_weights) < 0 or max(self.class_weights) <= 0:
+            raise ValueError(f"class_weights must be >= 0 with at least one > 0, got {self.class_weights}")
+
+
+@dataclass(frozen=True)
+class OptimiserConfig:
+    """AdamW with a per-iteration linear warm-up then cosine decay (see :mod:`utils.training.optimisation`).
+
+    Attributes:
+        learning_rate: peak learning rate. weight_decay: AdamW's decoupled weight decay.
+        warmup_epochs: epochs of linear warm-up from ``learning_rate * warmup_start_factor``.
+        warmup_start_factor: > 0, so the first step does not train at learning rate 0.
+        min_lr_factor: > 0, the cosine decays to ``learning_rate * min_lr_factor``, never to 0.
+        grad_clip_norm: clip the gradient's global norm to this (0: no clipping).
+    """
+
+    learning_rate: float = 3e-4
+    weight_decay: float = 1e-5
+    warmup_epochs: float = 5.0
+    warmup_start_factor: float = 0.01
+    min_lr_factor: float = 0.01
+    grad_clip_norm: float = 12.0
+
+    def __post_init__(self) -> None:
+        check_positive("learning_rate", self.learning_rate)
+        if not 0 < self.warmup_start_factor <= 1 or not 0 < self.min_lr_factor <= 1:
+            raise ValueError(f"warmup_start_factor and min_lr_factor must be > 0 and <= 1, "
+                             f"got {self.warmup_start_factor} and {self.min_lr_factor}")
+        if self.warmup_epochs < 0 or self.weight_decay < 0 or self.grad_clip_norm < 0:
+            raise ValueError("warmup_epochs, weight_decay and grad_clip_norm must be >= 0")
+
+
+@dataclass(frozen=True)
+class SlidingWindowConfig:
+    """Sliding-window inference on whole volumes (validation now, prediction later).
+
+    Attributes:
+        roi_size: window ``[Z, Y, X]`` in voxels. overlap: between windows, in ``[0, 1)``.
+        blend: ``"gaussian"`` or ``"constant"`` weighting of overlapping windows.
+        sw_batch_size: windows per forward pass.
+    """
+
+    roi_size: tuple[int, int, int] = (80, 160, 160)
+    overlap: float = 0.5
+    blend: str = "gaussian"
+    sw_batch_size: int = 2
+
+    def __post_init__(self) -> None:
+        check_positive("roi_size", self.roi_size)
+        check_positive("sw_batch_size", self.sw_batch_size)
+        check_choice("blend", self.blend, ("gaussian", "constant"))
+        if not 0 <= self.overlap < 1:
+            raise ValueError(f"overlap must be >= 0 and < 1, got {self.overlap}")
+
+
+@dataclass(frozen=True)
+class SliceInferenceConfig:
+    """Slice-by-slice inference of 2D models on whole volumes (validation now, prediction later).
+
+    Each axial slice is fitted into the model's square exactly as in training
+    (``slices.image_size``, ``slices.fit``), so one slice is one forward input.
+
+    Attributes:
+        batch_size: slices per forward pass.
+    """
+
+    batch_size: int = 32
+
+    def __post_init__(self) -> None:
+        check_positive("batch_size", self.batch_size)
+
+
+@dataclass(frozen=True)
+class TrainingConfig:
+    """How a run is driven (see :mod:`utils.training.engine`).
+
+    Attributes:
+        run_name: folder name under ``output_dir``; ``None`` makes ``<model>_<YYYYmmdd-HHMMSS>``.
+        output_dir: root of run folders.
+        seed: the training seed (model initialisation and sampling); the split has its own.
+        fold: which split of ``splits.json`` to train on.
+        epochs: epochs to train. batch_size: samples per step and process.
+        num_workers: data-loading processes per training process.
+        validate_every: validate every this many epochs (and after the last).
+        checkpoint_every: save ``last`` every this many epochs (and after the last).
+        mixed_precision: ``"no"``, ``"fp16"`` or ``"bf16"``.
+        nonfinite_loss: ``"stop"`` the run, or ``"skip"`` the step and count it.
+        on_bad_case: a case that fails validation stops the run (``"error"``) or is left out (``"skip"``).
+        deterministic: use deterministic algorithms (exact resume on CPU; slower on GPU).
+        max_validation_cases: validate on at most this many cases (``None``: all).
+    """
+
+    run_name: str | None = None
+    output_dir: str = "checkpoints"
+    seed: int = 0
+    fold: int = 0
+    epochs: int = 1000
+    batch_size: int = 2
+    num_workers: int = 4
+    validate_every: int = 5
+    checkpoint_every: int = 1
+    mixed_precision: str = "bf16"
+    nonfinite_loss: str = "stop"
+    on_bad_case: str = "error"
+    deterministic: bool = False
+    max_validation_cases: int | None = None
+
+    def __post_init__(self) -> None:
+        for name in ("epochs", "batch_size", "validate_every", "checkpoint_every"):
+            check_positive(name, getattr(self, name))
+        if self.num_workers < 0:
+            raise ValueError(f"num_workers must be >= 0, got {self.num_workers}")
+        check_choice("mixed_precision", self.mixed_precision, MIXED_PRECISION)
+        check_choice("nonfinite_loss", self.nonfinite_loss, NONFINITE_LOSS_POLICIES)
+        check_choice("on_bad_case", self.on_bad_case, ON_BAD_CASE)
+
+
+@dataclass(frozen=True)
+class PerformanceConfig:
+    """Speed settings of training (see :mod:`utils.training.performance`); none changes what is learnt.
+
+    The defaults are safe everywhere (CPU, one or several GPUs); the GPU recipes switch the rest on.
+
+    Attributes:
+        channels_last: channels-last memory format for the model and its inputs (faster
+            convolutions with bf16/fp16 on recent GPUs).
+        compile: ``torch.compile`` the training forward pass; when compiling fails the run
+            continues uncompiled and says why in the log.
+        compile_mode: ``torch.compile`` mode.
+        augment_on_device: loader workers only read regions; the augmentation (same draws, same
+            samples) runs on the training device, so a GPU never waits for CPU augmentation.
+        fused_optimiser: AdamW's fused CUDA kernel when the model is on a GPU.
+        pin_memory: page-locked loader batches for asynchronous host-to-GPU copies (GPU only).
+        prefetch_factor: batches each loader worker prepares ahead.
+        cudnn_benchmark: let cuDNN pick the fastest convolution algorithms for the fixed input size.
+        tf32: TensorFloat-32 matrix multiplications and convolutions for float32 work on GPUs.
+    """
+
+    channels_last: bool = False
+    compile: bool = False
+    compile_mode: str = "default"
+    augment_on_device: bool = False
+    fused_optimiser: bool = True
+    pin_memory: bool = True
+    prefetch_factor: int = 2
+    cudnn_benchmark: bool = True
+    tf32: bool = True
+
+    def __post_init__(self) -> None:
+        check_choice("compile_mode", self.compile_mode, COMPILE_MODES)
+        check_positive("prefetch_factor", self.prefetch_factor)
+
+
+@dataclass(frozen=True)
+class WandbConfig:
+    """Optional Weights & Biases logging (see :mod:`utils.training.tracking`).
+
+    Attributes:
+        enabled: log to wandb (also ``--wandb`` on the command line).
+        project, entity, notes, tags: as in ``wandb.init``.
+        mode: ``"auto"`` (online when an API key is configured, else offline), ``"online"``, ``"offline"``.
+    """
+
+    enabled: bool = False
+    project: str = "kits19-segmentation"
+    entity: str | None = None
+    notes: str = ""
+    tags: tuple[str, ...] = ()
+    mode: str = "auto"
+
+    def __post_init__(self) -> None:
+        check_choice("mode", self.mode, WANDB_MODES)
+
+
+@dataclass(frozen=True)
+class ExperimentConfig:
+    """Everything one training run needs, in one file.
+
+    Attributes:
+        data_dir: raw KiTS19-layout folder (``--data`` or ``KITS19_DATA`` override it); the
+            cache is built or updated from it before training.
+    """
+
+    data_dir: str | None = None
+    preprocessing: PreprocessingConfig = field(default_factory=PreprocessingConfig)
+    split: SplitConfig = field(default_factory=SplitConfig)
+    patches: PatchDatasetConfig = field(default_factory=PatchDatasetConfig)
+    slices: SliceDatasetConfig = field(default_factory=SliceDatasetConfig)
+    augmentation: AugmentationConfig = field(default_factory=AugmentationConfig)
+    model: ModelConfig = field(default_factory=ModelConfig)
+    loss: LossConfig = field(default_factory=LossConfig)
+    optimiser: OptimiserConfig = field(default_factory=OptimiserConfig)
+    sliding_window: SlidingWindowConfig = field(default_factory=SlidingWindowConfig)
+    slice_inference: SliceInferenceConfig = field(default_factory=SliceInferenceConfig)
+    training: TrainingConfig = field(default_factory=TrainingConfig)
+    performance: PerformanceConfig = field(default_factory=PerformanceConfig)
+    wandb: WandbConfig = field(default_factory=WandbConfig)
+
+
+def load_experiment_config(path: str | os.PathLike, overrides: typing.Sequence[str] = ()) -> ExperimentConfig:
+    """Read an experiment YAML (with ``section.key=value`` overrides) into :class:`ExperimentConfig`."""
+    return load_config(path, ExperimentConfig, overrides)

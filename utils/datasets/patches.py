@@ -1,0 +1,259 @@
+"""3D training patches and whole validation volumes, read from the memory-mapped cache.
+
+A training sample is drawn in four steps: pick a case, pick the class the patch is centred on
+(tumour / kidney / anywhere, with the configured shares), read just the region the augmentation
+needs around that centre from the memory map, augment it (:mod:`utils.datasets.augmentation`). Sample
+``i`` of epoch ``e`` depends only on ``(seed, e, i)``: the same on any number of loader
+workers, and reproduced exactly after a resume. Epochs reach the workers through the index
+itself (see :class:`EpochSampler`), so persistent workers see them too.
+
+With ``defer_augmentation`` the workers stop after reading the region: items carry the region,
+the spatial draw and the sample's generator, :func:`collate_samples` keeps them as lists, and
+:func:`augment_batch` applies the very same augmentation on the GPU in the training process.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator, Sequence
+from typing import Any
+
+import numpy as np
+import torch
+from torch.utils.data import Dataset, Sampler, default_collate
+
+from utils.datasets.augmentation import SampleAugmenter, SpatialDraw
+from utils.config.data import AugmentationConfig, PatchDatasetConfig
+from utils.preprocessing.cache import CachedCase, PreprocessedCache
+from utils.preprocessing.preprocess import Normalisation
+
+CENTRE_CLASSES = ("tumour", "kidney", "anywhere")
+
+#: Item keys of a deferred sample that stay per-sample lists in a batch (regions differ in size).
+DEFERRED_KEYS = ("image", "label", "draw", "rng")
+
+
+def background_value(cache: PreprocessedCache) -> float:
+    """The normalised value of air/background: the lower clip bound after z-scoring (used for padding)."""
+    return Normalisation(**cache.plan["normalisation"]).background_value
+
+
+def read_region(volume: np.ndarray, centre: Sequence[int], size: Sequence[int], pad_value: float,
+                dtype: type = np.float32) -> np.ndarray:
+    """Read a box of ``size`` centred on ``centre`` (``start = centre - size // 2``), padding outside.
+
+    Args:
+        volume: ``(Z, Y, X)`` array or memory map (only the box is read).
+        centre, size: voxel coordinates and box size per axis.
+        pad_value: value of voxels outside the volume. dtype: of the result.
+
+    Returns:
+        ``size`` array of ``dtype``.
+    """
+    size = tuple(int(s) for s in size)
+    starts = [int(c) - s // 2 for c, s in zip(centre, size)]
+    source, target = [], []
+    for start, n, limit in zip(starts, size, volume.shape):
+        low, high = max(start, 0), min(start + n, limit)
+        source.append(slice(low, max(high, low)))
+        target.append(slice(low - start, max(high, low) - start))
+    inside = tuple(s.stop - s.start for s in source)
+    if inside == size:
+        return np.array(volume[tuple(source)], dtype=dtype)
+    out = np.full(size, pad_value, dtype=dtype)
+    if min(inside) > 0:
+        out[tuple(target)] = volume[tuple(source)]
+    return out
+
+
+class EpochSampler(Sampler[int]):
+    """Yields one epoch's item indices ``epoch * samples_per_epoch + i`` (call :meth:`set_epoch`).
+
+    With ``world_size`` processes, process ``rank`` takes ``i = rank, rank + world_size, ...``:
+    the processes draw disjoint samples, each the same number (``samples_per_epoch // world_size``),
+    so no process waits for another at the end of an epoch.
+    """
+
+    def __init__(self, samples_per_epoch: int, epoch: int = 0, *, rank: int = 0, world_size: int = 1):
+        if not 0 <= rank < world_size:
+            raise ValueError(f"rank must be >= 0 and < world_size ({world_size}), got {rank}")
+        if samples_per_epoch < world_size:
+            raise ValueError(f"samples_per_epoch ({samples_per_epoch}) must be >= world_size ({world_size})")
+        self.samples_per_epoch = samples_per_epoch
+        self.epoch = epoch
+        self.skip = 0
+        self.rank = rank
+        self.world_size = world_size
+
+    def set_epoch(self, epoch: int, skip: int = 0) -> None:
+        """Select the epoch the next iteration yields, leaving out this process's first ``skip`` items.
+
+        ``skip`` continues an epoch that was stopped part-way (items already trained on); the
+        length stays the full epoch's, so the learning-rate schedule is unchanged.
+        """
+        if not 0 <= skip <= len(self):
+            raise ValueError(f"skip must be >= 0 and <= {len(self)}, got {skip}")
+        self.epoch = epoch
+        self.skip = skip
+
+    def __iter__(self) -> Iterator[int]:
+        start = self.epoch * self.samples_per_epoch + (self.rank + self.skip * self.world_size)
+        return iter(range(start, self.epoch * self.samples_per_epoch + len(self) * self.world_size, self.world_size))
+
+    def __len__(self) -> int:
+        return self.samples_per_epoch // self.world_size
+
+
+class SampledDataset(Dataset):
+    """Base of the training datasets: ``samples_per_epoch`` items per epoch, each from its own generator.
+
+    Item ``epoch * samples_per_epoch + i`` is drawn from ``numpy.random.default_rng([seed, epoch, i])``.
+
+    Attributes:
+        defer_augmentation: when ``True`` (and there is an augmenter), items hold the unaugmented
+            region read around the sample, its ``draw`` and its generator ``rng`` instead of the
+            augmented sample; :func:`augment_batch` finishes them (on the GPU) identically.
+    """
+
+    def __init__(self, cases: Sequence[CachedCase], samples_per_epoch: int, augmenter: SampleAugmenter | None, *,
+                 seed: int, pad_value: float):
+        if not cases:
+            raise ValueError(f"{type(self).__name__} needs at least one case")
+        self.cases = list(cases)
+        self.samples_per_epoch = samples_per_epoch
+        self.augmenter = augmenter
+        self.seed = seed
+        self.pad_value = pad_value
+        self.defer_augmentation = False
+
+    def __len__(self) -> int:
+        return self.samples_per_epoch
+
+    def sample_generator(self, index: int) -> np.random.Generator:
+        """The generator of item ``index`` (``epoch * len(self) + i``)."""
+        if index < 0:
+            raise IndexError(f"index must be >= 0, got {index}")
+        epoch, i = divmod(int(index), len(self))
+        return np.random.default_rng([self.seed, epoch, i])
+
+    def finish_sample(self, image: torch.Tensor, label: torch.Tensor, draw: SpatialDraw | None,
+                      rng: np.random.Generator, **fields: Any) -> dict[str, Any]:
+        """The item: augmented now, or (``defer_augmentation``) the region with its draw and generator."""
+        if draw is None:
+            return {"image": image, "label": label, **fields}
+        if self.defer_augmentation:
+            return {"image": image, "label": label, "draw": draw, "rng": rng, **fields}
+        image, label = self.augmenter.apply(image, label, draw, rng)
+        return {"image": image, "label": label, **fields}
+
+
+class PatchDataset(SampledDataset):
+    """Class-balanced, augmented 3D patches drawn from cached cases.
+
+    Args:
+        cases: the training cases (e.g. ``cache.cases(train_ids)``).
+        config: patch size, centring shares, samples per epoch.
+        augmentation: settings, or ``None`` for plain patches.
+        seed: the training seed; every sample's generator derives from ``(seed, epoch, i)``.
+        pad_value: image value outside the volume (see :func:`background_value`).
+
+    Items (index ``epoch * len(self) + i``; plain ``i`` is epoch 0) are dicts:
+    ``image`` ``(1, Z, Y, X)`` float32, ``label`` ``(1, Z, Y, X)`` uint8, ``case_id`` str,
+    ``centre_class`` one of :data:`CENTRE_CLASSES`.
+    """
+
+    def __init__(self, cases: Sequence[CachedCase], config: PatchDatasetConfig,
+                 augmentation: AugmentationConfig | None, *, seed: int, pad_value: float):
+        augmenter = SampleAugmenter(augmentation, 3) if augmentation is not None else None
+        super().__init__(cases, config.samples_per_epoch, augmenter, seed=seed, pad_value=pad_value)
+        self.config = config
+
+    def __getitem__(self, index: int) -> dict[str, Any]:
+        rng = self.sample_generator(index)
+        case = self.cases[int(rng.integers(len(self.cases)))]
+        centre, centre_class = self._draw_centre(case, rng)
+        patch_size = tuple(self.config.patch_size)
+        draw = self.augmenter.draw_spatial(rng, patch_size, case.spacing) if self.augmenter else None
+        region = draw.region_size if draw else patch_size
+        image = torch.from_numpy(read_region(case.image, centre, region, self.pad_value))[None]
+        label = torch.from_numpy(read_region(case.label, centre, region, 0, np.uint8))[None]
+        return self.finish_sample(image, label, draw, rng, case_id=case.case_id, centre_class=centre_class)
+
+    def _draw_centre(self, case: CachedCase, rng: np.random.Generator) -> tuple[tuple[int, ...], str]:
+        """A voxel of the drawn class (falling back to the other class, then anywhere)."""
+        u = rng.random()
+        config = self.config
+        if u < config.tumour_share:
+            order = ("tumour", "kidney")
+        elif u < config.tumour_share + config.kidney_share:
+            order = ("kidney", "tumour")
+        else:
+            order = ()
+        for name in order:
+            locations = case.locations(name)
+            if len(locations):
+                return tuple(int(v) for v in locations[int(rng.integers(len(locations)))]), name
+        return self._anywhere(case.shape, rng), "anywhere"
+
+    def _anywhere(self, shape: Sequence[int], rng: np.random.Generator) -> tuple[int, ...]:
+        """A centre keeping the patch inside the volume where the volume is large enough."""
+        centre = []
+        for n, p in zip(shape, self.config.patch_size):
+            low, high = p // 2, n - (p - p // 2)
+            centre.append(int(rng.integers(low, high + 1)) if high >= low else n // 2)
+        return tuple(centre)
+
+
+class VolumeDataset(Dataset):
+    """Whole preprocessed volumes (validation): ``image`` ``(1, Z, Y, X)`` float32, ``label`` uint8, ``case_id``."""
+
+    def __init__(self, cases: Sequence[CachedCase]):
+        self.cases = list(cases)
+
+    def __len__(self) -> int:
+        return len(self.cases)
+
+    def __getitem__(self, index: int) -> dict[str, Any]:
+        case = self.cases[index]
+        return {"image": torch.from_numpy(np.array(case.image, dtype=np.float32))[None],
+                "label": torch.from_numpy(np.array(case.label, dtype=np.uint8))[None],
+                "case_id": case.case_id}
+
+
+def collate_samples(samples: list[dict[str, Any]]) -> dict[str, Any]:
+    """Batch items: stacked as usual, or for deferred items the :data:`DEFERRED_KEYS` as lists."""
+    if "draw" not in samples[0]:
+        return default_collate(samples)
+    batch = default_collate([{k: v for k, v in s.items() if k not in DEFERRED_KEYS} for s in samples])
+    batch.update({key: [s[key] for s in samples] for key in DEFERRED_KEYS})
+    return batch
+
+
+def augment_batch(batch: dict[str, Any], augmenter: SampleAugmenter,
+                  device: torch.device | str) -> tuple[torch.Tensor, torch.Tensor]:
+    """Images and labels of a batch on ``device``, augmenting deferred items there.
+
+    Args:
+        batch: from :func:`collate_samples` (deferred or not).
+        augmenter: the dataset's augmenter (used only for deferred items).
+        device: where the tensors go and the augmentation runs.
+
+    Returns:
+        ``(B, 1, *size)`` float32 images and ``(B, 1, *size)`` uint8 labels on ``device``.
+    """
+    if "draw" not in batch:
+        return (batch["image"].to(device, non_blocking=True), batch["label"].to(device, non_blocking=True))
+    images, labels = [], []
+    for image, label, draw, rng in zip(*(batch[key] for key in DEFERRED_KEYS)):
+        image, label = augmenter.apply(image.to(device, non_blocking=True), label.to(device, non_blocking=True),
+                                       draw, rng)
+        images.append(image)
+        labels.append(label)
+    return torch.stack(images), torch.stack(labels)
+
+
+def build_patch_datasets(cache: PreprocessedCache, config: PatchDatasetConfig, augmentation: AugmentationConfig | None,
+                         *, fold: int = 0, seed: int = 0) -> tuple[PatchDataset, VolumeDataset]:
+    """The training patches and validation volumes of one fold of the cache's split."""
+    train_ids, val_ids = cache.split(fold)
+    train = PatchDataset(cache.cases(train_ids), config, augmentation, seed=seed, pad_value=background_value(cache))
+    return train, VolumeDataset(cache.cases(val_ids))

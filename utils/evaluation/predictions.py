@@ -1,0 +1,265 @@
+"""Scoring a folder of predicted label maps against a KiTS19 data folder, on the original grid.
+
+Predictions are NIfTI label maps named ``case_XXXXX.nii.gz`` or, as in KiTS19 submissions,
+``prediction_XXXXX.nii.gz`` (``.nii`` also accepted), one per case, on the grid of the case's
+CT: the same shape and affine as ``DATA_DIR/case_XXXXX/imaging.nii.gz`` (the segmentation's
+header when a labels-only copy holds no CT). The ground truth is
+``DATA_DIR/case_XXXXX/segmentation.nii.gz``. Arrays keep the on-disk ``(Z, Y, X)`` order and the
+spacing comes from the CT's affine (:func:`utils.data.kits_layout.spacing_from_affine`).
+
+A prediction is *refused* (recorded with the reason, naming the case) when its shape or affine
+differs from its CT's, when it holds labels other than 0/1/2, or when it cannot be read.
+Predictions without ground truth and ground-truth cases without a prediction are warnings.
+Results go to ``OUT_DIR/metrics.json`` and ``OUT_DIR/metrics.csv``, written atomically; the
+output folder may not lie inside the ground-truth or prediction folder.
+"""
+
+from __future__ import annotations
+
+import csv
+import io
+import logging
+import os
+import re
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+from tqdm.auto import tqdm
+
+from utils.data.case_discovery import CaseFiles, discover_cases
+from utils.metrics.surface import (EMPTY_MASK_RULES, HAUSDORFF_PERCENTILE, METRIC_NAMES, score_case_metrics,
+                                      summarise_metrics)
+from utils.data.kits_layout import AFFINE_ATOL_MM, AFFINE_RTOL, VALID_LABELS, spacing_from_affine
+from utils.data.nifti_io import load_nifti, read_voxels, save_json_atomic, write_bytes_atomic
+
+logger = logging.getLogger(__name__)
+
+METRICS_JSON_NAME = "metrics.json"
+METRICS_CSV_NAME = "metrics.csv"
+#: Prediction file names: ``case_XXXXX`` or ``prediction_XXXXX``, ``.nii.gz`` or ``.nii``.
+PREDICTION_NAME_PATTERN = re.compile(r"^(?:case|prediction)_(\d{5})\.nii(?:\.gz)?$")
+
+
+@dataclass(frozen=True)
+class EvaluationResult:
+    """What :func:`evaluate_predictions` scored, refused and wrote.
+
+    Attributes:
+        cases: one dict per scored case: ``case_id`` and the metrics of
+            :func:`utils.metrics.surface.score_case_metrics` (HD95 in mm, ``None`` missing).
+        summary: ``{metric: {"mean", "std", "median", "n", "missing"}}`` over the scored cases.
+        refused: ``{"case_id", "reason"}`` per prediction that could not be scored.
+        warnings: predictions without ground truth, cases without prediction, ignored files.
+        json_path, csv_path: the files written.
+    """
+
+    cases: tuple[dict[str, Any], ...]
+    summary: dict[str, dict[str, float | int | None]]
+    refused: tuple[dict[str, str], ...]
+    warnings: tuple[str, ...]
+    json_path: Path
+    csv_path: Path
+
+
+def check_output_dir(out_dir: str | os.PathLike, gt_dir: str | os.PathLike, pred_dir: str | os.PathLike) -> Path:
+    """Return ``out_dir`` resolved, refusing a folder inside (or equal to) the ground-truth or prediction folder.
+
+    Raises:
+        ValueError: ``out_dir`` is ``gt_dir``, ``pred_dir`` or inside either.
+    """
+    out = Path(out_dir).expanduser().resolve()
+    for role, folder in (("ground-truth folder (gt_dir)", gt_dir), ("prediction folder (pred_dir)", pred_dir)):
+        inputs = Path(folder).expanduser().resolve()
+        if out == inputs or inputs in out.parents:
+            raise ValueError(f"out_dir must not be inside the {role} {inputs}, got {out}; "
+                             "choose an output folder outside the inputs, which are never written to")
+    return out
+
+
+def find_predictions(pred_dir: Path) -> tuple[dict[str, Path], dict[str, str], list[str]]:
+    """Map case ids to prediction files in ``pred_dir``.
+
+    Returns:
+        ``(predictions, ambiguous, warnings)``: the file of each case id; the reason per case id
+        with two files (``case_`` and ``prediction_`` names); one warning for ignored entries.
+    """
+    found: dict[str, list[Path]] = {}
+    ignored = []
+    for entry in sorted(pred_dir.iterdir()):
+        match = PREDICTION_NAME_PATTERN.match(entry.name)
+        if match is None or not entry.is_file():
+            if not entry.name.startswith("."):
+                ignored.append(entry.name)
+            continue
+        found.setdefault(f"case_{match.group(1)}", []).append(entry)
+    ambiguous = {case_id: f"{case_id}: more than one prediction file ({', '.join(p.name for p in paths)}); "
+                          "keep exactly one" for case_id, paths in found.items() if len(paths) > 1}
+    predictions = {case_id: paths[0] for case_id, paths in found.items() if len(paths) == 1}
+    warnings = []
+    if ignored:
+        shown = ", ".join(ignored[:5]) + (f" and {len(ignored) - 5} more" if len(ignored) > 5 else "")
+        warnings.append(f"ignored {len(ignored)} entries of {pred_dir} not named case_XXXXX.nii.gz or "
+                        f"prediction_XXXXX.nii.gz: {shown}")
+    return predictions, ambiguous, warnings
+
+
+def read_label_map(path: Path, what: str) -> np.ndarray:
+    """Read a label map and check its values, without a float copy unless the file stores floats.
+
+    Args:
+        path: a NIfTI label map.
+        what: how the volume is named in errors, e.g. ``"case_00003: prediction"``.
+
+    Returns:
+        ``(Z, Y, X)`` uint8 array of labels 0/1/2, in on-disk axis order.
+
+    Raises:
+        ValueError: the file is unreadable or holds values other than 0, 1, 2.
+    """
+    image = load_nifti(path)
+    proxy = image.dataobj
+    scaled = float(getattr(proxy, "slope", 1.0)) != 1.0 or float(getattr(proxy, "inter", 0.0)) != 0.0
+    on_disk = image.get_data_dtype()
+    voxels = read_voxels(image, np.float32 if scaled or on_disk.kind == "f" else on_disk.type)
+    low, high = min(VALID_LABELS), max(VALID_LABELS)
+    if voxels.dtype.kind == "f" or voxels.min() < low or voxels.max() > high:
+        invalid = ~np.isin(voxels, sorted(VALID_LABELS))
+        if invalid.any():
+            values = np.unique(voxels[invalid])
+            shown = ", ".join(f"{v:g}" for v in values[:5]) + (" ..." if values.size > 5 else "")
+            raise ValueError(f"{what} {path} holds labels outside {{0, 1, 2}}: {int(invalid.sum())} voxels "
+                             f"with values {shown}")
+    return voxels.astype(np.uint8, copy=False)
+
+
+def _check_same_grid(path: Path, reference: Path, what: str) -> None:
+    """``ValueError`` naming ``what`` unless ``path``'s header has the shape and affine of ``reference``'s."""
+    image, ct = load_nifti(path), load_nifti(reference)
+    if tuple(image.shape) != tuple(ct.shape):
+        raise ValueError(f"{what} {path.name} has shape {tuple(image.shape)} but its CT {reference} has "
+                         f"{tuple(ct.shape)}; predictions must be on the CT's original grid")
+    if not np.allclose(image.affine, ct.affine, rtol=AFFINE_RTOL, atol=AFFINE_ATOL_MM):
+        row, column = np.unravel_index(np.argmax(np.abs(image.affine - ct.affine)), (4, 4))
+        raise ValueError(
+            f"{what} {path.name} has an affine different from its CT {reference}: entry [{row}, {column}] is "
+            f"{image.affine[row, column]:g}, the CT's {ct.affine[row, column]:g} (voxel spacing "
+            f"{tuple(round(s, 4) for s in spacing_from_affine(image.affine))} vs "
+            f"{tuple(round(s, 4) for s in spacing_from_affine(ct.affine))} mm); "
+            "predictions must be on the CT's original grid")
+
+
+def score_prediction(case: CaseFiles, prediction_path: Path, tolerance_mm: float) -> dict[str, Any]:
+    """Check one prediction against its case's CT header and score it against the ground truth.
+
+    Args:
+        case: the case's files (``segmentation`` must exist); ``imaging`` gives the grid,
+            the segmentation's header when there is no CT.
+        prediction_path: the predicted label map.
+        tolerance_mm: surface-Dice tolerance in mm.
+
+    Returns:
+        ``{"case_id": ..., **score_case_metrics(...)}``.
+
+    Raises:
+        ValueError: shape or affine differ from the CT's, labels outside 0/1/2, unreadable file;
+            the message names the case.
+    """
+    if case.segmentation is None:
+        raise ValueError(f"{case.case_id}: no ground-truth segmentation in {case.folder}")
+    reference = case.imaging if case.imaging is not None else case.segmentation
+    _check_same_grid(prediction_path, reference, f"{case.case_id}: prediction")
+    if reference != case.segmentation:
+        _check_same_grid(case.segmentation, reference, f"{case.case_id}: ground truth")
+    spacing = spacing_from_affine(load_nifti(reference).affine)
+    prediction = read_label_map(prediction_path, f"{case.case_id}: prediction")
+    truth = read_label_map(case.segmentation, f"{case.case_id}: ground truth")
+    return {"case_id": case.case_id, **score_case_metrics(prediction, truth, spacing, tolerance_mm)}
+
+
+def _match_cases(gt_dir: Path, pred_dir: Path, case_ids: Sequence[str] | None = None
+                 ) -> tuple[list[tuple[CaseFiles, Path]], dict[str, str], list[str]]:
+    """Pair ground-truth cases (only ``case_ids`` when given) with predictions; return the pairs, refusals, warnings."""
+    truth = {case.case_id: case for case in discover_cases(gt_dir).cases if case.segmentation is not None
+             and (case_ids is None or case.case_id in case_ids)}
+    predictions, refused, warnings = find_predictions(pred_dir)
+    without_truth = sorted(set(predictions) - set(truth))
+    without_prediction = sorted(set(truth) - set(predictions) - set(refused))
+    if without_truth:
+        warnings.append(f"{len(without_truth)} predictions without ground truth in {gt_dir}, not scored: "
+                        f"{', '.join(without_truth)}")
+    if without_prediction:
+        warnings.append(f"{len(without_prediction)} ground-truth cases without a prediction in {pred_dir}, "
+                        f"not scored: {', '.join(without_prediction)}")
+    pairs = [(truth[case_id], predictions[case_id]) for case_id in sorted(set(truth) & set(predictions))]
+    return pairs, refused, warnings
+
+
+def evaluate_predictions(gt_dir: str | os.PathLike, pred_dir: str | os.PathLike, out_dir: str | os.PathLike, *,
+                         tolerance_mm: float = 2.0, show_progress: bool = False,
+                         case_ids: Sequence[str] | None = None) -> EvaluationResult:
+    """Score every prediction in ``pred_dir`` against ``gt_dir`` and write ``metrics.json`` and ``metrics.csv``.
+
+    Args:
+        gt_dir: KiTS19-layout data folder (``case_XXXXX/segmentation.nii.gz``, ``imaging.nii.gz``).
+        pred_dir: folder of ``case_XXXXX.nii.gz`` or ``prediction_XXXXX.nii.gz`` label maps.
+        out_dir: output folder (created if needed), outside both input folders.
+        tolerance_mm: surface-Dice tolerance in mm, finite and >= 0.
+        show_progress: a tqdm bar per case on stderr.
+        case_ids: score only these ground-truth cases (e.g. a run's validation cases); ``None``: all.
+
+    Returns:
+        The scored cases, summary, refusals and warnings (also logged); a refused case does
+        not stop the others.
+
+    Raises:
+        FileNotFoundError: ``gt_dir`` or ``pred_dir`` is not a folder.
+        ValueError: ``out_dir`` lies inside an input folder, or ``tolerance_mm`` is invalid.
+    """
+    gt, pred = Path(gt_dir), Path(pred_dir)
+    for role, folder in (("gt_dir (ground truth)", gt), ("pred_dir (predictions)", pred)):
+        if not folder.is_dir():
+            raise FileNotFoundError(f"{role} {folder} does not exist or is not a folder")
+    if not (np.isfinite(tolerance_mm) and tolerance_mm >= 0):
+        raise ValueError(f"tolerance_mm must be a finite number >= 0 mm, got {tolerance_mm}")
+    out = check_output_dir(out_dir, gt, pred)
+    pairs, refused, warnings = _match_cases(gt, pred, None if case_ids is None else set(case_ids))
+    for message in warnings:
+        logger.warning("%s", message)
+    cases = []
+    for case, prediction_path in tqdm(pairs, desc="evaluate", unit="case", disable=not show_progress):
+        try:
+            cases.append(score_prediction(case, prediction_path, tolerance_mm))
+        except (ValueError, FileNotFoundError) as error:  # NiftiReadError is a ValueError
+            reason = str(error)
+            refused[case.case_id] = reason if reason.startswith(case.case_id) else f"{case.case_id}: {reason}"
+    for case_id, reason in sorted(refused.items()):
+        logger.error("refused %s", reason)
+    summary = summarise_metrics(cases)
+    settings = {"tolerance_mm": float(tolerance_mm), "hd_percentile": HAUSDORFF_PERCENTILE,
+                "gt": str(gt.resolve()), "pred": str(pred.resolve()), "empty_mask_rules": EMPTY_MASK_RULES}
+    refusals = tuple({"case_id": case_id, "reason": reason} for case_id, reason in sorted(refused.items()))
+    json_path, csv_path = save_metrics(out, cases, summary, settings, refusals, warnings)
+    return EvaluationResult(tuple(cases), summary, refusals, tuple(warnings), json_path, csv_path)
+
+
+def save_metrics(out_dir: Path, cases: list[dict[str, Any]], summary: dict, settings: dict,
+                 refused: tuple[dict[str, str], ...] = (), warnings: list[str] | tuple[str, ...] = ()) -> tuple[Path, Path]:
+    """Write ``metrics.json`` (cases, summary, settings, refused, warnings) and ``metrics.csv`` atomically.
+
+    Missing values are ``null`` in JSON and empty cells in CSV. Returns both paths.
+    """
+    out_dir.mkdir(parents=True, exist_ok=True)
+    report = {"cases": cases, "summary": summary, "settings": settings, "refused": list(refused),
+              "warnings": list(warnings)}
+    json_path = save_json_atomic(out_dir / METRICS_JSON_NAME, report)
+    table = io.StringIO()
+    writer = csv.writer(table, lineterminator="\n")
+    writer.writerow(["case_id", *METRIC_NAMES])
+    for case in cases:
+        writer.writerow([case["case_id"], *("" if case[m] is None else repr(float(case[m])) for m in METRIC_NAMES)])
+    csv_path = out_dir / METRICS_CSV_NAME
+    write_bytes_atomic(csv_path, table.getvalue().encode("utf-8"))
+    return json_path, csv_path

@@ -1,0 +1,216 @@
+"""The comparison report of two evaluated runs: one list of blocks rendered to Markdown and to
+self-contained HTML (figures embedded as base64 PNG), so both say the same, plus ``comparison.json``.
+
+The numbers come from :func:`utils.evaluation.comparison.compare_reports`; the figures from
+:mod:`utils.figures.comparison`.
+"""
+
+from __future__ import annotations
+
+import base64
+import html
+import logging
+import os
+from collections.abc import Mapping, Sequence
+from pathlib import Path
+from typing import Any
+
+from utils.figures.comparison import plot_metric_boxplots, plot_paired_scatter
+from utils.metrics.surface import METRIC_NAMES
+from utils.evaluation.comparison import MIN_WILCOXON_PAIRS, compare_reports, load_evaluation_report
+from utils.data.nifti_io import save_json_atomic, write_bytes_atomic
+
+logger = logging.getLogger(__name__)
+
+#: A report block: ``("heading", level, text)``, ``("paragraph", text)``, ``("list", items)``,
+#: ``("table", header, rows)`` (cells are strings) or ``("figure", caption, PNG path)``.
+Block = tuple
+
+READING_NOTES = (
+    "Differences are B - A, case by case, over the cases where both runs have a value: a positive Dice or "
+    "surface-Dice difference favours B, a positive HD95 difference (mm) favours A.",
+    "The confidence interval is a percentile bootstrap of the mean difference over cases; an interval that "
+    "excludes 0 suggests the difference is not an accident of which cases were drawn.",
+    "The Wilcoxon signed-rank test asks whether the paired differences are centred on 0 (two-sided; zero "
+    "differences dropped); it is not computed with fewer than {min_pairs} non-zero differences. Tests of six "
+    "metrics are not corrected for multiple comparisons.",
+)
+
+
+def _format_number(value: float | int | None, digits: int = 3) -> str:
+    if value is None:
+        return "-"
+    text = f"{value:,}" if isinstance(value, int) else f"{value:.{digits}f}"
+    return text[1:] if text.startswith("-") and not text.strip("-0.") else text  # no "-0.000"
+
+
+def _run_table(comparison: Mapping[str, Any]) -> Block:
+    a, b = comparison["runs"]["a"], comparison["runs"]["b"]
+    rows = [[label, *(str(run[key]) if run[key] is not None else "-" for run in (a, b))]
+            for label, key in (("run", "run_name"), ("model", "model"), ("checkpoint", "checkpoint"),
+                               ("device", "device"), ("parameters", "parameters"), ("report folder", "report_folder"),
+                               ("cases evaluated", "cases_evaluated"))]
+    return ("table", ["", "A", "B"], rows)
+
+
+def _summary_table(comparison: Mapping[str, Any]) -> Block:
+    rows = []
+    for metric in METRIC_NAMES:
+        row = [metric]
+        for side in ("a", "b"):
+            s = comparison["summary"][side][metric]
+            row += [f"{_format_number(s['mean'])} ± {_format_number(s['std'])}", _format_number(s["median"]),
+                    f"{s['n']} ({s['missing']})"]
+        rows.append(row)
+    return ("table", ["metric", "A mean ± std", "A median", "A n (missing)", "B mean ± std", "B median",
+                      "B n (missing)"], rows)
+
+
+def _paired_table(comparison: Mapping[str, Any]) -> Block:
+    rows = []
+    for metric in METRIC_NAMES:
+        p = comparison["paired"][metric]
+        interval = "-" if p["ci_low"] is None else f"[{_format_number(p['ci_low'])}, {_format_number(p['ci_high'])}]"
+        p_value = f"{p['p_value']:.3g}" if p["p_value"] is not None else f"not computed: {p['p_value_reason']}"
+        rows.append([metric, str(p["n_pairs"]), str(p["excluded"]), _format_number(p["mean_difference"]), interval,
+                     p_value])
+    level = f"{comparison['bootstrap']['confidence']:.0%}"
+    return ("table", ["metric", "pairs", "excluded (missing)", "mean B - A", f"{level} CI", "Wilcoxon p"], rows)
+
+
+def _inference_table(comparison: Mapping[str, Any]) -> Block:
+    runs, cost = comparison["runs"], comparison["inference"]
+    rows = [["parameters", *(_format_number(runs[s]["parameters"]) for s in ("a", "b"))],
+            ["cases timed", *(str(cost[s]["n"]) for s in ("a", "b"))],
+            *([f"{label} s per case" if label != "total" else "total s",
+               *(_format_number(cost[s][label], 2) for s in ("a", "b"))] for label in ("mean", "median", "total"))]
+    return ("table", ["", "A", "B"], rows)
+
+
+def build_report_blocks(comparison: Mapping[str, Any], figures: Mapping[str, Path]) -> list[Block]:
+    """The report's content as blocks, from :func:`compare_reports`'s result and ``{caption: PNG path}``."""
+    a, b = comparison["runs"]["a"], comparison["runs"]["b"]
+    settings = a["settings"]
+    boot = comparison["bootstrap"]
+    blocks: list[Block] = [
+        ("heading", 1, f"Model comparison: {a['run_name']} (A) vs {b['run_name']} (B)"),
+        ("heading", 2, "What was compared"), _run_table(comparison),
+        ("paragraph", f"{len(comparison['shared_cases'])} cases evaluated by both runs are compared "
+                      f"({len(comparison['only_a'])} only in A, {len(comparison['only_b'])} only in B, left out). "
+                      f"Surface-Dice tolerance {settings.get('tolerance_mm', '-')} mm; "
+                      f"HD{settings.get('hd_percentile', 95):g} in mm. Bootstrap: {boot['n_resamples']} resamples, seed {boot['seed']}.")]
+    if comparison["warnings"]:
+        blocks += [("heading", 2, "Warnings"), ("list", list(comparison["warnings"]))]
+    blocks += [("heading", 2, "Metrics per model (shared cases)"), _summary_table(comparison),
+               ("paragraph", "Standard deviation over cases (ddof 0); missing values (HD95 when exactly one of "
+                             "prediction and truth is empty) are counted, not averaged."),
+               ("heading", 2, "Paired differences (B - A)"), _paired_table(comparison),
+               ("heading", 2, "Inference cost"), _inference_table(comparison),
+               ("heading", 2, "Figures"), *(("figure", caption, path) for caption, path in figures.items()),
+               ("heading", 2, "How to read this"),
+               ("list", [note.format(min_pairs=MIN_WILCOXON_PAIRS) for note in READING_NOTES]),
+               ("paragraph", f"Empty masks: {comparison['empty_mask_rules']}.")]
+    return blocks
+
+
+def render_markdown(blocks: Sequence[Block], out_dir: Path) -> str:
+    """Markdown text of the blocks; figures are linked relative to ``out_dir`` (the report's folder)."""
+    lines: list[str] = []
+    for kind, *body in blocks:
+        if kind == "heading":
+            lines += ["#" * body[0] + " " + body[1], ""]
+        elif kind == "paragraph":
+            lines += [body[0], ""]
+        elif kind == "list":
+            lines += [*(f"- {item}" for item in body[0]), ""]
+        elif kind == "table":
+            cells = [[cell.replace("|", "\\|") for cell in row] for row in (body[0], *body[1])]
+            lines += ["| " + " | ".join(cells[0]) + " |", "|" + "---|" * len(cells[0]),
+                      *("| " + " | ".join(row) + " |" for row in cells[1:]), ""]
+        elif kind == "figure":
+            lines += [f"![{body[0]}]({Path(os.path.relpath(body[1], out_dir)).as_posix()})", "", f"*{body[0]}*", ""]
+    return "\n".join(lines).rstrip("\n") + "\n"
+
+
+def render_html(blocks: Sequence[Block]) -> str:
+    """Self-contained HTML of the blocks: figures embedded as base64 PNG."""
+    parts = ["<!DOCTYPE html>", '<html lang="en"><head><meta charset="utf-8">',
+             f"<title>{html.escape(blocks[0][2])}</title>",
+             "<style>body{font-family:sans-serif;max-width:70em;margin:auto}table{border-collapse:collapse}"
+             "td,th{border:1px solid #bbb;padding:2px 8px;text-align:left}img{max-width:100%}</style>",
+             "</head><body>"]
+    for kind, *body in blocks:
+        if kind == "heading":
+            parts.append(f"<h{body[0]}>{html.escape(body[1])}</h{body[0]}>")
+        elif kind == "paragraph":
+            parts.append(f"<p>{html.escape(body[0])}</p>")
+        elif kind == "list":
+            parts.append("<ul>" + "".join(f"<li>{html.escape(item)}</li>" for item in body[0]) + "</ul>")
+        elif kind == "table":
+            head = "".join(f"<th>{html.escape(c)}</th>" for c in body[0])
+            rows = "".join("<tr>" + "".join(f"<td>{html.escape(c)}</td>" for c in row) + "</tr>" for row in body[1])
+            parts.append(f"<table><tr>{head}</tr>{rows}</table>")
+        elif kind == "figure":
+            data = base64.b64encode(Path(body[1]).read_bytes()).decode("ascii")
+            parts.append(f'<figure><img alt="{html.escape(body[0])}" src="data:image/png;base64,{data}">'
+                         f"<figcaption>{html.escape(body[0])}</figcaption></figure>")
+    return "\n".join([*parts, "</body></html>", ""])
+
+
+def save_comparison_report(out_dir: str | os.PathLike, comparison: Mapping[str, Any],
+                           figures: Mapping[str, Path]) -> dict[str, Path]:
+    """Write ``comparison.md``, ``comparison.html`` and ``comparison.json`` into ``out_dir`` atomically.
+
+    Args:
+        comparison: the result of :func:`compare_reports`.
+        figures: ``{caption: PNG path}``, the PNGs already written, normally inside ``out_dir``.
+
+    Returns:
+        ``{"markdown", "html", "json"}`` paths.
+    """
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    blocks = build_report_blocks(comparison, figures)
+    paths = {"markdown": out / "comparison.md", "html": out / "comparison.html", "json": out / "comparison.json"}
+    write_bytes_atomic(paths["markdown"], render_markdown(blocks, out).encode("utf-8"))
+    write_bytes_atomic(paths["html"], render_html(blocks).encode("utf-8"))
+    save_json_atomic(paths["json"], {**comparison, "figures": {c: p.name for c, p in figures.items()}})
+    return paths
+
+
+def write_comparison_report(folder_a: str | os.PathLike, folder_b: str | os.PathLike, out_dir: str | os.PathLike, *,
+                            n_resamples: int = 10000, seed: int = 0) -> dict[str, Path]:
+    """Compare two report folders (A, then B; differences are B - A), draw the figures, write the report.
+
+    Args:
+        folder_a, folder_b: report folders holding ``metrics.json`` (and ``inference.json``).
+        out_dir: the comparison's folder (created), not one of the two report folders.
+        n_resamples, seed: the bootstrap.
+
+    Returns:
+        ``{"markdown", "html", "json"}`` paths, plus ``"boxplots"`` and ``"scatter"`` figures.
+
+    Raises:
+        ValueError: ``out_dir`` is an input folder, an invalid report, or no shared case.
+        FileNotFoundError: a report file is missing.
+    """
+    out = Path(out_dir)
+    clashing = [str(f) for f in (folder_a, folder_b) if Path(f).resolve() == out.resolve()]
+    if clashing:
+        raise ValueError(f"the comparison folder must differ from the input report folders, got {out} (the report "
+                         f"folder {clashing[0]}); choose e.g. reports/comparison")
+    report_a, report_b = (load_evaluation_report(folder) for folder in (folder_a, folder_b))
+    comparison = compare_reports(report_a, report_b, n_resamples=n_resamples, seed=seed)
+    # short axis labels: the run names are in the report's table
+    labels = [f"A: {report_a.model or report_a.run_name}", f"B: {report_b.model or report_b.run_name}"]
+    records_a = [comparison["per_case"][c]["a"] for c in comparison["shared_cases"]]
+    records_b = [comparison["per_case"][c]["b"] for c in comparison["shared_cases"]]
+    out.mkdir(parents=True, exist_ok=True)
+    boxes, scatter = out / "boxplots.png", out / "dice_scatter.png"
+    plot_metric_boxplots(records_a, records_b, labels, path=boxes)
+    plot_paired_scatter(records_a, records_b, labels, path=scatter)
+    figures = {"Metrics per case, A and B": boxes, "Dice per case, A against B (above the line: B higher)": scatter}
+    paths = save_comparison_report(out, comparison, figures)
+    logger.info("%d shared cases compared; %d warning(s)", len(comparison["shared_cases"]), len(comparison["warnings"]))
+    return {**paths, "boxplots": boxes, "scatter": scatter}
+

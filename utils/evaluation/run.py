@@ -1,0 +1,174 @@
+"""Evaluating a trained run: segment its validation cases (or any data folder) in each CT's
+original grid, score them with the KiTS19 metrics and write the report folder.
+
+:func:`evaluate_run` is what ``scripts/eval_unet.py``, ``scripts/eval_unetr.py`` and their
+notebooks call. It writes into ``reports/<run-name>/``:
+
+* ``predictions/case_XXXXX.nii.gz``: uint8 label maps with each CT's own shape and affine
+  (exactly what ``scripts/segment.py`` writes for the same checkpoint);
+* ``metrics.json`` / ``metrics.csv``: :func:`utils.evaluation.predictions.evaluate_predictions` on those files;
+* ``inference.json``: run name, model, parameter count, device, checkpoint and the wall time of
+  each case from reading its CT to writing its prediction;
+* ``case_scores.png``: per-case Dice and HD95;
+* ``figures/<case>_overlay.png`` and ``figures/<case>_errors.png``: for every case, the CT with
+  truth and prediction side by side and the per-class error map (true positives, false
+  positives, false negatives), axial slice through the tumour's centre, at the physical aspect.
+
+The validation cases are the run's own: the split of its training cache's cases made with its
+``split`` settings (the split depends only on those case ids and ``split.seed``), fold
+``training.fold``.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+from tqdm.auto import tqdm
+
+from utils.data.case_discovery import CaseFiles, discover_cases, resolve_data_dir
+from utils.data.case_validation import load_case
+from utils.inference.segment import SegmentationModel, load_segmentation_model, segment_file
+from utils.data.splits import make_splits
+from utils.evaluation.predictions import EvaluationResult, check_output_dir, evaluate_predictions
+from utils.figures.evaluation import plot_case_scores
+from utils.config.experiment import load_experiment_config
+from utils.networks.models import count_parameters
+from utils.data.nifti_io import load_nifti, read_voxels, save_json_atomic
+from utils.figures.slices import plot_error_map, plot_overlay
+from utils.figures.drawing import save_figure
+
+logger = logging.getLogger(__name__)
+
+INFERENCE_JSON = "inference.json"
+PREDICTIONS = "predictions"
+CASE_SELECTIONS = ("validation", "all")
+FIGURES = "figures"
+#: The evaluation script of each model, named when a run goes to the wrong one.
+EVALUATION_SCRIPTS = {"resunet3d": "scripts/eval_unet.py", "unetr2d": "scripts/eval_unetr.py"}
+
+
+@dataclass(frozen=True)
+class RunEvaluation:
+    """What :func:`evaluate_run` wrote: the report folder, the scores and the inference record."""
+
+    report_folder: Path
+    evaluation: EvaluationResult
+    inference: dict
+    figure_path: Path
+
+
+def select_cases(segmenter: SegmentationModel, data_dir: Path, cases: str) -> list[str]:
+    """Case ids to evaluate: the run's validation split (``"validation"``) or every case with labels (``"all"``).
+
+    Raises:
+        ValueError: unknown selection; validation cases missing from ``data_dir``; no case.
+    """
+    if cases not in CASE_SELECTIONS:
+        raise ValueError(f"cases must be one of {list(CASE_SELECTIONS)}, got {cases!r}")
+    labelled = sorted(case.case_id for case in discover_cases(data_dir).cases
+                      if case.segmentation is not None and case.imaging is not None)
+    if cases == "all":
+        chosen = labelled
+    else:
+        config = segmenter.config
+        splits = make_splits(segmenter.training_case_ids, config.split)
+        chosen = splits[config.training.fold]["val"]
+        absent = sorted(set(chosen) - set(labelled))
+        if absent:
+            raise ValueError(f"{data_dir}: validation case(s) {absent} of run {segmenter.run_name} have no "
+                             "CT and segmentation there; give the data folder the run was trained on, or cases='all'")
+    if not chosen:
+        raise ValueError(f"{data_dir}: no case with a CT and a segmentation to evaluate")
+    return chosen
+
+
+def evaluate_run(run: str | os.PathLike, *, data_dir: str | os.PathLike | None = None, cases: str = "validation",
+                 reports_dir: str | os.PathLike = "reports", out_dir: str | os.PathLike | None = None,
+                 device: str | None = None, tta: bool = False, postprocess: bool = False,
+                 tolerance_mm: float = 2.0, show_progress: bool = True) -> RunEvaluation:
+    """Segment the run's evaluation cases from their raw CTs and score them in the original grid.
+
+    Args:
+        run: a run folder (``best.pt``, else ``last.pt``) or a checkpoint file.
+        data_dir: KiTS19-layout folder with CTs and segmentations (default: the run's
+            ``data_dir``, then ``KITS19_DATA``).
+        cases: ``"validation"`` (the run's validation split) or ``"all"`` (every labelled case).
+        reports_dir: root of report folders; the report goes to ``reports_dir/<run-name>``
+            unless ``out_dir`` is given.
+        device: ``"cpu"``, ``"cuda"`` or ``None`` (CUDA when available).
+        tta, postprocess: as in :func:`utils.inference.segment.segment_ct`.
+        tolerance_mm: surface-Dice tolerance in mm.
+        show_progress: a tqdm bar over cases.
+
+    Raises:
+        FileNotFoundError: no checkpoint or data folder. ValueError: bad arguments or cases.
+    """
+    segmenter = load_segmentation_model(run, device)
+    data = resolve_data_dir(data_dir if data_dir is not None else segmenter.config.data_dir)
+    chosen = select_cases(segmenter, data, cases)
+    report = Path(out_dir) if out_dir is not None else Path(reports_dir) / segmenter.run_name
+    predictions = report / PREDICTIONS
+    check_output_dir(report, data, predictions)  # before writing anything: never into the data folder
+    by_id = {case.case_id: case for case in discover_cases(data).cases}
+    timings = []
+    for case_id in tqdm(chosen, desc=f"segment ({segmenter.run_name})", unit="case", disable=not show_progress):
+        started = time.perf_counter()
+        segment_file(by_id[case_id].imaging, predictions / f"{case_id}.nii.gz", segmenter, tta=tta,
+                     postprocess=postprocess)
+        if segmenter.device.type == "cuda":
+            torch.cuda.synchronize()
+        timings.append({"case_id": case_id, "seconds": time.perf_counter() - started})
+    inference = {"run_name": segmenter.run_name, "model": segmenter.config.model.name,
+                 "parameters": count_parameters(segmenter.model), "device": str(segmenter.device),
+                 "checkpoint": str(segmenter.checkpoint.resolve()), "data_dir": str(data.resolve()),
+                 "cases_selected": cases, "tta": tta, "postprocess": postprocess, "cases": timings}
+    save_json_atomic(report / INFERENCE_JSON, inference)
+    evaluation = evaluate_predictions(data, predictions, report, tolerance_mm=tolerance_mm, case_ids=chosen,
+                                      show_progress=False)
+    figure_path = save_figure(plot_case_scores(evaluation.cases, title=f"{segmenter.run_name}: {cases} cases, "
+                                               "original grid"), report / "case_scores.png")
+    for case in evaluation.cases:
+        save_case_figures(by_id[case["case_id"]], predictions / f"{case['case_id']}.nii.gz", report / FIGURES)
+    logger.info("evaluated %d case(s) of %s into %s", len(evaluation.cases), segmenter.run_name, report)
+    return RunEvaluation(report, evaluation, inference, figure_path)
+
+
+def save_case_figures(case: CaseFiles, prediction_path: Path, folder: Path) -> tuple[Path, Path]:
+    """Save ``<case>_overlay.png`` (truth and prediction over the CT) and ``<case>_errors.png`` into ``folder``.
+
+    The axial slice through the true tumour's centre (else the kidneys', else the middle) is shown.
+    """
+    loaded = load_case(case)
+    prediction = read_voxels(load_nifti(prediction_path), np.uint8)
+    overlay = plot_overlay(loaded.image, loaded.segmentation, prediction, spacing=loaded.spacing,
+                           path=folder / f"{case.case_id}_overlay.png")
+    errors = plot_error_map(loaded.image, loaded.segmentation, prediction, loaded.spacing,
+                            path=folder / f"{case.case_id}_errors.png")
+    for figure in (overlay, errors):
+        figure.clear()
+    return folder / f"{case.case_id}_overlay.png", folder / f"{case.case_id}_errors.png"
+
+
+def find_latest_run(checkpoints_dir: str | os.PathLike, model_name: str) -> Path | None:
+    """The most recently checkpointed run folder of ``model_name`` under ``checkpoints_dir``, or ``None``.
+
+    A run folder counts when its ``config.yaml`` names the model and it holds ``best.pt`` or ``last.pt``.
+    """
+    candidates = []
+    for folder in Path(checkpoints_dir).glob("*/"):
+        checkpoints = [folder / name for name in ("best.pt", "last.pt") if (folder / name).is_file()]
+        if not checkpoints or not (folder / "config.yaml").is_file():
+            continue
+        try:
+            if load_experiment_config(folder / "config.yaml").model.name != model_name:
+                continue
+        except (ValueError, FileNotFoundError):
+            continue
+        candidates.append((max(p.stat().st_mtime for p in checkpoints), folder))
+    return max(candidates)[1] if candidates else None

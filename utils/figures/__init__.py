@@ -1,0 +1,1 @@
+"""Figures: slice overlays, statistics, training curves, evaluation and comparison plots, meshes, viewers."""

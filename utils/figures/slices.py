@@ -1,0 +1,259 @@
+"""Static slice figures of one case in any plane: label overlays and per-class error maps.
+
+Arrays are as the toolkit loads them: CT ``(Z, Y, X)`` in HU, label maps ``(Z, Y, X)`` with
+{0 background, 1 kidney, 2 tumour}, spacing ``(z, y, x)`` in mm. Each panel is drawn at its
+physical aspect ratio (a 5 mm slice thickness does not squash a coronal view). Orientation follows
+the KiTS19 axes (axis 0 runs inferior, 1 posterior, 2 to the patient's left), shown without
+flips: axial has anterior at the top and the patient's left on the right (radiological);
+coronal and sagittal have superior at the top. Every function returns the figure; nothing is
+shown, global matplotlib state is never touched, and a figure is saved only when ``path`` is given.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Sequence
+from typing import Final
+
+import numpy as np
+from matplotlib.axes import Axes
+from matplotlib.colors import to_rgb
+from matplotlib.figure import Figure
+from matplotlib.lines import Line2D
+from matplotlib.patches import Patch
+
+from utils.data.kits_layout import KIDNEY_LABEL, TUMOUR_LABEL
+from utils.figures.drawing import DISPLAY_WINDOW_HU, LABEL_COLOURS, save_figure
+
+#: Volume axis held fixed by each plane; the two remaining axes are (rows, columns) of a panel.
+PLANE_AXES: Final = {"axial": 0, "coronal": 1, "sagittal": 2}
+SLICE_MODES: Final = ("centre", "tumour", "labelled")
+OVERLAY_STYLES: Final = ("fill", "contour")
+#: Error-map colours (Okabe-Ito, distinct from the label colours and from each other).
+ERROR_COLOURS: Final = {"true positive": "#f0e442", "false positive": "#cc79a7",
+                        "false negative": "#56b4e9"}
+#: Opacity of filled labels and error classes over the CT.
+FILL_ALPHA: Final = 0.5
+_CLASS_MASKS: Final = {"kidney": lambda labels: labels >= KIDNEY_LABEL,
+                       "tumour": lambda labels: labels == TUMOUR_LABEL}
+
+SliceSpec = None | str | int | Sequence[int]
+
+
+def _check_plane(plane: str) -> int:
+    if plane not in PLANE_AXES:
+        raise ValueError(f"plane must be one of {sorted(PLANE_AXES)}, got {plane!r}")
+    return PLANE_AXES[plane]
+
+
+def _check_inputs(image: np.ndarray, spacing: Sequence[float], **labels: np.ndarray | None) -> None:
+    if np.ndim(image) != 3:
+        raise ValueError(f"image must be a (Z, Y, X) volume, got shape {np.shape(image)}")
+    for name, volume in labels.items():
+        if volume is not None and np.shape(volume) != np.shape(image):
+            raise ValueError(f"{name} must have the image's shape {np.shape(image)}, got {np.shape(volume)}")
+    values = np.asarray(spacing, dtype=float)
+    if values.shape != (3,) or not np.all(np.isfinite(values)) or np.any(values <= 0):
+        raise ValueError(f"spacing must be three positive (z, y, x) values in mm, got {spacing!r}")
+
+
+def _extent_slices(mask_along_axis: np.ndarray, n: int) -> list[int]:
+    """``n`` indices evenly spaced inside the first..last True entry (ends excluded when n > 1)."""
+    present = np.nonzero(mask_along_axis)[0]
+    low, high = int(present[0]), int(present[-1])
+    positions = np.linspace(low, high, n + 2)[1:-1] if n > 1 else [(low + high) / 2]
+    return sorted({int(round(float(p))) for p in positions})
+
+
+def choose_slices(labels: np.ndarray, plane: str = "axial", mode: SliceSpec = "centre",
+                  n: int = 3) -> list[int]:
+    """Indices of the slices to show along ``plane``'s fixed axis.
+
+    Args:
+        labels: ``(Z, Y, X)`` label map {0, 1, 2}.
+        plane: ``"axial"`` (fixes Z), ``"coronal"`` (fixes Y) or ``"sagittal"`` (fixes X).
+        mode: ``"centre"`` (default; one slice through the tumour's centre, else the kidneys',
+            else the middle), ``"tumour"`` (``n`` evenly spaced across the tumour's extent, else
+            the kidneys', else the whole axis), ``"labelled"`` (``n`` evenly spaced across the
+            extent of label > 0, else the whole axis), an ``int`` or a sequence of ints (used as
+            given after validation; negative indices are rejected).
+        n: number of slices for the evenly spaced modes (>= 1); fewer are returned when the
+            extent is thinner than ``n`` slices.
+
+    Returns:
+        Sorted (modes) or given (indices) list of slice indices.
+    """
+    axis = _check_plane(plane)
+    if np.ndim(labels) != 3:
+        raise ValueError(f"labels must be a (Z, Y, X) volume, got shape {np.shape(labels)}")
+    size = labels.shape[axis]
+    if isinstance(mode, str):
+        if mode not in SLICE_MODES:
+            raise ValueError(f"slice mode must be one of {list(SLICE_MODES)}, an int or a sequence of ints, "
+                             f"got {mode!r}")
+        if isinstance(n, bool) or not isinstance(n, (int, np.integer)) or n < 1:
+            raise ValueError(f"n must be an integer >= 1, got {n!r}")
+        other = tuple(a for a in range(3) if a != axis)
+        masks = {"centre": (labels == TUMOUR_LABEL, labels > 0), "tumour": (labels == TUMOUR_LABEL, labels > 0),
+                 "labelled": (labels > 0,)}[mode]
+        for mask in masks:
+            along = mask.any(axis=other)
+            if along.any():
+                if mode == "centre":
+                    return [int(round(float(np.nonzero(along)[0].mean())))]
+                return _extent_slices(along, n)
+        return [size // 2] if mode == "centre" else _extent_slices(np.ones(size, bool), n)
+    if not isinstance(mode, (int, np.integer, Sequence, np.ndarray)):
+        raise ValueError(f"{plane} slice index must be an integer in 0..{size - 1} "
+                         f"(volume shape {labels.shape}), got {mode!r}")
+    indices = [mode] if isinstance(mode, (int, np.integer)) else list(mode)
+    if not indices:
+        raise ValueError(f"slices must name at least one {plane} slice, got an empty sequence")
+    for index in indices:
+        if isinstance(index, bool) or not isinstance(index, (int, np.integer)) or not 0 <= index < size:
+            raise ValueError(f"{plane} slice index must be an integer in 0..{size - 1} "
+                             f"(volume shape {labels.shape}), got {index!r}")
+    return [int(index) for index in indices]
+
+
+def take_slice(volume: np.ndarray, plane: str, index: int) -> np.ndarray:
+    """The 2-D ``(rows, columns)`` slice: axial ``(Y, X)``, coronal ``(Z, X)``, sagittal ``(Z, Y)``."""
+    return np.take(volume, index, axis=_check_plane(plane))
+
+
+def plane_aspect(spacing: Sequence[float], plane: str) -> float:
+    """``imshow`` aspect (row spacing / column spacing) of ``plane`` for ``(z, y, x)`` spacing in mm."""
+    rows, columns = (a for a in range(3) if a != _check_plane(plane))
+    return float(spacing[rows]) / float(spacing[columns])
+
+
+def window_to_rgb(ct_slice: np.ndarray) -> np.ndarray:
+    """Grey ``(H, W, 3)`` float image in [0, 1] of a CT slice in HU under ``DISPLAY_WINDOW_HU``."""
+    low, high = DISPLAY_WINDOW_HU
+    grey = np.clip((np.asarray(ct_slice, dtype=np.float32) - low) / (high - low), 0.0, 1.0)
+    return np.repeat(grey[..., None], 3, axis=-1)
+
+
+def blend_masks(rgb: np.ndarray, masks: Sequence[tuple[np.ndarray, str]], alpha: float = FILL_ALPHA) -> np.ndarray:
+    """Alpha-blend each ``(mask, colour)`` onto a copy of ``rgb`` in order (later masks on top)."""
+    out = np.array(rgb, dtype=np.float32, copy=True)
+    for mask, colour in masks:
+        out[mask] = (1.0 - alpha) * out[mask] + alpha * np.asarray(to_rgb(colour), np.float32)
+    return out
+
+
+def compose_overlay(ct_slice: np.ndarray, label_slice: np.ndarray) -> np.ndarray:
+    """``(H, W, 3)`` RGB of a windowed CT slice with kidney then tumour filled in ``LABEL_COLOURS``."""
+    return blend_masks(window_to_rgb(ct_slice), [(label_slice == label, LABEL_COLOURS[label])
+                                                 for label in (KIDNEY_LABEL, TUMOUR_LABEL)])
+
+
+def compose_error_map(ct_slice: np.ndarray, truth_slice: np.ndarray, prediction_slice: np.ndarray,
+                      structure: str) -> np.ndarray:
+    """``(H, W, 3)`` RGB of a windowed CT slice with TP, FP and FN of ``structure`` in ``ERROR_COLOURS``."""
+    truth, predicted = _CLASS_MASKS[structure](truth_slice), _CLASS_MASKS[structure](prediction_slice)
+    masks = [(truth & predicted, ERROR_COLOURS["true positive"]),
+             (~truth & predicted, ERROR_COLOURS["false positive"]),
+             (truth & ~predicted, ERROR_COLOURS["false negative"])]
+    return blend_masks(window_to_rgb(ct_slice), masks)
+
+
+def _draw_panel(ax: Axes, rgb: np.ndarray, aspect: float, title: str) -> None:
+    ax.imshow(rgb, aspect=aspect, interpolation="nearest")
+    ax.set_title(title, fontsize=9)
+    ax.set_axis_off()
+
+
+def _draw_contours(ax: Axes, label_slice: np.ndarray) -> None:
+    for label, colour in LABEL_COLOURS.items():
+        mask = label_slice >= label if label == KIDNEY_LABEL else label_slice == label
+        if mask.any():
+            ax.contour(mask.astype(np.float32), levels=[0.5], colors=[colour], linewidths=1.2)
+
+
+def _new_figure(rows: int, columns: int, aspect: float, shape: tuple[int, int]) -> tuple[Figure, np.ndarray]:
+    height, width = shape
+    panel_ratio = (height * aspect) / width
+    panel_width = 3.2
+    panel_height = float(np.clip(panel_width * panel_ratio, 1.5, 8.0)) + 0.4
+    figure = Figure(figsize=(panel_width * columns, panel_height * rows + 0.5), layout="constrained")
+    return figure, np.atleast_2d(figure.subplots(rows, columns, squeeze=False))
+
+
+def _finish(figure: Figure, handles: list, path: str | os.PathLike | None) -> Figure:
+    figure.legend(handles=handles, loc="outside lower center", ncol=len(handles), frameon=False, fontsize=9)
+    if path is not None:
+        save_figure(figure, path)
+    return figure
+
+
+def plot_overlay(image: np.ndarray, truth: np.ndarray, prediction: np.ndarray | None = None, *,
+                 spacing: Sequence[float], plane: str = "axial", slices: SliceSpec = None,
+                 n_slices: int = 3, style: str = "fill", path: str | os.PathLike | None = None) -> Figure:
+    """CT slices with ground truth and (optionally) prediction side by side, one row per slice.
+
+    Args:
+        image: ``(Z, Y, X)`` CT in HU, shown under ``DISPLAY_WINDOW_HU``.
+        truth: ``(Z, Y, X)`` label map {0, 1, 2}. prediction: same shape, or ``None`` (one column).
+        spacing: ``(z, y, x)`` voxel size in mm (keyword, required); sets each panel's aspect ratio.
+        plane: ``"axial"``, ``"coronal"`` or ``"sagittal"``.
+        slices: ``None`` (the slice through the tumour's centre), a :func:`choose_slices` mode
+            (``"centre"``, ``"tumour"``, ``"labelled"``), an index or a sequence of indices;
+            slices are chosen from ``truth``.
+        n_slices: number of rows for the evenly spaced modes.
+        style: ``"fill"`` (labels blended at ``FILL_ALPHA``) or ``"contour"`` (outlines; kidney
+            outline around label > 0, tumour around label 2).
+        path: if given, the figure is also saved there atomically (PNG, PDF or SVG by suffix).
+
+    Returns:
+        The figure (never shown).
+    """
+    _check_inputs(image, spacing, truth=truth, prediction=prediction)
+    if style not in OVERLAY_STYLES:
+        raise ValueError(f"style must be one of {list(OVERLAY_STYLES)}, got {style!r}")
+    indices = choose_slices(truth, plane, "centre" if slices is None else slices, n_slices)
+    columns = [("ground truth", truth)] + ([("prediction", prediction)] if prediction is not None else [])
+    aspect = plane_aspect(spacing, plane)
+    figure, axes = _new_figure(len(indices), len(columns), aspect, take_slice(image, plane, 0).shape)
+    for row, index in enumerate(indices):
+        ct_slice = take_slice(image, plane, index)
+        for column, (name, labels) in enumerate(columns):
+            label_slice = take_slice(labels, plane, index)
+            ax = axes[row, column]
+            if style == "fill":
+                _draw_panel(ax, compose_overlay(ct_slice, label_slice), aspect, f"{name}, {plane} {index}")
+            else:
+                _draw_panel(ax, window_to_rgb(ct_slice), aspect, f"{name}, {plane} {index}")
+                _draw_contours(ax, label_slice)
+    make = (lambda c, text: Patch(facecolor=c, alpha=FILL_ALPHA, label=text)) if style == "fill" else \
+        (lambda c, text: Line2D([], [], color=c, label=text))
+    handles = [make(LABEL_COLOURS[KIDNEY_LABEL], "kidney (label 1)" if style == "fill" else "kidney (label > 0)"),
+               make(LABEL_COLOURS[TUMOUR_LABEL], "tumour (label 2)")]
+    return _finish(figure, handles, path)
+
+
+def plot_error_map(image: np.ndarray, truth: np.ndarray, prediction: np.ndarray,
+                   spacing: Sequence[float], *, plane: str = "axial", slices: SliceSpec = None,
+                   n_slices: int = 3, path: str | os.PathLike | None = None) -> Figure:
+    """Per-class true positives, false positives and false negatives, one row per slice.
+
+    Columns are kidney (label > 0) and tumour (label 2); colours are ``ERROR_COLOURS`` blended
+    at ``FILL_ALPHA`` over the windowed CT. Arguments are as in :func:`plot_overlay`.
+
+    Returns:
+        The figure (never shown).
+    """
+    _check_inputs(image, spacing, truth=truth, prediction=prediction)
+    if prediction is None:
+        raise ValueError("plot_error_map needs a prediction, got None")
+    indices = choose_slices(truth, plane, "centre" if slices is None else slices, n_slices)
+    aspect = plane_aspect(spacing, plane)
+    figure, axes = _new_figure(len(indices), len(_CLASS_MASKS), aspect, take_slice(image, plane, 0).shape)
+    for row, index in enumerate(indices):
+        ct_slice = take_slice(image, plane, index)
+        truth_slice, prediction_slice = take_slice(truth, plane, index), take_slice(prediction, plane, index)
+        for column, structure in enumerate(_CLASS_MASKS):
+            rgb = compose_error_map(ct_slice, truth_slice, prediction_slice, structure)
+            _draw_panel(axes[row, column], rgb, aspect, f"{structure}, {plane} {index}")
+    handles = [Patch(facecolor=colour, alpha=FILL_ALPHA, label=name) for name, colour in ERROR_COLOURS.items()]
+    return _finish(figure, handles, path)

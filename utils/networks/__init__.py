@@ -1,0 +1,1 @@
+"""The models (3D Residual U-Net, 2D UNETR), their losses, and checkpoints."""

@@ -1,0 +1,127 @@
+"""Segmentation losses on logits and integer label maps, built from :class:`~utils.config.experiment.LossConfig`.
+
+Every loss here is called as ``loss(logits, labels)``:
+
+* ``logits``: ``(B, C, *spatial)`` float (any float dtype; no softmax applied), ``C`` classes
+  in label order (0 background, 1 kidney, 2 tumour);
+* ``labels``: ``(B, 1, *spatial)`` integer or bool class ids (``uint8`` from the cache is
+  fine; converted to ``int64`` inside), values in ``[0, C)``;
+* returns a scalar float tensor.
+
+How ``class_weights`` ``w = (w_0, w_1, w_2)`` act (MONAI 1.6.1, checked in its source):
+
+* Dice term (both losses): MONAI ``DiceLoss`` on softmax probabilities and one-hot labels
+  computes ``1 - Dice`` per sample and class, multiplies class ``c`` by ``w_c`` and averages
+  over ``B * C`` (zero-weight classes still count in the denominator). ``w_0 = 0`` drops the
+  background Dice; false positives still cost through the kidney and tumour Dice. A class
+  absent from a sample (a patch without tumour) costs nearly ``w_c`` unless its predicted
+  probabilities sum to about 0 (MONAI's smoothing terms are 1e-5).
+* Focal term (``dice_focal``): MONAI ``DiceFocalLoss`` does not pass ``softmax`` on to its
+  ``FocalLoss`` (MONAI issue #8242), so the focal term is the *sigmoid* focal loss of each
+  channel against its one-hot channel, one-vs-rest: element ``(b, c, v)`` costs
+  ``w_c * (1 - p_t)^gamma * -log p_t`` with ``p = sigmoid(logit_c)``, ``p_t = p`` where the
+  voxel is class ``c`` and ``1 - p`` elsewhere; the mean is over ``B * C * voxels``. So ``w_c``
+  weights the whole channel ``c``, positives and negatives alike: ``w_0 = 0`` drops the
+  background channel, while background voxels still cost through the negatives of the kidney
+  and tumour channels (a false kidney is penalised by both terms).
+* Cross-entropy term (``dice_ce``): softmax cross-entropy weighted by the true class,
+  ``sum(w_y * -log p_y) / sum(w_y)`` over all voxels, as ``torch.nn.CrossEntropyLoss(weight=w)``
+  in MONAI ``DiceCELoss``. ``w_0 = 0``: voxels whose truth is background contribute nothing,
+  so false positives cost only through the Dice term. Where no voxel of the batch has a
+  positive-weight class (a background-only batch with ``w_0 = 0``) torch and MONAI return NaN
+  (0/0); here the term is 0 instead and the batch trains on the Dice term alone.
+"""
+
+from __future__ import annotations
+
+import torch
+from monai.losses import DiceFocalLoss, DiceLoss
+from torch.nn import functional as F
+
+from utils.config.experiment import LOSS_NAMES, LossConfig
+
+
+def _check_inputs(logits: torch.Tensor, labels: torch.Tensor, num_classes: int) -> torch.Tensor:
+    """Validate shapes and dtypes; return ``labels`` as ``int64``."""
+    if not torch.is_floating_point(logits):
+        raise ValueError(f"logits must be a float tensor, got dtype {logits.dtype}")
+    if logits.ndim < 3 or logits.shape[1] != num_classes:
+        raise ValueError(f"logits must have shape (B, {num_classes}, *spatial), got {tuple(logits.shape)}")
+    expected = (logits.shape[0], 1, *logits.shape[2:])
+    if tuple(labels.shape) != expected:
+        raise ValueError(f"labels must have shape (B, 1, *spatial) = {expected} to match logits, "
+                         f"got {tuple(labels.shape)}")
+    if torch.is_floating_point(labels) or torch.is_complex(labels):
+        raise ValueError(f"labels must be an integer or bool tensor of class ids, got dtype {labels.dtype}")
+    return labels.long()
+
+
+class DiceFocal(torch.nn.Module):
+    """MONAI ``DiceFocalLoss``: softmax Dice plus per-channel sigmoid focal, background included, class-weighted."""
+
+    def __init__(self, config: LossConfig) -> None:
+        super().__init__()
+        self.num_classes = len(config.class_weights)
+        self.loss = DiceFocalLoss(
+            include_background=True, to_onehot_y=True, softmax=True, weight=list(config.class_weights),
+            gamma=config.focal_gamma, lambda_dice=config.dice_weight, lambda_focal=config.other_weight)
+
+    def forward(self, logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+        """Scalar loss of ``(B, C, *spatial)`` float logits against ``(B, 1, *spatial)`` integer labels."""
+        return self.loss(logits, _check_inputs(logits, labels, self.num_classes))
+
+
+class DiceCrossEntropy(torch.nn.Module):
+    """Dice plus class-weighted cross-entropy, as MONAI ``DiceCELoss``, with 0 for an all-zero-weight batch.
+
+    Equal to ``DiceCELoss(include_background=True, to_onehot_y=True, softmax=True, weight=w,
+    lambda_dice=dice_weight, lambda_ce=other_weight)`` whenever some voxel's class has a
+    positive weight; see the module docstring for the other case.
+    """
+
+    def __init__(self, config: LossConfig) -> None:
+        super().__init__()
+        self.num_classes = len(config.class_weights)
+        self.dice = DiceLoss(include_background=True, to_onehot_y=True, softmax=True,
+                             weight=list(config.class_weights))
+        self.register_buffer("class_weights", torch.tensor(config.class_weights, dtype=torch.float32))
+        self.dice_weight, self.ce_weight = config.dice_weight, config.other_weight
+
+    def cross_entropy(self, logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+        """``sum(w_y * -log p_y) / sum(w_y)`` over all voxels; 0 when ``sum(w_y) == 0``.
+
+        Args:
+            logits: ``(B, C, *spatial)`` float. labels: ``(B, *spatial)`` int64.
+        """
+        weights = self.class_weights.to(device=logits.device, dtype=torch.float32)
+        per_voxel = F.cross_entropy(logits.float(), labels, weight=weights, reduction="sum")
+        total_weight = weights[labels].sum()
+        # The numerator is exactly 0 when the total weight is 0, so the clamp only avoids 0/0.
+        return per_voxel / total_weight.clamp_min(torch.finfo(torch.float32).tiny)
+
+    def forward(self, logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+        """Scalar loss of ``(B, C, *spatial)`` float logits against ``(B, 1, *spatial)`` integer labels."""
+        labels = _check_inputs(logits, labels, self.num_classes)
+        dice = self.dice(logits, labels)
+        return self.dice_weight * dice + self.ce_weight * self.cross_entropy(logits, labels[:, 0])
+
+
+_LOSSES: dict[str, type[torch.nn.Module]] = {"dice_focal": DiceFocal, "dice_ce": DiceCrossEntropy}
+
+
+def build_loss(config: LossConfig) -> torch.nn.Module:
+    """Build the loss named by ``config.name`` (``"dice_focal"`` or ``"dice_ce"``).
+
+    Args:
+        config: the loss section: name, ``class_weights`` (background, kidney, tumour; used by
+            both terms), ``dice_weight`` and ``other_weight`` (the focal or cross-entropy term's
+            factor), ``focal_gamma``.
+
+    Returns:
+        A module called as ``loss(logits, labels)``: logits ``(B, C, *spatial)`` float, labels
+        ``(B, 1, *spatial)`` integer (e.g. uint8), ``C == len(class_weights)``; returns a scalar.
+        Works for 3D ``(Z, Y, X)`` and 2D ``(Y, X)`` spatial axes alike.
+    """
+    if config.name not in _LOSSES:
+        raise ValueError(f"loss name must be one of {list(LOSS_NAMES)}, got {config.name!r}")
+    return _LOSSES[config.name](config)

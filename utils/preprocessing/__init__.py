@@ -1,0 +1,1 @@
+"""Raw cases to the preprocessing cache: resampling, the dataset fingerprint, preprocessing, the cache."""

@@ -1,0 +1,303 @@
+"""The training engine both models share: one function, :func:`train`, for notebooks and scripts.
+
+What a run does, in order:
+
+1. **Set-up** (:func:`utils.training.setup.set_up_run`): seeds, a new run folder (or the one
+   being resumed) checked writable before anything else, the resolved config saved, the data
+   preprocessed or checked up to date, datasets, model, optimiser and scheduler built, and on
+   resume every state restored from ``last.pt``.
+2. **Epochs**: class-balanced augmented samples, 3D patches for ``resunet3d`` and axial
+   slices for ``unetr2d`` (sample ``i`` of epoch ``e`` depends only on
+   ``(seed, e, i)``, each process taking every ``world_size``-th one), mixed precision and
+   data parallelism through Hugging Face ``accelerate``, gradient clipping, the learning rate
+   stepped per iteration, a non-finite loss stopping the run (or skipped and counted). The
+   ``performance`` settings (:mod:`utils.training.performance`) decide how fast, not what: channels-last,
+   ``torch.compile`` with a fallback, augmentation on the device, fused AdamW, pinned prefetching.
+3. **Validation** every ``validate_every`` epochs on whole preprocessed validation volumes
+   (sliding windows for the 3D model; every axial slice for the 2D one, stacked back into a
+   volume), per case KiTS19 kidney (label > 0) and tumour (label 2) Dice with one function,
+   averaged over cases; ``best.pt`` follows the mean of the two. These figures are computed
+   on the cache's grid (``validation_space`` in the log says so), not the CT's original one.
+4. **Records**: ``last.pt`` every ``checkpoint_every`` epochs, one line per epoch in
+   ``training_progress.json`` and ``train.log``, optional wandb. Only the main process writes.
+
+``--resume`` continues from the last checkpoint: a run killed at any moment loses at most the
+work since that checkpoint, and on CPU with ``deterministic: true`` reproduces the per-epoch
+losses of an uninterrupted run. SIGTERM or SIGUSR1 (a scheduler's pre-emption or time-limit
+warning) lose nothing: the run saves ``last.pt`` after the current step, mid-epoch, and raises
+:class:`TrainingInterrupted`; resuming continues with the next batch of that epoch.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from collections.abc import Callable
+from typing import Any
+
+import torch
+from accelerate.utils import gather_object
+from tqdm.auto import tqdm
+
+from utils.networks.checkpoints import capture_rng_state, save_checkpoint
+from utils.config.experiment import ExperimentConfig
+from utils.metrics.dice import mean_scores, score_case
+from utils.inference.predict import predict_volume_logits
+from utils.datasets.patches import augment_batch
+from utils.training.stop_signals import StopSignals
+from utils.training.setup import RunState, set_up_run
+
+logger = logging.getLogger(__name__)
+
+VALIDATION_SPACE = "preprocessed cache grid (resampled and cropped), not the original CT grid"
+
+
+class NonFiniteLossError(RuntimeError):
+    """The loss became NaN or infinite; the message names the epoch and step."""
+
+
+class TrainingInterrupted(RuntimeError):
+    """A stop signal (SIGTERM/SIGUSR1) arrived; ``last.pt`` holds the run up to the last step.
+
+    Attributes:
+        run_folder: the folder to resume (``--resume`` or ``--auto-resume``).
+        signal_name: the signal received.
+    """
+
+    def __init__(self, message: str, run_folder: Path, signal_name: str):
+        super().__init__(message)
+        self.run_folder = run_folder
+        self.signal_name = signal_name
+
+
+@dataclass(frozen=True)
+class TrainingResult:
+    """What a finished run left behind: its folder, per-epoch records (main process only) and the best epoch."""
+
+    run_folder: Path
+    records: list[dict[str, Any]]
+    best_epoch: int | None
+    best_score: float | None
+    is_main_process: bool = True
+
+
+def train(config: ExperimentConfig, *, data_dir: str | Path | None = None, resume: str | Path | None = None,
+          wandb: bool | None = None, show_progress: bool = True,
+          epoch_callback: Callable[[dict[str, Any]], None] | None = None) -> TrainingResult:
+    """Train a model as configured; the one entry point of scripts and notebooks.
+
+    Args:
+        config: the experiment. When resuming, pass the run folder's ``config.yaml`` (as
+            ``scripts/train_3d_unet.py --resume`` does); raising ``training.epochs`` extends a run.
+        data_dir: raw KiTS19-layout folder (default ``config.data_dir``, then ``KITS19_DATA``).
+        resume: a run folder to continue from its ``last.pt``.
+        wandb: force wandb on or off (``None``: ``config.wandb.enabled``).
+        show_progress: tqdm bars (main process only).
+        epoch_callback: called after every epoch, once its checkpoints and progress line are
+            written, with that epoch's record (``epoch``; ``mean_dice``, ``kidney_dice``,
+            ``tumour_dice`` on validation epochs, else absent); called on every process with the
+            same record. It may raise to stop the run (e.g. ``optuna.TrialPruned``): the
+            exception propagates after the run is closed, and the run folder can be resumed.
+
+    Raises:
+        NonFiniteLossError: a NaN/inf loss with ``nonfinite_loss: stop`` (``last.pt`` stays intact).
+        TrainingInterrupted: SIGTERM or SIGUSR1 arrived (a scheduler's pre-emption or time limit);
+            ``last.pt`` was saved after the last finished step, and resuming continues exactly there.
+        utils.networks.checkpoints.CheckpointError: a checkpoint could not be written (the previous stays intact).
+        OSError: the run folder is not writable (before the first epoch).
+        ValueError: bad data with ``on_bad_case: error``, or inconsistent settings.
+    """
+    state = set_up_run(config, data_dir=data_dir, resume=resume, wandb=wandb)
+    try:
+        with StopSignals() as stop:
+            for epoch in range(state.start_epoch, state.config.training.epochs):
+                record = _run_epoch(state, epoch, show_progress, stop)
+                _finish_epoch(state, epoch, record)
+                if epoch_callback is not None:
+                    epoch_callback(record)
+    finally:
+        state.close()
+    return TrainingResult(state.folder, state.progress.records if state.progress else [], state.best_epoch,
+                          state.best_score, state.accelerator.is_main_process)
+
+
+def _run_epoch(state: RunState, epoch: int, show_progress: bool, stop: StopSignals) -> dict[str, Any]:
+    """Train one epoch (or the rest of a stopped one); returns its record (losses reduced over processes)."""
+    accelerator, training = state.accelerator, state.config.training
+    done = state.epoch_progress or {"batches": 0, "steps": 0, "skipped": 0, "samples": 0, "loss_sum": 0.0,
+                                    "seconds": 0.0}
+    state.epoch_progress = None
+    state.model.train()
+    state.sampler.set_epoch(epoch, skip=done["batches"] * training.batch_size)
+    started = time.perf_counter() - done["seconds"]
+    loss_sum = torch.tensor(done["loss_sum"], dtype=torch.float64, device=accelerator.device)
+    batches, steps, skipped, samples = done["batches"], done["steps"], done["skipped"], done["samples"]
+    bar = tqdm(state.loader, desc=f"epoch {epoch + 1}/{training.epochs}", unit="batch", leave=False,
+               initial=batches, disable=not (show_progress and accelerator.is_main_process))
+    for batch in bar:
+        image, label = augment_batch(batch, state.extras["augmenter"], accelerator.device)
+        image = image.contiguous(memory_format=state.extras["memory_format"])
+        with accelerator.autocast():
+            logits = state.forward(image)
+        loss = state.loss(logits.float(), label)
+        finite, stopping = _step_flags(accelerator, loss, stop)
+        if stopping:
+            progress = {"batches": batches, "steps": steps, "skipped": skipped, "samples": samples,
+                        "loss_sum": loss_sum.item(), "seconds": time.perf_counter() - started}
+            _stop_on_signal(state, epoch, progress, stop.received or "a stop signal on another process")
+        batches += 1
+        if not finite:
+            if training.nonfinite_loss == "stop":
+                raise NonFiniteLossError(
+                    f"non-finite loss at epoch {epoch + 1}, step {batches} (iteration {state.iteration + 1}); "
+                    f"the last checkpoint in {state.folder} is intact. Lower the learning rate, check the data, "
+                    "or set training.nonfinite_loss=skip to skip such steps")
+            skipped += 1
+            state.optimiser.zero_grad(set_to_none=True)
+            continue
+        accelerator.backward(loss)
+        if state.config.optimiser.grad_clip_norm > 0:
+            accelerator.clip_grad_norm_(state.model.parameters(), state.config.optimiser.grad_clip_norm)
+        state.optimiser.step()
+        state.scheduler.step()
+        state.optimiser.zero_grad(set_to_none=True)
+        state.iteration += 1
+        steps += 1
+        samples += image.shape[0]
+        loss_sum += loss.detach().double()
+        bar.set_postfix(loss=f"{loss.item():.4f}")
+        if state.iteration > state.extras.get("wandb_logged_until", 0):  # after a resume: steps wandb has seen
+            state.tracker.log({"train/loss": loss.item(), "train/learning_rate": state.learning_rate},
+                              step=state.iteration)
+    totals = accelerator.reduce(torch.tensor([loss_sum.item(), steps, skipped, samples], dtype=torch.float64,
+                                             device=accelerator.device), reduction="sum").tolist()
+    seconds = time.perf_counter() - started
+    record = {"epoch": epoch + 1, "train_loss": totals[0] / totals[1] if totals[1] else math.nan,
+              "learning_rate": state.learning_rate, "epoch_seconds": seconds,
+              "samples_per_second": totals[3] / seconds, "skipped_steps": int(totals[2]),
+              "world_size": accelerator.num_processes}
+    state.sampler.set_epoch(epoch)
+    record.update(_sample_sharding(state, epoch))
+    return record
+
+
+def _step_flags(accelerator: Any, loss: torch.Tensor, stop: StopSignals) -> tuple[bool, bool]:
+    """Whether the loss is finite on every process, and whether any process received a stop signal.
+
+    One reduction per step carries both, so every process takes the same decisions.
+    """
+    flags = torch.tensor([0.0 if torch.isfinite(loss.detach()).item() else 1.0, 1.0 if stop.received else 0.0],
+                         device=accelerator.device)
+    bad, stopping = accelerator.reduce(flags, reduction="sum").tolist()
+    return bad == 0, stopping > 0
+
+
+def _stop_on_signal(state: RunState, epoch: int, progress: dict[str, Any], signal_name: str) -> None:
+    """Save ``last.pt`` at this point of the epoch, then raise :class:`TrainingInterrupted`."""
+    if state.accelerator.is_main_process:
+        checkpoint = _checkpoint_state(state, epoch, {"epoch": epoch})  # the epoch in progress counts as not done
+        checkpoint["epoch_progress"] = progress
+        save_checkpoint(state.folder / "last.pt", checkpoint)
+        logger.warning("%s: saved %s at epoch %d, batch %d (iteration %d); resume with --resume %s",
+                       signal_name, state.folder / "last.pt", epoch + 1, progress["batches"], state.iteration,
+                       state.folder)
+    state.accelerator.wait_for_everyone()
+    raise TrainingInterrupted(f"stopped by {signal_name} at epoch {epoch + 1}, batch {progress['batches']}; "
+                              f"{state.folder / 'last.pt'} holds the run up to there: continue it with "
+                              f"--resume {state.folder}", state.folder, signal_name)
+
+
+def _sample_sharding(state: RunState, epoch: int) -> dict[str, Any]:
+    """Samples each process drew this epoch, and whether the processes' samples were disjoint."""
+    indices = gather_object([list(state.sampler)])
+    flat = [i for part in indices for i in part]
+    return {"samples_per_rank": [len(part) for part in indices], "ranks_disjoint": len(flat) == len(set(flat))}
+
+
+def _finish_epoch(state: RunState, epoch: int, record: dict[str, Any]) -> None:
+    """Validate when due, then write checkpoints, the progress log, the text log and wandb."""
+    training = state.config.training
+    last = epoch + 1 == training.epochs
+    if (epoch + 1) % training.validate_every == 0 or last:
+        record.update(validate(state))
+    improved = record.get("mean_dice") is not None and (state.best_score is None or record["mean_dice"] > state.best_score)
+    if improved:
+        state.best_epoch, state.best_score = epoch + 1, record["mean_dice"]
+    record["best_epoch"] = state.best_epoch
+    if state.accelerator.is_main_process:
+        checkpoint = _checkpoint_state(state, epoch + 1, record)
+        if improved:
+            save_checkpoint(state.folder / "best.pt", checkpoint)
+        if (epoch + 1) % training.checkpoint_every == 0 or last or improved:
+            save_checkpoint(state.folder / "last.pt", checkpoint)
+        state.progress.append(record)
+        state.tracker.log({f"epoch/{k}": v for k, v in record.items() if isinstance(v, (int, float))},
+                          step=state.iteration)
+        logger.info(_summary_line(record, training.epochs))
+    state.accelerator.wait_for_everyone()
+
+
+@torch.no_grad()
+def validate(state: RunState) -> dict[str, Any]:
+    """Per-case Dice and loss on whole validation volumes, split over processes, averaged over cases."""
+    accelerator = state.accelerator
+    model = state.model
+    model.eval()
+    dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(state.config.training.mixed_precision)
+    per_case = []
+    for index in range(accelerator.process_index, len(state.validation), accelerator.num_processes):
+        item = state.validation[index]
+        image = item["image"][None].to(accelerator.device)
+        label = item["label"][None].to(accelerator.device)
+        logits = predict_volume_logits(model, image, state.config, autocast_dtype=dtype,
+                                       pad_value=state.extras["pad_value"])
+        scores = score_case(logits.argmax(dim=1)[0].to(torch.uint8).cpu().numpy(), label[0, 0].cpu().numpy())
+        scores["val_loss"] = float(state.loss(logits, label))
+        per_case.append({"case_id": item["case_id"], **scores})
+    cases = gather_object(per_case)
+    model.train()
+    summary = mean_scores([{k: v for k, v in case.items() if k != "case_id"} for case in cases])
+    return {"val_loss": summary.get("val_loss"), "kidney_dice": summary.get("kidney_dice"),
+            "tumour_dice": summary.get("tumour_dice"), "mean_dice": summary.get("mean_dice"),
+            "validation_cases": len(cases), "validation_space": VALIDATION_SPACE,
+            "per_case": sorted(cases, key=lambda case: case["case_id"])}
+
+
+def _checkpoint_state(state: RunState, epochs_done: int, record: dict[str, Any]) -> dict[str, Any]:
+    """Everything needed to continue the run exactly (after ``epochs_done`` whole epochs), or to use the model later."""
+    accelerator = state.accelerator
+    scaler = getattr(accelerator, "scaler", None)
+    return {
+        "format_version": 1,
+        "epoch": epochs_done,
+        "iteration": state.iteration,
+        "model": accelerator.unwrap_model(state.model).state_dict(),
+        "optimiser": state.optimiser.state_dict(),
+        "scheduler": state.scheduler.state_dict(),
+        "grad_scaler": scaler.state_dict() if scaler is not None else None,
+        "rng": capture_rng_state(),
+        "config": state.config_dict,
+        "preprocessing_plan": state.cache.plan,
+        "metrics": {k: (float(v) if isinstance(v, float) else v) for k, v in record.items()
+                    if isinstance(v, (int, float, str)) or v is None},
+        "best_epoch": state.best_epoch,
+        "best_score": state.best_score,
+        "wandb_run_id": state.tracker.run_id,
+    }
+
+
+def _summary_line(record: dict[str, Any], epochs: int) -> str:
+    """One line per epoch for the text log and the terminal."""
+    parts = [f"epoch {record['epoch']}/{epochs}", f"train loss {record['train_loss']:.4f}"]
+    if record.get("kidney_dice") is not None:
+        parts += [f"val loss {record['val_loss']:.4f}", f"kidney Dice {record['kidney_dice']:.3f}",
+                  f"tumour Dice {record['tumour_dice']:.3f} (cache grid)"]
+    parts += [f"lr {record['learning_rate']:.2e}", f"{record['epoch_seconds']:.1f} s",
+              f"{record['samples_per_second']:.1f} samples/s"]
+    if record["skipped_steps"]:
+        parts.append(f"{record['skipped_steps']} non-finite steps skipped")
+    return " | ".join(parts)
+

@@ -1,0 +1,103 @@
+"""Speed settings applied to a training run: backends, memory format, compilation, data loading.
+
+Each function reads :class:`utils.config.experiment.PerformanceConfig` and changes how fast the
+same computation runs, never what it computes (beyond floating-point rounding):
+
+* :func:`configure_backends`: cuDNN autotuning and TensorFloat-32 on GPUs;
+* :func:`memory_format`: channels-last (``torch.channels_last_3d`` for 3D models) for the model
+  and its inputs, so bf16 convolutions run on tensor cores without layout conversions;
+* :class:`CompiledForward`: ``torch.compile`` of the training forward pass, falling back to the
+  plain module, with a warning naming the error, when compilation fails (no compiler, an
+  unsupported operation): a run never dies because the compiler did;
+* :func:`loader_options`: pinned memory, prefetching and persistent workers of the DataLoader.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Callable
+from typing import Any
+
+import torch
+
+from utils.config.experiment import PerformanceConfig
+from utils.training.stop_signals import ignore_stop_signals
+
+logger = logging.getLogger(__name__)
+
+
+def configure_backends(performance: PerformanceConfig, device: torch.device) -> None:
+    """cuDNN benchmark mode and TF32 as configured (no effect on the CPU)."""
+    if device.type != "cuda":
+        return
+    torch.backends.cudnn.benchmark = performance.cudnn_benchmark
+    torch.backends.cuda.matmul.allow_tf32 = performance.tf32
+    torch.backends.cudnn.allow_tf32 = performance.tf32
+
+
+def memory_format(performance: PerformanceConfig, spatial_dims: int) -> torch.memory_format:
+    """The memory format of the model's weights and inputs: channels-last when configured."""
+    if not performance.channels_last:
+        return torch.contiguous_format
+    return torch.channels_last_3d if spatial_dims == 3 else torch.channels_last
+
+
+class CompiledForward:
+    """Call ``module`` through ``torch.compile`` when configured, and plainly when compiling fails.
+
+    Compilation happens at the first call (and again for a new input shape); an exception there
+    is logged as a warning and every later call uses ``module`` directly. The module itself is
+    unchanged: its ``state_dict`` keys, checkpoints and evaluation are the same either way.
+
+    Args:
+        module: the (possibly data-parallel) model.
+        performance: ``compile`` and ``compile_mode``.
+        backend: ``torch.compile`` backend (``"inductor"``; tests pass others).
+    """
+
+    def __init__(self, module: torch.nn.Module, performance: PerformanceConfig, *, backend: str | Callable = "inductor"):
+        self.module = module
+        self.compiled: Callable[..., Any] | None = None
+        self.failure: str | None = None
+        if performance.compile:
+            options = {"mode": performance.compile_mode} if backend == "inductor" else {}
+            self.compiled = torch.compile(module, backend=backend, **options)
+
+    @property
+    def is_compiled(self) -> bool:
+        """Whether calls currently go through the compiled module."""
+        return self.compiled is not None
+
+    def __call__(self, *args: Any, **kwargs: Any) -> Any:
+        if self.compiled is None:
+            return self.module(*args, **kwargs)
+        try:
+            return self.compiled(*args, **kwargs)
+        except torch.OutOfMemoryError:
+            raise
+        except Exception as error:  # any compiler failure: keep training, uncompiled
+            self.failure = _describe(error)
+            logger.warning("torch.compile failed (%s); training continues without compilation "
+                           "(set performance.compile=false to skip the attempt)", self.failure)
+            self.compiled = None
+            return self.module(*args, **kwargs)
+
+
+def _describe(error: BaseException) -> str:
+    """``Type: first line`` of the error that made compilation fail (the compiler's own wrapper unwrapped)."""
+    cause = getattr(error, "inner_exception", None) or error.__cause__ or error
+    lines = [line for line in str(cause).splitlines() if line.strip()]
+    return f"{type(cause).__name__}: {lines[0].strip() if lines else ''}"
+
+
+def loader_options(performance: PerformanceConfig, num_workers: int, device: torch.device) -> dict[str, Any]:
+    """Keyword arguments of the training ``DataLoader`` for the speed settings.
+
+    Pinned memory only when batches go to a GPU; prefetching and persistent workers only with
+    workers, which ignore stop signals (the training process checkpoints and stops them).
+    """
+    options: dict[str, Any] = {"num_workers": num_workers, "pin_memory": performance.pin_memory and device.type == "cuda",
+                               "persistent_workers": num_workers > 0}
+    if num_workers > 0:
+        options.update(prefetch_factor=performance.prefetch_factor, worker_init_fn=ignore_stop_signals)
+    return options
