@@ -6,7 +6,7 @@ VENV ?= .venv
 PY := $(VENV)/bin/python
 PYTEST_ARGS ?= -n 2
 
-.PHONY: demo test kernel lab clean-venv
+.PHONY: demo test lint kernel lab clean-venv
 
 $(PY):
 	$(PYTHON) -m venv $(VENV)
@@ -25,8 +25,12 @@ demo: $(VENV)/.minimal-installed
 
 # One compute thread per test process: two pytest workers on two cores, no oversubscription
 # (idle OpenMP threads spinning against each other slow small models down many times over).
-test: $(VENV)/.full-installed
+test: lint
 	OMP_NUM_THREADS=$${OMP_NUM_THREADS:-1} WANDB_MODE=disabled $(PY) -m pytest $(PYTEST_ARGS)
+
+# pyflakes, import order, pycodestyle and bugbear over the whole tree, notebooks included (pyproject.toml).
+lint: $(VENV)/.full-installed
+	$(VENV)/bin/ruff check .
 
 # The project's Jupyter kernel, registered inside the virtual environment (no files in ~/.local).
 kernel: $(VENV)/.full-installed

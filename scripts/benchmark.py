@@ -12,6 +12,8 @@ end, slices/s; (c) sliding-window inference of a 160 x 256 x 256 preprocessed vo
 segmenting a synthetic 512 x 512 x 200 CT at 0.78 x 0.78 x 2.5 mm from NIfTI file to NIfTI file;
 (e) peak GPU memory of each; (f) both settings trained the same number of steps, validation Dice.
 Prints a table with the ratios ours/baseline and, with ``--out``, writes them as JSON.
+Every timed training step, baseline and ours, is the training engine's own step
+(``utils.training.step.train_step``) run through ``accelerate`` with the setting's precision.
 ``--ablation`` also trains ours with each speed option off in turn: what each option bought.
 
 On CUDA the full recipes (``configs/resunet3d.yaml``, ``configs/unetr2d.yaml``) and KiTS19 sizes
@@ -29,8 +31,8 @@ from dataclasses import replace
 from pathlib import Path
 
 from utils.benchmarks.suite import PARTS, cpu_plan, format_benchmark, gpu_plan, run_benchmark
-from utils.inference.segment import select_device
 from utils.data.nifti_io import write_bytes_atomic
+from utils.inference.segment import select_device
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:

@@ -25,10 +25,14 @@ import sys
 import tempfile
 from pathlib import Path
 
-from utils.config.data import AugmentationConfig, PatchDatasetConfig, PreprocessingConfig, SplitConfig
 from utils.benchmarks.data_loading import (
-    format_timings, measure_peak_memory, summarise, time_cache_patches, time_per_sample_patches,
+    format_timings,
+    measure_peak_memory,
+    summarise,
+    time_cache_patches,
+    time_per_sample_patches,
 )
+from utils.config.data import AugmentationConfig, PatchDatasetConfig, PreprocessingConfig, SplitConfig
 from utils.data.nifti_io import write_bytes_atomic
 from utils.preprocessing.cache import open_cache
 from utils.preprocessing.preprocess import preprocess_dataset

@@ -18,7 +18,9 @@ import json  # noqa: E402
 import sys  # noqa: E402
 import tempfile  # noqa: E402
 import time  # noqa: E402
+from collections.abc import Callable  # noqa: E402
 from pathlib import Path  # noqa: E402
+from typing import Any  # noqa: E402
 
 import numpy as np  # noqa: E402
 
@@ -29,10 +31,16 @@ MEDIAN_CASE = SyntheticOptions(matrix=512, spacing=(3.0, 0.78125, 0.78125), cove
 TARGET_S = 20.0
 
 
-def _time(function) -> tuple[float, object]:
+def _time(function: Callable[..., Any], *args: Any) -> tuple[float, Any]:
+    """Seconds that ``function(*args)`` took, and what it returned."""
     start = time.perf_counter()
-    result = function()
+    result = function(*args)
     return time.perf_counter() - start, result
+
+
+def _save_pair(image: np.ndarray, labels: np.ndarray, affine: np.ndarray, folder: Path) -> None:
+    save_nifti(image, affine, folder / "imaging.nii.gz")
+    save_nifti(labels, affine, folder / "segmentation.nii.gz")
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -45,23 +53,22 @@ def main(argv: list[str] | None = None) -> int:
     rows = []
     with tempfile.TemporaryDirectory() as scratch:
         for index in range(args.cases):
-            generate_s, (image, labels, affine) = _time(lambda: generate_case(index, 0, MEDIAN_CASE))
-            write_s, _ = _time(lambda: (save_nifti(image, affine, Path(scratch) / "imaging.nii.gz"),
-                                        save_nifti(labels, affine, Path(scratch) / "segmentation.nii.gz")))
+            generate_s, (image, labels, affine) = _time(generate_case, index, 0, MEDIAN_CASE)
+            write_s, _ = _time(_save_pair, image, labels, affine, Path(scratch))
             noise = np.random.default_rng(index).integers(-1024, 1500, image.shape, dtype=np.int16)
-            baseline_s, _ = _time(lambda: save_nifti(noise, affine, Path(scratch) / "baseline.nii.gz"))
+            baseline_s, _ = _time(save_nifti, noise, affine, Path(scratch) / "baseline.nii.gz")
             rows.append({"case": f"procedural {index}", "shape": list(image.shape), "generate_s": generate_s,
                          "write_s": write_s, "baseline_write_s": baseline_s})
         if args.from_masks:
             for mask in find_masks(args.from_masks)[: args.mask_cases]:
                 source = load_nifti(mask)
                 labels = read_voxels(source, np.uint8)
-                generate_s, image = _time(lambda: synthesise_image_for_mask(labels, source.affine,
-                                                                            np.random.default_rng(0)))
-                write_s, _ = _time(lambda: save_nifti(image, source.affine, Path(scratch) / "imaging.nii.gz"))
+                generate_s, image = _time(synthesise_image_for_mask, labels, source.affine, np.random.default_rng(0))
+                write_s, _ = _time(save_nifti, image, source.affine, Path(scratch) / "imaging.nii.gz")
                 rows.append({"case": f"from mask {mask.parent.name}", "shape": list(labels.shape),
                              "generate_s": generate_s, "write_s": write_s, "baseline_write_s": None})
-    print(f"{'case':<26} {'shape':<18} {'generate s':>10} {'write s':>8} {'total s':>8} {'/target':>8} {'/baseline':>9}")
+    print(f"{'case':<26} {'shape':<18} {'generate s':>10} {'write s':>8} "
+          f"{'total s':>8} {'/target':>8} {'/baseline':>9}")
     for row in rows:
         total = row["generate_s"] + row["write_s"]
         row["total_s"], row["total_over_target"] = total, total / TARGET_S

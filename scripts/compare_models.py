@@ -22,8 +22,8 @@ import logging
 import sys
 from pathlib import Path
 
-from utils.evaluation.report import write_comparison_report
 from utils.evaluation.comparison import resolve_report_folder
+from utils.evaluation.report import write_comparison_report
 
 EXIT_OK, EXIT_FAILED, EXIT_USAGE = 0, 1, 2
 

@@ -10,10 +10,10 @@ import logging
 import sys
 import time
 
-from utils.data.case_validation import UnusableCaseError
+from utils.cli.demo import format_demo_result, run_demo
 from utils.config.demo import DemoConfig
 from utils.config.loading import load_config
-from utils.cli.demo import format_demo_result, run_demo
+from utils.data.case_validation import UnusableCaseError
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -23,7 +23,8 @@ import sys
 from pathlib import Path
 
 from utils.evaluation.predictions import EvaluationResult, evaluate_predictions
-from utils.metrics.surface import DEFAULT_TOLERANCE_MM, METRIC_NAMES
+from utils.metrics.scoring import METRIC_NAMES
+from utils.metrics.surface import DEFAULT_TOLERANCE_MM
 
 EXIT_OK, EXIT_REFUSED, EXIT_USAGE = 0, 1, 2
 

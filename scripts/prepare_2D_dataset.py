@@ -2,7 +2,8 @@
 
 Usage::
 
-    python scripts/prepare_2D_dataset.py --cache PLAN_DIR --out OUT [--config CFG] [--fold 0] [--set slices.image_size=256]
+    python scripts/prepare_2D_dataset.py --cache PLAN_DIR --out OUT [--config CFG] [--fold 0]
+                                         [--set slices.image_size=256]
 
 ``PLAN_DIR`` is a plan folder made by ``scripts/preprocess.py`` (it prints it). Slices are
 fitted to ``slices.image_size`` exactly as the 2D UNETR sees them (see ``utils/datasets/slices.py``)
@@ -21,10 +22,9 @@ import sys
 from pathlib import Path
 
 from utils.config.data import SliceDatasetConfig
-
 from utils.config.loading import load_config_sections
-from utils.preprocessing.cache import open_cache
 from utils.datasets.slices import write_slice_dataset
+from utils.preprocessing.cache import open_cache
 
 EXIT_OK, EXIT_USAGE = 0, 2
 DEFAULT_CONFIG = Path(__file__).resolve().parents[1] / "configs" / "preprocessing.yaml"

@@ -23,9 +23,9 @@ import logging
 import sys
 from pathlib import Path
 
-from utils.data.case_discovery import resolve_data_dir
 from utils.config.data import PreprocessingConfig, SplitConfig
 from utils.config.loading import load_config_sections
+from utils.data.case_discovery import resolve_data_dir
 from utils.preprocessing.preprocess import NO_SEGMENTATION, PreprocessingResult, preprocess_dataset
 
 EXIT_OK, EXIT_UNUSABLE, EXIT_USAGE = 0, 1, 2

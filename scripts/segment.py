@@ -30,11 +30,11 @@ import torch
 from tqdm import tqdm
 
 from utils.data.case_discovery import discover_cases
-from utils.networks.checkpoints import CheckpointError
-from utils.inference.segment import SegmentationModel, load_segmentation_model, segment_file, select_device
 from utils.data.kits_layout import IMAGING_NAME, is_case_id
 from utils.data.nifti_io import save_json_atomic
 from utils.inference.postprocessing import DEFAULT_MIN_COMPONENT_ML
+from utils.inference.segment import SegmentationModel, load_segmentation_model, segment_file, select_device
+from utils.networks.checkpoints import CheckpointError
 
 EXIT_OK, EXIT_FAILED, EXIT_USAGE = 0, 1, 2
 NIFTI_SUFFIXES = (".nii.gz", ".nii")

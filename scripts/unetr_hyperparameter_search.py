@@ -30,11 +30,11 @@ import signal
 import sys
 from pathlib import Path
 
-from utils.networks.checkpoints import CheckpointError
-from utils.training.search import run_search
 from utils.config.search import load_search_config
-from utils.training.stop_signals import EXIT_INTERRUPTED
+from utils.networks.checkpoints import CheckpointError
 from utils.training.engine import TrainingInterrupted
+from utils.training.search import run_search
+from utils.training.stop_signals import EXIT_INTERRUPTED
 
 EXIT_OK, EXIT_FAILED, EXIT_USAGE = 0, 1, 2
 

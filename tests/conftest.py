@@ -63,8 +63,8 @@ def hand_made_labels():
 
 def _make_cached_case(folder: Path, case_id: str, labels: np.ndarray, spacing=(2.0, 1.0, 1.0)):
     """A hand-made cached case whose image value is the voxel's flat index."""
-    from utils.preprocessing.cache import CachedCase, write_case_folder
     from utils.analysis.slice_statistics import classify_slices
+    from utils.preprocessing.cache import CachedCase, write_case_folder
 
     image = np.arange(labels.size, dtype=np.float32).reshape(labels.shape)
     meta = {"case_id": case_id, "shape": list(labels.shape), "mapping": {"resampled_spacing": list(spacing)},

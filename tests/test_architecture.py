@@ -81,7 +81,8 @@ def test_stages_import_one_way():
 
 
 def _readme_stage_order() -> list[str]:
-    section = REPO.joinpath("README.md").read_text().split("<!-- stage-map:begin -->")[1].split("<!-- stage-map:end -->")[0]
+    readme = REPO.joinpath("README.md").read_text()
+    section = readme.split("<!-- stage-map:begin -->")[1].split("<!-- stage-map:end -->")[0]
     return re.findall(r"^\| `utils/(\w+)/` \|", section, flags=re.M)
 
 

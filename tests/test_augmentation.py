@@ -6,8 +6,8 @@ import numpy as np
 import pytest
 import torch
 
-from utils.datasets.augmentation import SampleAugmenter, sampling_grid
 from utils.config.data import AugmentationConfig
+from utils.datasets.augmentation import SampleAugmenter, sampling_grid
 
 OFF = dict(flip_prob=0.0, affine_prob=0.0, elastic_prob=0.0, noise_prob=0.0, intensity_scale_prob=0.0,
            intensity_shift_prob=0.0, gamma_prob=0.0)
@@ -25,8 +25,8 @@ def _region(size, seed=0) -> tuple[torch.Tensor, torch.Tensor]:
 
 
 def _centre_crop(array: torch.Tensor, size) -> torch.Tensor:
-    starts = [n // 2 - s // 2 for n, s in zip(array.shape[1:], size)]
-    return array[(slice(None), *(slice(a, a + s) for a, s in zip(starts, size)))]
+    starts = [n // 2 - s // 2 for n, s in zip(array.shape[1:], size, strict=False)]
+    return array[(slice(None), *(slice(a, a + s) for a, s in zip(starts, size, strict=False)))]
 
 
 def test_nothing_enabled_returns_the_patch_unchanged():
@@ -108,7 +108,7 @@ def test_elastic_deforms_but_keeps_labels_valid_and_zero_magnitude_is_identity()
     assert draw.displacement is not None and draw.displacement.shape[0] == 3
     field = draw.displacement_field()
     assert field.shape == (3, 8, 16, 16) and field.abs().max() <= draw.displacement.abs().max() + 1e-6
-    assert all(r > p for r, p in zip(draw.region_size, draw.patch_size))
+    assert all(r > p for r, p in zip(draw.region_size, draw.patch_size, strict=False))
     image, label = _region(draw.region_size)
     out_image, out_label = augmenter.apply(image, label, draw, rng)
     assert not torch.allclose(out_image, _centre_crop(image, (8, 16, 16)))
@@ -131,7 +131,8 @@ def test_noise_has_the_configured_strength():
 
 
 def test_same_generator_state_gives_the_same_sample():
-    augmenter = SampleAugmenter(AugmentationConfig(affine_prob=1.0, elastic_prob=1.0, noise_prob=1.0, gamma_prob=1.0), 3)
+    config = AugmentationConfig(affine_prob=1.0, elastic_prob=1.0, noise_prob=1.0, gamma_prob=1.0)
+    augmenter = SampleAugmenter(config, 3)
     outputs = []
     for _ in range(2):
         rng = np.random.default_rng([9, 0, 3])

@@ -11,7 +11,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from utils.benchmarks.suite import BenchmarkPlan, PARTS, format_benchmark, run_benchmark
+from utils.benchmarks.suite import PARTS, BenchmarkPlan, format_benchmark, run_benchmark
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -67,7 +67,8 @@ def test_the_training_comparison_scores_both_settings_after_the_same_steps(resul
     for name in ("baseline", "ours"):
         assert comparison[name]["steps"] == 2 and comparison[name]["validation_cases"] >= 1
         assert 0 <= comparison[name]["kidney_dice"] <= 1 and 0 <= comparison[name]["mean_dice"] <= 1
-    assert comparison["ours_at_least_baseline"] == (comparison["ours"]["mean_dice"] >= comparison["baseline"]["mean_dice"])
+    ours, baseline = comparison["ours"]["mean_dice"], comparison["baseline"]["mean_dice"]
+    assert comparison["ours_at_least_baseline"] == (ours >= baseline)
 
 
 def test_the_table_names_the_device_every_measurement_and_the_targets(result):
@@ -107,3 +108,53 @@ def test_the_script_refuses_an_unknown_part_and_a_missing_gpu(tmp_path, capsys):
     if not torch.cuda.is_available():
         assert main(["--device", "cuda"]) == 2
         assert "CUDA is not available" in capsys.readouterr().err
+
+
+def test_every_timed_training_step_is_the_engines_step_through_accelerate(result, work, monkeypatch):
+    from accelerate import Accelerator
+
+    import utils.benchmarks.speed as speed
+    import utils.training.engine as engine
+    from utils.benchmarks.suite import _config
+    from utils.preprocessing.cache import open_cache
+
+    assert speed.train_step is engine.train_step  # one function, the one training calls
+    calls = []
+
+    def spy(parts, batch, stop=None):
+        calls.append(parts)
+        return engine.train_step(parts, batch, stop)
+
+    monkeypatch.setattr(speed, "train_step", spy)
+    config = _config(TINY_PLAN.config_3d, work, TINY_3D)
+    (plan_folder,) = (work / "cache").glob("spacing_*")
+    settings = speed.our_settings(config, torch.device("cpu"), workers=0)
+    dataset, augmenter = speed.build_training_data(config, settings, open_cache(plan_folder), work / "data", None,
+                                                   3 * settings.batch_size)
+    model = speed.build_network(config, settings, torch.device("cpu"))
+    timing = speed.train_steps(config, settings, model, dataset, augmenter, torch.device("cpu"), warmup=1, steps=2)
+    assert len(calls) == 3 and len(timing["losses"]) == 3 and timing["final_loss"] == timing["losses"][-1]
+    parts = calls[0]
+    assert isinstance(parts.accelerator, Accelerator) and parts.accelerator.mixed_precision == "no"
+    assert parts.scheduler.last_epoch == 3  # training's per-iteration schedule, stepped by every step
+    assert parts.augmenter is augmenter and parts.memory_format == torch.channels_last_3d
+    ours = [m for m in result["measurements"] if m["name"] == "resunet3d training" and m["settings"] == "ours"][0]
+    assert len(ours["details"]["losses"]) == TINY_PLAN.warmup + TINY_PLAN.steps
+    assert ours["details"]["skipped_steps"] == 0
+
+
+def test_settings_of_other_precisions_get_fresh_accelerators_in_one_process():
+    from dataclasses import replace
+
+    from accelerate import Accelerator
+
+    from utils.benchmarks.speed import build_accelerator, our_settings
+    from utils.config.experiment import load_experiment_config
+
+    settings = our_settings(load_experiment_config(REPO / TINY_PLAN.config_3d), torch.device("cpu"), workers=0)
+    bf16 = build_accelerator(replace(settings, precision="bf16"), torch.device("cpu"))
+    assert bf16.mixed_precision == "bf16" and bf16.native_amp
+    with pytest.raises(ValueError, match="mixed_precision"):  # what accelerate alone does: one precision per process
+        Accelerator(mixed_precision="no", cpu=True)
+    plain = build_accelerator(replace(settings, precision="no"), torch.device("cpu"))
+    assert plain.mixed_precision == "no" and not plain.native_amp

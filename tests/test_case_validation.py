@@ -88,17 +88,17 @@ def test_missing_imaging_is_unusable_and_segmentation_still_checked(tmp_path: Pa
     case = _write_case(tmp_path, labels=labels, with_image=False)
     report = cv.validate_case(case, full=True)
     assert report.status == "unusable"
-    assert _codes(report) == {cv.MISSING_IMAGING, cv.BAD_LABELS}
+    assert _codes(report) == {nifti_checks.MISSING_IMAGING, nifti_checks.BAD_LABELS}
     assert report.shape == SHAPE  # read from the segmentation
 
 
 def test_missing_segmentation_is_inference_only_unless_other_errors(tmp_path: Path) -> None:
     report = cv.validate_case(_write_case(tmp_path, with_labels=False), full=True)
-    assert report.status == "inference_only" and _codes(report) == {cv.MISSING_SEGMENTATION}
+    assert report.status == "inference_only" and _codes(report) == {nifti_checks.MISSING_SEGMENTATION}
     image = _image().astype(np.float32)
     image[0, 0, 0] = np.nan
     bad = cv.validate_case(_write_case(tmp_path, "case_00001", image=image, with_labels=False), full=True)
-    assert bad.status == "unusable" and _codes(bad) == {cv.MISSING_SEGMENTATION, cv.NON_FINITE}
+    assert bad.status == "unusable" and _codes(bad) == {nifti_checks.MISSING_SEGMENTATION, nifti_checks.NON_FINITE}
 
 
 @pytest.mark.parametrize("full", [False, True])
@@ -106,7 +106,7 @@ def test_truncated_gzip_is_unreadable(tmp_path: Path, full: bool) -> None:
     case = _write_case(tmp_path)
     _truncate(case.imaging)
     report = cv.validate_case(case, full=full)
-    assert report.status == "unusable" and _codes(report) == {cv.UNREADABLE}
+    assert report.status == "unusable" and _codes(report) == {nifti_checks.UNREADABLE}
     assert report.problems[0].path == case.imaging and "truncated" in report.problems[0].message
 
 
@@ -118,7 +118,7 @@ def test_corrupt_deflate_stream_with_intact_trailer_needs_full_mode(tmp_path: Pa
     case.imaging.write_bytes(bytes(data))
     assert cv.validate_case(case).status == "ok"  # header and gzip trailer look fine
     report = cv.validate_case(case, full=True)
-    assert report.status == "unusable" and _codes(report) == {cv.UNREADABLE}
+    assert report.status == "unusable" and _codes(report) == {nifti_checks.UNREADABLE}
 
 
 def test_files_that_do_not_open_leave_shape_unknown(tmp_path: Path) -> None:
@@ -127,22 +127,22 @@ def test_files_that_do_not_open_leave_shape_unknown(tmp_path: Path) -> None:
     case.segmentation.write_bytes(gzip.compress(b"hello, this is not a NIfTI file\n" * 40))
     report = cv.validate_case(case, full=True)
     by_path = {p.path: p.code for p in report.problems}
-    assert by_path == {case.imaging: cv.UNREADABLE, case.segmentation: cv.NOT_NIFTI}
+    assert by_path == {case.imaging: nifti_checks.UNREADABLE, case.segmentation: nifti_checks.NOT_NIFTI}
     assert report.status == "unusable" and report.shape is None and report.spacing is None
 
 
 def test_not_3d_image_is_unusable_and_not_compared_with_labels(tmp_path: Path) -> None:
     case = _write_case(tmp_path, image=np.zeros((6, 16, 16, 2), dtype=np.int16))
     report = cv.validate_case(case, full=True)
-    assert _codes(report) == {cv.NOT_3D} and report.status == "unusable"  # no shape_mismatch as well
+    assert _codes(report) == {nifti_checks.NOT_3D} and report.status == "unusable"  # no shape_mismatch as well
 
 
 def test_shape_and_affine_mismatch(tmp_path: Path) -> None:
     shape_case = _write_case(tmp_path, labels=_labels((5, 16, 16)))
-    assert _codes(cv.validate_case(shape_case)) == {cv.SHAPE_MISMATCH}
+    assert _codes(cv.validate_case(shape_case)) == {nifti_checks.SHAPE_MISMATCH}
     affine_case = _write_case(tmp_path, "case_00001", label_spacing=(2.0, 0.8, 0.9))
     report = cv.validate_case(affine_case)
-    assert _codes(report) == {cv.AFFINE_MISMATCH} and report.problems[0].path == affine_case.segmentation
+    assert _codes(report) == {nifti_checks.AFFINE_MISMATCH} and report.problems[0].path == affine_case.segmentation
 
 
 def test_bad_labels_listed_in_full_mode_only(tmp_path: Path) -> None:
@@ -152,23 +152,27 @@ def test_bad_labels_listed_in_full_mode_only(tmp_path: Path) -> None:
     case = _write_case(tmp_path, labels=labels)
     assert cv.validate_case(case).status == "ok"
     report = cv.validate_case(case, full=True)
-    assert _codes(report) == {cv.BAD_LABELS} and report.problems[0].path == case.segmentation
+    assert _codes(report) == {nifti_checks.BAD_LABELS} and report.problems[0].path == case.segmentation
     assert dict(report.label_counts) == {0: N_VOXELS - 72 - 3, 1: 68, 2: 4}
 
 
 def test_kits_json_spacing_disagreement_is_only_a_warning(tmp_path: Path) -> None:
     case = _write_case(tmp_path)
     report = cv.validate_case(case, kits_spacing=(3.0, 0.8, 0.8))
-    assert report.status == "ok" and _codes(report) == {cv.SPACING_DIFFERS_FROM_KITS_JSON}
+    assert report.status == "ok" and _codes(report) == {nifti_checks.SPACING_DIFFERS_FROM_KITS_JSON}
     assert not report.problems[0].is_error and report.errors == ()
     assert cv.validate_case(case, kits_spacing=SPACING).problems == ()
 
 
-def test_problem_codes_and_problem_still_importable_from_case_validation() -> None:
-    for name in ("MISSING_IMAGING", "MISSING_SEGMENTATION", "UNREADABLE", "NOT_NIFTI", "NOT_3D", "SHAPE_MISMATCH",
-                 "AFFINE_MISMATCH", "BAD_LABELS", "NON_FINITE", "BAD_SPACING", "SPACING_DIFFERS_FROM_KITS_JSON",
-                 "WARNING_CODES", "Problem", "Spacing"):
-        assert getattr(cv, name) is getattr(nifti_checks, name), name
+def test_case_validation_reports_the_codes_nifti_checks_defines(tmp_path: Path) -> None:
+    """One vocabulary of problem codes: case_validation re-defines none of its own."""
+    defined = {value for name, value in vars(nifti_checks).items() if name.isupper() and isinstance(value, str)}
+    labels = _labels()
+    labels[0, 0, 0] = 3
+    report = cv.validate_case(_write_case(tmp_path, labels=labels, with_image=False), full=True)
+    assert _codes(report) and _codes(report) <= defined
+    assert not any(name.isupper() and isinstance(value, str) and value in defined and name not in vars(nifti_checks)
+                   for name, value in vars(cv).items())
 
 
 def test_validation_never_modifies_input_files(tmp_path: Path) -> None:
@@ -204,7 +208,7 @@ def test_validate_dataset_counts(tmp_path: Path) -> None:
     assert [r.case_id for r in report.unusable] == ["case_00001", "case_00003"]
     assert report.listing.warnings == ()
     as_json = json.loads(json.dumps(report.to_dict()))
-    assert as_json["cases"][1]["problems"][0]["code"] == cv.UNREADABLE
+    assert as_json["cases"][1]["problems"][0]["code"] == nifti_checks.UNREADABLE
 
 
 def test_parallel_validation_gives_the_same_report(tmp_path: Path) -> None:
@@ -223,9 +227,9 @@ def test_select_cases_error_names_every_bad_case(tmp_path: Path) -> None:
         cv.select_cases(report)
     message = str(info.value)
     for case_id, file_name, code in [
-        ("case_00001", IMAGING_NAME, cv.UNREADABLE),
-        ("case_00002", SEGMENTATION_NAME, cv.MISSING_SEGMENTATION),
-        ("case_00003", SEGMENTATION_NAME, cv.AFFINE_MISMATCH),
+        ("case_00001", IMAGING_NAME, nifti_checks.UNREADABLE),
+        ("case_00002", SEGMENTATION_NAME, nifti_checks.MISSING_SEGMENTATION),
+        ("case_00003", SEGMENTATION_NAME, nifti_checks.AFFINE_MISMATCH),
     ]:
         assert any(case_id in line and file_name in line and code in line for line in message.splitlines())
     assert 'on_bad="skip"' in message and "case_00000" not in message
@@ -258,7 +262,7 @@ def test_load_case_missing_segmentation(tmp_path: Path) -> None:
     case = _write_case(tmp_path, with_labels=False)
     with pytest.raises(cv.CaseError) as info:
         cv.load_case(case)
-    assert info.value.code == cv.MISSING_SEGMENTATION and SEGMENTATION_NAME in str(info.value)
+    assert info.value.code == nifti_checks.MISSING_SEGMENTATION and SEGMENTATION_NAME in str(info.value)
     assert cv.load_case(case, need_segmentation=False).segmentation is None
 
 
@@ -270,7 +274,7 @@ def test_load_case_corrupt_file_raises_case_error_naming_the_file(tmp_path: Path
     with pytest.raises(cv.CaseError) as info:
         cv.load_case(case)
     error = info.value
-    assert (error.case_id, error.path, error.code) == ("case_00000", case.imaging, cv.UNREADABLE)
+    assert (error.case_id, error.path, error.code) == ("case_00000", case.imaging, nifti_checks.UNREADABLE)
     assert str(case.imaging) in str(error) and error.reason in str(error)
 
 
@@ -286,7 +290,7 @@ def test_real_cases_fast_validation(real_kits19_dir: Path) -> None:
     cases = {c.case_id: c for c in listing.cases}
     for case_id in ("case_00000", "case_00030", "case_00160"):
         report = cv.validate_case(cases[case_id], kits_spacing=listing.kits_spacing[case_id])
-        assert report.status == "unusable" and _codes(report) == {cv.MISSING_IMAGING}
+        assert report.status == "unusable" and _codes(report) == {nifti_checks.MISSING_IMAGING}
         assert report.spacing == pytest.approx(listing.kits_spacing[case_id])
     report = cv.validate_case(cases["case_00000"])
     assert report.spacing == pytest.approx((0.5, 0.919921875, 0.919921875))
@@ -297,6 +301,6 @@ def test_real_case_full_validation_labels(real_kits19_dir: Path) -> None:
     case = discover_cases(real_kits19_dir).cases[30]
     assert case.case_id == "case_00030"
     report = cv.validate_case(case, full=True)
-    assert _codes(report) == {cv.MISSING_IMAGING}
+    assert _codes(report) == {nifti_checks.MISSING_IMAGING}
     assert set(report.label_counts) == {0, 1, 2} and sum(report.label_counts.values()) == 38 * 512 * 512
     assert report.label_counts[1] > 0

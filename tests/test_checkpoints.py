@@ -1,4 +1,4 @@
-"""Tests for utils.networks.checkpoints: atomic saves that keep the old file on failure, clear load errors, RNG round trips."""
+"""Tests for utils.networks.checkpoints: atomic saves (old file kept on failure), clear load errors, RNG round trips."""
 
 from __future__ import annotations
 
@@ -11,7 +11,11 @@ import torch
 
 from utils.networks import checkpoints
 from utils.networks.checkpoints import (
-    CheckpointError, capture_rng_state, load_checkpoint, restore_rng_state, save_checkpoint,
+    CheckpointError,
+    capture_rng_state,
+    load_checkpoint,
+    restore_rng_state,
+    save_checkpoint,
 )
 
 

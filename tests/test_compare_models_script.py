@@ -11,7 +11,7 @@ from pathlib import Path
 
 import pytest
 
-from utils.metrics.surface import METRIC_NAMES
+from utils.metrics.scoring import METRIC_NAMES
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 SCRIPT = REPO_ROOT / "scripts" / "compare_models.py"
@@ -30,9 +30,9 @@ SECONDS_A, SECONDS_B = [10.0, 20.0, 30.0, 40.0, 50.0], [1.0, 2.0, 3.0, 4.0, 6.0]
 
 
 def _cases(kidney, tumour, kidney_hd, tumour_hd, extra: str) -> list[dict]:
-    rows = [{"case_id": f"case_{i:05d}", "kidney_dice": k, "tumor_dice": t, "kidney_surface_dice": k,
-             "tumor_surface_dice": t, "kidney_hd95": kh, "tumor_hd95": th}
-            for i, (k, t, kh, th) in enumerate(zip(kidney, tumour, kidney_hd, tumour_hd))]
+    rows = [{"case_id": f"case_{i:05d}", "kidney_dice": k, "tumour_dice": t, "kidney_surface_dice": k,
+             "tumour_surface_dice": t, "kidney_hd95": kh, "tumour_hd95": th}
+            for i, (k, t, kh, th) in enumerate(zip(kidney, tumour, kidney_hd, tumour_hd, strict=False))]
     return [*rows, {"case_id": extra, **{metric: 0.0 for metric in METRIC_NAMES}}]
 
 
@@ -41,7 +41,7 @@ def _write_report(folder: Path, model: str, cases: list[dict], seconds: list[flo
     settings = {"tolerance_mm": 2.0, "hd_percentile": 95.0}
     (folder / "metrics.json").write_text(json.dumps({"cases": cases, "summary": {}, "settings": settings,
                                                      "refused": [], "warnings": []}))
-    timed = [{"case_id": c["case_id"], "seconds": s} for c, s in zip(cases, [*seconds, 1000.0])]
+    timed = [{"case_id": c["case_id"], "seconds": s} for c, s in zip(cases, [*seconds, 1000.0], strict=False)]
     (folder / "inference.json").write_text(json.dumps({"run_name": folder.name, "model": model, "parameters": 1234,
                                                        "device": "cpu",
                                                        "checkpoint": f"checkpoints/{folder.name}/best.pt",
@@ -77,7 +77,7 @@ def test_script_writes_the_report_with_hand_computed_numbers(reports: tuple[Path
     assert summary_b["kidney_hd95"] == pytest.approx({"mean": 2.5, "std": 1.25 ** 0.5, "median": 2.5, "n": 4,
                                                      "missing": 1})
     assert paired["kidney_dice"]["mean_difference"] == pytest.approx(0.1)
-    assert paired["tumor_dice"]["mean_difference"] == pytest.approx(0.0, abs=1e-12)
+    assert paired["tumour_dice"]["mean_difference"] == pytest.approx(0.0, abs=1e-12)
     assert paired["kidney_hd95"]["mean_difference"] == pytest.approx(-2.5)
     assert (paired["kidney_hd95"]["n_pairs"], paired["kidney_hd95"]["excluded"]) == (4, 1)
     assert paired["kidney_dice"]["p_value"] is None  # five pairs: too few for the test

@@ -1,9 +1,7 @@
 import pytest
 
 from utils.config.data import SyntheticDataConfig
-
 from utils.config.demo import DemoConfig
-
 from utils.config.loading import config_as_dict, load_config, parse_override
 
 REPO = __import__("pathlib").Path(__file__).resolve().parents[1]

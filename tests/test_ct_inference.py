@@ -10,17 +10,21 @@ import pytest
 import torch
 
 import utils.inference.segment as ct_inference
-from utils.networks.checkpoints import save_checkpoint
+from utils.config.experiment import ExperimentConfig
 from utils.config.loading import build_config, config_as_dict
+from utils.data.nifti_io import read_voxels
 from utils.inference.segment import (
-    find_checkpoint, flip_axes_for_tta, load_segmentation_model, predict_preprocessed_labels, segment_ct,
+    find_checkpoint,
+    flip_axes_for_tta,
+    load_segmentation_model,
+    predict_preprocessed_labels,
+    segment_ct,
     segment_file,
 )
-from utils.config.experiment import ExperimentConfig
+from utils.metrics.scoring import score_case
+from utils.networks.checkpoints import save_checkpoint
 from utils.networks.models import build_model, model_input_size
-from utils.data.nifti_io import read_voxels
 from utils.preprocessing.preprocess import preprocess_volume
-from utils.metrics.dice import score_case
 from utils.synthetic.dataset import SyntheticOptions, generate_dataset
 
 TINY_3D = {
@@ -137,7 +141,7 @@ def test_tta_averages_over_every_mirroring(segmenter_3d, monkeypatch):
     np.testing.assert_array_equal(mirrored, plain)
     original = torch.from_numpy(image)[None, None]
     expected = [original.flip(axes) if axes else original for axes in flip_axes_for_tta(3)]
-    assert len(seen) == 8 and all(torch.equal(s, e) for s, e in zip(seen, expected))
+    assert len(seen) == 8 and all(torch.equal(s, e) for s, e in zip(seen, expected, strict=False))
     assert flip_axes_for_tta(2) == [(), (3,), (4,), (3, 4)]  # in-plane only for 2D models
 
 

@@ -9,11 +9,15 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from utils.preprocessing.fingerprint import (
-    build_fingerprint, compute_case_statistics, load_case_statistics, load_fingerprint, save_case_statistics,
-)
-from utils.data.nifti_io import save_json_atomic
 from utils.analysis.dataset_statistics import HU_HISTOGRAM_RANGE
+from utils.data.nifti_io import save_json_atomic
+from utils.preprocessing.fingerprint import (
+    build_fingerprint,
+    compute_case_fingerprint,
+    load_case_fingerprint,
+    load_fingerprint,
+    save_case_fingerprint,
+)
 
 SOURCE = {"imaging": {"name": "imaging.nii.gz", "size": 10, "mtime_ns": 1}}
 
@@ -22,7 +26,7 @@ def _case(case_id: str, values: list[float], background: float = -1000.0, spacin
     """A one-row case whose foreground voxels hold ``values`` (labels 1 and 2 alternate)."""
     image = np.array([[[background, *values]]], dtype=np.float32)
     labels = np.array([[[0] + [1 + i % 2 for i in range(len(values))]]], dtype=np.uint8)
-    return compute_case_statistics(case_id, image, labels, spacing, SOURCE)
+    return compute_case_fingerprint(case_id, image, labels, spacing, SOURCE)
 
 
 def test_case_statistics_of_a_hand_made_case() -> None:
@@ -42,7 +46,7 @@ def test_case_statistics_of_a_hand_made_case() -> None:
 
 def test_case_statistics_refuse_different_shapes() -> None:
     with pytest.raises(ValueError, match="case_00000: image shape"):
-        compute_case_statistics("case_00000", np.zeros((2, 2, 2)), np.zeros((2, 2, 3)), (1.0, 1.0, 1.0), SOURCE)
+        compute_case_fingerprint("case_00000", np.zeros((2, 2, 2)), np.zeros((2, 2, 3)), (1.0, 1.0, 1.0), SOURCE)
 
 
 def test_pooling_two_cases() -> None:
@@ -86,13 +90,13 @@ def test_fingerprint_errors() -> None:
 
 def test_case_statistics_round_trip(tmp_path: Path) -> None:
     stats = _case("case_00000", [1.0, 2.0, 2.0])
-    path = save_case_statistics(tmp_path / "case_00000.json", stats)
-    assert load_case_statistics(path) == stats
-    assert load_case_statistics(tmp_path / "missing.json") is None
+    path = save_case_fingerprint(tmp_path / "case_00000.json", stats)
+    assert load_case_fingerprint(path) == stats
+    assert load_case_fingerprint(tmp_path / "missing.json") is None
     (tmp_path / "bad.json").write_text("{not json")
-    assert load_case_statistics(tmp_path / "bad.json") is None
+    assert load_case_fingerprint(tmp_path / "bad.json") is None
     (tmp_path / "other.json").write_text('{"case_id": "case_00000"}')
-    assert load_case_statistics(tmp_path / "other.json") is None
+    assert load_case_fingerprint(tmp_path / "other.json") is None
 
 
 def test_fingerprint_round_trip(tmp_path: Path) -> None:

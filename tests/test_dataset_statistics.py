@@ -4,10 +4,16 @@ import math
 import numpy as np
 import pytest
 
+from utils.analysis.dataset_statistics import (
+    HU_HISTOGRAM_RANGE,
+    HuSummary,
+    accumulate_hu_histograms,
+    compute_case_statistics,
+    compute_dataset_statistics,
+    compute_histogram_percentile,
+    compute_label_statistics,
+)
 from utils.data.case_discovery import CaseFiles
-from utils.analysis.dataset_statistics import (HU_HISTOGRAM_RANGE, HuSummary, accumulate_hu_histograms,
-                                      compute_case_statistics, compute_dataset_statistics,
-                                      compute_histogram_percentile, compute_label_statistics)
 from utils.data.kits_layout import build_kits_affine
 from utils.data.nifti_io import save_nifti
 

@@ -14,10 +14,13 @@ def test_demo_script_end_to_end(tmp_path):
     command = [sys.executable, "scripts/demo.py", "--config", "configs/demo.yaml",
                "--set", "synthetic.cases=2", "--set", "synthetic.matrix=64", "--set", "synthetic.workers=1",
                "--set", f"synthetic.out_dir={tmp_path / 'data'}", "--set", f"reports_dir={tmp_path / 'reports'}",
-               "--set", f"preprocessing.cache_dir={tmp_path / 'cache'}", "--set", "preprocessing.target_spacing=[4,4,4]",
-               "--set", "patches.patch_size=[8,16,16]", "--set", "slices.image_size=32", "--set", "bootstrap_resamples=200",
+               "--set", f"preprocessing.cache_dir={tmp_path / 'cache'}",
+               "--set", "preprocessing.target_spacing=[4,4,4]",
+               "--set", "patches.patch_size=[8,16,16]", "--set", "slices.image_size=32",
+               "--set", "bootstrap_resamples=200",
                "--set", f"train_overrides=[training.epochs=1, preprocessing.cache_dir={tmp_path / 'cache'}, "
-                        f"training.output_dir={tmp_path / 'runs'}, patches.samples_per_epoch=8, slices.samples_per_epoch=8]",
+                        f"training.output_dir={tmp_path / 'runs'}, patches.samples_per_epoch=8, "
+                        "slices.samples_per_epoch=8]",
                "--set", f"readme={tmp_path / 'README.md'}"]
     (tmp_path / "README.md").write_text((REPO / "README.md").read_text(encoding="utf-8"), encoding="utf-8")
     run = subprocess.run(command, capture_output=True, text=True, cwd=REPO, timeout=300)

@@ -7,7 +7,13 @@ from pathlib import Path
 import pytest
 
 from utils.cli.demo_results import (
-    BEGIN, END, demo_results, read_readme_results, readme_block, render_demo_results, update_readme_results,
+    BEGIN,
+    END,
+    demo_results,
+    read_readme_results,
+    readme_block,
+    render_demo_results,
+    update_readme_results,
 )
 
 REPO = Path(__file__).resolve().parents[1]
@@ -22,8 +28,8 @@ def _summary() -> dict:
         "training": {"resunet3d": {"kidney_dice": 0.9051, "tumour_dice": 0.0, "seconds": 301.4},
                      "unetr2d": {"kidney_dice": 0.8499, "tumour_dice": None, "seconds": 176.6}},
         "evaluation": {"resunet3d": {"seconds_per_case": 0.544, "summary": {
-            "kidney_dice": metric(0.9031), "tumor_dice": metric(0.0), "kidney_surface_dice": metric(0.5071),
-            "kidney_hd95": metric(46.015), "tumor_hd95": metric(158.137)}}},
+            "kidney_dice": metric(0.9031), "tumour_dice": metric(0.0), "kidney_surface_dice": metric(0.5071),
+            "kidney_hd95": metric(46.015), "tumour_hd95": metric(158.137)}}},
     }
 
 

@@ -15,9 +15,9 @@ import numpy as np
 import pytest
 import torch
 
-from utils.evaluation.predictions import evaluate_predictions
 from utils.data.kits_layout import SEGMENTATION_NAME, spacing_from_affine
 from utils.data.nifti_io import load_nifti, read_voxels, save_nifti
+from utils.evaluation.predictions import evaluate_predictions
 from utils.synthetic.dataset import SyntheticOptions, generate_dataset
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
@@ -65,13 +65,13 @@ def test_script_scores_a_perfect_case_and_refuses_a_mismatched_affine(data_dir: 
     report = json.loads((tmp_path / "out" / "metrics.json").read_text(encoding="utf-8"))
     assert [case["case_id"] for case in report["cases"]] == ["case_00000"]
     perfect = report["cases"][0]
-    assert perfect["kidney_dice"] == perfect["tumor_dice"] == perfect["kidney_surface_dice"] == 1.0
-    assert perfect["kidney_hd95"] == perfect["tumor_hd95"] == 0.0
+    assert perfect["kidney_dice"] == perfect["tumour_dice"] == perfect["kidney_surface_dice"] == 1.0
+    assert perfect["kidney_hd95"] == perfect["tumour_hd95"] == 0.0
     assert report["refused"][0]["case_id"] == "case_00001" and "4.5" in report["refused"][0]["reason"]
     assert report["settings"]["tolerance_mm"] == 2.5 and "both empty" in report["settings"]["empty_mask_rules"]
-    assert report["summary"]["tumor_hd95"] == {"mean": 0.0, "std": 0.0, "median": 0.0, "n": 1, "missing": 0}
+    assert report["summary"]["tumour_hd95"] == {"mean": 0.0, "std": 0.0, "median": 0.0, "n": 1, "missing": 0}
     rows = list(csv.DictReader((tmp_path / "out" / "metrics.csv").open(encoding="utf-8")))
-    assert [row["case_id"] for row in rows] == ["case_00000"] and float(rows[0]["tumor_dice"]) == 1.0
+    assert [row["case_id"] for row in rows] == ["case_00000"] and float(rows[0]["tumour_dice"]) == 1.0
     assert "kidney_hd95" in result.stdout and "1 refused" in result.stdout
     assert sorted(p for p in (*data_dir.rglob("*"), *pred.rglob("*"))) == inputs_before  # inputs untouched
 
@@ -83,8 +83,8 @@ def test_empty_prediction_has_missing_hd95_counted(data_dir: Path, tmp_path: Pat
     _write(tmp_path / "pred", "prediction_00001.nii.gz", np.zeros_like(labels), affine)
     result = evaluate_predictions(data_dir, tmp_path / "pred", tmp_path / "out")
     empty = _by_case(result)["case_00001"]
-    assert empty["kidney_dice"] == empty["tumor_dice"] == empty["kidney_surface_dice"] == 0.0
-    assert empty["kidney_hd95"] is None and empty["tumor_hd95"] is None
+    assert empty["kidney_dice"] == empty["tumour_dice"] == empty["kidney_surface_dice"] == 0.0
+    assert empty["kidney_hd95"] is None and empty["tumour_hd95"] is None
     assert result.summary["kidney_hd95"] == {"mean": 0.0, "std": 0.0, "median": 0.0, "n": 1, "missing": 1}
     assert result.summary["kidney_dice"]["mean"] == 0.5 and result.summary["kidney_dice"]["missing"] == 0
     written = json.loads(result.json_path.read_text(encoding="utf-8"))
@@ -125,7 +125,7 @@ def test_swapped_kidney_and_tumour_labels(data_dir: Path, tmp_path: Path) -> Non
     assert scores["kidney_dice"] == 1.0 and scores["kidney_hd95"] == 0.0 and scores["kidney_surface_dice"] == 1.0
     # |pred tumour & true tumour| = |label 1 & label 2| = 0, both non-empty: Dice 2 * 0 / (3124 + 143) = 0.
     assert np.count_nonzero(labels == 1) == 3124 and np.count_nonzero(labels == 2) == 143
-    assert scores["tumor_dice"] == 0.0 and scores["tumor_hd95"] is not None and scores["tumor_hd95"] > 0
+    assert scores["tumour_dice"] == 0.0 and scores["tumour_hd95"] is not None and scores["tumour_hd95"] > 0
 
 
 def test_wrong_shape_and_labels_refused_naming_the_case(data_dir: Path, tmp_path: Path) -> None:

@@ -17,9 +17,9 @@ import torch
 import yaml
 
 from utils.config.experiment import load_experiment_config
-from utils.training.search import SEARCH_CONFIG, TrialObjective, build_pruner, open_study, run_search, study_folder
 from utils.config.search import format_yaml_value, load_search_config
 from utils.training.engine import NonFiniteLossError, TrainingResult, train
+from utils.training.search import SEARCH_CONFIG, TrialObjective, build_pruner, open_study, run_search, study_folder
 
 REPO = Path(__file__).resolve().parents[1]
 SCRIPT = REPO / "scripts" / "unetr_hyperparameter_search.py"

@@ -5,19 +5,17 @@ from __future__ import annotations
 import torch
 
 from utils.config.data import SliceDatasetConfig
-
-from utils.config.loading import build_config
 from utils.config.experiment import ExperimentConfig, SliceInferenceConfig, SlidingWindowConfig
-from utils.inference.predict import predict_volume_logits
-from utils.inference.slice_inference import predict_slice_logits
-from utils.inference.sliding_window import predict_logits
+from utils.config.loading import build_config
+from utils.inference.predict import predict_slice_logits, predict_sliding_window_logits, predict_volume_logits
 
 
 def test_a_3d_experiment_uses_sliding_windows():
     config = build_config(ExperimentConfig, {"sliding_window": {"roi_size": [4, 8, 8], "overlap": 0.25}})
     model = torch.nn.Conv3d(1, 3, 3, padding=1).eval()
     image = torch.randn(1, 1, 6, 10, 12, generator=torch.Generator().manual_seed(1))
-    expected = predict_logits(model, image, SlidingWindowConfig(roi_size=(4, 8, 8), overlap=0.25), pad_value=-1.0)
+    expected = predict_sliding_window_logits(model, image, SlidingWindowConfig(roi_size=(4, 8, 8), overlap=0.25),
+                                             pad_value=-1.0)
     torch.testing.assert_close(predict_volume_logits(model, image, config, pad_value=-1.0), expected)
 
 

@@ -4,8 +4,8 @@ import plotly.io as pio
 import pytest
 
 from utils.data.kits_layout import KIDNEY_LABEL, TUMOUR_LABEL
-from utils.figures.meshes import build_surface_mesh, plot_meshes
 from utils.figures.drawing import LABEL_COLOURS
+from utils.figures.meshes import build_surface_mesh, plot_meshes
 
 SPACING = (2.5, 0.8, 0.8)
 
@@ -13,7 +13,7 @@ SPACING = (2.5, 0.8, 0.8)
 def _ellipsoid(shape, centre_mm, semi_axes_mm, spacing):
     """Boolean (Z, Y, X) ellipsoid; voxel centres at index * spacing mm."""
     grids = np.ogrid[tuple(slice(0, n) for n in shape)]
-    inside = sum(((g * s - c) / a) ** 2 for g, s, c, a in zip(grids, spacing, centre_mm, semi_axes_mm))
+    inside = sum(((g * s - c) / a) ** 2 for g, s, c, a in zip(grids, spacing, centre_mm, semi_axes_mm, strict=False))
     return inside <= 1.0
 
 

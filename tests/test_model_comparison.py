@@ -10,11 +10,17 @@ import pytest
 from matplotlib.figure import Figure
 from scipy import stats
 
-from utils.figures.comparison import plot_metric_boxplots, plot_paired_scatter
-from utils.metrics.surface import METRIC_NAMES
+from utils.evaluation.comparison import (
+    bootstrap_mean_interval,
+    compare_metric,
+    compare_reports,
+    compute_wilcoxon_p_value,
+    load_evaluation_report,
+    resolve_report_folder,
+)
 from utils.evaluation.report import render_markdown
-from utils.evaluation.comparison import (bootstrap_mean_interval, compare_metric, compare_reports,
-                                    compute_wilcoxon_p_value, load_evaluation_report, resolve_report_folder)
+from utils.figures.comparison import plot_metric_boxplots, plot_paired_scatter
+from utils.metrics.scoring import METRIC_NAMES
 
 
 def _case(case_id: str, value: float | None = 0.5) -> dict:
@@ -98,7 +104,7 @@ def test_load_evaluation_report_refuses_duplicate_and_incomplete_cases(tmp_path:
     with pytest.raises(ValueError, match="case_00000.*twice"):
         load_evaluation_report(twice)
     incomplete = _write_report(tmp_path / "incomplete", [{"case_id": "case_00000", "kidney_dice": 1.0}])
-    with pytest.raises(ValueError, match="incomplete.*tumor_dice"):
+    with pytest.raises(ValueError, match="incomplete.*tumour_dice"):
         load_evaluation_report(incomplete)
 
 
@@ -109,7 +115,7 @@ def test_compare_reports_uses_shared_cases_and_warns_about_the_rest(tmp_path: Pa
     comparison = compare_reports(a, b, n_resamples=20, seed=0)
     assert comparison["shared_cases"] == ["case_00000"] and comparison["only_a"] == ["case_00001"]
     assert comparison["summary"]["a"]["kidney_dice"]["mean"] == 0.5
-    assert comparison["paired"]["tumor_dice"]["mean_difference"] == 0.25
+    assert comparison["paired"]["tumour_dice"]["mean_difference"] == 0.25
     assert comparison["inference"]["a"] == {"n": 1, "missing": 0, "mean": 1.0, "median": 1.0, "total": 1.0}
     assert any("case_00001" in w for w in comparison["warnings"])
     markdown = render_markdown([("table", ["x", "y"], [["a|b", "1"]])], tmp_path)
@@ -120,13 +126,13 @@ def test_compare_reports_uses_shared_cases_and_warns_about_the_rest(tmp_path: Pa
 
 
 def test_figures_have_one_axis_per_metric_and_save_png(tmp_path: Path) -> None:
-    records_a = [{"kidney_dice": 0.9, "tumor_dice": None}, {"kidney_dice": 0.7, "tumor_dice": 0.4}]
-    records_b = [{"kidney_dice": 0.8, "tumor_dice": 0.5}, {"kidney_dice": 0.95, "tumor_dice": 0.6}]
-    boxes = plot_metric_boxplots(records_a, records_b, ["a", "b"], metrics=["kidney_dice", "tumor_dice"])
+    records_a = [{"kidney_dice": 0.9, "tumour_dice": None}, {"kidney_dice": 0.7, "tumour_dice": 0.4}]
+    records_b = [{"kidney_dice": 0.8, "tumour_dice": 0.5}, {"kidney_dice": 0.95, "tumour_dice": 0.6}]
+    boxes = plot_metric_boxplots(records_a, records_b, ["a", "b"], metrics=["kidney_dice", "tumour_dice"])
     assert isinstance(boxes, Figure) and len([ax for ax in boxes.axes if ax.get_visible()]) == 2
     assert "missing A 1 / B 0" in boxes.axes[1].get_title()
     scatter = plot_paired_scatter(records_a, records_b, ["a", "b"], path=tmp_path / "scatter.png")
-    assert "tumor_dice: 1 cases, 1 incomplete" == scatter.axes[1].get_title()
+    assert "tumour_dice: 1 cases, 1 incomplete" == scatter.axes[1].get_title()
     assert (tmp_path / "scatter.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     with pytest.raises(ValueError, match="same non-empty list"):
         plot_paired_scatter(records_a, records_b[:1], ["a", "b"])

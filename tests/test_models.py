@@ -6,7 +6,7 @@ import pytest
 import torch
 
 from utils.config.experiment import ModelConfig
-from utils.networks.models import ARCHITECTURES, build_model, check_input_size, count_parameters, spatial_dims
+from utils.networks.models import build_model, check_input_size, count_parameters, spatial_dims
 
 TINY = ModelConfig(channels=(4, 8, 16), strides=(2, 2), num_res_units=1)
 

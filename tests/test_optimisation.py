@@ -25,12 +25,12 @@ def test_warm_up_is_linear_from_the_start_factor_to_one():
     assert factors[0] == pytest.approx(0.1)
     assert factors[5] == pytest.approx(0.1 + 0.9 * 5 / 10)
     assert factors[10] == 1.0  # the first iteration after the warm-up
-    assert all(a < b for a, b in zip(factors[:10], factors[1:11]))
+    assert all(a < b for a, b in zip(factors[:10], factors[1:11], strict=False))
 
 
 def test_cosine_decays_monotonically_to_the_floor_at_the_last_iteration():
     factors = _factors()
-    assert all(a > b for a, b in zip(factors[10:], factors[11:]))
+    assert all(a > b for a, b in zip(factors[10:], factors[11:], strict=False))
     assert factors[-1] == pytest.approx(0.05)
     # Iteration 30 is 20 of the 39 decay steps (10 .. 49) in.
     assert factors[30] == pytest.approx(0.05 + 0.95 * (1 + math.cos(math.pi * 20 / 39)) / 2)

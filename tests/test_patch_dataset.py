@@ -11,7 +11,13 @@ from torch.utils.data import DataLoader
 
 from utils.config.data import AugmentationConfig, PatchDatasetConfig
 from utils.datasets.patches import (
-    EpochSampler, PatchDataset, VolumeDataset, augment_batch, build_patch_datasets, collate_samples, read_region,
+    EpochSampler,
+    PatchDataset,
+    VolumeDataset,
+    augment_batch,
+    build_patch_datasets,
+    collate_samples,
+    read_region,
 )
 
 
@@ -78,7 +84,7 @@ def test_loader_workers_do_not_change_the_samples(tiny_cache):
         sampler = EpochSampler(len(dataset), epoch=1)
         loader = DataLoader(dataset, batch_size=2, sampler=sampler, num_workers=workers)
         batches.append([batch["image"] for batch in loader])
-    assert all(torch.equal(a, b) for a, b in zip(*batches))
+    assert all(torch.equal(a, b) for a, b in zip(*batches, strict=False))
     assert batches[0][0].shape == (2, 1, 8, 16, 16)
 
 
@@ -143,7 +149,7 @@ def test_deferred_augmentation_gives_the_same_batches_as_augmenting_in_the_worke
     later = DataLoader(deferred, batch_size=4, sampler=EpochSampler(8, epoch=2), collate_fn=collate_samples,
                        num_workers=workers)
     resampled = 0
-    for expected, batch in zip(plain, later):
+    for expected, batch in zip(plain, later, strict=False):
         assert isinstance(batch["image"], list) and batch["case_id"] == expected["case_id"]
         resampled += sum(draw.matrix is not None for draw in batch["draw"])
         image, label = augment_batch(batch, deferred.augmenter, "cpu")

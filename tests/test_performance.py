@@ -9,9 +9,9 @@ import torch
 
 from tests.test_training_engine import tiny_config
 from utils.config.experiment import PerformanceConfig
+from utils.training.engine import train
 from utils.training.performance import CompiledForward, loader_options, memory_format
 from utils.training.stop_signals import ignore_stop_signals
-from utils.training.engine import train
 
 
 def test_memory_format_follows_the_setting_and_the_dimensions():

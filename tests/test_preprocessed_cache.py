@@ -9,17 +9,27 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from utils.config.data import SplitConfig
-from utils.data.splits import save_splits
-from utils.preprocessing.fingerprint import build_fingerprint, compute_case_statistics
-from utils.data.nifti_io import save_json_atomic
-from utils.data.kits_layout import build_kits_affine
-from utils.preprocessing.cache import (
-    CASES_DIR, FINGERPRINT_NAME, IMAGE_FILE, LABEL_FILE, LOCATIONS_FILE, META_FILE, PLAN_NAME, CachedCase, open_cache,
-    read_case_meta, remove_unfinished_writes, write_case_folder,
-)
-from utils.preprocessing.resampling import GridMapping
 from utils.analysis.slice_statistics import SLICE_BACKGROUND, SLICE_KIDNEY, SLICE_TUMOUR
+from utils.config.data import SplitConfig
+from utils.data.kits_layout import build_kits_affine
+from utils.data.nifti_io import save_json_atomic
+from utils.data.splits import save_splits
+from utils.preprocessing.cache import (
+    CASES_DIR,
+    FINGERPRINT_NAME,
+    IMAGE_FILE,
+    LABEL_FILE,
+    LOCATIONS_FILE,
+    META_FILE,
+    PLAN_NAME,
+    CachedCase,
+    open_cache,
+    read_case_meta,
+    remove_unfinished_writes,
+    write_case_folder,
+)
+from utils.preprocessing.fingerprint import build_fingerprint, compute_case_fingerprint
+from utils.preprocessing.resampling import GridMapping
 
 SHAPE = (4, 32, 32)
 PLAN_HASH = "a" * 64
@@ -118,7 +128,7 @@ def _plan_folder(tmp_path: Path, case_hashes: dict[str, str]) -> Path:
     for case_id, plan_hash in case_hashes.items():
         write_case_folder(folder / CASES_DIR, case_id, *_case_content(plan_hash=plan_hash, case_id=case_id))
     image, labels = np.array([[[0.0, 10.0, 20.0]]]), np.array([[[0, 1, 2]]])
-    statistics = [compute_case_statistics(case_id, image, labels, (3.0, 1.0, 1.0), {}) for case_id in case_hashes]
+    statistics = [compute_case_fingerprint(case_id, image, labels, (3.0, 1.0, 1.0), {}) for case_id in case_hashes]
     save_json_atomic(folder / FINGERPRINT_NAME, build_fingerprint(statistics, (0.5, 99.5)).to_dict())
     save_splits(folder, list(case_hashes), SplitConfig())
     save_json_atomic(folder / PLAN_NAME, {"plan_hash": PLAN_HASH, "case_ids": list(case_hashes)})

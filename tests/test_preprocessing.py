@@ -1,4 +1,4 @@
-"""Tests of utils.preprocessing.preprocess on small synthetic datasets: the cache, re-runs, and the way back to the CT."""
+"""Tests of utils.preprocessing.preprocess on small synthetic datasets: the cache, re-runs, the way back to the CT."""
 
 from __future__ import annotations
 
@@ -10,16 +10,31 @@ import nibabel as nib
 import numpy as np
 import pytest
 
+from utils.config.data import PreprocessingConfig, SplitConfig
 from utils.data.case_discovery import discover_cases
 from utils.data.case_validation import load_case
-from utils.config.data import PreprocessingConfig, SplitConfig
-from utils.preprocessing.fingerprint import load_case_statistics
 from utils.data.kits_layout import IMAGING_NAME, SEGMENTATION_NAME
 from utils.data.nifti_io import save_nifti
-from utils.preprocessing.cache import (CASE_STATISTICS_DIR, CASES_DIR, FINGERPRINT_NAME, IMAGE_FILE, LABEL_FILE,
-                                      LOCATIONS_FILE, META_FILE, PLAN_NAME, open_cache)
-from utils.preprocessing.preprocess import (NO_SEGMENTATION, Normalisation, PreprocessingResult, plan_name, preprocess_dataset,
-                                 preprocess_volume)
+from utils.preprocessing.cache import (
+    CASE_STATISTICS_DIR,
+    CASES_DIR,
+    FINGERPRINT_NAME,
+    IMAGE_FILE,
+    LABEL_FILE,
+    LOCATIONS_FILE,
+    META_FILE,
+    PLAN_NAME,
+    open_cache,
+)
+from utils.preprocessing.fingerprint import load_case_fingerprint
+from utils.preprocessing.preprocess import (
+    NO_SEGMENTATION,
+    Normalisation,
+    PreprocessingResult,
+    plan_name,
+    preprocess_dataset,
+    preprocess_volume,
+)
 from utils.preprocessing.resampling import crop_to_box, restore_labels
 from utils.synthetic.dataset import SyntheticOptions, generate_dataset
 
@@ -85,7 +100,7 @@ def test_the_cache_is_produced(built: PreprocessingResult) -> None:
         assert case.image.shape == case.label.shape == case.shape == case.mapping.cropped_shape
         assert set(np.unique(case.label)) == {0, 1, 2}
         foreground = case.image[case.label > 0].astype(np.float64)
-        weight = load_case_statistics(statistics / f"{case.case_id}.json").foreground_voxels / foreground.size
+        weight = load_case_fingerprint(statistics / f"{case.case_id}.json").foreground_voxels / foreground.size
         moments += weight * np.array([foreground.size, foreground.sum(), np.square(foreground).sum()])
         np.testing.assert_array_equal(case.locations("tumour"), np.argwhere(case.label == 2))
         assert case.slice_classes.tolist() == [2 if (s == 2).any() else 1 if s.any() else 0 for s in case.label]

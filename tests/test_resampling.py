@@ -1,4 +1,4 @@
-"""Tests of utils.preprocessing.resampling: reorientation, resampling, body crop and the grid mapping, on tiny arrays."""
+"""Tests of utils.preprocessing.resampling: reorientation, resampling, body crop, grid mapping, on tiny arrays."""
 
 from __future__ import annotations
 
@@ -11,12 +11,23 @@ import pytest
 
 from utils.data.kits_layout import build_kits_affine
 from utils.preprocessing.resampling import (
-    CANONICAL_AXCODES, GridMapping, bounding_box, canonical_spacing, crop_to_box, find_body_box, pad_from_box,
-    reorient_to_canonical, resample_image, resample_labels, resampled_shape, restore_labels, restore_orientation,
+    CANONICAL_AXCODES,
+    GridMapping,
+    bounding_box,
+    canonical_spacing,
+    crop_to_box,
+    find_body_box,
+    pad_from_box,
+    reorient_to_canonical,
+    resample_image,
+    resample_labels,
+    resampled_shape,
+    restore_labels,
+    restore_orientation,
 )
 
 SPACING = (2.5, 0.8, 0.6)
-ORIENTATIONS = [np.array([[axis, flip] for axis, flip in zip(order, flips)], dtype=float)
+ORIENTATIONS = [np.array([[axis, flip] for axis, flip in zip(order, flips, strict=False)], dtype=float)
                 for order in itertools.permutations(range(3)) for flips in itertools.product((1, -1), repeat=3)]
 
 

@@ -10,10 +10,10 @@ from pathlib import Path
 import nibabel as nib
 import numpy as np
 import pytest
-
 from test_training_engine import TINY_UNETR, tiny_config
-from utils.metrics.surface import METRIC_NAMES
+
 from utils.evaluation.run import evaluate_run
+from utils.metrics.scoring import METRIC_NAMES
 from utils.training.engine import train
 
 REPO = Path(__file__).resolve().parents[1]

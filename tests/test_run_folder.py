@@ -1,4 +1,4 @@
-"""Tests for utils.training.run_folder: new-run folders, write checks, the saved config, the progress log, the text log."""
+"""Tests for utils.training.run_folder: new-run folders, write checks, saved config, progress log, text log."""
 
 from __future__ import annotations
 
@@ -12,10 +12,15 @@ import numpy as np
 import pytest
 import yaml
 
-from utils.config.loading import build_config, config_as_dict
 from utils.config.experiment import ExperimentConfig, TrainingConfig
+from utils.config.loading import build_config, config_as_dict
 from utils.training.run_folder import (
-    ProgressLog, attach_text_log, check_writable, create_run_folder, detach_text_log, save_resolved_config,
+    ProgressLog,
+    attach_text_log,
+    check_writable,
+    create_run_folder,
+    detach_text_log,
+    save_resolved_config,
 )
 
 

@@ -18,8 +18,8 @@ import nibabel as nib
 import numpy as np
 import pytest
 import torch
-
 from test_ct_inference import TINY_2D, TINY_3D, write_tiny_checkpoint
+
 from utils.data.nifti_io import save_nifti
 from utils.synthetic.dataset import SyntheticOptions, generate_dataset
 

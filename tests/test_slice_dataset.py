@@ -11,7 +11,12 @@ import torch
 
 from utils.config.data import AugmentationConfig, SliceDatasetConfig
 from utils.datasets.slices import (
-    SliceDataset, SliceGeometry, build_slice_dataset, fit_slices, restore_slices, write_slice_dataset,
+    SliceDataset,
+    SliceGeometry,
+    build_slice_dataset,
+    fit_slices,
+    restore_slices,
+    write_slice_dataset,
 )
 
 

@@ -5,9 +5,18 @@ from matplotlib.backends.backend_agg import FigureCanvasAgg
 from matplotlib.colors import to_rgb
 from matplotlib.figure import Figure
 
-from utils.figures.slices import (ERROR_COLOURS, FILL_ALPHA, choose_slices, compose_overlay, plane_aspect,
-                                 plot_error_map, plot_overlay, take_slice, window_to_rgb)
 from utils.figures.drawing import DISPLAY_WINDOW_HU, LABEL_COLOURS
+from utils.figures.slices import (
+    ERROR_COLOURS,
+    FILL_ALPHA,
+    choose_slices,
+    compose_overlay,
+    plane_aspect,
+    plot_error_map,
+    plot_overlay,
+    take_slice,
+    window_to_rgb,
+)
 
 SPACING = (5.0, 1.0, 1.0)
 CT_HU = 40.0  # mid-window: grey 0.5
@@ -141,7 +150,8 @@ def test_error_map_colours_a_known_false_positive_and_false_negative(tmp_path):
     check(tumour_ax, 30, 10, fp)
     check(tumour_ax, 2, 2, [0.5] * 3)
     assert [t.get_text() for t in figure.legends[0].get_texts()] == list(ERROR_COLOURS)
-    assert len({tuple(to_rgb(c)) for c in ERROR_COLOURS.values()} | {tuple(to_rgb(c)) for c in LABEL_COLOURS.values()}) == 5
+    assert len({tuple(to_rgb(c)) for c in ERROR_COLOURS.values()}
+               | {tuple(to_rgb(c)) for c in LABEL_COLOURS.values()}) == 5
 
 
 def test_figures_leave_global_state_alone():

@@ -7,7 +7,7 @@ import torch
 
 from utils.config.data import SliceDatasetConfig
 from utils.config.experiment import SliceInferenceConfig
-from utils.inference.slice_inference import predict_slice_logits
+from utils.inference.predict import predict_slice_logits
 
 
 class PointwiseSliceModel(torch.nn.Module):

@@ -3,9 +3,17 @@ from dataclasses import dataclass
 import numpy as np
 import pytest
 
-from utils.analysis.slice_statistics import (SamplingShares, classify_slices, compare_sampled_classes, compute_case_slice_areas,
-                                    compute_sampling_shares, compute_slice_areas, compute_slice_class_counts,
-                                    compute_slice_pixel_counts, count_slice_classes_per_case)
+from utils.analysis.slice_statistics import (
+    SamplingShares,
+    classify_slices,
+    compare_sampled_classes,
+    compute_case_slice_areas,
+    compute_sampling_shares,
+    compute_slice_areas,
+    compute_slice_class_counts,
+    compute_slice_pixel_counts,
+    count_slice_classes_per_case,
+)
 
 SPACING = (4.0, 2.5, 2.0)  # 5 mm² per pixel
 

@@ -8,9 +8,15 @@ import plotly.graph_objects as go
 import pytest
 from PIL import Image
 
-from utils.figures.slice_viewer import (OVERLAY_ALPHA, compose_plane_frame, compose_slice_rgb, display_shape,
-                                plot_slice_viewer, select_slices)
 from utils.figures.drawing import DISPLAY_WINDOW_HU, LABEL_COLOURS
+from utils.figures.slice_viewer import (
+    OVERLAY_ALPHA,
+    compose_plane_frame,
+    compose_slice_rgb,
+    display_shape,
+    plot_slice_viewer,
+    select_slices,
+)
 
 SPACING = (5.0, 1.0, 1.0)
 TUMOUR_VOXEL = (10, 20, 12)

@@ -6,11 +6,22 @@ from matplotlib.figure import Figure
 
 from utils.analysis.dataset_statistics import HU_HISTOGRAM_RANGE, CaseStatistics
 from utils.analysis.slice_statistics import SliceAreas, compare_sampled_classes
-from utils.figures.statistics import (plot_class_proportions, plot_hu_histograms, plot_sampling_shares,
-                                      plot_slice_areas, plot_slice_class_counts, plot_slice_classes_per_case,
-                                      plot_slice_gallery, plot_slice_shares, plot_slices_per_case,
-                                      plot_spacing_distributions, plot_tumours_per_case, plot_volume_distributions)
 from utils.figures.drawing import save_figure
+from utils.figures.statistics import (
+    plot_class_proportions,
+    plot_hu_histograms,
+    plot_sampling_shares,
+    plot_slice_areas,
+    plot_slice_class_counts,
+    plot_slice_classes_per_case,
+    plot_slice_gallery,
+    plot_training_samples,
+    plot_slice_shares,
+    plot_slices_per_case,
+    plot_spacing_distributions,
+    plot_tumours_per_case,
+    plot_volume_distributions,
+)
 
 
 def _cases() -> list[CaseStatistics]:
@@ -127,6 +138,18 @@ def test_slice_gallery_titles_and_contours():
     assert axes[0].get_title() == "case_00000, slice 7\nbackground only"
     assert axes[2].get_title() == "case_00002, slice 9\ncontains tumour"
     assert len(axes[0].collections) == 2  # kidney (label > 0) and tumour contours
+
+
+def test_training_samples_show_a_3d_patch_by_its_middle_axial_slice():
+    label = np.zeros((1, 5, 8, 8), dtype=np.uint8)
+    label[0, 2, 2:5, 2:5] = 2  # tumour only in the middle slice (index 2 of 5)
+    patch = {"image": np.where(label > 0, 1.0, -1.0).astype(np.float32), "label": label, "case_id": "case_00009",
+             "centre_class": "tumour"}
+    axes = plot_training_samples([patch, *_items(1)], columns=2).axes
+    assert axes[0].get_title() == "case_00009, slice middle of 3D patch (tumour)\ncontains tumour"
+    assert axes[1].get_title() == "case_00000, slice 7\nbackground only"
+    label[0, 2] = 0  # the same patch without tumour in its middle slice: another class
+    assert plot_training_samples([patch]).axes[0].get_title().endswith("background only")
 
 
 def test_invalid_slice_inputs_are_refused():

@@ -2,9 +2,16 @@ import numpy as np
 import pytest
 
 from utils.analysis.dataset_statistics import compute_label_statistics
-from utils.analysis.statistics_tables import (SLICE_CLASS_COLUMNS, build_slice_class_rows, build_statistics_rows,
-                                     format_slice_class_table, format_statistics_table, load_statistics_csv,
-                                     write_slice_class_csv, write_statistics_csv)
+from utils.analysis.statistics_tables import (
+    SLICE_CLASS_COLUMNS,
+    build_slice_class_rows,
+    build_statistics_rows,
+    format_slice_class_table,
+    format_statistics_table,
+    load_statistics_csv,
+    write_slice_class_csv,
+    write_statistics_csv,
+)
 
 SPACING = (4.0, 2.5, 2.5)
 

@@ -30,7 +30,8 @@ def test_stop_signals_are_recorded_not_fatal_and_the_old_handlers_come_back():
 
 
 def test_loader_workers_ignore_stop_signals():
-    code = ("import os, signal, time\nfrom utils.training.stop_signals import ignore_stop_signals\nignore_stop_signals(0)\n"
+    code = ("import os, signal, time\nfrom utils.training.stop_signals import ignore_stop_signals\n"
+            "ignore_stop_signals(0)\n"
             "os.kill(os.getpid(), signal.SIGTERM)\nos.kill(os.getpid(), signal.SIGUSR1)\ntime.sleep(0.05)\n"
             "print('alive')")
     run = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=REPO, timeout=60)

@@ -1,7 +1,7 @@
 import json
-from pathlib import Path
 import subprocess
 import sys
+from pathlib import Path
 
 import nibabel as nib
 import numpy as np
@@ -11,8 +11,13 @@ from scipy import ndimage
 from utils.analysis.intensity_separability import measure_separability
 from utils.data.kits_layout import KITS_AXCODES, build_kits_affine, spacing_from_affine
 from utils.data.nifti_io import save_nifti
-from utils.synthetic.dataset import (SyntheticOptions, _write_case_folder, generate_case, generate_dataset,
-                                     generate_from_masks)
+from utils.synthetic.dataset import (
+    SyntheticOptions,
+    _write_case_folder,
+    generate_case,
+    generate_dataset,
+    generate_from_masks,
+)
 
 REPO = Path(__file__).resolve().parents[1]
 SMALL = SyntheticOptions(matrix=96, spacing=(5.0, 4.0, 4.0), coverage_mm=(240.0, 300.0))
@@ -30,7 +35,7 @@ def test_writes_the_kits19_layout(small_dataset):
     assert sorted(p.name for p in out.iterdir()) == ["case_00000", "case_00001", "case_00002", "kits.json"]
     entries = json.loads((out / "kits.json").read_text())
     assert [e["case_id"] for e in entries] == ["case_00000", "case_00001", "case_00002"]
-    for entry, summary in zip(entries, summaries):
+    for entry, summary in zip(entries, summaries, strict=False):
         folder = out / entry["case_id"]
         assert sorted(p.name for p in folder.iterdir()) == ["imaging.nii.gz", "segmentation.nii.gz"]
         image, labels = nib.load(folder / "imaging.nii.gz"), nib.load(folder / "segmentation.nii.gz")
@@ -94,7 +99,8 @@ def _two_kidney_mask(shape):
     z, y, x = np.ogrid[: shape[0], : shape[1], : shape[2]]
     for cx in (shape[2] * 0.3, shape[2] * 0.7):
         labels[((z - shape[0] / 2) / 8) ** 2 + ((y - shape[1] * 0.6) / 5) ** 2 + ((x - cx) / 4) ** 2 <= 1] = 1
-    labels[((z - shape[0] / 2 - 4) / 3) ** 2 + ((y - shape[1] * 0.6) / 3) ** 2 + ((x - shape[2] * 0.3 + 3) / 3) ** 2 <= 1] = 2
+    labels[((z - shape[0] / 2 - 4) / 3) ** 2 + ((y - shape[1] * 0.6) / 3) ** 2
+           + ((x - shape[2] * 0.3 + 3) / 3) ** 2 <= 1] = 2
     return labels
 
 
@@ -125,7 +131,8 @@ def test_from_masks_refuses_bad_labels_naming_the_file(tmp_path):
     labels = _two_kidney_mask((20, 60, 60))
     labels[0, 0, 0] = 3
     save_nifti(labels, build_kits_affine((5.0, 4.0, 4.0)), folder / "segmentation.nii.gz")
-    with pytest.raises(ValueError, match=r"case_00001/segmentation.nii.gz: label values must be in \[0, 1, 2\], found \[3\]"):
+    with pytest.raises(ValueError,
+                       match=r"case_00001/segmentation.nii.gz: label values must be in \[0, 1, 2\], found \[3\]"):
         generate_from_masks(tmp_path / "masks", tmp_path / "out", show_progress=False)
     with pytest.raises(ValueError, match="must differ"):
         generate_from_masks(tmp_path / "masks", tmp_path / "masks", show_progress=False)

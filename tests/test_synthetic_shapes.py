@@ -1,7 +1,15 @@
 import numpy as np
 import pytest
 
-from utils.synthetic.shapes import Grid, box_around, capsule_mask, ellipsoid_level, rotation_matrix, smooth_noise, surface_voxels
+from utils.synthetic.shapes import (
+    Grid,
+    box_around,
+    capsule_mask,
+    ellipsoid_level,
+    rotation_matrix,
+    smooth_noise,
+    surface_voxels,
+)
 
 
 def test_sphere_volume_matches_formula():
@@ -18,7 +26,8 @@ def test_rotation_turns_the_long_axis():
     extent = lambda found: np.ptp(np.argwhere(found[1] <= 1.0), axis=0)  # noqa: E731
     assert extent(straight)[0] > 25 and extent(straight)[2] < 8
     assert extent(turned)[2] > 25 and extent(turned)[0] < 8
-    np.testing.assert_allclose(rotation_matrix((10.0, 20.0, 30.0)) @ rotation_matrix((10.0, 20.0, 30.0)).T, np.eye(3), atol=1e-12)
+    np.testing.assert_allclose(rotation_matrix((10.0, 20.0, 30.0)) @ rotation_matrix((10.0, 20.0, 30.0)).T, np.eye(3),
+                               atol=1e-12)
 
 
 def test_capsule_and_box_clipping():

@@ -15,17 +15,17 @@ import numpy as np
 import pytest
 import torch
 
-from utils.networks.checkpoints import load_checkpoint
-from utils.config.loading import build_config, config_as_dict
 from utils.config.experiment import ExperimentConfig
+from utils.config.loading import build_config, config_as_dict
 from utils.data.kits_layout import SEGMENTATION_NAME
+from utils.data.nifti_io import load_nifti, read_voxels, save_nifti
+from utils.datasets.patches import PatchDataset, background_value
+from utils.networks.checkpoints import load_checkpoint
 from utils.networks.losses import build_loss
 from utils.networks.models import build_model
-from utils.data.nifti_io import load_nifti, read_voxels, save_nifti
-from utils.training.optimisation import build_optimiser
-from utils.datasets.patches import PatchDataset, background_value
 from utils.preprocessing.cache import open_cache
 from utils.training.engine import NonFiniteLossError, train
+from utils.training.optimisation import build_optimiser
 
 REPO = Path(__file__).resolve().parents[1]
 SCRIPT = REPO / "scripts" / "train_3d_unet.py"
@@ -83,7 +83,8 @@ def test_a_run_writes_its_folder_and_never_reuses_one(tiny_data, tmp_path):
     result = train(config, data_dir=tiny_data, show_progress=False)
     folder = result.run_folder
     assert folder == tmp_path / "runs" / "first"
-    assert {"config.yaml", "last.pt", "best.pt", "training_progress.json", "train.log"} <= {p.name for p in folder.iterdir()}
+    expected_files = {"config.yaml", "last.pt", "best.pt", "training_progress.json", "train.log"}
+    assert expected_files <= {p.name for p in folder.iterdir()}
     records = json.loads((folder / "training_progress.json").read_text())
     assert [r["epoch"] for r in records] == [1, 2]
     for key in ("train_loss", "val_loss", "kidney_dice", "tumour_dice", "learning_rate", "epoch_seconds",
@@ -108,7 +109,8 @@ def test_sigkill_and_resume_reproduce_the_uninterrupted_losses(tiny_data, tmp_pa
     whole = subprocess.run(_train_command(config_path, tiny_data, "--set", "training.run_name=whole"),
                            capture_output=True, text=True, cwd=REPO, timeout=600)
     assert whole.returncode == 0, whole.stderr
-    expected = [r["train_loss"] for r in json.loads((tmp_path / "runs" / "whole" / "training_progress.json").read_text())]
+    whole_progress = json.loads((tmp_path / "runs" / "whole" / "training_progress.json").read_text())
+    expected = [r["train_loss"] for r in whole_progress]
     killed_folder = tmp_path / "runs" / "killed"
     process = subprocess.Popen(_train_command(config_path, tiny_data, "--set", "training.run_name=killed"),
                                stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, cwd=REPO)
@@ -216,9 +218,9 @@ UNETR_SCRIPT = REPO / "scripts" / "train_unetr.py"
 
 
 def test_unetr_trains_on_slices_and_is_scored_per_case_like_the_3d_model(tiny_data, tiny_cache, tmp_path):
-    from utils.inference.predict import predict_volume_logits
     from utils.datasets.patches import VolumeDataset
-    from utils.metrics.dice import score_case
+    from utils.inference.predict import predict_volume_logits
+    from utils.metrics.scoring import score_case
 
     config = tiny_config(tmp_path, **TINY_UNETR, training={"run_name": "unetr"})
     result = train(config, data_dir=tiny_data, show_progress=False)
@@ -236,7 +238,7 @@ def test_unetr_trains_on_slices_and_is_scored_per_case_like_the_3d_model(tiny_da
     (plan_folder,) = (tmp_path / "cache").glob("spacing_*")  # the cache this run built from tiny_data
     cache = open_cache(plan_folder)
     volumes = VolumeDataset(cache.cases(sorted(validation_ids)))
-    for item, recorded in zip(volumes, records[-1]["per_case"]):
+    for item, recorded in zip(volumes, records[-1]["per_case"], strict=False):
         logits = predict_volume_logits(model, item["image"][None], config, pad_value=background_value(cache))
         assert logits.shape[2:] == item["label"].shape[1:]
         scores = score_case(logits.argmax(dim=1)[0].to(torch.uint8).numpy(), item["label"][0].numpy())
@@ -277,3 +279,25 @@ def test_unetr_stopped_by_an_epoch_callback_resumes_exactly(tiny_data, tmp_path)
     assert np.allclose([r["train_loss"] for r in resumed.records], [r["train_loss"] for r in whole.records],
                        rtol=0, atol=1e-6)
     assert resumed.records[-1]["kidney_dice"] == pytest.approx(whole.records[-1]["kidney_dice"], abs=1e-6)
+
+
+def test_set_up_takes_a_prepared_cache_and_does_no_data_work(tiny_cache, tmp_path, monkeypatch):
+    import utils.preprocessing.preprocess as preprocess
+    import utils.training.setup as setup
+
+    def no_preprocessing(*args, **kwargs):
+        raise AssertionError("set_up_run must not preprocess: train() prepares the cache before set-up")
+
+    monkeypatch.setattr(preprocess, "preprocess_dataset", no_preprocessing)
+    monkeypatch.setattr(setup, "prepare_training_cache", no_preprocessing)
+    config = tiny_config(tmp_path, training={"run_name": "prepared"}, performance={"augment_on_device": True})
+    state = setup.set_up_run(config, tiny_cache.folder, resume=None, wandb=False)
+    try:
+        assert state.cache.folder == tiny_cache.folder and state.folder == tmp_path / "runs" / "prepared"
+        assert state.pad_value == background_value(tiny_cache) and state.augmenter is not None
+        assert state.memory_format == torch.contiguous_format and state.wandb_logged_until == 0
+        parts = state.step_parts
+        assert parts.model is state.model and parts.scheduler is state.scheduler and parts.augmenter is state.augmenter
+        assert parts.grad_clip_norm == config.optimiser.grad_clip_norm
+    finally:
+        state.close()

@@ -6,8 +6,8 @@ import json
 
 import pytest
 
-from utils.figures.training_curves import load_training_progress, plot_training_progress, plot_training_runs
 from utils.figures.drawing import save_figure
+from utils.figures.training_curves import load_training_progress, plot_training_progress, plot_training_runs
 
 
 def _records(epochs: int, offset: float = 0.0) -> list[dict]:

@@ -32,16 +32,16 @@ from dataclasses import dataclass, field
 import numpy as np
 from scipy import ndimage
 
+from utils.analysis.slice_statistics import compute_slice_pixel_counts
 from utils.data.case_discovery import CaseFiles, discover_cases
-from utils.data.kits_layout import KIDNEY_LABEL, LABEL_NAMES, TUMOUR_LABEL, spacing_from_affine
+from utils.data.kits_layout import HU_RANGE, KIDNEY_LABEL, LABEL_NAMES, TUMOUR_LABEL, spacing_from_affine
 from utils.data.nifti_io import load_nifti, read_voxels
 from utils.data.parallel import map_with_progress
-from utils.analysis.slice_statistics import compute_slice_pixel_counts
 
 logger = logging.getLogger(__name__)
 
 #: Histogram bins, one per integer HU in ``[HU_HISTOGRAM_RANGE[0], HU_HISTOGRAM_RANGE[1])``.
-HU_HISTOGRAM_RANGE = (-1024, 3072)
+HU_HISTOGRAM_RANGE = (HU_RANGE[0], HU_RANGE[1] + 1)
 #: Percentiles of each class's HU reported per case.
 HU_PERCENTILES = (0.5, 99.5)
 #: Class names in label order (0 background, 1 kidney, 2 tumour).
@@ -189,7 +189,7 @@ def _compute_hu(case_id: str, image: np.ndarray,
                 moments[label] = _merge_moments(moments[label], values)
     summaries = tuple(None if count == 0 else HuSummary(
         float(mean), math.sqrt(squares / count), *(compute_histogram_percentile(counts, q) for q in HU_PERCENTILES))
-        for (count, mean, squares), counts in zip(moments, histogram))
+        for (count, mean, squares), counts in zip(moments, histogram, strict=False))
     return summaries, histogram
 
 

@@ -19,9 +19,8 @@ from dataclasses import dataclass
 
 import numpy as np
 
+from utils.analysis.dataset_statistics import HU_HISTOGRAM_RANGE
 from utils.data.kits_layout import TUMOUR_LABEL
-
-HU_RANGE = (-1024, 3072)  # histogram bins: one per integer HU in [-1024, 3071]
 
 
 @dataclass(frozen=True)
@@ -36,8 +35,9 @@ class Separability:
 
 
 def _histogram(values: np.ndarray) -> np.ndarray:
-    clipped = np.clip(np.rint(values), HU_RANGE[0], HU_RANGE[1] - 1).astype(np.int64) - HU_RANGE[0]
-    return np.bincount(clipped.ravel(), minlength=HU_RANGE[1] - HU_RANGE[0]).astype(np.float64)
+    clipped = (np.clip(np.rint(values), HU_HISTOGRAM_RANGE[0], HU_HISTOGRAM_RANGE[1] - 1).astype(np.int64)
+               - HU_HISTOGRAM_RANGE[0])
+    return np.bincount(clipped.ravel(), minlength=HU_HISTOGRAM_RANGE[1] - HU_HISTOGRAM_RANGE[0]).astype(np.float64)
 
 
 def best_interval_dice(all_hist: np.ndarray, target_hist: np.ndarray) -> tuple[float, tuple[int, int]]:
@@ -62,7 +62,8 @@ def best_interval_dice(all_hist: np.ndarray, target_hist: np.ndarray) -> tuple[f
         dice = 2 * (cum_target[ends] - cum_target[start]) / (cum_all[ends] - cum_all[start] + target_total)
         k = int(np.argmax(dice))
         if dice[k] > best:
-            best, bounds = float(dice[k]), (int(start) + HU_RANGE[0], int(ends[k]) - 1 + HU_RANGE[0])
+            best, bounds = float(dice[k]), (int(start) + HU_HISTOGRAM_RANGE[0],
+                                            int(ends[k]) - 1 + HU_HISTOGRAM_RANGE[0])
     return best, bounds
 
 
@@ -81,8 +82,8 @@ def best_threshold_dice(region_hist: np.ndarray, target_hist: np.ndarray) -> tup
     above = 2 * (target_total - cum_target) / (cum_region[-1] - cum_region + target_total)
     k_below, k_above = int(np.argmax(below)), int(np.argmax(above))
     if above[k_above] >= below[k_below]:
-        return float(above[k_above]), k_above + HU_RANGE[0], True
-    return float(below[k_below]), k_below + HU_RANGE[0], False
+        return float(above[k_above]), k_above + HU_HISTOGRAM_RANGE[0], True
+    return float(below[k_below]), k_below + HU_HISTOGRAM_RANGE[0], False
 
 
 def measure_separability(cases: Iterable[tuple[np.ndarray, np.ndarray]]) -> tuple[Separability, list[Separability]]:
@@ -94,7 +95,7 @@ def measure_separability(cases: Iterable[tuple[np.ndarray, np.ndarray]]) -> tupl
     Returns:
         ``(pooled, per_case)``: one rule for all cases together, and the best rule per case.
     """
-    size = HU_RANGE[1] - HU_RANGE[0]
+    size = HU_HISTOGRAM_RANGE[1] - HU_HISTOGRAM_RANGE[0]
     totals = {key: np.zeros(size) for key in ("all", "foreground", "tumour")}
     per_case = []
     for image, labels in cases:

@@ -40,10 +40,10 @@ def build_statistics_rows(statistics: Iterable[CaseStatistics]) -> list[Row]:
     rows = []
     for case in statistics:
         row: Row = {"case_id": case.case_id}
-        row.update(zip(("slices", "rows", "columns"), case.shape))
-        row.update(zip(("spacing_z_mm", "spacing_y_mm", "spacing_x_mm"), case.spacing))
-        row.update({f"voxels_{name}": n for name, n in zip(CLASS_NAMES, case.voxel_counts)})
-        row.update({f"proportion_{name}": p for name, p in zip(CLASS_NAMES, case.class_proportions)})
+        row.update(zip(("slices", "rows", "columns"), case.shape, strict=False))
+        row.update(zip(("spacing_z_mm", "spacing_y_mm", "spacing_x_mm"), case.spacing, strict=False))
+        row.update({f"voxels_{name}": n for name, n in zip(CLASS_NAMES, case.voxel_counts, strict=False)})
+        row.update({f"proportion_{name}": p for name, p in zip(CLASS_NAMES, case.class_proportions, strict=False)})
         row.update(kidney_ml=case.kidney_ml, tumour_ml=case.tumour_ml, kidney_tumour_ml=case.kidney_tumour_ml,
                    tumours=case.tumours, kidney_components=case.kidney_components,
                    kidney_slice_share=case.kidney_slice_share, tumour_slice_share=case.tumour_slice_share)
@@ -114,7 +114,8 @@ def build_slice_class_rows(counts: Mapping[str, Sequence[int] | np.ndarray]) -> 
         if values.shape != (len(CLASS_NAMES),) or not np.issubdtype(values.dtype, np.integer) or (values < 0).any():
             raise ValueError(f"{case_id}: counts must be {len(CLASS_NAMES)} integer slice counts >= 0, "
                              f"got {values.tolist()}")
-        rows.append(dict(zip(SLICE_CLASS_COLUMNS, (case_id, int(values.sum()), *(int(v) for v in values)))))
+        rows.append(dict(zip(SLICE_CLASS_COLUMNS, (case_id, int(values.sum()), *(int(v) for v in values)),
+                             strict=False)))
     return rows
 
 
@@ -161,7 +162,7 @@ def _format_rows(rows: list[Row], columns: Sequence[str]) -> str:
     """Right-aligned columns separated by two spaces, a header line first."""
     cells = [list(columns)] + [[_format_cell(row[c]) for c in columns] for row in rows]
     widths = [max(len(line[i]) for line in cells) for i in range(len(columns))]
-    return "\n".join("  ".join(cell.rjust(width) for cell, width in zip(line, widths)) for line in cells)
+    return "\n".join("  ".join(cell.rjust(width) for cell, width in zip(line, widths, strict=False)) for line in cells)
 
 
 def _format_cell(value: str | int | float | None) -> str:

@@ -26,15 +26,21 @@ from typing import Any
 import numpy as np
 import torch
 from monai.transforms import (
-    Compose, CropForegroundd, EnsureChannelFirstd, LoadImaged, Orientationd, ScaleIntensityRanged, Spacingd,
+    Compose,
+    CropForegroundd,
+    EnsureChannelFirstd,
+    LoadImaged,
+    Orientationd,
+    ScaleIntensityRanged,
+    Spacingd,
 )
 from torch.utils.data import Dataset
 from tqdm.auto import tqdm
 
-from utils.datasets.augmentation import SampleAugmenter
+from utils.config.data import AugmentationConfig, PatchDatasetConfig, PreprocessingConfig, SplitConfig
 from utils.data.case_discovery import discover_cases
 from utils.data.case_validation import load_case
-from utils.config.data import AugmentationConfig, PatchDatasetConfig, PreprocessingConfig, SplitConfig
+from utils.datasets.augmentation import SampleAugmenter
 from utils.datasets.patches import PatchDataset, background_value, read_region
 from utils.preprocessing.cache import PreprocessedCache
 from utils.preprocessing.preprocess import preprocess_dataset
@@ -114,9 +120,10 @@ class PerSamplePatchDataset(Dataset):
         centre = _draw_centre(label, self.config, rng)
         spacing = tuple(float(s) for s in data["image"].pixdim[:3])
         draw = self.augmenter.draw_spatial(rng, tuple(self.config.patch_size), spacing)
-        image, label = self.augmenter.apply(torch.from_numpy(read_region(image, centre, draw.region_size, self.pad))[None],
-                                            torch.from_numpy(read_region(label, centre, draw.region_size, 0, np.uint8))[None],
-                                            draw, rng)
+        image, label = self.augmenter.apply(
+            torch.from_numpy(read_region(image, centre, draw.region_size, self.pad))[None],
+            torch.from_numpy(read_region(label, centre, draw.region_size, 0, np.uint8))[None],
+            draw, rng)
         return {"image": image, "label": label}
 
 
@@ -194,10 +201,12 @@ def format_timings(cache: PatchTiming, per_sample: PatchTiming) -> list[str]:
     """Table lines comparing the two timings (the ratio is per patch)."""
     ratio = per_sample.seconds_per_patch / cache.seconds_per_patch
     return [f"{'pipeline':<12} {'patches':>7} {'seconds':>8} {'s/patch':>8}",
-            *(f"{t.name:<12} {t.patches:>7} {t.seconds:>8.2f} {t.seconds_per_patch:>8.4f}" for t in (cache, per_sample)),
+            *(f"{t.name:<12} {t.patches:>7} {t.seconds:>8.2f} {t.seconds_per_patch:>8.4f}"
+              for t in (cache, per_sample)),
             f"cache is {ratio:.1f}x faster per patch than the per-sample pattern (target: >= 20x)"]
 
 
 def summarise(rows: Sequence[PatchTiming]) -> dict[str, Any]:
     """JSON-ready figures of the timings."""
-    return {t.name: {"patches": t.patches, "seconds": t.seconds, "seconds_per_patch": t.seconds_per_patch} for t in rows}
+    return {t.name: {"patches": t.patches, "seconds": t.seconds, "seconds_per_patch": t.seconds_per_patch}
+            for t in rows}

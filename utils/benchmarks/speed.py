@@ -11,9 +11,13 @@ on-device stitching. Both use the same network, the same augmentation draws and 
 so a ratio measures the pipeline and the settings, nothing else.
 
 Each measurement (:class:`Measurement`) gives a rate or a time and, on CUDA, the peak memory
-allocated. The training loop here is the engine's step (:mod:`utils.training.engine`) without
-its bookkeeping: load (and augment on the device), forward under autocast, loss, backward,
-gradient clipping, optimiser step, and ``loss.item()`` each step, as the engine's progress bar does.
+allocated. Every timed training step is the engine's own :func:`utils.training.step.train_step`,
+run through Hugging Face ``accelerate`` as training runs it (:func:`train_steps`): augmentation on
+the device, forward under ``accelerator.autocast()``, loss, the per-step reduction of the
+non-finite and stop flags, ``accelerator.backward`` (fp16: with accelerate's gradient scaler),
+clipping, the optimiser and scheduler steps built as training builds them, then ``loss.item()``
+as the engine's progress bar does. Only the engine's bookkeeping (progress, checkpoints, wandb)
+is left out.
 """
 
 from __future__ import annotations
@@ -29,28 +33,38 @@ from typing import Any
 import nibabel as nib
 import numpy as np
 import torch
+from accelerate import Accelerator
+from accelerate.state import AcceleratorState
 from monai.inferers import sliding_window_inference
 from monai.transforms import (
-    AsDiscreted, Compose, EnsureChannelFirstd, Invertd, LoadImaged, Orientationd, ScaleIntensityRanged, Spacingd,
+    AsDiscreted,
+    Compose,
+    EnsureChannelFirstd,
+    Invertd,
+    LoadImaged,
+    Orientationd,
+    ScaleIntensityRanged,
+    Spacingd,
 )
 from torch.utils.data import DataLoader, Dataset
 
-from utils.datasets.augmentation import SampleAugmenter
-from utils.networks.checkpoints import save_checkpoint
-from utils.config.loading import config_as_dict
-from utils.inference.segment import load_segmentation_model, segment_file
 from utils.benchmarks.data_loading import PerSamplePatchDataset
 from utils.config.experiment import ExperimentConfig, PerformanceConfig, SlidingWindowConfig
+from utils.config.loading import config_as_dict
+from utils.datasets.augmentation import SampleAugmenter
+from utils.datasets.patches import background_value, build_patch_datasets, collate_samples, read_region
+from utils.datasets.slices import build_slice_datasets, write_slice_dataset
 from utils.inference.predict import predict_volume_logits
+from utils.inference.segment import load_segmentation_model, segment_file
+from utils.metrics.scoring import score_case, summarise_scores
+from utils.networks.checkpoints import save_checkpoint
 from utils.networks.losses import build_loss
 from utils.networks.models import build_model, model_input_size, spatial_dims
-from utils.training.optimisation import build_optimiser
-from utils.datasets.patches import augment_batch, background_value, build_patch_datasets, collate_samples, read_region
-from utils.training.performance import CompiledForward, configure_backends, loader_options, memory_format
 from utils.preprocessing.cache import PreprocessedCache
 from utils.preprocessing.resampling import CANONICAL_AXCODES
-from utils.metrics.dice import mean_scores, score_case
-from utils.datasets.slices import build_slice_datasets, write_slice_dataset
+from utils.training.optimisation import build_optimiser, build_scheduler
+from utils.training.performance import CompiledForward, configure_backends, loader_options, memory_format
+from utils.training.step import StepParts, train_step
 
 AUTOCAST = {"bf16": torch.bfloat16, "fp16": torch.float16, "no": None}
 
@@ -61,7 +75,7 @@ class Settings:
 
     Attributes:
         name: ``"baseline"`` or ``"ours"``. batch_size: samples per step.
-        precision: ``"fp16"`` (with a gradient scaler), ``"bf16"`` or ``"no"``.
+        precision: accelerate's ``mixed_precision``: ``"fp16"`` (with its gradient scaler), ``"bf16"`` or ``"no"``.
         pipeline: ``"per_sample"`` (the plain datasets) or ``"cache"`` (ours).
         workers: loader processes. performance: speed options (see :mod:`utils.training.performance`).
         sliding_window: window settings for whole-volume prediction.
@@ -189,10 +203,10 @@ def build_training_data(config: ExperimentConfig, settings: Settings, cache: Pre
     if settings.pipeline == "cache":
         if two_d:
             dataset = build_slice_datasets(cache, replace(config.slices, samples_per_epoch=samples),
-                                           config.augmentation, seed=config.training.seed)[0]
+                                           config.augmentation, fold=config.training.fold, seed=config.training.seed)[0]
         else:
             dataset = build_patch_datasets(cache, replace(config.patches, samples_per_epoch=samples),
-                                           config.augmentation, seed=config.training.seed)[0]
+                                           config.augmentation, fold=config.training.fold, seed=config.training.seed)[0]
         dataset.defer_augmentation = settings.performance.augment_on_device
         return dataset, dataset.augmenter
     if two_d:
@@ -213,29 +227,72 @@ def build_network(config: ExperimentConfig, settings: Settings, device: torch.de
     return build_model(config.model, model_input_size(config)).to(device, memory_format=layout)
 
 
+def build_accelerator(settings: Settings, device: torch.device) -> Accelerator:
+    """A fresh ``Accelerator`` with the settings' mixed precision on ``device``, for one measurement.
+
+    accelerate keeps its state, mixed precision included, in a process-wide singleton
+    (``AcceleratorState``): once an ``Accelerator`` exists, creating one with another
+    ``mixed_precision`` raises ``ValueError``. The benchmark trains several settings in one
+    process (on a GPU the baseline in fp16, ours in the config's bf16), so this is the one place
+    where it resets that state (``AcceleratorState._reset_state()``, as accelerate's own tests do)
+    before building each setting's accelerator. The ``PartialState`` (device, process group) is
+    kept: the benchmark is one process on one device. An ``Accelerator`` built earlier in the
+    process must not be used after this call; each measurement builds and drops its own.
+
+    Raises:
+        ValueError: accelerate's device (set by the first accelerator of the process) is not ``device``.
+    """
+    AcceleratorState._reset_state()
+    accelerator = Accelerator(mixed_precision=settings.precision, cpu=device.type == "cpu")
+    if accelerator.device.type != device.type or (accelerator.device.index or 0) != (device.index or 0):
+        raise ValueError(f"the benchmark runs on {device} but accelerate's device in this process is "
+                         f"{accelerator.device}; run the benchmark in a fresh process (scripts/benchmark.py)")
+    return accelerator
+
+
+def prepare_step(config: ExperimentConfig, settings: Settings, model: torch.nn.Module,
+                 augmenter: SampleAugmenter | None, device: torch.device) -> StepParts:
+    """The engine's step parts for ``model``, built and prepared as :func:`utils.training.setup.set_up_run` does.
+
+    The optimiser and the per-iteration scheduler are training's (:func:`build_optimiser`,
+    :func:`build_scheduler`), the schedule as long as training's with the settings' batch size:
+    ``samples_per_epoch // batch_size`` iterations per epoch for ``training.epochs`` epochs.
+    """
+    configure_backends(settings.performance, device)
+    accelerator = build_accelerator(settings, device)
+    optimiser = build_optimiser(model, config.optimiser, fused=None if settings.performance.fused_optimiser else False)
+    samples = (config.slices if spatial_dims(config.model) == 2 else config.patches).samples_per_epoch
+    scheduler = build_scheduler(optimiser, config.optimiser, epochs=config.training.epochs,
+                                iterations_per_epoch=max(1, samples // settings.batch_size))
+    model, optimiser = accelerator.prepare(model, optimiser)
+    return StepParts(accelerator, model, CompiledForward(model, settings.performance), build_loss(config.loss),
+                     optimiser, scheduler, augmenter, memory_format(settings.performance, spatial_dims(config.model)),
+                     config.optimiser.grad_clip_norm)
+
+
 def train_steps(config: ExperimentConfig, settings: Settings, model: torch.nn.Module, dataset: Dataset,
                 augmenter: SampleAugmenter | None, device: torch.device, *, warmup: int, steps: int,
                 on_step: Callable[[int], None] | None = None) -> dict[str, Any]:
-    """Train ``warmup + steps`` steps; time the last ``steps`` (data loading and augmentation included).
+    """Train ``warmup + steps`` engine steps (:func:`train_step`); time the last ``steps`` (loading included).
+
+    Each step is the engine's, through an accelerator of the settings' precision
+    (:func:`prepare_step`); ``loss.item()`` follows each, as in the engine's progress bar. The
+    loader reads ``dataset`` in order (item ``i`` is the ``i``-th sample of training's first epoch).
 
     Returns:
         ``samples_per_second``, ``seconds``, ``data_wait_fraction`` (share of the timed wall time
-        spent waiting for the loader), ``compiled`` (whether compilation held), ``final_loss``.
+        spent waiting for the loader), ``compiled`` (whether compilation held), ``compile_failure``,
+        ``final_loss``, ``losses`` (every step's, warm-up included) and ``skipped_steps`` (non-finite
+        losses: no update, as training's ``nonfinite_loss: skip``).
     """
-    configure_backends(settings.performance, device)
-    performance = settings.performance
     loader = DataLoader(dataset, batch_size=settings.batch_size, shuffle=False, collate_fn=collate_samples,
-                        drop_last=True, **loader_options(performance, settings.workers, device))
-    optimiser = build_optimiser(model, config.optimiser, fused=None if performance.fused_optimiser else False)
-    loss_function = build_loss(config.loss)
-    forward = CompiledForward(model, performance)
-    dtype = AUTOCAST[settings.precision]
-    scaler = torch.amp.GradScaler(device.type, enabled=settings.precision == "fp16")
-    layout = memory_format(performance, spatial_dims(config.model))
-    model.train()
+                        drop_last=True, **loader_options(settings.performance, settings.workers, device))
+    parts = prepare_step(config, settings, model, augmenter, device)
+    parts.model.train()
     batches: Iterator[dict[str, Any]] = iter(loader)
     started = waited = 0.0
-    loss_value = math.nan
+    losses: list[float] = []
+    skipped = 0
     for step in range(warmup + steps):
         if step == warmup:
             synchronise(device)
@@ -244,27 +301,19 @@ def train_steps(config: ExperimentConfig, settings: Settings, model: torch.nn.Mo
         before = time.perf_counter()
         batch = next(batches)
         waited += time.perf_counter() - before
-        image, label = augment_batch(batch, augmenter, device)
-        image = image.contiguous(memory_format=layout)
-        with torch.autocast(device.type, dtype=dtype or torch.float32, enabled=dtype is not None):
-            logits = forward(image)
-        loss = loss_function(logits.float(), label)
-        scaler.scale(loss).backward()
-        scaler.unscale_(optimiser)
-        if config.optimiser.grad_clip_norm > 0:
-            torch.nn.utils.clip_grad_norm_(model.parameters(), config.optimiser.grad_clip_norm)
-        scaler.step(optimiser)
-        scaler.update()
-        optimiser.zero_grad(set_to_none=True)
-        loss_value = loss.item()
+        outcome = train_step(parts, batch)
+        skipped += not outcome.updated
+        losses.append(outcome.loss.item())
         if on_step is not None:
             on_step(step)
     synchronise(device)
     seconds = time.perf_counter() - started
     del batches, loader
+    parts.accelerator.free_memory()
     return {"samples_per_second": steps * settings.batch_size / seconds, "seconds": seconds,
-            "data_wait_fraction": waited / seconds, "compiled": forward.is_compiled,
-            "compile_failure": forward.failure, "final_loss": loss_value}
+            "data_wait_fraction": waited / seconds, "compiled": parts.forward.is_compiled,
+            "compile_failure": parts.forward.failure, "final_loss": losses[-1] if losses else math.nan,
+            "losses": losses, "skipped_steps": skipped}
 
 
 def measure_training(config: ExperimentConfig, settings: Settings, cache: PreprocessedCache, data_dir: Path,
@@ -307,7 +356,8 @@ def measure_sliding_window(config: ExperimentConfig, settings: Settings, shape: 
 
     times = _repeat(predict, device, repeats)
     return Measurement("sliding-window inference", settings.name, float(np.median(times)), "s", peak_memory_gb(device),
-                       {"volume": list(shape), "seconds_each": times, "sw_batch_size": settings.sliding_window.sw_batch_size,
+                       {"volume": list(shape), "seconds_each": times,
+                        "sw_batch_size": settings.sliding_window.sw_batch_size,
                         "overlap": settings.sliding_window.overlap, "precision": settings.precision})
 
 
@@ -411,10 +461,10 @@ def compare_training(config: ExperimentConfig, baseline: Settings, ours: Setting
             logits = predict_volume_logits(model, image, windows, autocast_dtype=AUTOCAST[settings.precision],
                                            pad_value=background_value(cache))
             per_case.append(score_case(logits.argmax(dim=1)[0].to(torch.uint8).cpu().numpy(), item["label"][0].numpy()))
-        summary = mean_scores(per_case)
+        summary = summarise_scores(per_case)
         results[settings.name] = {"steps": steps, "batch_size": settings.batch_size, "precision": settings.precision,
-                                  "final_loss": timing["final_loss"], "kidney_dice": summary["kidney_dice"],
-                                  "tumour_dice": summary["tumour_dice"], "mean_dice": summary["mean_dice"],
+                                  "final_loss": timing["final_loss"], "kidney_dice": summary["kidney_dice"]["mean"],
+                                  "tumour_dice": summary["tumour_dice"]["mean"], "mean_dice": summary["mean_dice"],
                                   "validation_cases": len(per_case), "seconds": timing["seconds"]}
     results["ours_at_least_baseline"] = results["ours"]["mean_dice"] >= results["baseline"]["mean_dice"]
     return results

@@ -11,6 +11,9 @@ d. segmenting one synthetic CT from its NIfTI file to the prediction's NIfTI fil
 e. peak GPU memory of each (CUDA only);
 f. a short training comparison: both settings, the same number of steps, validation Dice.
 
+Every training step of (a), (b) and (f) is the engine's :func:`utils.training.step.train_step`
+through an ``Accelerator`` of the setting's precision (:func:`utils.benchmarks.speed.train_steps`).
+
 A GPU run uses the full recipes and KiTS19 sizes (:func:`gpu_plan`); a CPU run the quick
 configs and small shapes (:func:`cpu_plan`), so the whole benchmark is exercised in the tests.
 """
@@ -27,14 +30,23 @@ from typing import Any
 import torch
 from tqdm.auto import tqdm
 
+from utils.benchmarks.speed import (
+    Measurement,
+    Settings,
+    ablation_settings,
+    baseline_settings,
+    compare_training,
+    measure_segmentation,
+    measure_sliding_window,
+    measure_training,
+    our_settings,
+    prepare_slices,
+    ratio,
+)
 from utils.config.experiment import ExperimentConfig, load_experiment_config
 from utils.datasets.patches import background_value
 from utils.preprocessing.cache import PreprocessedCache, open_cache
 from utils.preprocessing.preprocess import preprocess_dataset
-from utils.benchmarks.speed import (
-    Measurement, Settings, ablation_settings, baseline_settings, compare_training, measure_segmentation,
-    measure_sliding_window, measure_training, our_settings, prepare_slices, ratio,
-)
 from utils.synthetic.dataset import SyntheticOptions, generate_dataset
 
 logger = logging.getLogger(__name__)
@@ -173,7 +185,8 @@ def _run_part(part: str, plan: BenchmarkPlan, work: Path, data: Path, device: to
                 for settings in variants]
     if part == "sliding_window":
         pad = background_value(cache)
-        return [measure_sliding_window(config, s, plan.volume_shape, device, pad, plan.repeats) for s in (baseline, ours)]
+        return [measure_sliding_window(config, s, plan.volume_shape, device, pad, plan.repeats)
+                for s in (baseline, ours)]
     ct = _benchmark_ct(plan, work)
     return [measure_segmentation(config, s, cache, ct, work, device, plan.repeats) for s in (baseline, ours)]
 
@@ -242,7 +255,8 @@ def format_benchmark(result: dict[str, Any]) -> str:
     if comparison:
         for name in ("baseline", "ours"):
             c = comparison[name]
-            rows.append(f"training comparison, {name}: {c['steps']} steps of batch {c['batch_size']} ({c['precision']}): "
+            rows.append(f"training comparison, {name}: {c['steps']} steps of batch {c['batch_size']} "
+                        f"({c['precision']}): "
                         f"validation kidney Dice {c['kidney_dice']:.3f}, tumour Dice {c['tumour_dice']:.3f}, "
                         f"mean {c['mean_dice']:.3f} ({c['validation_cases']} cases, cache grid)")
         rows.append("ours reaches at least the baseline's mean Dice in the same steps: "

@@ -16,30 +16,29 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from utils.analysis.intensity_separability import Separability, measure_separability
+from utils.cli.demo_results import demo_results, update_readme_results
+from utils.config.demo import DemoConfig
+from utils.config.experiment import load_experiment_config
+from utils.config.loading import config_as_dict
 from utils.data.case_discovery import discover_cases
 from utils.data.case_validation import DatasetReport, load_case, select_cases, validate_dataset
-from utils.config.demo import DemoConfig
-from utils.config.loading import config_as_dict
-from utils.evaluation.report import write_comparison_report
-from utils.cli.demo_results import demo_results, update_readme_results
-from utils.metrics.surface import METRIC_NAMES
-from utils.config.experiment import load_experiment_config
-from utils.analysis.intensity_separability import Separability, measure_separability
-from utils.figures.meshes import plot_meshes
 from utils.data.nifti_io import load_nifti, read_voxels, write_bytes_atomic
 from utils.datasets.patches import build_patch_datasets
+from utils.datasets.slices import build_slice_dataset
+from utils.evaluation.report import write_comparison_report
+from utils.evaluation.run import RunEvaluation, evaluate_run
+from utils.figures.drawing import plot_case_gallery, save_figure
+from utils.figures.meshes import plot_meshes
+from utils.figures.slice_animation import save_slice_animation
+from utils.figures.slice_viewer import plot_slice_viewer
+from utils.figures.statistics import plot_training_samples
+from utils.figures.training_curves import plot_training_progress, plot_training_runs
+from utils.metrics.scoring import METRIC_NAMES
 from utils.preprocessing.cache import open_cache
 from utils.preprocessing.preprocess import PreprocessingResult, preprocess_dataset
-from utils.evaluation.run import RunEvaluation, evaluate_run
-from utils.figures.slice_animation import save_slice_animation
-from utils.datasets.slices import build_slice_dataset
-from utils.analysis.slice_statistics import classify_slices
-from utils.figures.slice_viewer import plot_slice_viewer
-from utils.figures.statistics import plot_slice_gallery
 from utils.synthetic.dataset import CaseSummary, SyntheticOptions, generate_dataset
 from utils.training.engine import TrainingResult, train
-from utils.figures.training_curves import plot_training_progress, plot_training_runs
-from utils.figures.drawing import plot_case_gallery, save_figure
 
 #: Augmented training samples of each kind drawn for the demo's figure.
 SAMPLES_SHOWN = 6
@@ -204,19 +203,14 @@ def _training_summary(model: TrainedModel) -> dict:
             "per_case": best.get("per_case"), "validation_space": best.get("validation_space")}
 
 
-def _save_training_samples(config: DemoConfig, cache_folder: Path, path: Path) -> tuple[Path, tuple[list[str], list[str]]]:
+def _save_training_samples(config: DemoConfig, cache_folder: Path,
+                           path: Path) -> tuple[Path, tuple[list[str], list[str]]]:
     """Draw augmented 3D patches (their middle axial slice) and 2D slices as the models see them; save a figure."""
     cache = open_cache(cache_folder)
     patches, _ = build_patch_datasets(cache, config.patches, config.augmentation, seed=config.seed)
     slices = build_slice_dataset(cache, config.slices, config.augmentation, seed=config.seed)
-    middles = []
-    for patch in (patches[i] for i in range(SAMPLES_SHOWN)):
-        depth = patch["image"].shape[1]
-        label = patch["label"][:, depth // 2]
-        middles.append({"image": patch["image"][:, depth // 2], "label": label, "case_id": patch["case_id"],
-                        "slice_index": f"middle of 3D patch ({patch['centre_class']})",
-                        "slice_class": int(classify_slices(label.numpy())[0])})
-    figure = plot_slice_gallery(middles + [slices[i] for i in range(SAMPLES_SHOWN)], columns=SAMPLES_SHOWN)
+    samples = [patches[i] for i in range(SAMPLES_SHOWN)] + [slices[i] for i in range(SAMPLES_SHOWN)]
+    figure = plot_training_samples(samples, columns=SAMPLES_SHOWN)
     return save_figure(figure, path), cache.split(0)
 
 
@@ -240,7 +234,8 @@ def format_demo_result(result: DemoResult) -> str:
               f"cache: {prepared.folder} ({len(prepared.written)} written, {len(prepared.skipped)} up to date, "
               f"{len(prepared.failed)} failed, {prepared.seconds:.1f} s)",
               f"normalisation: clip to [{low:.0f}, {high:.0f}] HU, z-score with mean "
-              f"{prepared.fingerprint.foreground_mean_hu:.1f} HU and std {prepared.fingerprint.foreground_std_hu:.1f} HU",
+              f"{prepared.fingerprint.foreground_mean_hu:.1f} HU and std "
+              f"{prepared.fingerprint.foreground_std_hu:.1f} HU",
               f"split: {len(result.split[0])} train, {len(result.split[1])} validation cases",
               f"figures: {result.gallery_path}, {result.samples_path}", f"summary: {result.summary_path}"]
     for model in result.trained:

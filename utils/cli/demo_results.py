@@ -22,9 +22,9 @@ END = "<!-- demo-results:end -->"
 _DATA = re.compile(r"<!-- demo-results:data (\{.*?\}) -->", re.S)
 
 #: Original-grid metrics shown per model: summary key, column title, decimals.
-COLUMNS = (("kidney_dice", "kidney Dice", 3), ("tumor_dice", "tumour Dice", 3),
+COLUMNS = (("kidney_dice", "kidney Dice", 3), ("tumour_dice", "tumour Dice", 3),
            ("kidney_surface_dice", "kidney surface Dice (2 mm)", 3), ("kidney_hd95", "kidney HD95 (mm)", 1),
-           ("tumor_hd95", "tumour HD95 (mm)", 1))
+           ("tumour_hd95", "tumour HD95 (mm)", 1))
 
 
 def demo_results(summary: dict[str, Any], *, seconds: float, machine: str) -> dict[str, Any]:

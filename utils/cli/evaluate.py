@@ -1,7 +1,8 @@
 """The command line of the evaluation scripts (``scripts/eval_unet.py``, ``scripts/eval_unetr.py``).
 
-Both scripts are :func:`run_evaluation_command` with their model's name: it checks the run
-holds that model, calls :func:`utils.evaluation.run.evaluate_run` and prints the summary.
+Both scripts are :func:`run_evaluation_script` with their model key: it writes their usage text
+(:data:`EVALUATION_USAGE`) and calls :func:`run_evaluation_command`, which checks the run holds
+that model, calls :func:`utils.evaluation.run.evaluate_run` and prints the summary.
 
 Exit status: 0 when every case was scored, 1 when a case was refused or the evaluation
 failed (the message says why), 2 on usage errors.
@@ -14,16 +15,30 @@ import logging
 import sys
 from pathlib import Path
 
-from utils.networks.checkpoints import CheckpointError
-from utils.metrics.surface import METRIC_NAMES
 from utils.config.experiment import load_experiment_config
 from utils.evaluation.run import CASE_SELECTIONS, EVALUATION_SCRIPTS, RunEvaluation, evaluate_run
+from utils.metrics.scoring import METRIC_NAMES
+from utils.metrics.surface import DEFAULT_TOLERANCE_MM
+from utils.networks.checkpoints import CheckpointError
 
 EXIT_OK, EXIT_FAILED, EXIT_USAGE = 0, 1, 2
 
+#: The usage text shared by the evaluation scripts, after each script's own summary.
+EVALUATION_USAGE = """Usage::
+
+    python {script} --run checkpoints/<run> [--data DIR] [--cases validation|all] [--device cuda] [--tta]
+
+Segments the run's validation cases (or every labelled case of ``--data``) from their raw CTs
+with ``best.pt``, writes ``reports/<run>/predictions/``, ``metrics.json``, ``metrics.csv``,
+``inference.json`` and ``case_scores.png``, and prints the mean and median of every metric.
+
+Exit status: 0 when every case was scored, 1 when a case was refused, 2 on usage errors.
+"""
+
 
 def parse_evaluation_args(argv: list[str] | None, description: str) -> argparse.Namespace:
-    """Parse ``--run``, ``--data``, ``--cases``, ``--reports``, ``--out``, ``--device``, ``--tta``, ``--postprocess``."""
+    """Parse the evaluation command line (``--run``, ``--data``, ``--cases``, ``--reports``, ``--out``,
+    ``--device``, ``--tta``, ``--postprocess``)."""
     lines = description.strip().splitlines()
     parser = argparse.ArgumentParser(description=lines[0], formatter_class=argparse.RawDescriptionHelpFormatter,
                                      epilog="\n".join(lines[2:]))
@@ -37,7 +52,8 @@ def parse_evaluation_args(argv: list[str] | None, description: str) -> argparse.
     parser.add_argument("--device", choices=("cpu", "cuda"), default=None, help="default: cuda when available")
     parser.add_argument("--tta", action="store_true", help="average over mirrored inputs")
     parser.add_argument("--postprocess", action="store_true", help="largest kidneys, tumour touching kidney only")
-    parser.add_argument("--tolerance-mm", type=float, default=2.0, help="surface-Dice tolerance in mm")
+    parser.add_argument("--tolerance-mm", type=float, default=DEFAULT_TOLERANCE_MM,
+                        help=f"surface-Dice tolerance in mm (default {DEFAULT_TOLERANCE_MM})")
     return parser.parse_args(argv)
 
 
@@ -82,3 +98,15 @@ def run_evaluation_command(argv: list[str] | None, *, model_name: str, descripti
         return EXIT_FAILED
     print(format_evaluation(result))
     return EXIT_FAILED if result.evaluation.refused else EXIT_OK
+
+
+def run_evaluation_script(model_name: str, summary: str, argv: list[str] | None = None) -> int:
+    """Run the evaluation script of ``model_name`` (``resunet3d`` or ``unetr2d``); returns the exit status.
+
+    ``summary`` is the script's docstring (a one-line summary, then what is particular to the
+    model); ``--help`` prints it, then :data:`EVALUATION_USAGE`. ``argv`` defaults to ``sys.argv[1:]``.
+    """
+    if model_name not in EVALUATION_SCRIPTS:
+        raise ValueError(f"model_name must be one of {sorted(EVALUATION_SCRIPTS)}, got {model_name!r}")
+    usage = EVALUATION_USAGE.format(script=EVALUATION_SCRIPTS[model_name])
+    return run_evaluation_command(argv, model_name=model_name, description=f"{summary.strip()}\n\n{usage}")

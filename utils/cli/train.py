@@ -1,8 +1,8 @@
 """The command line of the training scripts (``scripts/train_3d_unet.py``, ``scripts/train_unetr.py``).
 
-Both scripts are this one function with their model's name: parse the arguments, load the
-config (or the run folder's saved one with ``--resume``), check it names the script's model,
-and call :func:`utils.training.engine.train`.
+Both scripts are :func:`run_training_script` with their model key: it writes their usage text
+(:data:`TRAINING_USAGE`), parses the arguments, loads the config (or the run folder's saved one
+with ``--resume``), checks it names the script's model, and calls :func:`utils.training.engine.train`.
 
 Exit status: 0 when training finished, 1 when it stopped on an error (the message says why;
 checkpoints already written are intact), 2 on usage errors, 75 when SIGTERM or SIGUSR1 stopped
@@ -16,16 +16,35 @@ import logging
 import sys
 from pathlib import Path
 
-from utils.networks.checkpoints import CheckpointError
 from utils.config.experiment import ExperimentConfig, load_experiment_config
+from utils.networks.checkpoints import CheckpointError
+from utils.training.engine import NonFiniteLossError, TrainingInterrupted, train
 from utils.training.run_folder import CONSOLE_LOG
 from utils.training.stop_signals import EXIT_INTERRUPTED
-from utils.training.engine import NonFiniteLossError, TrainingInterrupted, train
 
 EXIT_OK, EXIT_FAILED, EXIT_USAGE = 0, 1, 2
 
 #: The script that trains each model, named in the error when a config goes to the wrong one.
 TRAINING_SCRIPTS = {"resunet3d": "scripts/train_3d_unet.py", "unetr2d": "scripts/train_unetr.py"}
+
+#: The usage text shared by the training scripts, after each script's own summary.
+TRAINING_USAGE = """Usage::
+
+    python {script} --config configs/{model}.yaml [--data DIR] [--set section.key=value ...] [--wandb]
+    python {script} --config configs/{model}_quick.yaml   # learns on a CPU in minutes
+    python {script} --resume checkpoints/<run> [--set training.epochs=N]
+    accelerate launch --num_processes 4 {script} --config configs/{model}.yaml
+    python {script} --config configs/{model}.yaml --set training.run_name=NAME --auto-resume   # start or continue NAME
+
+The data folder is preprocessed into the cache first (cases already cached are skipped). Each
+run writes ``checkpoints/<run>/``: ``config.yaml``, ``last.pt``, ``best.pt``,
+``training_progress.json`` and ``train.log``. ``--resume`` continues a run from ``last.pt``
+with the config saved in its folder (``--set`` may still change, e.g., ``training.epochs``).
+
+Exit status: 0 when training finished, 1 when it stopped on an error (the message says why;
+checkpoints already written are intact), 2 on usage errors, 75 when SIGTERM or SIGUSR1 (a
+scheduler's time limit or pre-emption) stopped it after saving ``last.pt`` mid-epoch.
+"""
 
 
 def parse_training_args(argv: list[str] | None, *, description: str, example_config: str) -> argparse.Namespace:
@@ -96,3 +115,21 @@ def run_training_command(argv: list[str] | None, *, model_name: str, description
         print(f"run folder: {result.run_folder}; best epoch {result.best_epoch} "
               f"(mean of kidney and tumour Dice on the cache grid: {result.best_score})")
     return EXIT_OK
+
+
+def run_training_script(model_name: str, summary: str, argv: list[str] | None = None) -> int:
+    """The training script of ``model_name``: its ``--help`` is ``summary`` then :data:`TRAINING_USAGE`.
+
+    Args:
+        model_name: a key of :data:`TRAINING_SCRIPTS` (``resunet3d``, ``unetr2d``).
+        summary: the script's docstring: a one-line summary, then what is particular to the model.
+        argv: the arguments (default ``sys.argv[1:]``).
+
+    Returns:
+        The exit status of :func:`run_training_command`.
+    """
+    if model_name not in TRAINING_SCRIPTS:
+        raise ValueError(f"model_name must be one of {sorted(TRAINING_SCRIPTS)}, got {model_name!r}")
+    usage = TRAINING_USAGE.format(script=TRAINING_SCRIPTS[model_name], model=model_name)
+    return run_training_command(argv, model_name=model_name, description=f"{summary.strip()}\n\n{usage}",
+                                example_config=f"configs/{model_name}.yaml, or configs/{model_name}_quick.yaml for CPU")

@@ -143,7 +143,8 @@ class AugmentationConfig:
         if not 0 < self.scale_range[0] <= self.scale_range[1]:
             raise ValueError(f"scale_range must be [min, max] with 0 < min <= max, got {self.scale_range}")
         if not 0 < self.elastic_spacing_mm[0] <= self.elastic_spacing_mm[1]:
-            raise ValueError(f"elastic_spacing_mm must be [min, max] with 0 < min <= max, got {self.elastic_spacing_mm}")
+            raise ValueError(f"elastic_spacing_mm must be [min, max] with 0 < min <= max, "
+                             f"got {self.elastic_spacing_mm}")
         if not 0 <= self.elastic_magnitude_mm[0] <= self.elastic_magnitude_mm[1]:
             raise ValueError(f"elastic_magnitude_mm must be [min, max] with 0 <= min <= max, "
                              f"got {self.elastic_magnitude_mm}")

@@ -5,7 +5,12 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 
 from utils.config.data import (
-    AugmentationConfig, PatchDatasetConfig, PreprocessingConfig, SliceDatasetConfig, SplitConfig, SyntheticDataConfig,
+    AugmentationConfig,
+    PatchDatasetConfig,
+    PreprocessingConfig,
+    SliceDatasetConfig,
+    SplitConfig,
+    SyntheticDataConfig,
 )
 
 

@@ -14,8 +14,13 @@ import os
 import typing
 from dataclasses import dataclass, field
 
-from utils.config.data import AugmentationConfig, PatchDatasetConfig, PreprocessingConfig, SliceDatasetConfig, SplitConfig
-
+from utils.config.data import (
+    AugmentationConfig,
+    PatchDatasetConfig,
+    PreprocessingConfig,
+    SliceDatasetConfig,
+    SplitConfig,
+)
 from utils.config.loading import check_choice, check_positive, load_config
 
 MODEL_NAMES = ("resunet3d", "unetr2d")

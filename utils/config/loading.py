@@ -40,7 +40,7 @@ def _convert(value: Any, annotation: Any, where: str) -> Any:
         args = typing.get_args(annotation)
         if not isinstance(value, (list, tuple)) or len(value) != len(args):
             raise ValueError(f"{where} must be a list of {len(args)} values, got {value!r}")
-        return tuple(_convert(v, a, f"{where}[{i}]") for i, (v, a) in enumerate(zip(value, args)))
+        return tuple(_convert(v, a, f"{where}[{i}]") for i, (v, a) in enumerate(zip(value, args, strict=False)))
     if annotation is float and isinstance(value, (int, float)) and not isinstance(value, bool):
         return float(value)
     if annotation in (int, str, bool) and not (isinstance(value, annotation) and not

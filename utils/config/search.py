@@ -17,8 +17,8 @@ from typing import Any
 import optuna
 import yaml
 
-from utils.config.loading import load_config, parse_override
 from utils.config.experiment import ExperimentConfig, load_experiment_config
+from utils.config.loading import load_config, parse_override
 
 #: Settings each trial's run folder takes; neither the space nor the overrides may set them.
 RUN_FOLDER_KEYS = ("training.output_dir", "training.run_name")
@@ -89,7 +89,7 @@ class SearchParameter:
         """The setting's value for a stored Optuna parameter value (inverse of :attr:`encoded_choices`)."""
         if self.choices is None:
             return value
-        for choice, encoded in zip(self.choices, self.encoded_choices):
+        for choice, encoded in zip(self.choices, self.encoded_choices, strict=False):
             if type(encoded) is type(value) and encoded == value:
                 return choice
         raise ValueError(f"{self.key}: {value!r} is not one of the choices {list(self.encoded_choices)}")

@@ -12,7 +12,7 @@ Two depths of checking:
 Input files are only ever opened for reading. Problems are collected, never raised, by the
 validators, so that a user sees everything wrong at once; :func:`select_cases` and
 :func:`load_case` turn them into one clear exception. The problem codes and :class:`Problem`
-live in :mod:`utils.data.nifti_checks` and are re-exported here.
+live in :mod:`utils.data.nifti_checks`.
 """
 
 from __future__ import annotations
@@ -28,11 +28,19 @@ import numpy as np
 
 from utils.data.case_discovery import CaseFiles, DatasetListing, discover_cases
 from utils.data.kits_layout import IMAGING_NAME, SEGMENTATION_NAME
-from utils.data.nifti_checks import (  # the problem codes, Problem and Spacing are re-exported for existing imports
-    AFFINE_MISMATCH, BAD_LABELS, BAD_SPACING, MISSING_IMAGING, MISSING_SEGMENTATION, NON_FINITE, NOT_3D, NOT_NIFTI,
-    SHAPE_MISMATCH, SPACING_DIFFERS_FROM_KITS_JSON, UNREADABLE, WARNING_CODES, FileCheck, Problem, Spacing,
-    check_image_label_agreement, check_image_voxels, check_kits_spacing, check_label_voxels, inspect_file,
-    read_image, read_labels,
+from utils.data.nifti_checks import (
+    MISSING_IMAGING,
+    MISSING_SEGMENTATION,
+    FileCheck,
+    Problem,
+    Spacing,
+    check_image_label_agreement,
+    check_image_voxels,
+    check_kits_spacing,
+    check_label_voxels,
+    inspect_file,
+    read_image,
+    read_labels,
 )
 from utils.data.parallel import map_with_progress
 

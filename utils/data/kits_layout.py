@@ -34,6 +34,9 @@ TUMOUR_LABEL: Final = 2
 VALID_LABELS: Final = frozenset({BACKGROUND_LABEL, KIDNEY_LABEL, TUMOUR_LABEL})
 LABEL_NAMES: Final = {BACKGROUND_LABEL: "background", KIDNEY_LABEL: "kidney", TUMOUR_LABEL: "tumour"}
 
+#: Lowest and highest HU a stored CT value can take (12-bit CT: air at -1024, top of the scale at 3071).
+HU_RANGE: Final = (-1024, 3071)
+
 #: nibabel axis codes of the KiTS19 convention: axis 0 inferior, 1 posterior, 2 patient-left.
 KITS_AXCODES: Final = ("I", "P", "L")
 

@@ -17,7 +17,6 @@ from typing import Any
 import numpy as np
 
 from utils.config.data import SplitConfig
-
 from utils.config.loading import config_as_dict
 from utils.data.nifti_io import save_json_atomic
 

@@ -155,7 +155,8 @@ class SampleAugmenter:
             if rng.random() < prob:
                 transform.set_random_state(seed=int(rng.integers(2 ** 31)))
                 image = transform(image)
-        return torch.as_tensor(image, dtype=torch.float32).as_subclass(torch.Tensor)  # plain tensor, not MONAI's MetaTensor
+        # plain tensor, not MONAI's MetaTensor
+        return torch.as_tensor(image, dtype=torch.float32).as_subclass(torch.Tensor)
 
 
 def sampling_grid(draw: SpatialDraw, device: torch.device | str = "cpu") -> torch.Tensor:
@@ -234,7 +235,7 @@ def _elastic_field(rng: np.random.Generator, patch_size: tuple[int, ...], spacin
     """A smooth random displacement at coarse control points ``(D, *control_points)``, in input voxels."""
     control_mm = rng.uniform(*config.elastic_spacing_mm)
     magnitude_mm = rng.uniform(*config.elastic_magnitude_mm)
-    coarse = [max(2, int(math.ceil(n * s / control_mm)) + 1) for n, s in zip(patch_size, spacing)]
+    coarse = [max(2, int(math.ceil(n * s / control_mm)) + 1) for n, s in zip(patch_size, spacing, strict=False)]
     noise = rng.standard_normal((len(patch_size), *coarse)).astype(np.float32)
     noise *= (magnitude_mm / np.asarray(spacing, dtype=np.float32)).reshape(-1, *[1] * len(patch_size))
     return torch.from_numpy(noise)

@@ -21,8 +21,8 @@ import numpy as np
 import torch
 from torch.utils.data import Dataset, Sampler, default_collate
 
-from utils.datasets.augmentation import SampleAugmenter, SpatialDraw
 from utils.config.data import AugmentationConfig, PatchDatasetConfig
+from utils.datasets.augmentation import SampleAugmenter, SpatialDraw
 from utils.preprocessing.cache import CachedCase, PreprocessedCache
 from utils.preprocessing.preprocess import Normalisation
 
@@ -50,9 +50,9 @@ def read_region(volume: np.ndarray, centre: Sequence[int], size: Sequence[int], 
         ``size`` array of ``dtype``.
     """
     size = tuple(int(s) for s in size)
-    starts = [int(c) - s // 2 for c, s in zip(centre, size)]
+    starts = [int(c) - s // 2 for c, s in zip(centre, size, strict=False)]
     source, target = [], []
-    for start, n, limit in zip(starts, size, volume.shape):
+    for start, n, limit in zip(starts, size, volume.shape, strict=False):
         low, high = max(start, 0), min(start + n, limit)
         source.append(slice(low, max(high, low)))
         target.append(slice(low - start, max(high, low) - start))
@@ -197,7 +197,7 @@ class PatchDataset(SampledDataset):
     def _anywhere(self, shape: Sequence[int], rng: np.random.Generator) -> tuple[int, ...]:
         """A centre keeping the patch inside the volume where the volume is large enough."""
         centre = []
-        for n, p in zip(shape, self.config.patch_size):
+        for n, p in zip(shape, self.config.patch_size, strict=False):
             low, high = p // 2, n - (p - p // 2)
             centre.append(int(rng.integers(low, high + 1)) if high >= low else n // 2)
         return tuple(centre)
@@ -243,7 +243,7 @@ def augment_batch(batch: dict[str, Any], augmenter: SampleAugmenter,
     if "draw" not in batch:
         return (batch["image"].to(device, non_blocking=True), batch["label"].to(device, non_blocking=True))
     images, labels = [], []
-    for image, label, draw, rng in zip(*(batch[key] for key in DEFERRED_KEYS)):
+    for image, label, draw, rng in zip(*(batch[key] for key in DEFERRED_KEYS), strict=False):
         image, label = augmenter.apply(image.to(device, non_blocking=True), label.to(device, non_blocking=True),
                                        draw, rng)
         images.append(image)

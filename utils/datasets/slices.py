@@ -28,12 +28,12 @@ import torch
 import torch.nn.functional as F
 from tqdm.auto import tqdm
 
-from utils.datasets.augmentation import SampleAugmenter
+from utils.analysis.slice_statistics import SLICE_BACKGROUND, SLICE_CLASS_NAMES, SLICE_KIDNEY, SLICE_TUMOUR
 from utils.config.data import AugmentationConfig, SliceDatasetConfig
 from utils.data.nifti_io import write_bytes_atomic
+from utils.datasets.augmentation import SampleAugmenter
 from utils.datasets.patches import SampledDataset, VolumeDataset, background_value, read_region
 from utils.preprocessing.cache import CachedCase, PreprocessedCache
-from utils.analysis.slice_statistics import SLICE_BACKGROUND, SLICE_CLASS_NAMES, SLICE_KIDNEY, SLICE_TUMOUR
 
 logger = logging.getLogger(__name__)
 
@@ -147,7 +147,7 @@ class SliceDataset(SampledDataset):
         label = fit_slices(torch.from_numpy(np.array(case.label[z]))[None, None], geometry, labels=True)[0]
         draw = None
         if self.augmenter is not None:
-            spacing = tuple(s / f for s, f in zip(case.spacing[1:], geometry.scale))
+            spacing = tuple(s / f for s, f in zip(case.spacing[1:], geometry.scale, strict=False))
             draw = self.augmenter.draw_spatial(rng, (geometry.size, geometry.size), spacing)
             if draw.region_size != draw.patch_size:
                 centre = (geometry.size // 2, geometry.size // 2)

@@ -1,7 +1,7 @@
 """Comparing two evaluated runs: loading their reports, paired statistics per metric, inference cost.
 
 An evaluated run leaves a report folder holding ``metrics.json`` (:func:`utils.evaluation.predictions.save_metrics`:
-metrics :data:`utils.metrics.surface.METRIC_NAMES`, Dice in [0, 1], HD95 in mm, ``null`` when
+metrics :data:`utils.metrics.scoring.METRIC_NAMES`, Dice in [0, 1], HD95 in mm, ``null`` when
 missing) and ``inference.json`` (run name, model key, parameter count, checkpoint, inference
 seconds per case). Statistics use only the cases both runs were scored on. Per metric, the
 paired differences ``B - A`` over the cases where both values are present give the mean
@@ -26,10 +26,10 @@ import numpy as np
 import yaml
 from scipy import stats
 
-from utils.evaluation.predictions import METRICS_JSON_NAME
-from utils.metrics.surface import EMPTY_MASK_RULES, METRIC_NAMES, summarise_metrics
 from utils.config.experiment import MODEL_NAMES
+from utils.evaluation.predictions import METRICS_JSON_NAME
 from utils.evaluation.run import EVALUATION_SCRIPTS, INFERENCE_JSON
+from utils.metrics.scoring import EMPTY_MASK_RULES, METRIC_NAMES, summarise_scores
 from utils.training.run_folder import CONFIG_FILE
 
 logger = logging.getLogger(__name__)
@@ -210,7 +210,7 @@ def compare_metric(values_a: Sequence[float | None], values_b: Sequence[float | 
     """
     if len(values_a) != len(values_b):
         raise ValueError(f"values_a and values_b must hold the same cases, got {len(values_a)} and {len(values_b)}")
-    pairs = [(a, b) for a, b in zip(values_a, values_b) if _is_present(a) and _is_present(b)]
+    pairs = [(a, b) for a, b in zip(values_a, values_b, strict=False) if _is_present(a) and _is_present(b)]
     differences = [b - a for a, b in pairs]
     result: dict[str, Any] = {"n_pairs": len(pairs), "excluded": len(values_a) - len(pairs), "mean_difference": None,
                               "ci_low": None, "ci_high": None, "p_value": None, "p_value_reason": "no complete pairs"}
@@ -243,7 +243,7 @@ def compare_reports(report_a: EvaluationReport, report_b: EvaluationReport, n_re
 
     Returns:
         ``{"runs": {"a", "b"}, "shared_cases", "only_a", "only_b", "warnings", "summary": {"a", "b"}
-        (:func:`utils.metrics.surface.summarise_metrics` on the shared cases), "paired": {metric:
+        (:func:`utils.metrics.scoring.summarise_scores` on the shared cases), "paired": {metric:
         :func:`compare_metric`}, "inference": {"a", "b"} (:func:`summarise_seconds`), "per_case":
         {case_id: {"a", "b"}}, "bootstrap": {"n_resamples", "seed", "confidence"}, "empty_mask_rules"}``.
 
@@ -273,7 +273,8 @@ def compare_reports(report_a: EvaluationReport, report_b: EvaluationReport, n_re
               for m in METRIC_NAMES}
     return {"runs": {"a": describe_run(report_a), "b": describe_run(report_b)}, "shared_cases": shared,
             "only_a": only_a, "only_b": only_b, "warnings": warnings,
-            "summary": {side: summarise_metrics(records[side]) for side in ("a", "b")}, "paired": paired,
+            "summary": {side: summarise_scores(records[side], metrics=METRIC_NAMES) for side in ("a", "b")},
+            "paired": paired,
             "inference": {"a": summarise_seconds(report_a.seconds, shared),
                           "b": summarise_seconds(report_b.seconds, shared)},
             "per_case": {c: {"a": report_a.cases[c], "b": report_b.cases[c]} for c in shared},

@@ -30,10 +30,10 @@ import numpy as np
 from tqdm.auto import tqdm
 
 from utils.data.case_discovery import CaseFiles, discover_cases
-from utils.metrics.surface import (EMPTY_MASK_RULES, HAUSDORFF_PERCENTILE, METRIC_NAMES, score_case_metrics,
-                                      summarise_metrics)
 from utils.data.kits_layout import AFFINE_ATOL_MM, AFFINE_RTOL, VALID_LABELS, spacing_from_affine
 from utils.data.nifti_io import load_nifti, read_voxels, save_json_atomic, write_bytes_atomic
+from utils.metrics.scoring import EMPTY_MASK_RULES, METRIC_NAMES, score_case, summarise_scores
+from utils.metrics.surface import DEFAULT_TOLERANCE_MM, HAUSDORFF_PERCENTILE
 
 logger = logging.getLogger(__name__)
 
@@ -48,16 +48,17 @@ class EvaluationResult:
     """What :func:`evaluate_predictions` scored, refused and wrote.
 
     Attributes:
-        cases: one dict per scored case: ``case_id`` and the metrics of
-            :func:`utils.metrics.surface.score_case_metrics` (HD95 in mm, ``None`` missing).
-        summary: ``{metric: {"mean", "std", "median", "n", "missing"}}`` over the scored cases.
+        cases: one dict per scored case: ``case_id`` and the scores of
+            :func:`utils.metrics.scoring.score_case` with the CT's spacing (HD95 in mm, ``None`` missing).
+        summary: :func:`utils.metrics.scoring.summarise_scores` over the scored cases:
+            ``{metric: {"mean", "std", "median", "n", "missing"}, "mean_dice", "cases"}``.
         refused: ``{"case_id", "reason"}`` per prediction that could not be scored.
         warnings: predictions without ground truth, cases without prediction, ignored files.
         json_path, csv_path: the files written.
     """
 
     cases: tuple[dict[str, Any], ...]
-    summary: dict[str, dict[str, float | int | None]]
+    summary: dict[str, Any]
     refused: tuple[dict[str, str], ...]
     warnings: tuple[str, ...]
     json_path: Path
@@ -161,7 +162,7 @@ def score_prediction(case: CaseFiles, prediction_path: Path, tolerance_mm: float
         tolerance_mm: surface-Dice tolerance in mm.
 
     Returns:
-        ``{"case_id": ..., **score_case_metrics(...)}``.
+        ``{"case_id": ..., **score_case(prediction, truth, spacing, tolerance_mm=tolerance_mm)}``.
 
     Raises:
         ValueError: shape or affine differ from the CT's, labels outside 0/1/2, unreadable file;
@@ -176,7 +177,7 @@ def score_prediction(case: CaseFiles, prediction_path: Path, tolerance_mm: float
     spacing = spacing_from_affine(load_nifti(reference).affine)
     prediction = read_label_map(prediction_path, f"{case.case_id}: prediction")
     truth = read_label_map(case.segmentation, f"{case.case_id}: ground truth")
-    return {"case_id": case.case_id, **score_case_metrics(prediction, truth, spacing, tolerance_mm)}
+    return {"case_id": case.case_id, **score_case(prediction, truth, spacing, tolerance_mm=tolerance_mm)}
 
 
 def _match_cases(gt_dir: Path, pred_dir: Path, case_ids: Sequence[str] | None = None
@@ -198,7 +199,7 @@ def _match_cases(gt_dir: Path, pred_dir: Path, case_ids: Sequence[str] | None = 
 
 
 def evaluate_predictions(gt_dir: str | os.PathLike, pred_dir: str | os.PathLike, out_dir: str | os.PathLike, *,
-                         tolerance_mm: float = 2.0, show_progress: bool = False,
+                         tolerance_mm: float = DEFAULT_TOLERANCE_MM, show_progress: bool = False,
                          case_ids: Sequence[str] | None = None) -> EvaluationResult:
     """Score every prediction in ``pred_dir`` against ``gt_dir`` and write ``metrics.json`` and ``metrics.csv``.
 
@@ -235,9 +236,9 @@ def evaluate_predictions(gt_dir: str | os.PathLike, pred_dir: str | os.PathLike,
         except (ValueError, FileNotFoundError) as error:  # NiftiReadError is a ValueError
             reason = str(error)
             refused[case.case_id] = reason if reason.startswith(case.case_id) else f"{case.case_id}: {reason}"
-    for case_id, reason in sorted(refused.items()):
+    for _case_id, reason in sorted(refused.items()):
         logger.error("refused %s", reason)
-    summary = summarise_metrics(cases)
+    summary = summarise_scores(cases, metrics=METRIC_NAMES)
     settings = {"tolerance_mm": float(tolerance_mm), "hd_percentile": HAUSDORFF_PERCENTILE,
                 "gt": str(gt.resolve()), "pred": str(pred.resolve()), "empty_mask_rules": EMPTY_MASK_RULES}
     refusals = tuple({"case_id": case_id, "reason": reason} for case_id, reason in sorted(refused.items()))
@@ -246,7 +247,8 @@ def evaluate_predictions(gt_dir: str | os.PathLike, pred_dir: str | os.PathLike,
 
 
 def save_metrics(out_dir: Path, cases: list[dict[str, Any]], summary: dict, settings: dict,
-                 refused: tuple[dict[str, str], ...] = (), warnings: list[str] | tuple[str, ...] = ()) -> tuple[Path, Path]:
+                 refused: tuple[dict[str, str], ...] = (),
+                 warnings: list[str] | tuple[str, ...] = ()) -> tuple[Path, Path]:
     """Write ``metrics.json`` (cases, summary, settings, refused, warnings) and ``metrics.csv`` atomically.
 
     Missing values are ``null`` in JSON and empty cells in CSV. Returns both paths.

@@ -15,10 +15,10 @@ from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
-from utils.figures.comparison import plot_metric_boxplots, plot_paired_scatter
-from utils.metrics.surface import METRIC_NAMES
-from utils.evaluation.comparison import MIN_WILCOXON_PAIRS, compare_reports, load_evaluation_report
 from utils.data.nifti_io import save_json_atomic, write_bytes_atomic
+from utils.evaluation.comparison import MIN_WILCOXON_PAIRS, compare_reports, load_evaluation_report
+from utils.figures.comparison import plot_metric_boxplots, plot_paired_scatter
+from utils.metrics.scoring import METRIC_NAMES
 
 logger = logging.getLogger(__name__)
 
@@ -98,7 +98,8 @@ def build_report_blocks(comparison: Mapping[str, Any], figures: Mapping[str, Pat
         ("paragraph", f"{len(comparison['shared_cases'])} cases evaluated by both runs are compared "
                       f"({len(comparison['only_a'])} only in A, {len(comparison['only_b'])} only in B, left out). "
                       f"Surface-Dice tolerance {settings.get('tolerance_mm', '-')} mm; "
-                      f"HD{settings.get('hd_percentile', 95):g} in mm. Bootstrap: {boot['n_resamples']} resamples, seed {boot['seed']}.")]
+                      f"HD{settings.get('hd_percentile', 95):g} in mm. "
+                      f"Bootstrap: {boot['n_resamples']} resamples, seed {boot['seed']}.")]
     if comparison["warnings"]:
         blocks += [("heading", 2, "Warnings"), ("list", list(comparison["warnings"]))]
     blocks += [("heading", 2, "Metrics per model (shared cases)"), _summary_table(comparison),

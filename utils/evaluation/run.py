@@ -31,17 +31,18 @@ import numpy as np
 import torch
 from tqdm.auto import tqdm
 
+from utils.config.experiment import load_experiment_config
 from utils.data.case_discovery import CaseFiles, discover_cases, resolve_data_dir
 from utils.data.case_validation import load_case
-from utils.inference.segment import SegmentationModel, load_segmentation_model, segment_file
+from utils.data.nifti_io import load_nifti, read_voxels, save_json_atomic
 from utils.data.splits import make_splits
 from utils.evaluation.predictions import EvaluationResult, check_output_dir, evaluate_predictions
-from utils.figures.evaluation import plot_case_scores
-from utils.config.experiment import load_experiment_config
-from utils.networks.models import count_parameters
-from utils.data.nifti_io import load_nifti, read_voxels, save_json_atomic
-from utils.figures.slices import plot_error_map, plot_overlay
 from utils.figures.drawing import save_figure
+from utils.figures.evaluation import plot_case_scores
+from utils.figures.slices import plot_error_map, plot_overlay
+from utils.inference.segment import SegmentationModel, load_segmentation_model, segment_file
+from utils.metrics.surface import DEFAULT_TOLERANCE_MM
+from utils.networks.models import count_parameters
 
 logger = logging.getLogger(__name__)
 
@@ -63,7 +64,7 @@ class RunEvaluation:
     figure_path: Path
 
 
-def select_cases(segmenter: SegmentationModel, data_dir: Path, cases: str) -> list[str]:
+def select_run_cases(segmenter: SegmentationModel, data_dir: Path, cases: str) -> list[str]:
     """Case ids to evaluate: the run's validation split (``"validation"``) or every case with labels (``"all"``).
 
     Raises:
@@ -91,7 +92,7 @@ def select_cases(segmenter: SegmentationModel, data_dir: Path, cases: str) -> li
 def evaluate_run(run: str | os.PathLike, *, data_dir: str | os.PathLike | None = None, cases: str = "validation",
                  reports_dir: str | os.PathLike = "reports", out_dir: str | os.PathLike | None = None,
                  device: str | None = None, tta: bool = False, postprocess: bool = False,
-                 tolerance_mm: float = 2.0, show_progress: bool = True) -> RunEvaluation:
+                 tolerance_mm: float = DEFAULT_TOLERANCE_MM, show_progress: bool = True) -> RunEvaluation:
     """Segment the run's evaluation cases from their raw CTs and score them in the original grid.
 
     Args:
@@ -111,7 +112,7 @@ def evaluate_run(run: str | os.PathLike, *, data_dir: str | os.PathLike | None =
     """
     segmenter = load_segmentation_model(run, device)
     data = resolve_data_dir(data_dir if data_dir is not None else segmenter.config.data_dir)
-    chosen = select_cases(segmenter, data, cases)
+    chosen = select_run_cases(segmenter, data, cases)
     report = Path(out_dir) if out_dir is not None else Path(reports_dir) / segmenter.run_name
     predictions = report / PREDICTIONS
     check_output_dir(report, data, predictions)  # before writing anything: never into the data folder

@@ -17,14 +17,12 @@ from collections.abc import Mapping, Sequence
 import numpy as np
 from matplotlib.figure import Figure
 
-from utils.metrics.surface import METRIC_NAMES
 from utils.figures.drawing import save_figure
+from utils.metrics.scoring import DICE_NAMES, METRIC_NAMES
 
 Records = Sequence[Mapping[str, float | None]]
 #: Colours of run A and run B.
 RUN_COLOURS = ("tab:blue", "tab:orange")
-#: The metrics drawn in the A-versus-B scatter figure.
-DICE_METRICS = ("kidney_dice", "tumor_dice")
 #: Half-width of the sideways spread of case points around a box.
 SPREAD = 0.12
 
@@ -65,7 +63,7 @@ def plot_metric_boxplots(records_a: Records, records_b: Records, labels: Sequenc
     rows = math.ceil(len(metrics) / columns)
     figure = Figure(figsize=(4.2 * columns, 3.4 * rows), layout="constrained")
     axes = figure.subplots(rows, columns, squeeze=False).ravel()
-    for ax, metric in zip(axes, metrics):
+    for ax, metric in zip(axes, metrics, strict=False):
         values = [_present(records_a, metric), _present(records_b, metric)]
         drawn = [(i, v) for i, v in enumerate(values) if v]
         if drawn:
@@ -86,7 +84,7 @@ def plot_metric_boxplots(records_a: Records, records_b: Records, labels: Sequenc
 
 
 def plot_paired_scatter(records_a: Records, records_b: Records, labels: Sequence[str],
-                        metrics: Sequence[str] = DICE_METRICS, path: str | os.PathLike | None = None) -> Figure:
+                        metrics: Sequence[str] = DICE_NAMES, path: str | os.PathLike | None = None) -> Figure:
     """Per-case scatter of run A (x) against run B (y) for each metric, with the identity line.
 
     Points above the line are cases where B scores higher. Cases with a missing value on either
@@ -101,8 +99,8 @@ def plot_paired_scatter(records_a: Records, records_b: Records, labels: Sequence
     _check_inputs(records_a, records_b, labels, metrics)
     figure = Figure(figsize=(4.0 * len(metrics), 4.0), layout="constrained")
     axes = figure.subplots(1, len(metrics), squeeze=False)[0]
-    for ax, metric in zip(axes, metrics):
-        pairs = [(float(a[metric]), float(b[metric])) for a, b in zip(records_a, records_b)
+    for ax, metric in zip(axes, metrics, strict=False):
+        pairs = [(float(a[metric]), float(b[metric])) for a, b in zip(records_a, records_b, strict=False)
                  if a[metric] is not None and b[metric] is not None
                  and not math.isnan(a[metric]) and not math.isnan(b[metric])]
         x, y = (np.array([p[i] for p in pairs]) for i in (0, 1))

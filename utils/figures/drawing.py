@@ -61,7 +61,7 @@ def plot_case_gallery(cases: Sequence[tuple[str, np.ndarray, np.ndarray, Sequenc
     figure, axes = plt.subplots(rows, columns, figsize=(3.2 * columns, 3.4 * rows), squeeze=False)
     for ax in axes.ravel():
         ax.set_axis_off()
-    for ax, (case_id, image, labels, spacing) in zip(axes.ravel(), cases):
+    for ax, (case_id, image, labels, spacing) in zip(axes.ravel(), cases, strict=False):
         plot_axial_overlay(ax, image, labels, spacing, title=case_id)
     handles = [Line2D([], [], color=LABEL_COLOURS[KIDNEY_LABEL], label="kidney (label > 0)"),
                Line2D([], [], color=LABEL_COLOURS[TUMOUR_LABEL], label="tumour (label 2)")]

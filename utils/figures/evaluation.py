@@ -16,8 +16,8 @@ def plot_case_scores(cases: Sequence[Mapping[str, Any]], title: str = "") -> Fig
     """Per-case kidney and tumour Dice (bars) and HD95 in mm, missing HD95 marked, as one figure.
 
     Args:
-        cases: records of ``metrics.json`` (``case_id``, ``kidney_dice``, ``tumor_dice``,
-            ``kidney_hd95``, ``tumor_hd95``; HD95 ``None`` when exactly one mask is empty).
+        cases: records of ``metrics.json`` (``case_id``, ``kidney_dice``, ``tumour_dice``,
+            ``kidney_hd95``, ``tumour_hd95``; HD95 ``None`` when exactly one mask is empty).
         title: the figure's title (e.g. the run name).
 
     Returns:
@@ -27,16 +27,16 @@ def plot_case_scores(cases: Sequence[Mapping[str, Any]], title: str = "") -> Fig
     dice_ax, hd_ax = figure.subplots(2, 1, sharex=True)
     ids = [str(case["case_id"]) for case in cases]
     x = np.arange(len(cases))
-    colours = {"kidney": LABEL_COLOURS[KIDNEY_LABEL], "tumor": LABEL_COLOURS[TUMOUR_LABEL]}
-    for offset, (name, colour) in zip((-0.2, 0.2), colours.items()):
+    colours = {"kidney": LABEL_COLOURS[KIDNEY_LABEL], "tumour": LABEL_COLOURS[TUMOUR_LABEL]}
+    for offset, (name, colour) in zip((-0.2, 0.2), colours.items(), strict=False):
         dice_ax.bar(x + offset, [case[f"{name}_dice"] for case in cases], width=0.4, color=colour,
-                    label=f"{name.replace('tumor', 'tumour')} (label {'> 0' if name == 'kidney' else '2'})")
+                    label=f"{name} (label {'> 0' if name == 'kidney' else '2'})")
         distances = [case[f"{name}_hd95"] for case in cases]
         present = [i for i, d in enumerate(distances) if d is not None]
         hd_ax.bar(x[present] + offset, [distances[i] for i in present], width=0.4, color=colour)
         missing = [i for i, d in enumerate(distances) if d is None]
         hd_ax.scatter(x[missing] + offset, np.zeros(len(missing)), marker="x", color=colour, s=60, zorder=3,
-                      label=f"{name.replace('tumor', 'tumour')}: HD95 missing (one mask empty)" if missing else None)
+                      label=f"{name}: HD95 missing (one mask empty)" if missing else None)
     dice_ax.set(ylabel="Dice", ylim=(0, 1.05), title=title or None)
     dice_ax.legend(loc="lower right", fontsize="small")
     hd_ax.set(ylabel="HD95 (mm)", xticks=x)

@@ -23,8 +23,8 @@ from plotly.subplots import make_subplots
 
 from utils.data.kits_layout import KIDNEY_LABEL, TUMOUR_LABEL
 from utils.data.nifti_io import write_bytes_atomic
-from utils.figures.slices import blend_masks, window_to_rgb
 from utils.figures.drawing import LABEL_COLOURS
+from utils.figures.slices import blend_masks, window_to_rgb
 
 #: Planes: array axis swept by the slider, and the ``(row, column)`` spacing axes of a frame.
 PLANES = {"axial": (0, (1, 2)), "coronal": (1, (0, 2)), "sagittal": (2, (0, 1))}
@@ -67,7 +67,8 @@ def compose_slice_rgb(image_slice: np.ndarray, label_slice: np.ndarray,
     return np.rint(rgb * 255.0).astype(np.uint8)
 
 
-def display_shape(shape: tuple[int, int], pixel_mm: tuple[float, float], max_size: int) -> tuple[tuple[int, int], float]:
+def display_shape(shape: tuple[int, int], pixel_mm: tuple[float, float],
+                  max_size: int) -> tuple[tuple[int, int], float]:
     """Frame shape with square pixels of the finer spacing, shrunk so neither side exceeds ``max_size``.
 
     Returns ``((rows, columns), display pixel size in mm)``.

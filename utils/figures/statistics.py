@@ -18,9 +18,14 @@ from matplotlib.axes import Axes
 from matplotlib.figure import Figure
 from matplotlib.lines import Line2D
 
-from utils.analysis.dataset_statistics import CLASS_NAMES, HU_HISTOGRAM_RANGE, CaseStatistics, compute_histogram_percentile
+from utils.analysis.dataset_statistics import (
+    CLASS_NAMES,
+    HU_HISTOGRAM_RANGE,
+    CaseStatistics,
+    compute_histogram_percentile,
+)
+from utils.analysis.slice_statistics import SLICE_CLASS_NAMES, SamplingShares, SliceAreas, classify_slices
 from utils.data.kits_layout import KIDNEY_LABEL, TUMOUR_LABEL
-from utils.analysis.slice_statistics import SLICE_CLASS_NAMES, SamplingShares, SliceAreas
 from utils.figures.drawing import LABEL_COLOURS
 
 #: Background is not a label colour in LABEL_COLOURS; it is drawn in neutral grey.
@@ -152,7 +157,7 @@ def plot_hu_histograms(histograms: np.ndarray, *, bin_width: int = 5,
     figure, (ax,) = _new_figure(width=8.5)
     starts = np.arange(*HU_HISTOGRAM_RANGE, bin_width)
     limits = []
-    for name, colour, counts in zip(CLASS_NAMES, CLASS_COLOURS, histograms):
+    for name, colour, counts in zip(CLASS_NAMES, CLASS_COLOURS, histograms, strict=False):
         if counts.sum() == 0:
             continue
         binned = np.add.reduceat(counts, np.arange(0, counts.size, bin_width))
@@ -162,7 +167,8 @@ def plot_hu_histograms(histograms: np.ndarray, *, bin_width: int = 5,
         limits += [compute_histogram_percentile(counts, q) for q in clip_percentiles]
     ax.set_yscale("log")
     ax.set_xlim(min(limits) - 2 * bin_width, max(limits) + 2 * bin_width)
-    ax.set(xlabel=f"HU ({bin_width} HU bins; values outside [-1024, 3071] counted in the end bins)",
+    ax.set(xlabel=f"HU ({bin_width} HU bins; values outside [{HU_HISTOGRAM_RANGE[0]}, {HU_HISTOGRAM_RANGE[1] - 1}] "
+                  "counted in the end bins)",
            ylabel="fraction of the class's voxels", title="HU distribution per class")
     figure.legend(frameon=False, loc="outside right upper")
     return figure
@@ -199,7 +205,7 @@ def plot_slice_classes_per_case(counts: Mapping[str, Sequence[int] | np.ndarray]
                          f"got an array of shape {table.shape}")
     figure, (ax,) = _new_figure(width=max(7.5, min(16.0, 2.5 + 0.08 * len(table))))
     positions, bottom = np.arange(len(table)), np.zeros(len(table))
-    for name, colour, column in reversed(list(zip(SLICE_CLASS_NAMES, CLASS_COLOURS, table.T))):
+    for name, colour, column in reversed(list(zip(SLICE_CLASS_NAMES, CLASS_COLOURS, table.T, strict=False))):
         ax.bar(positions, column, width=0.9, bottom=bottom, color=colour, label=f"{name} ({column.sum()})")
         bottom += column
     if len(table) <= 20:
@@ -272,7 +278,7 @@ def plot_slice_gallery(items: Sequence[Mapping[str, Any]], *, columns: int = 4,
                          f"got {len(items)} items and columns={columns}")
     images = [np.asarray(item["image"], dtype=np.float32) for item in items]
     labels = [np.asarray(item["label"]) for item in items]
-    for index, (image, label) in enumerate(zip(images, labels)):
+    for index, (image, label) in enumerate(zip(images, labels, strict=False)):
         if image.ndim != 3 or image.shape[0] != 1 or label.shape != image.shape:
             raise ValueError(f"items[{index}]: image and label must both be (1, S, S), "
                              f"got {image.shape} and {label.shape}")
@@ -286,7 +292,7 @@ def plot_slice_gallery(items: Sequence[Mapping[str, Any]], *, columns: int = 4,
     axes = figure.subplots(rows, columns, squeeze=False).ravel()
     for ax in axes:
         ax.set_axis_off()
-    for ax, item, image, label in zip(axes, items, images, labels):
+    for ax, item, image, label in zip(axes, items, images, labels, strict=False):
         ax.imshow(image[0], cmap="gray", vmin=window[0], vmax=window[1], interpolation="nearest")
         for value, colour in LABEL_COLOURS.items():
             mask = label[0] >= value if value == KIDNEY_LABEL else label[0] == value
@@ -298,3 +304,27 @@ def plot_slice_gallery(items: Sequence[Mapping[str, Any]], *, columns: int = 4,
                Line2D([], [], color=LABEL_COLOURS[TUMOUR_LABEL], label="tumour (label 2)")]
     figure.legend(handles=handles, loc="outside lower center", ncols=2, frameon=False)
     return figure
+
+
+def plot_training_samples(samples: Sequence[Mapping[str, Any]], *, columns: int = 4) -> Figure:
+    """Training samples as a model sees them (augmented, normalised), in one gallery.
+
+    2D slices are shown as they are; a 3D patch is shown by its middle axial slice, titled with
+    the class its centre was drawn on.
+
+    Args:
+        samples: items of a patch dataset (``image`` and ``label`` ``(1, Z, Y, X)``, ``case_id``,
+            ``centre_class``) or of a slice dataset (see :func:`plot_slice_gallery`), in any mix.
+        columns: panels per row (>= 1).
+    """
+    items = []
+    for sample in samples:
+        image, label = np.asarray(sample["image"]), np.asarray(sample["label"])
+        if image.ndim == 4:  # a 3D patch (1, Z, Y, X): its middle axial slice
+            middle = image.shape[1] // 2
+            items.append({"image": image[:, middle], "label": label[:, middle], "case_id": sample["case_id"],
+                          "slice_index": f"middle of 3D patch ({sample['centre_class']})",
+                          "slice_class": int(classify_slices(label[:, middle])[0])})
+        else:
+            items.append(sample)
+    return plot_slice_gallery(items, columns=columns)

@@ -62,7 +62,7 @@ def plot_training_runs(runs: Mapping[str, Sequence[Mapping[str, Any]]], title: s
         raise ValueError(f"at most {len(RUN_LINE_STYLES)} runs can be overlaid, got {len(runs)}")
     figure = Figure(figsize=(16, 3.8), layout="constrained")
     loss_ax, dice_ax, lr_ax, time_ax = figure.subplots(1, 4)
-    for (name, records), style in zip(runs.items(), RUN_LINE_STYLES):
+    for (name, records), style in zip(runs.items(), RUN_LINE_STYLES, strict=False):
         _plot_run(records, f"{name}: " if name else "", style, (loss_ax, dice_ax, lr_ax, time_ax))
     loss_ax.set(xlabel="epoch", ylabel="loss", title="loss")
     dice_ax.set(xlabel="epoch", ylabel="Dice", ylim=(0, 1), title="validation Dice per case (cache grid)")

@@ -26,14 +26,14 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from utils.networks.checkpoints import load_checkpoint
 from utils.config.data import PreprocessingConfig
-from utils.config.loading import build_config
 from utils.config.experiment import ExperimentConfig
-from utils.inference.predict import predict_volume_logits
-from utils.networks.models import build_model, model_input_size, spatial_dims
+from utils.config.loading import build_config
 from utils.data.nifti_io import load_nifti_verified, read_voxels, save_nifti
 from utils.inference.postprocessing import DEFAULT_MIN_COMPONENT_ML, postprocess_labels
+from utils.inference.predict import predict_volume_logits
+from utils.networks.checkpoints import load_checkpoint
+from utils.networks.models import build_model, model_input_size, spatial_dims
 from utils.preprocessing.preprocess import Normalisation, preprocess_volume
 from utils.preprocessing.resampling import restore_labels
 

@@ -1,1 +1,2 @@
-"""KiTS19 scores of label maps: Dice on any grid, surface Dice and HD95 in mm, per case and summarised."""
+"""KiTS19 scores of label maps: Dice on any grid (``dice``), surface Dice and HD95 in mm
+(``surface``), one per-case scorer and one summary over cases (``scoring``)."""

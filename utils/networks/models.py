@@ -173,7 +173,8 @@ def check_input_size(config: ModelConfig, size: Sequence[int]) -> None:
     bad_axes = [axis for axis, s in enumerate(size) if s <= 0 or s % divisor]
     if bad_axes and architecture.fixed_input_size:
         raise ValueError(f"input size {size} is not accepted by model {config.name!r}: every axis must be a positive "
-                         f"multiple of its {divisor}-pixel patches; change slices.image_size to a multiple of {divisor}")
+                         f"multiple of its {divisor}-pixel patches; "
+                         f"change slices.image_size to a multiple of {divisor}")
     if bad_axes:
         raise ValueError(
             f"input size {size} is not accepted by model {config.name!r}: axis/axes {bad_axes} are not "

@@ -29,9 +29,9 @@ from typing import Any
 
 import numpy as np
 
+from utils.data.nifti_io import write_folder_atomic
 from utils.data.splits import load_split
 from utils.preprocessing.fingerprint import DatasetFingerprint, load_fingerprint
-from utils.data.nifti_io import write_folder_atomic
 from utils.preprocessing.resampling import GridMapping
 
 logger = logging.getLogger(__name__)

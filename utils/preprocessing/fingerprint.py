@@ -2,7 +2,7 @@
 
 Computed from the data, never hard-coded, in two steps so that re-running is cheap:
 
-* :func:`compute_case_statistics` reads one case and keeps, for its foreground (label > 0) voxels
+* :func:`compute_case_fingerprint` reads one case and keeps, for its foreground (label > 0) voxels
   in the original grid, the count, sum and sum of squares of HU (exact mean and standard
   deviation) and a histogram in 1 HU bins (percentiles exact to 1 HU for integer-valued CT,
   which KiTS19 is); these per-case records are cached as small JSON files;
@@ -32,7 +32,7 @@ FINGERPRINT_VERSION = 1
 
 
 @dataclass(frozen=True)
-class CaseStatistics:
+class CaseFingerprint:
     """Per-case ingredients of the fingerprint.
 
     Attributes:
@@ -96,8 +96,8 @@ class DatasetFingerprint:
         return data
 
 
-def compute_case_statistics(case_id: str, image: np.ndarray, labels: np.ndarray, spacing: tuple[float, float, float],
-                            source: dict[str, Any]) -> CaseStatistics:
+def compute_case_fingerprint(case_id: str, image: np.ndarray, labels: np.ndarray, spacing: tuple[float, float, float],
+                            source: dict[str, Any]) -> CaseFingerprint:
     """Foreground intensity statistics of one case in its original grid.
 
     Args:
@@ -112,7 +112,7 @@ def compute_case_statistics(case_id: str, image: np.ndarray, labels: np.ndarray,
     counts = np.bincount(bins, minlength=high - low)
     nonzero = np.flatnonzero(counts)
     first, last = (int(nonzero[0]), int(nonzero[-1]) + 1) if nonzero.size else (0, 0)
-    return CaseStatistics(
+    return CaseFingerprint(
         case_id=case_id, source=source, shape=tuple(int(n) for n in image.shape),
         spacing=tuple(float(s) for s in spacing), foreground_voxels=int(values.size),
         hu_sum=float(values.sum()), hu_sum_squares=float(np.square(values).sum()),
@@ -120,7 +120,7 @@ def compute_case_statistics(case_id: str, image: np.ndarray, labels: np.ndarray,
     )
 
 
-def build_fingerprint(statistics: list[CaseStatistics], clip_percentiles: tuple[float, float]) -> DatasetFingerprint:
+def build_fingerprint(statistics: list[CaseFingerprint], clip_percentiles: tuple[float, float]) -> DatasetFingerprint:
     """Pool per-case statistics into the dataset fingerprint.
 
     Raises:
@@ -152,18 +152,18 @@ def build_fingerprint(statistics: list[CaseStatistics], clip_percentiles: tuple[
     )
 
 
-def save_case_statistics(path: str | os.PathLike, statistics: CaseStatistics) -> Path:
+def save_case_fingerprint(path: str | os.PathLike, statistics: CaseFingerprint) -> Path:
     """Write one case's statistics as JSON (atomically)."""
     return save_json_atomic(path, asdict(statistics))
 
 
-def load_case_statistics(path: str | os.PathLike) -> CaseStatistics | None:
-    """Read statistics saved by :func:`save_case_statistics`; ``None`` when absent or unreadable."""
+def load_case_fingerprint(path: str | os.PathLike) -> CaseFingerprint | None:
+    """Read statistics saved by :func:`save_case_fingerprint`; ``None`` when absent or unreadable."""
     try:
         data = json.loads(Path(path).read_text())
         data["shape"], data["spacing"] = tuple(data["shape"]), tuple(data["spacing"])
         data["histogram"] = tuple(data["histogram"])
-        return CaseStatistics(**data)
+        return CaseFingerprint(**data)
     except (OSError, ValueError, TypeError, KeyError):
         return None
 

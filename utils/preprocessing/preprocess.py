@@ -27,26 +27,46 @@ import nibabel as nib
 import numpy as np
 import torch
 
-from utils.data.case_discovery import CaseFiles
-from utils.data.case_validation import STATUS_INFERENCE_ONLY, CaseError, load_case, select_cases, validate_dataset
+from utils.analysis.slice_statistics import classify_slices
 from utils.config.data import PreprocessingConfig, SplitConfig
+from utils.config.experiment import ExperimentConfig
 from utils.config.loading import config_as_dict
-from utils.data.splits import save_splits
-from utils.preprocessing.fingerprint import (
-    CaseStatistics, DatasetFingerprint, build_fingerprint, compute_case_statistics, load_case_statistics,
-    save_case_statistics,
-)
+from utils.data.case_discovery import CaseFiles, resolve_data_dir
+from utils.data.case_validation import STATUS_INFERENCE_ONLY, CaseError, load_case, select_cases, validate_dataset
 from utils.data.nifti_io import save_json_atomic
 from utils.data.parallel import map_with_progress
+from utils.data.splits import save_splits
 from utils.preprocessing.cache import (
-    CASE_STATISTICS_DIR, CASES_DIR, FINGERPRINT_NAME, IMAGE_FILE, LABEL_FILE, LOCATION_CLASSES, PLAN_NAME,
-    read_case_meta, remove_unfinished_writes, write_case_folder,
+    CASE_STATISTICS_DIR,
+    CASES_DIR,
+    FINGERPRINT_NAME,
+    IMAGE_FILE,
+    LABEL_FILE,
+    LOCATION_CLASSES,
+    PLAN_NAME,
+    read_case_meta,
+    remove_unfinished_writes,
+    write_case_folder,
+)
+from utils.preprocessing.fingerprint import (
+    CaseFingerprint,
+    DatasetFingerprint,
+    build_fingerprint,
+    compute_case_fingerprint,
+    load_case_fingerprint,
+    save_case_fingerprint,
 )
 from utils.preprocessing.resampling import (
-    CANONICAL_AXCODES, GridMapping, canonical_spacing, crop_to_box, find_body_box, reorient_to_canonical,
-    resample_image, resample_labels, resampled_shape,
+    CANONICAL_AXCODES,
+    GridMapping,
+    canonical_spacing,
+    crop_to_box,
+    find_body_box,
+    reorient_to_canonical,
+    resample_image,
+    resample_labels,
+    resampled_shape,
 )
-from utils.analysis.slice_statistics import classify_slices
 
 logger = logging.getLogger(__name__)
 
@@ -132,7 +152,8 @@ def preprocess_volume(image_hu: np.ndarray, labels: np.ndarray | None, affine: n
         orientation=tuple((float(a), float(f)) for a, f in orientation),
         canonical_spacing=spacing,
         resampled_shape=shape,
-        resampled_spacing=tuple(float(n_in * s / n_out) for n_in, s, n_out in zip(canonical_shape, spacing, shape)),
+        resampled_spacing=tuple(float(n_in * s / n_out)
+                                for n_in, s, n_out in zip(canonical_shape, spacing, shape, strict=True)),
         crop_box=box,
     )
     cropped_labels = None if labels is None else np.ascontiguousarray(crop_to_box(labels, box))
@@ -237,13 +258,13 @@ def source_signature(case: CaseFiles) -> dict[str, Any]:
 
 
 def _gather_statistics(cases: list[CaseFiles], folder: Path, workers: int,
-                       show_progress: bool) -> tuple[list[CaseStatistics], dict[str, str]]:
+                       show_progress: bool) -> tuple[list[CaseFingerprint], dict[str, str]]:
     """Per-case fingerprint statistics, read from ``folder`` when up to date, else computed and saved."""
     folder.mkdir(parents=True, exist_ok=True)
-    known: dict[str, CaseStatistics] = {}
+    known: dict[str, CaseFingerprint] = {}
     todo = []
     for case in cases:
-        stored = load_case_statistics(folder / f"{case.case_id}.json")
+        stored = load_case_fingerprint(folder / f"{case.case_id}.json")
         if stored is not None and stored.source == source_signature(case):
             known[case.case_id] = stored
         else:
@@ -258,15 +279,15 @@ def _gather_statistics(cases: list[CaseFiles], folder: Path, workers: int,
     return [known[c.case_id] for c in cases if c.case_id in known], failed
 
 
-def _statistics_job(job: tuple[CaseFiles, Path, int]) -> tuple[str, CaseStatistics | str]:
+def _statistics_job(job: tuple[CaseFiles, Path, int]) -> tuple[str, CaseFingerprint | str]:
     case, folder, workers = job
     try:
         loaded = load_case(case)
     except CaseError as error:
         return case.case_id, str(error)
-    statistics = compute_case_statistics(case.case_id, loaded.image, loaded.segmentation, loaded.spacing,
+    statistics = compute_case_fingerprint(case.case_id, loaded.image, loaded.segmentation, loaded.spacing,
                                          source_signature(case))
-    save_case_statistics(folder / f"{case.case_id}.json", statistics)
+    save_case_fingerprint(folder / f"{case.case_id}.json", statistics)
     return case.case_id, statistics
 
 
@@ -313,3 +334,41 @@ def _parameters(config: PreprocessingConfig) -> dict[str, Any]:
 
 def _digest(data: dict[str, Any]) -> str:
     return hashlib.sha256(json.dumps(data, sort_keys=True, default=list).encode()).hexdigest()
+
+
+def prepare_training_cache(config: ExperimentConfig, data_dir: str | os.PathLike | None = None, *,
+                           show_progress: bool = True) -> Path:
+    """Build (or check up to date) the cache an experiment trains from; refuse or skip unusable cases.
+
+    The one preparation of training data: :func:`utils.training.engine.train` calls it (through
+    :func:`utils.training.setup.prepare_cache`, which runs it on the main process only and
+    shares the result with the others) before setting a run up. Cases without a segmentation
+    (inference only) are left out silently; cases that fail validation or preprocessing are an
+    error with ``training.on_bad_case: error``, and a logged warning with ``skip``.
+
+    Args:
+        config: the experiment: ``preprocessing``, ``split``, ``training.on_bad_case``,
+            ``training.num_workers`` (preprocessing processes, at most the CPU count) and ``data_dir``.
+        data_dir: raw KiTS19-layout folder (default ``config.data_dir``, then ``KITS19_DATA``).
+        show_progress: progress bars.
+
+    Returns:
+        The plan folder (open it with :func:`utils.preprocessing.cache.open_cache`).
+
+    Raises:
+        ValueError: no data folder given, or unusable cases with ``on_bad_case: error`` (each named
+            with its reason).
+        FileNotFoundError: the data folder does not exist.
+    """
+    source = resolve_data_dir(data_dir if data_dir is not None else config.data_dir)
+    workers = max(1, min(config.training.num_workers, os.cpu_count() or 1))
+    result = preprocess_dataset(source, config.preprocessing, config.split, workers=workers,
+                                show_progress=show_progress)
+    bad = {**result.failed, **{c: r for c, r in result.excluded.items() if r != NO_SEGMENTATION}}
+    if bad:
+        listing = "; ".join(f"{case}: {reason}" for case, reason in sorted(bad.items()))
+        if config.training.on_bad_case == "error":
+            raise ValueError(f"{source}: {len(bad)} case(s) cannot be used: {listing}. Fix or remove them, "
+                             "or set training.on_bad_case=skip to train without them")
+        logger.warning("training without %d unusable case(s): %s", len(bad), listing)
+    return result.folder

@@ -123,7 +123,7 @@ def resampled_shape(shape: Sequence[int], spacing: Sequence[float], target: Sequ
         raise ValueError(f"shape, spacing and target must have the same length, got {shape}, {spacing}, {target}")
     if min(target) <= 0 or min(spacing) <= 0:
         raise ValueError(f"spacings must be > 0, got spacing {tuple(spacing)} and target {tuple(target)}")
-    return tuple(max(1, int(round(n * s / t))) for n, s, t in zip(shape, spacing, target))
+    return tuple(max(1, int(round(n * s / t))) for n, s, t in zip(shape, spacing, target, strict=False))
 
 
 def resample_image(image: np.ndarray, shape: Sequence[int], *, antialias: bool = True,
@@ -148,7 +148,7 @@ def resample_image(image: np.ndarray, shape: Sequence[int], *, antialias: bool =
         raise ValueError(f"need a 3D image and a 3D shape of sizes >= 1, got {image.shape} -> {shape}")
     if tuple(image.shape) == shape:
         return np.asarray(image, dtype=np.float32) if overwrite_input else np.array(image, dtype=np.float32)
-    factors = [n_in / n_out for n_in, n_out in zip(image.shape, shape)]
+    factors = [n_in / n_out for n_in, n_out in zip(image.shape, shape, strict=False)]
     if device is not None:
         return _resample_on_device(image, shape, factors if antialias else [1.0, 1.0, 1.0], torch.device(device))
     work = image

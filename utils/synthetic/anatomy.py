@@ -82,7 +82,8 @@ def sample_body(rng: np.random.Generator, grid: Grid, midline_x: float, spine_y:
 
 def _kidney_frame(rng: np.random.Generator, lateral: float) -> np.ndarray:
     """Kidney axes as columns: long axis (lower pole lateral and anterior), lateral, third axis."""
-    lat_tilt, ap_tilt, hilum_turn = np.deg2rad(rng.uniform(8, 20)), np.deg2rad(rng.uniform(5, 18)), np.deg2rad(rng.uniform(20, 40))
+    lat_tilt, ap_tilt, hilum_turn = (np.deg2rad(rng.uniform(8, 20)), np.deg2rad(rng.uniform(5, 18)),
+                                     np.deg2rad(rng.uniform(20, 40)))
     u = np.array([1.0, -np.sin(ap_tilt), lateral * np.sin(lat_tilt)])
     u /= np.linalg.norm(u)
     v = np.array([0.0, np.sin(hilum_turn), lateral * np.cos(hilum_turn)])
@@ -110,9 +111,9 @@ def _paint_kidney(labels: np.ndarray, sinus: np.ndarray, grid: Grid, rng: np.ran
     in_notch = np.zeros_like(inside)
     if notch is not None:
         notch_box, notch_level = notch
-        region = tuple(slice(max(n.start, k.start), min(n.stop, k.stop)) for n, k in zip(notch_box, box))
-        local = tuple(slice(r.start - k.start, r.stop - k.start) for r, k in zip(region, box))
-        theirs = tuple(slice(r.start - n.start, r.stop - n.start) for r, n in zip(region, notch_box))
+        region = tuple(slice(max(n.start, k.start), min(n.stop, k.stop)) for n, k in zip(notch_box, box, strict=False))
+        local = tuple(slice(r.start - k.start, r.stop - k.start) for r, k in zip(region, box, strict=False))
+        theirs = tuple(slice(r.start - n.start, r.stop - n.start) for r, n in zip(region, notch_box, strict=False))
         in_notch[local] = notch_level[theirs] <= 1.0
     parenchyma = np.zeros(grid.shape, dtype=bool)
     parenchyma[box] = inside & ~in_notch
@@ -129,7 +130,8 @@ def _tumour_centre(rng: np.random.Generator, kidney_mask: np.ndarray, offset: np
     normal = point - np.asarray(kidney_centre)
     normal /= max(np.linalg.norm(normal), 1e-6)
     growth = rng.choice(["exophytic", "mixed", "endophytic"], p=[0.45, 0.3, 0.25])
-    shift = {"exophytic": rng.uniform(0.3, 0.7), "mixed": rng.uniform(-0.2, 0.3), "endophytic": rng.uniform(-1.0, -0.5)}[growth]
+    shift = {"exophytic": rng.uniform(0.3, 0.7), "mixed": rng.uniform(-0.2, 0.3),
+             "endophytic": rng.uniform(-1.0, -0.5)}[growth]
     return tuple(point + normal * shift * radius)  # type: ignore[return-value]
 
 
@@ -235,7 +237,7 @@ def layout_from_labels(rng: np.random.Generator, labels: np.ndarray, grid: Grid)
     extent_z, extent_y, extent_x = grid.extent_mm
     midline_x = float(np.mean([c[2] for c in centres])) if len(centres) == 2 else extent_x / 2
     kidneys = []
-    for k, centre in zip(keep, centres):
+    for k, centre in zip(keep, centres, strict=False):
         side = "left" if centre[2] > midline_x else "right"
         z_index = int(np.clip(round(centre[0] / spacing[0]), 0, grid.shape[0] - 1))
         rows, cols = np.nonzero(components[z_index] == k)

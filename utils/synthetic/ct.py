@@ -14,11 +14,10 @@ from dataclasses import dataclass
 import numpy as np
 from scipy import ndimage
 
-from utils.data.kits_layout import KIDNEY_LABEL, TUMOUR_LABEL
+from utils.data.kits_layout import HU_RANGE, KIDNEY_LABEL, TUMOUR_LABEL
 from utils.synthetic.shapes import Grid, smooth_noise
 from utils.synthetic.tissues import Tissue
 
-HU_MIN, HU_MAX = -1024, 3071
 NOISE_SD_HU = (8.0, 25.0)
 
 
@@ -62,11 +61,13 @@ def tissue_table(e: Enhancement) -> tuple[np.ndarray, np.ndarray]:
         Tissue.AIR: (-1000, 0), Tissue.SUBCUTANEOUS_FAT: (-105, 10), Tissue.MUSCLE: (50, 8),
         Tissue.VISCERAL_FAT: (-95, 15), Tissue.LIVER: ((1 - p) * (60 + 35 * lv) + p * (85 + 55 * lv), 8),
         Tissue.SPLEEN: ((1 - p) * (90 + 70 * lv) + p * (100 + 45 * lv), 5 + 25 * (1 - p)),
-        Tissue.PANCREAS: ((1 - p) * (80 + 70 * lv) + p * (70 + 40 * lv), 12), Tissue.AORTA: ((1 - p) * (140 + 150 * lv) + p * (120 + 70 * lv), 5),
+        Tissue.PANCREAS: ((1 - p) * (80 + 70 * lv) + p * (70 + 40 * lv), 12),
+        Tissue.AORTA: ((1 - p) * (140 + 150 * lv) + p * (120 + 70 * lv), 5),
         Tissue.VENA_CAVA: ((1 - p) * (90 + 70 * lv) + p * (130 + 70 * lv), 15),
         Tissue.RENAL_VEIN: ((1 - p) * (120 + 100 * lv) + p * (130 + 60 * lv), 8),
         Tissue.CORTICAL_BONE: (700, 100), Tissue.CANCELLOUS_BONE: (230, 40), Tissue.DISC: (85, 10),
-        Tissue.CSF: (12, 5), Tissue.BOWEL_WALL: ((1 - p) * (60 + 80 * lv) + p * (50 + 50 * lv), 15), Tissue.BOWEL_FLUID: (12, 6),
+        Tissue.CSF: (12, 5), Tissue.BOWEL_WALL: ((1 - p) * (60 + 80 * lv) + p * (50 + 50 * lv), 15),
+        Tissue.BOWEL_FLUID: (12, 6),
         Tissue.BOWEL_GAS: (-950, 30), Tissue.BOWEL_CONTRAST: (350, 80), Tissue.PERIRENAL_FAT: (-90, 12),
         Tissue.URINE: (10, 5),
     }
@@ -120,7 +121,7 @@ def paint_kidneys_and_tumours(image: np.ndarray, labels: np.ndarray, grid: Grid,
             _paint_kidney_parenchyma(image[region], kidney, grid, e, rng)
         tumours, _ = ndimage.label(labels[region] == TUMOUR_LABEL)
         for inner in ndimage.find_objects(tumours):
-            box = tuple(slice(r.start + i.start, r.start + i.stop) for r, i in zip(region, inner))
+            box = tuple(slice(r.start + i.start, r.start + i.stop) for r, i in zip(region, inner, strict=False))
             tumour = labels[box] == TUMOUR_LABEL
             image[box][tumour] = _tumour_values(tumour, grid, e, rng)[tumour]
 
@@ -155,8 +156,9 @@ def render_ct(grid: Grid, tissue: np.ndarray, labels: np.ndarray, e: Enhancement
     image += texture[tissue] * smooth_noise(rng, grid.shape, grid.spacing, 10.0, order=1)
     paint_kidneys_and_tumours(image, labels, grid, e, rng)
     if cysts is not None and cysts.any():
-        image[cysts] = np.float32(rng.uniform(0.0, 20.0)) + 4.0 * rng.standard_normal(int(cysts.sum()), dtype=np.float32)
+        image[cysts] = (np.float32(rng.uniform(0.0, 20.0))
+                        + 4.0 * rng.standard_normal(int(cysts.sum()), dtype=np.float32))
     image = apply_scanner_effects(image, grid, e, rng)
     np.rint(image, out=image)
-    np.clip(image, HU_MIN, HU_MAX, out=image)
+    np.clip(image, *HU_RANGE, out=image)
     return image.astype(np.int16)

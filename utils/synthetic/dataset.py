@@ -18,8 +18,18 @@ from pathlib import Path
 import nibabel as nib
 import numpy as np
 
-from utils.data.kits_layout import (IMAGING_NAME, KITS_AXCODES, KITS_JSON_NAME, SEGMENTATION_NAME, TUMOUR_LABEL,
-                               VALID_LABELS, build_kits_affine, case_id_for_index, is_case_id, spacing_from_affine)
+from utils.data.kits_layout import (
+    IMAGING_NAME,
+    KITS_AXCODES,
+    KITS_JSON_NAME,
+    SEGMENTATION_NAME,
+    TUMOUR_LABEL,
+    VALID_LABELS,
+    build_kits_affine,
+    case_id_for_index,
+    is_case_id,
+    spacing_from_affine,
+)
 from utils.data.nifti_io import load_nifti_verified, read_voxels, save_nifti, write_bytes_atomic, write_folder_atomic
 from utils.data.parallel import map_with_progress
 from utils.synthetic.anatomy import build_procedural_case, draw_cysts_within, layout_from_labels
@@ -211,7 +221,8 @@ def find_masks(masks_dir: str | os.PathLike) -> list[Path]:
     folder = Path(masks_dir)
     if not folder.is_dir():
         raise FileNotFoundError(f"{folder}: mask folder not found")
-    masks = sorted(p / SEGMENTATION_NAME for p in folder.iterdir() if is_case_id(p.name) and (p / SEGMENTATION_NAME).is_file())
+    masks = sorted(p / SEGMENTATION_NAME for p in folder.iterdir()
+                   if is_case_id(p.name) and (p / SEGMENTATION_NAME).is_file())
     if not masks:
         raise FileNotFoundError(f"{folder}: no case_XXXXX/{SEGMENTATION_NAME} found (expected the KiTS19 layout)")
     return masks

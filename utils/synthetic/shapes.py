@@ -27,13 +27,13 @@ class Grid:
     @property
     def extent_mm(self) -> Vector:
         """Size of the volume in mm along each axis."""
-        return tuple(n * s for n, s in zip(self.shape, self.spacing))  # type: ignore[return-value]
+        return tuple(n * s for n, s in zip(self.shape, self.spacing, strict=False))  # type: ignore[return-value]
 
 
 def box_around(grid: Grid, center: Vector, half_extent: Vector) -> Box | None:
     """Voxel box covering ``center ± half_extent`` (mm), clipped to the grid; None when outside."""
     slices = []
-    for c, h, n, s in zip(center, half_extent, grid.shape, grid.spacing):
+    for c, h, n, s in zip(center, half_extent, grid.shape, grid.spacing, strict=False):
         start = max(int(np.floor((c - h) / s)), 0)
         stop = min(int(np.ceil((c + h) / s)) + 1, n)
         if stop <= start:
@@ -49,7 +49,7 @@ def box_coordinates(grid: Grid, box: Box, origin: Vector = (0.0, 0.0, 0.0)) -> t
         ``(z, y, x)`` float32 arrays of shapes ``(nz, 1, 1)``, ``(1, ny, 1)``, ``(1, 1, nx)``.
     """
     axes = []
-    for axis, (sl, s, o) in enumerate(zip(box, grid.spacing, origin)):
+    for axis, (sl, s, o) in enumerate(zip(box, grid.spacing, origin, strict=False)):
         values = np.arange(sl.start, sl.stop, dtype=np.float32) * np.float32(s) - np.float32(o)
         shape = [1, 1, 1]
         shape[axis] = values.size
@@ -123,13 +123,13 @@ def smooth_noise(rng: np.random.Generator, shape: tuple[int, ...], spacing: Vect
     Returns:
         float32 array of ``shape``.
     """
-    coarse_shape = tuple(int(np.ceil(n * s / scale_mm)) + 2 for n, s in zip(shape, spacing))
+    coarse_shape = tuple(int(np.ceil(n * s / scale_mm)) + 2 for n, s in zip(shape, spacing, strict=False))
     coarse = rng.standard_normal(coarse_shape).astype(np.float32)
-    factors = [n / c for n, c in zip(shape, coarse_shape)]
+    factors = [n / c for n, c in zip(shape, coarse_shape, strict=False)]
     field = ndimage.zoom(coarse, factors, order=order, mode="nearest", grid_mode=True)
     field = field[tuple(slice(0, n) for n in shape)]
     if field.shape != tuple(shape):  # zoom rounds sizes; pad the rare one-voxel shortfall
-        field = np.pad(field, [(0, n - f) for n, f in zip(shape, field.shape)], mode="edge")
+        field = np.pad(field, [(0, n - f) for n, f in zip(shape, field.shape, strict=False)], mode="edge")
     field -= field.mean(dtype=np.float64)
     field /= max(float(field.std(dtype=np.float64)), 1e-6)
     return field.astype(np.float32, copy=False)

@@ -55,7 +55,8 @@ def _paint(tissue: np.ndarray, box, mask: np.ndarray, value: Tissue, cavity_only
     view[mask] = value
 
 
-def _ellipse_2d(grid: Grid, centre_yx: tuple[float, float], semi_yx: tuple[float, float], power: float = 2.0) -> np.ndarray:
+def _ellipse_2d(grid: Grid, centre_yx: tuple[float, float], semi_yx: tuple[float, float],
+                power: float = 2.0) -> np.ndarray:
     """In-plane (Y, X) bool mask of a super-ellipse ``|dy/b|^p + |dx/a|^p <= 1``."""
     y = (np.arange(grid.shape[1], dtype=np.float32) * grid.spacing[1] - centre_yx[0])[:, None]
     x = (np.arange(grid.shape[2], dtype=np.float32) * grid.spacing[2] - centre_yx[1])[None, :]
@@ -75,12 +76,13 @@ def paint_body_wall(tissue: np.ndarray, grid: Grid, layout: BodyLayout, rng: np.
     widths = np.rint(layout.half_width * (1 + 0.05 * np.sin(2 * np.pi * z_mm / period + phases[0])))
     depths = np.rint(layout.half_depth * (1 + 0.08 * np.sin(2 * np.pi * z_mm / period + phases[1])))
     planes: dict[tuple[float, float], np.ndarray] = {}
-    for index, key in enumerate(zip(widths, depths)):
+    for index, key in enumerate(zip(widths, depths, strict=False)):
         if key not in planes:
             half_width, half_depth = key
             centre = (back_y - half_depth, layout.midline_x)
             plane = np.full(grid.shape[1:], Tissue.AIR, dtype=np.uint8)
-            for inset, value in ((0.0, Tissue.SUBCUTANEOUS_FAT), (fat, Tissue.MUSCLE), (fat + wall, Tissue.VISCERAL_FAT)):
+            for inset, value in ((0.0, Tissue.SUBCUTANEOUS_FAT), (fat, Tissue.MUSCLE),
+                                 (fat + wall, Tissue.VISCERAL_FAT)):
                 plane[_ellipse_2d(grid, centre, (half_depth - inset, half_width - inset), power)] = value
             planes[key] = plane
         tissue[index] = planes[key]
@@ -114,7 +116,8 @@ def paint_spine_and_muscles(tissue: np.ndarray, grid: Grid, layout: BodyLayout, 
         growth = float(np.clip((z_mm[index] - top) / 150.0, 0.0, 1.0))
         if growth > 0.1:
             for side in (-1.0, 1.0):
-                psoas = _ellipse_2d(grid, (y0 + 2, x0 + side * (radius + 6 + 12 * growth)), (9 + 10 * growth, 7 + 11 * growth))
+                psoas = _ellipse_2d(grid, (y0 + 2, x0 + side * (radius + 6 + 12 * growth)),
+                                    (9 + 10 * growth, 7 + 11 * growth))
                 tissue[index][psoas & (tissue[index] == Tissue.VISCERAL_FAT)] = Tissue.MUSCLE
 
 
@@ -194,7 +197,8 @@ def paint_bowel(tissue: np.ndarray, grid: Grid, layout: BodyLayout, rng: np.rand
             point = point + radius * 0.9 * direction / np.linalg.norm(direction)
 
 
-def paint_great_vessels(tissue: np.ndarray, grid: Grid, layout: BodyLayout, rng: np.random.Generator) -> dict[str, Vector]:
+def paint_great_vessels(tissue: np.ndarray, grid: Grid, layout: BodyLayout,
+                        rng: np.random.Generator) -> dict[str, Vector]:
     """Aorta (left of the midline) and inferior vena cava (right), anterior to the spine.
 
     Returns:
@@ -217,8 +221,8 @@ def paint_kidney_surroundings(tissue: np.ndarray, grid: Grid, layout: BodyLayout
     fat_mm = float(rng.uniform(3, 10))
     foreground = labels > 0
     for region in ndimage.find_objects(ndimage.label(foreground)[0]):
-        centre = tuple((s.start + s.stop) / 2 * sp for s, sp in zip(region, grid.spacing))
-        half = tuple((s.stop - s.start) / 2 * sp + fat_mm + sp for s, sp in zip(region, grid.spacing))
+        centre = tuple((s.start + s.stop) / 2 * sp for s, sp in zip(region, grid.spacing, strict=False))
+        half = tuple((s.stop - s.start) / 2 * sp + fat_mm + sp for s, sp in zip(region, grid.spacing, strict=False))
         box = box_around(grid, centre, half)
         distance = ndimage.distance_transform_edt(~foreground[box], sampling=grid.spacing)
         shell = (distance <= fat_mm) & ~foreground[box] & (tissue[box] != Tissue.AIR)

@@ -2,11 +2,13 @@
 
 What a run does, in order:
 
-1. **Set-up** (:func:`utils.training.setup.set_up_run`): seeds, a new run folder (or the one
-   being resumed) checked writable before anything else, the resolved config saved, the data
-   preprocessed or checked up to date, datasets, model, optimiser and scheduler built, and on
-   resume every state restored from ``last.pt``.
-2. **Epochs**: class-balanced augmented samples, 3D patches for ``resunet3d`` and axial
+1. **Set-up** (:mod:`utils.training.setup`): seeds, a new run folder (or the one being resumed)
+   checked writable before anything else, the resolved config saved (:func:`~utils.training.setup.start_run`);
+   the data preprocessed or checked up to date, once (:func:`~utils.training.setup.prepare_cache`);
+   then from that cache datasets, model, optimiser and scheduler built, and on resume every
+   state restored from ``last.pt`` (:func:`~utils.training.setup.set_up_run`).
+2. **Epochs**: each batch is one :func:`utils.training.step.train_step` (the step the benchmark
+   times); class-balanced augmented samples, 3D patches for ``resunet3d`` and axial
    slices for ``unetr2d`` (sample ``i`` of epoch ``e`` depends only on
    ``(seed, e, i)``, each process taking every ``world_size``-th one), mixed precision and
    data parallelism through Hugging Face ``accelerate``, gradient clipping, the learning rate
@@ -33,22 +35,22 @@ from __future__ import annotations
 import logging
 import math
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
-from collections.abc import Callable
 from typing import Any
 
 import torch
 from accelerate.utils import gather_object
 from tqdm.auto import tqdm
 
-from utils.networks.checkpoints import capture_rng_state, save_checkpoint
 from utils.config.experiment import ExperimentConfig
-from utils.metrics.dice import mean_scores, score_case
 from utils.inference.predict import predict_volume_logits
-from utils.datasets.patches import augment_batch
+from utils.metrics.scoring import score_case, summarise_scores
+from utils.networks.checkpoints import capture_rng_state, save_checkpoint
+from utils.training.setup import RunState, prepare_cache, set_up_run, start_run
+from utils.training.step import train_step
 from utils.training.stop_signals import StopSignals
-from utils.training.setup import RunState, set_up_run
 
 logger = logging.getLogger(__name__)
 
@@ -110,7 +112,13 @@ def train(config: ExperimentConfig, *, data_dir: str | Path | None = None, resum
         OSError: the run folder is not writable (before the first epoch).
         ValueError: bad data with ``on_bad_case: error``, or inconsistent settings.
     """
-    state = set_up_run(config, data_dir=data_dir, resume=resume, wandb=wandb)
+    start = start_run(config, resume=resume)
+    try:
+        cache = prepare_cache(config, data_dir, start.accelerator)
+        state = set_up_run(config, cache, resume=resume, wandb=wandb, start=start)
+    except BaseException:
+        start.abandon()
+        raise
     try:
         with StopSignals() as stop:
             for epoch in range(state.start_epoch, state.config.training.epochs):
@@ -137,19 +145,16 @@ def _run_epoch(state: RunState, epoch: int, show_progress: bool, stop: StopSigna
     batches, steps, skipped, samples = done["batches"], done["steps"], done["skipped"], done["samples"]
     bar = tqdm(state.loader, desc=f"epoch {epoch + 1}/{training.epochs}", unit="batch", leave=False,
                initial=batches, disable=not (show_progress and accelerator.is_main_process))
+    parts = state.step_parts
     for batch in bar:
-        image, label = augment_batch(batch, state.extras["augmenter"], accelerator.device)
-        image = image.contiguous(memory_format=state.extras["memory_format"])
-        with accelerator.autocast():
-            logits = state.forward(image)
-        loss = state.loss(logits.float(), label)
-        finite, stopping = _step_flags(accelerator, loss, stop)
-        if stopping:
+        outcome = train_step(parts, batch, stop)
+        loss = outcome.loss
+        if outcome.stopping:
             progress = {"batches": batches, "steps": steps, "skipped": skipped, "samples": samples,
                         "loss_sum": loss_sum.item(), "seconds": time.perf_counter() - started}
             _stop_on_signal(state, epoch, progress, stop.received or "a stop signal on another process")
         batches += 1
-        if not finite:
+        if not outcome.finite:
             if training.nonfinite_loss == "stop":
                 raise NonFiniteLossError(
                     f"non-finite loss at epoch {epoch + 1}, step {batches} (iteration {state.iteration + 1}); "
@@ -158,18 +163,12 @@ def _run_epoch(state: RunState, epoch: int, show_progress: bool, stop: StopSigna
             skipped += 1
             state.optimiser.zero_grad(set_to_none=True)
             continue
-        accelerator.backward(loss)
-        if state.config.optimiser.grad_clip_norm > 0:
-            accelerator.clip_grad_norm_(state.model.parameters(), state.config.optimiser.grad_clip_norm)
-        state.optimiser.step()
-        state.scheduler.step()
-        state.optimiser.zero_grad(set_to_none=True)
         state.iteration += 1
         steps += 1
-        samples += image.shape[0]
-        loss_sum += loss.detach().double()
+        samples += outcome.samples
+        loss_sum += loss.double()
         bar.set_postfix(loss=f"{loss.item():.4f}")
-        if state.iteration > state.extras.get("wandb_logged_until", 0):  # after a resume: steps wandb has seen
+        if state.iteration > state.wandb_logged_until:  # after a resume: steps wandb has seen
             state.tracker.log({"train/loss": loss.item(), "train/learning_rate": state.learning_rate},
                               step=state.iteration)
     totals = accelerator.reduce(torch.tensor([loss_sum.item(), steps, skipped, samples], dtype=torch.float64,
@@ -182,17 +181,6 @@ def _run_epoch(state: RunState, epoch: int, show_progress: bool, stop: StopSigna
     state.sampler.set_epoch(epoch)
     record.update(_sample_sharding(state, epoch))
     return record
-
-
-def _step_flags(accelerator: Any, loss: torch.Tensor, stop: StopSignals) -> tuple[bool, bool]:
-    """Whether the loss is finite on every process, and whether any process received a stop signal.
-
-    One reduction per step carries both, so every process takes the same decisions.
-    """
-    flags = torch.tensor([0.0 if torch.isfinite(loss.detach()).item() else 1.0, 1.0 if stop.received else 0.0],
-                         device=accelerator.device)
-    bad, stopping = accelerator.reduce(flags, reduction="sum").tolist()
-    return bad == 0, stopping > 0
 
 
 def _stop_on_signal(state: RunState, epoch: int, progress: dict[str, Any], signal_name: str) -> None:
@@ -223,7 +211,8 @@ def _finish_epoch(state: RunState, epoch: int, record: dict[str, Any]) -> None:
     last = epoch + 1 == training.epochs
     if (epoch + 1) % training.validate_every == 0 or last:
         record.update(validate(state))
-    improved = record.get("mean_dice") is not None and (state.best_score is None or record["mean_dice"] > state.best_score)
+    score = record.get("mean_dice")
+    improved = score is not None and (state.best_score is None or score > state.best_score)
     if improved:
         state.best_epoch, state.best_score = epoch + 1, record["mean_dice"]
     record["best_epoch"] = state.best_epoch
@@ -253,15 +242,16 @@ def validate(state: RunState) -> dict[str, Any]:
         image = item["image"][None].to(accelerator.device)
         label = item["label"][None].to(accelerator.device)
         logits = predict_volume_logits(model, image, state.config, autocast_dtype=dtype,
-                                       pad_value=state.extras["pad_value"])
+                                       pad_value=state.pad_value)
         scores = score_case(logits.argmax(dim=1)[0].to(torch.uint8).cpu().numpy(), label[0, 0].cpu().numpy())
         scores["val_loss"] = float(state.loss(logits, label))
         per_case.append({"case_id": item["case_id"], **scores})
     cases = gather_object(per_case)
     model.train()
-    summary = mean_scores([{k: v for k, v in case.items() if k != "case_id"} for case in cases])
-    return {"val_loss": summary.get("val_loss"), "kidney_dice": summary.get("kidney_dice"),
-            "tumour_dice": summary.get("tumour_dice"), "mean_dice": summary.get("mean_dice"),
+    summary = summarise_scores(cases)  # case_id is not a number: ignored
+    val_loss = summary["val_loss"]["mean"] if not summary["val_loss"]["missing"] else math.nan  # NaN shows, as before
+    return {"val_loss": val_loss, "kidney_dice": summary["kidney_dice"]["mean"],
+            "tumour_dice": summary["tumour_dice"]["mean"], "mean_dice": summary["mean_dice"],
             "validation_cases": len(cases), "validation_space": VALIDATION_SPACE,
             "per_case": sorted(cases, key=lambda case: case["case_id"])}
 

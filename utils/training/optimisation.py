@@ -104,7 +104,7 @@ class WarmupCosineSchedule(LambdaLR):
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
         """Restore the schedule from :meth:`state_dict` (plain tensors and numbers; ``weights_only`` safe)."""
         super().load_state_dict(state_dict)
-        for group, lr in zip(self.optimizer.param_groups, self.get_last_lr()):
+        for group, lr in zip(self.optimizer.param_groups, self.get_last_lr(), strict=False):
             group["lr"] = lr
 
 

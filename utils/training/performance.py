@@ -55,7 +55,8 @@ class CompiledForward:
         backend: ``torch.compile`` backend (``"inductor"``; tests pass others).
     """
 
-    def __init__(self, module: torch.nn.Module, performance: PerformanceConfig, *, backend: str | Callable = "inductor"):
+    def __init__(self, module: torch.nn.Module, performance: PerformanceConfig, *,
+                 backend: str | Callable = "inductor"):
         self.module = module
         self.compiled: Callable[..., Any] | None = None
         self.failure: str | None = None
@@ -96,7 +97,8 @@ def loader_options(performance: PerformanceConfig, num_workers: int, device: tor
     Pinned memory only when batches go to a GPU; prefetching and persistent workers only with
     workers, which ignore stop signals (the training process checkpoints and stops them).
     """
-    options: dict[str, Any] = {"num_workers": num_workers, "pin_memory": performance.pin_memory and device.type == "cuda",
+    options: dict[str, Any] = {"num_workers": num_workers,
+                               "pin_memory": performance.pin_memory and device.type == "cuda",
                                "persistent_workers": num_workers > 0}
     if num_workers > 0:
         options.update(prefetch_factor=performance.prefetch_factor, worker_init_fn=ignore_stop_signals)

@@ -37,13 +37,13 @@ import optuna
 import yaml
 from optuna.trial import FrozenTrial, TrialState
 
-from utils.networks.checkpoints import load_checkpoint
-from utils.config.loading import config_as_dict
 from utils.config.experiment import load_experiment_config
-from utils.data.nifti_io import write_bytes_atomic
-from utils.training.run_folder import PROGRESS_FILE, attach_text_log, detach_text_log
+from utils.config.loading import config_as_dict
 from utils.config.search import PrunerConfig, SearchConfig, build_trial_experiment, parameter_overrides
+from utils.data.nifti_io import write_bytes_atomic
+from utils.networks.checkpoints import load_checkpoint
 from utils.training.engine import NonFiniteLossError, TrainingInterrupted, train
+from utils.training.run_folder import PROGRESS_FILE, attach_text_log, detach_text_log
 
 logger = logging.getLogger(__name__)
 

@@ -1,16 +1,24 @@
 """Setting up a training run: seeds, run folder, data, model, optimiser, and the state of a resumed run.
 
-:func:`set_up_run` returns a :class:`RunState` holding everything the epoch loop of
-:mod:`utils.training.engine` needs. With several processes (``accelerate launch`` or
-``torchrun``) only the main process creates folders, preprocesses and writes; the others
-receive the folder names and wait for it.
+Three calls, in this order (:func:`utils.training.engine.train` makes them):
+
+1. :func:`start_run`: the accelerator, seeds, and the run folder, checked writable before any
+   data work, with its text log attached;
+2. :func:`prepare_cache`: the preprocessing cache built or checked up to date
+   (:func:`utils.preprocessing.preprocess.prepare_training_cache`) by the main process only;
+3. :func:`set_up_run`: from that cache, datasets, model, optimiser and scheduler, and on resume
+   every state restored; it returns a :class:`RunState` holding everything the epoch loop of
+   :mod:`utils.training.engine` needs.
+
+With several processes (``accelerate launch`` or ``torchrun``) only the main process creates
+folders, preprocesses and writes; the others receive the folder names and wait for it.
 """
 
 from __future__ import annotations
 
 import logging
 import os
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -19,33 +27,69 @@ from accelerate import Accelerator
 from accelerate.utils import broadcast_object_list, set_seed
 from torch.utils.data import DataLoader
 
-from utils.data.case_discovery import resolve_data_dir
-from utils.networks.checkpoints import load_checkpoint, restore_rng_state
-from utils.config.loading import config_as_dict
 from utils.config.experiment import ExperimentConfig
-from utils.training.tracking import Tracker, build_tracker
-from utils.networks.losses import build_loss
-from utils.networks.models import build_model, check_input_size, model_input_size, spatial_dims
-from utils.training.optimisation import build_optimiser, build_scheduler
+from utils.config.loading import config_as_dict
+from utils.datasets.augmentation import SampleAugmenter
 from utils.datasets.patches import (
-    EpochSampler, SampledDataset, VolumeDataset, background_value, build_patch_datasets, collate_samples,
-)
-from utils.training.performance import CompiledForward, configure_backends, loader_options, memory_format
-from utils.preprocessing.cache import PreprocessedCache, open_cache
-from utils.preprocessing.preprocess import NO_SEGMENTATION, preprocess_dataset
-from utils.training.run_folder import (
-    ProgressLog, attach_text_log, check_writable, create_run_folder, detach_text_log, save_resolved_config,
+    EpochSampler,
+    SampledDataset,
+    VolumeDataset,
+    background_value,
+    build_patch_datasets,
+    collate_samples,
 )
 from utils.datasets.slices import build_slice_datasets
+from utils.networks.checkpoints import load_checkpoint, restore_rng_state
+from utils.networks.losses import build_loss
+from utils.networks.models import build_model, check_input_size, model_input_size, spatial_dims
+from utils.preprocessing.cache import PreprocessedCache, open_cache
+from utils.preprocessing.preprocess import prepare_training_cache
+from utils.training.optimisation import build_optimiser, build_scheduler
+from utils.training.performance import CompiledForward, configure_backends, loader_options, memory_format
+from utils.training.run_folder import (
+    ProgressLog,
+    attach_text_log,
+    check_writable,
+    create_run_folder,
+    detach_text_log,
+    save_resolved_config,
+)
+from utils.training.step import StepParts
+from utils.training.tracking import Tracker, build_tracker
 
 logger = logging.getLogger(__name__)
 
 LAST_CHECKPOINT = "last.pt"
 
 
+@dataclass(frozen=True, eq=False)
+class RunStart:
+    """A started run before its data is read: the accelerator and the run folder (see :func:`start_run`).
+
+    Attributes:
+        accelerator: the run's, with its mixed precision. folder: the run folder, writable, its
+        config saved. log_handler: the text log attached to ``folder/train.log`` (main process only).
+    """
+
+    accelerator: Accelerator
+    folder: Path
+    log_handler: logging.Handler | None
+
+    def abandon(self) -> None:
+        """Detach the text log when set-up fails before a :class:`RunState` exists to close the run."""
+        if self.log_handler is not None:
+            detach_text_log(self.log_handler)
+
+
 @dataclass(eq=False)
 class RunState:
-    """Everything the epoch loop reads and updates (see :func:`set_up_run`)."""
+    """Everything the epoch loop reads and updates (see :func:`set_up_run`).
+
+    Besides the objects it names: ``pad_value`` (the cache's background, padding windows at
+    validation), ``augmenter`` (the training set's, for items whose augmentation is deferred to
+    the device; ``None`` without augmentation), ``memory_format`` (of the model and its inputs),
+    and ``wandb_logged_until`` (after a resume: the last iteration wandb may already have seen).
+    """
 
     config: ExperimentConfig
     config_dict: dict[str, Any]
@@ -62,18 +106,27 @@ class RunState:
     tracker: Tracker
     progress: ProgressLog | None
     forward: CompiledForward
+    pad_value: float
+    augmenter: SampleAugmenter | None
+    memory_format: torch.memory_format
     log_handler: logging.Handler | None = None
     start_epoch: int = 0
     epoch_progress: dict[str, Any] | None = None
     iteration: int = 0
     best_epoch: int | None = None
     best_score: float | None = None
-    extras: dict[str, Any] = field(default_factory=dict)
+    wandb_logged_until: int = 0
 
     @property
     def learning_rate(self) -> float:
         """The optimiser's current learning rate."""
         return float(self.optimiser.param_groups[0]["lr"])
+
+    @property
+    def step_parts(self) -> StepParts:
+        """What :func:`utils.training.step.train_step` needs, from this run's objects."""
+        return StepParts(self.accelerator, self.model, self.forward, self.loss, self.optimiser, self.scheduler,
+                         self.augmenter, self.memory_format, self.config.optimiser.grad_clip_norm)
 
     def close(self) -> None:
         """Finish wandb, detach the text log, and leave the process group cleanly."""
@@ -85,9 +138,17 @@ class RunState:
             torch.distributed.destroy_process_group()
 
 
-def set_up_run(config: ExperimentConfig, *, data_dir: str | Path | None, resume: str | Path | None,
-               wandb: bool | None) -> RunState:
-    """Prepare a new run, or restore one from ``resume/last.pt`` (see :func:`utils.training.engine.train`)."""
+def start_run(config: ExperimentConfig, *, resume: str | Path | None) -> RunStart:
+    """The accelerator, seeds and run folder of a new run, or of the one resumed from ``resume/last.pt``.
+
+    Checks the model's input sizes, creates (main process) and checks writable the run folder,
+    saves the resolved config and attaches ``train.log``: all before any data work.
+
+    Raises:
+        ValueError: an input size the model cannot take.
+        RuntimeError: the launched processes did not form one group.
+        FileNotFoundError: ``resume`` holds no ``last.pt``. OSError: the run folder is not writable.
+    """
     training = config.training
     input_size = model_input_size(config)
     check_input_size(config.model, input_size)
@@ -106,9 +167,28 @@ def set_up_run(config: ExperimentConfig, *, data_dir: str | Path | None, resume:
     if not accelerator.is_main_process:  # one voice in the terminal: other processes report only problems
         logging.getLogger().setLevel(logging.WARNING)
     folder = _run_folder(config, resume, accelerator)
-    handler = attach_text_log(folder) if accelerator.is_main_process else None
-    cache = _prepare_cache(config, data_dir, accelerator)
-    train_set, validation = _build_datasets(config, cache)
+    return RunStart(accelerator, folder, attach_text_log(folder) if accelerator.is_main_process else None)
+
+
+def set_up_run(config: ExperimentConfig, cache: PreprocessedCache | str | Path, *, resume: str | Path | None,
+               wandb: bool | None, start: RunStart | None = None) -> RunState:
+    """Set up a new run, or restore one from ``resume/last.pt``, on an already prepared cache.
+
+    Args:
+        config: the experiment (see :func:`utils.training.engine.train`).
+        cache: the preprocessed cache to train from, or its plan folder (see :func:`prepare_cache`).
+        resume: the run folder to continue, or ``None`` for a new run.
+        wandb: force wandb on or off (``None``: ``config.wandb.enabled``).
+        start: the run started by :func:`start_run` (``None``: started here).
+
+    Returns:
+        The state the epoch loop reads and updates.
+    """
+    start = start if start is not None else start_run(config, resume=resume)
+    cache = cache if isinstance(cache, PreprocessedCache) else open_cache(cache)
+    accelerator, folder, training = start.accelerator, start.folder, config.training
+    input_size = model_input_size(config)
+    train_set, validation = build_training_datasets(config, cache)
     performance = config.performance
     configure_backends(performance, accelerator.device)
     train_set.defer_augmentation = performance.augment_on_device and train_set.augmenter is not None
@@ -124,13 +204,13 @@ def set_up_run(config: ExperimentConfig, *, data_dir: str | Path | None, resume:
     state = RunState(config, config_as_dict(config), accelerator, folder, cache, sampler, loader, validation, model,
                      optimiser, scheduler, build_loss(config.loss), tracker,
                      ProgressLog(folder) if accelerator.is_main_process else None, CompiledForward(model, performance),
-                     handler)
-    state.extras.update(pad_value=background_value(cache), augmenter=train_set.augmenter, memory_format=layout)
+                     pad_value=background_value(cache), augmenter=train_set.augmenter, memory_format=layout,
+                     log_handler=start.log_handler)
     resume_id = _restore(state, folder / LAST_CHECKPOINT) if resume is not None else None
     if state.epoch_progress is not None:  # stopped by a signal mid-epoch: wandb saw every step up to it
-        state.extras["wandb_logged_until"] = state.iteration
+        state.wandb_logged_until = state.iteration
     elif resume is not None:  # wandb may have logged steps up to the next checkpoint before the run stopped
-        state.extras["wandb_logged_until"] = state.iteration + len(loader) * training.checkpoint_every
+        state.wandb_logged_until = state.iteration + len(loader) * training.checkpoint_every
     state.tracker.start(state.config_dict, folder, folder.name, resume_id)
     logger.info("run folder %s: %s, %d training and %d validation cases, %d samples per epoch on %d process(es), "
                 "starting at epoch %d", folder, config.model.name, len(train_set.cases), len(validation),
@@ -138,8 +218,20 @@ def set_up_run(config: ExperimentConfig, *, data_dir: str | Path | None, resume:
     return state
 
 
-def _build_datasets(config: ExperimentConfig, cache: PreprocessedCache) -> tuple[SampledDataset, VolumeDataset]:
-    """Training samples (3D patches or 2D slices, as the model needs) and whole validation volumes."""
+def build_training_datasets(config: ExperimentConfig,
+                            cache: PreprocessedCache) -> tuple[SampledDataset, VolumeDataset]:
+    """The datasets a run trains and validates on, exactly as :func:`set_up_run` builds them.
+
+    Args:
+        config: the experiment: ``model.name`` picks 3D patches (``patches``) or 2D axial slices
+            (``slices``); ``augmentation``, ``training.fold``, ``training.seed`` and
+            ``training.max_validation_cases`` apply.
+        cache: the preprocessing cache.
+
+    Returns:
+        The class-balanced, augmented training samples (items ``image`` ``(1, Z, Y, X)`` or
+        ``(1, S, S)`` float32, ``label`` uint8 alike) and the whole validation volumes.
+    """
     training = config.training
     if spatial_dims(config.model) == 2:
         train_set, validation = build_slice_datasets(cache, config.slices, config.augmentation, fold=training.fold,
@@ -175,34 +267,33 @@ def _run_folder(config: ExperimentConfig, resume: str | Path | None, accelerator
     return Path(message[0])
 
 
-def _prepare_cache(config: ExperimentConfig, data_dir: str | Path | None, accelerator: Accelerator) -> PreprocessedCache:
-    """Preprocess (or confirm up to date) on the main process; every process then opens the cache."""
+def prepare_cache(config: ExperimentConfig, data_dir: str | Path | None, accelerator: Accelerator) -> PreprocessedCache:
+    """The cache a run trains from: prepared by the main process only, then opened by every process.
+
+    The main process calls :func:`utils.preprocessing.preprocess.prepare_training_cache` (build
+    or check up to date; refuse or skip bad cases as ``training.on_bad_case`` says); the others
+    wait for its plan folder, or for its error, broadcast through ``accelerate``. The
+    preprocessing stage knows nothing of processes: that part stays here, in training.
+
+    Args:
+        config: the experiment (``preprocessing``, ``split``, ``training.on_bad_case``, ``data_dir``).
+        data_dir: raw KiTS19-layout folder (default ``config.data_dir``, then ``KITS19_DATA``).
+        accelerator: the run's (see :func:`start_run`).
+
+    Raises:
+        FileNotFoundError, OSError: no data folder, or the cache cannot be written.
+        ValueError: bad cases with ``on_bad_case: error``.
+    """
     message: list[Any] = [None]
     if accelerator.is_main_process:
         try:
-            message = [str(_preprocess(config, data_dir))]
+            message = [str(prepare_training_cache(config, data_dir))]
         except (OSError, ValueError) as error:  # tell the other processes before raising
             message = [error]
     broadcast_object_list(message)
     if isinstance(message[0], BaseException):
         raise message[0]
     return open_cache(message[0])
-
-
-def _preprocess(config: ExperimentConfig, data_dir: str | Path | None) -> Path:
-    """Build or update the cache; refuse or skip bad cases as configured. Returns the plan folder."""
-    source = resolve_data_dir(data_dir if data_dir is not None else config.data_dir)
-    workers = max(1, min(config.training.num_workers, os.cpu_count() or 1))
-    result = preprocess_dataset(source, config.preprocessing, config.split, workers=workers,
-                                show_progress=True)
-    bad = {**result.failed, **{c: r for c, r in result.excluded.items() if r != NO_SEGMENTATION}}
-    if bad:
-        listing = "; ".join(f"{case}: {reason}" for case, reason in sorted(bad.items()))
-        if config.training.on_bad_case == "error":
-            raise ValueError(f"{source}: {len(bad)} case(s) cannot be used: {listing}. Fix or remove them, "
-                             "or set training.on_bad_case=skip to train without them")
-        logger.warning("training without %d unusable case(s): %s", len(bad), listing)
-    return result.folder
 
 
 def _restore(state: RunState, path: Path) -> str | None:
@@ -223,6 +314,7 @@ def _restore(state: RunState, path: Path) -> str | None:
     if checkpoint.get("preprocessing_plan", {}).get("plan_hash") != state.cache.plan.get("plan_hash"):
         logger.warning("the cache was rebuilt since this run started (another plan hash): resumed epochs see "
                        "differently preprocessed data")
-    within = f", batch {state.epoch_progress['batches'] + 1} of epoch {state.start_epoch + 1}" if state.epoch_progress else ""
+    within = (f", batch {state.epoch_progress['batches'] + 1} of epoch {state.start_epoch + 1}"
+              if state.epoch_progress else "")
     logger.info("resumed %s at epoch %d (iteration %d%s)", path, state.start_epoch, state.iteration, within)
     return checkpoint.get("wandb_run_id")
