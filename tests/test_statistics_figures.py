@@ -15,10 +15,10 @@ from utils.figures.statistics import (
     plot_slice_class_counts,
     plot_slice_classes_per_case,
     plot_slice_gallery,
-    plot_training_samples,
     plot_slice_shares,
     plot_slices_per_case,
     plot_spacing_distributions,
+    plot_training_samples,
     plot_tumours_per_case,
     plot_volume_distributions,
 )
