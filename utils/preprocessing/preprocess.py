@@ -32,7 +32,14 @@ from utils.config.data import PreprocessingConfig, SplitConfig
 from utils.config.experiment import ExperimentConfig
 from utils.config.loading import config_as_dict
 from utils.data.case_discovery import CaseFiles, resolve_data_dir
-from utils.data.case_validation import STATUS_INFERENCE_ONLY, CaseError, load_case, select_cases, validate_dataset
+from utils.data.case_validation import (
+    STATUS_INFERENCE_ONLY,
+    CaseError,
+    DatasetReport,
+    load_case,
+    select_cases,
+    validate_dataset,
+)
 from utils.data.nifti_io import save_json_atomic
 from utils.data.parallel import map_with_progress
 from utils.data.splits import save_splits
@@ -185,6 +192,30 @@ class PreprocessingResult:
     split_problem: str | None = None
 
 
+def _select_trainable_cases(report: DatasetReport) -> tuple[list[CaseFiles], dict[str, str]]:
+    """The cases of ``report`` that can enter the cache, and the reason each other case cannot (logged)."""
+    cases = select_cases(report, need_segmentation=True, on_bad="skip")
+    selected = {c.case_id for c in cases}
+    excluded = {r.case_id: NO_SEGMENTATION if r.status == STATUS_INFERENCE_ONLY
+                else "; ".join(f"{p.code}: {p.message}" for p in r.errors)
+                for r in report.reports if r.case_id not in selected}
+    for case_id, reason in excluded.items():
+        logger.warning("%s excluded from the cache: %s", case_id, reason)
+    return cases, excluded
+
+
+def _save_split_and_plan(folder: Path, case_ids: list[str], split: SplitConfig, plan: dict[str, Any]) -> str | None:
+    """Write the split (when there are enough cases), then the plan; returns why no split was written, if so."""
+    problem = None
+    try:
+        save_splits(folder, case_ids, split)
+    except ValueError as error:  # too few cases to split: the cache still serves inference and statistics
+        problem = f"no split written: {error}"
+        logger.warning("%s: %s", folder, problem)
+    save_json_atomic(folder / PLAN_NAME, plan)
+    return problem
+
+
 def preprocess_dataset(data_dir: str | os.PathLike, config: PreprocessingConfig, split: SplitConfig, *,
                        cache_dir: str | os.PathLike | None = None, workers: int = 1,
                        show_progress: bool = True) -> PreprocessingResult:
@@ -199,14 +230,8 @@ def preprocess_dataset(data_dir: str | os.PathLike, config: PreprocessingConfig,
         ValueError: no usable case with a segmentation, or too few for the split.
     """
     started = time.perf_counter()
-    report = validate_dataset(data_dir, show_progress=show_progress, workers=workers)
-    cases = select_cases(report, need_segmentation=True, on_bad="skip")
-    selected = {c.case_id for c in cases}
-    excluded = {r.case_id: NO_SEGMENTATION if r.status == STATUS_INFERENCE_ONLY
-                else "; ".join(f"{p.code}: {p.message}" for p in r.errors)
-                for r in report.reports if r.case_id not in selected}
-    for case_id, reason in excluded.items():
-        logger.warning("%s excluded from the cache: %s", case_id, reason)
+    cases, excluded = _select_trainable_cases(validate_dataset(data_dir, show_progress=show_progress,
+                                                               workers=workers))
     root = Path(cache_dir if cache_dir is not None else config.cache_dir)
     statistics, failed = _gather_statistics(cases, root / CASE_STATISTICS_DIR, workers, show_progress)
     usable = [c for c in cases if c.case_id not in failed]
@@ -229,13 +254,7 @@ def preprocess_dataset(data_dir: str | os.PathLike, config: PreprocessingConfig,
     outcomes.sort()
     failed.update({case_id: error for case_id, status, error in outcomes if status == "failed"})
     done = [case_id for case_id, status, _ in outcomes if status != "failed"]
-    split_problem = None
-    try:
-        save_splits(folder, done, split)
-    except ValueError as error:  # too few cases to split: the cache still serves inference and statistics
-        split_problem = f"no split written: {error}"
-        logger.warning("%s: %s", folder, split_problem)
-    save_json_atomic(folder / PLAN_NAME, {
+    split_problem = _save_split_and_plan(folder, done, split, {
         "version": PLAN_VERSION, "plan_name": folder.name, "plan_hash": plan_hash,
         "preprocessing": config_as_dict(config), "normalisation": asdict(normalisation),
         "canonical_axcodes": list(CANONICAL_AXCODES), "source_data": str(Path(data_dir).resolve()),
