@@ -1,0 +1,1 @@
+"""Raw data: the KiTS19 layout, NIfTI reading and checks, case discovery and validation, the case split."""
