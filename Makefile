@@ -6,7 +6,7 @@ VENV ?= .venv
 PY := $(VENV)/bin/python
 PYTEST_ARGS ?= -n 2
 
-.PHONY: demo test lint kernel lab clean-venv
+.PHONY: demo test test-slow lint kernel lab clean-venv
 
 $(PY):
 	$(PYTHON) -m venv $(VENV)
@@ -27,6 +27,10 @@ demo: $(VENV)/.minimal-installed
 # (idle OpenMP threads spinning against each other slow small models down many times over).
 test: lint
 	OMP_NUM_THREADS=$${OMP_NUM_THREADS:-1} WANDB_MODE=disabled $(PY) -m pytest $(PYTEST_ARGS)
+
+# The slow checks (marked slow): each quick model must fit one case (tests/test_overfit.py).
+test-slow: $(VENV)/.full-installed
+	OMP_NUM_THREADS=$${OMP_NUM_THREADS:-2} WANDB_MODE=disabled $(PY) -m pytest -m slow -v
 
 # pyflakes, import order, pycodestyle and bugbear over the whole tree, notebooks included (pyproject.toml).
 lint: $(VENV)/.full-installed

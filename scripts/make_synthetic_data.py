@@ -3,6 +3,7 @@
 Examples:
     python scripts/make_synthetic_data.py --out data/synthetic --cases 20 --workers 2
     python scripts/make_synthetic_data.py --out data/from_masks --from-masks ../kits19/data --cases 5
+    python scripts/make_synthetic_data.py --out data/test --from-masks ../kits19/data --case-ids case_00150,case_00151
 """
 
 from __future__ import annotations
@@ -26,8 +27,18 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--matrix", type=int, default=512, help="in-plane size in voxels (default 512)")
     parser.add_argument("--from-masks", default=None, metavar="DIR",
                         help="KiTS19-layout folder of real segmentations to synthesise CT around")
+    parser.add_argument("--case-ids", default=None, metavar="IDS",
+                        help="with --from-masks: comma-separated case ids to take, e.g. case_00150,case_00151")
     parser.add_argument("--workers", type=int, default=1, help="parallel processes (default 1)")
     args = parser.parse_args(argv)
+    if args.case_ids is not None:
+        args.case_ids = [case_id.strip() for case_id in args.case_ids.split(",") if case_id.strip()]
+        if args.from_masks is None:
+            parser.error("--case-ids selects masks: it needs --from-masks")
+        if args.cases is not None:
+            parser.error("give --cases (the first N masks) or --case-ids (those masks), not both")
+        if not args.case_ids:
+            parser.error("--case-ids needs at least one case id, e.g. --case-ids case_00150,case_00151")
     if args.from_masks is None and args.cases is None:
         parser.error("--cases is required for procedural generation")
     if args.from_masks is not None and (args.spacing is not None or args.matrix != 512):
@@ -41,8 +52,8 @@ def main(argv: list[str] | None = None) -> int:
     start = time.perf_counter()
     try:
         if args.from_masks is not None:
-            summaries = generate_from_masks(args.from_masks, args.out, cases=args.cases, seed=args.seed,
-                                            workers=args.workers)
+            summaries = generate_from_masks(args.from_masks, args.out, cases=args.cases, case_ids=args.case_ids,
+                                            seed=args.seed, workers=args.workers)
         else:
             options = SyntheticOptions(matrix=args.matrix, spacing=tuple(args.spacing) if args.spacing else None)
             summaries = generate_dataset(args.out, args.cases, seed=args.seed, options=options, workers=args.workers)

@@ -135,3 +135,24 @@ def test_bad_inputs_are_rejected_with_the_shapes(name):
         loss(torch.randn(1, 3, 4, 4, 4), torch.zeros(1, 4, 4, 4, dtype=torch.long))
     with pytest.raises(ValueError, match=r"\(B, 3, \*spatial\)"):
         loss(torch.randn(1, 2, 4, 4, 4), torch.zeros(1, 1, 4, 4, 4, dtype=torch.long))
+
+
+def test_batch_dice_scores_a_tumour_free_sample_through_the_batch():
+    # Two samples, both predicted perfectly except that sample 1 has no tumour (and none is
+    # predicted). Per-sample Dice: sample 1's tumour Dice is 0/0 -> smoothed 1e-5/1e-5 = 1, loss 0.
+    # Now make sample 1 predict a little tumour where there is none: per sample its tumour Dice
+    # is 0 (a full w_2 cost), over the batch it only dilutes sample 0's tumour Dice.
+    labels = torch.zeros(2, 1, 1, 1, 8, dtype=torch.uint8)
+    labels[0, 0, 0, 0, :4] = 2
+    labels[1, 0, 0, 0, :4] = 1
+    predicted = labels.clone()
+    predicted[1, 0, 0, 0, 7] = 2  # one false tumour voxel in the tumour-free sample
+    logits = _confident_logits(predicted, margin=30.0)
+    weights = (0.0, 0.0, 1.0)  # the tumour Dice alone
+    per_sample = build_loss(LossConfig(name="dice_ce", class_weights=weights, other_weight=0.0))(logits, labels)
+    batch = build_loss(LossConfig(name="dice_ce", class_weights=weights, other_weight=0.0, batch_dice=True))(
+        logits, labels)
+    # per sample: mean over B * C = 6 terms of w_c (1 - Dice): only sample 1's tumour costs 1 -> 1/6
+    assert per_sample.item() == pytest.approx(1 / 6, abs=1e-4)
+    # batch: one tumour Dice over both samples, 2 * 4 / (4 + 5) -> (1 - 8/9) / 3 over C = 3 terms
+    assert batch.item() == pytest.approx((1 - 8 / 9) / 3, abs=1e-4)

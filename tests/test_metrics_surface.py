@@ -65,3 +65,21 @@ def test_spacing_is_checked() -> None:
     assert check_spacing([3, 1, 0.5]) == (3.0, 1.0, 0.5)
     with pytest.raises(ValueError, match="spacing must be three finite values > 0 mm.*0.0"):
         check_spacing((1.0, 0.0, 1.0))
+
+
+def test_distances_equal_those_of_a_distance_transform_on_random_masks() -> None:
+    # The definition, computed the slow way: a Euclidean distance transform of the other mask's
+    # boundary over the whole array, read at this mask's boundary voxels.
+    from scipy import ndimage
+
+    rng = np.random.default_rng(0)
+    spacing = (2.5, 0.8, 0.7)
+    for _ in range(3):
+        prediction = ndimage.binary_dilation(rng.random((14, 30, 26)) > 0.995, iterations=2)
+        truth = ndimage.binary_dilation(rng.random((14, 30, 26)) > 0.995, iterations=2)
+        to_truth, to_prediction = measure_surface_distances(prediction, truth, spacing)
+        p_surface, t_surface = find_surface(prediction), find_surface(truth)
+        expected_to_truth = ndimage.distance_transform_edt(~t_surface, sampling=spacing)[p_surface]
+        expected_to_prediction = ndimage.distance_transform_edt(~p_surface, sampling=spacing)[t_surface]
+        np.testing.assert_allclose(to_truth, expected_to_truth, rtol=1e-9, atol=1e-9)
+        np.testing.assert_allclose(to_prediction, expected_to_prediction, rtol=1e-9, atol=1e-9)

@@ -85,6 +85,9 @@ class LossConfig:
         class_weights: per class (background, kidney, tumour), for both terms.
         dice_weight, other_weight: weights of the Dice term and of the focal / cross-entropy term.
         focal_gamma: focusing parameter of the focal term.
+        batch_dice: compute the Dice term over the whole batch (one Dice per class, as nnU-Net
+            does for 3D) instead of per sample; a sample without tumour then no longer costs a
+            full tumour Dice of its own.
     """
 
     name: str = "dice_focal"
@@ -92,6 +95,7 @@ class LossConfig:
     dice_weight: float = 1.0
     other_weight: float = 1.0
     focal_gamma: float = 2.0
+    batch_dice: bool = False
 
     def __post_init__(self) -> None:
         check_choice("name", self.name, LOSS_NAMES)

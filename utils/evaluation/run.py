@@ -131,7 +131,7 @@ def evaluate_run(run: str | os.PathLike, *, data_dir: str | os.PathLike | None =
                  "cases_selected": cases, "tta": tta, "postprocess": postprocess, "cases": timings}
     save_json_atomic(report / INFERENCE_JSON, inference)
     evaluation = evaluate_predictions(data, predictions, report, tolerance_mm=tolerance_mm, case_ids=chosen,
-                                      show_progress=False)
+                                      show_progress=show_progress)
     figure_path = save_figure(plot_case_scores(evaluation.cases, title=f"{segmenter.run_name}: {cases} cases, "
                                                "original grid"), report / "case_scores.png")
     for case in evaluation.cases:

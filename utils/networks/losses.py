@@ -15,7 +15,9 @@ How ``class_weights`` ``w = (w_0, w_1, w_2)`` act (MONAI 1.6.1, checked in its s
   over ``B * C`` (zero-weight classes still count in the denominator). ``w_0 = 0`` drops the
   background Dice; false positives still cost through the kidney and tumour Dice. A class
   absent from a sample (a patch without tumour) costs nearly ``w_c`` unless its predicted
-  probabilities sum to about 0 (MONAI's smoothing terms are 1e-5).
+  probabilities sum to about 0 (MONAI's smoothing terms are 1e-5). With ``batch_dice`` the
+  sums run over the whole batch (MONAI ``batch=True``): one Dice per class, averaged over
+  ``C``, so a tumour-free patch costs only through its false-positive tumour probabilities.
 * Focal term (``dice_focal``): MONAI ``DiceFocalLoss`` does not pass ``softmax`` on to its
   ``FocalLoss`` (MONAI issue #8242), so the focal term is the *sigmoid* focal loss of each
   channel against its one-hot channel, one-vs-rest: element ``(b, c, v)`` costs
@@ -64,7 +66,8 @@ class DiceFocal(torch.nn.Module):
         self.num_classes = len(config.class_weights)
         self.loss = DiceFocalLoss(
             include_background=True, to_onehot_y=True, softmax=True, weight=list(config.class_weights),
-            gamma=config.focal_gamma, lambda_dice=config.dice_weight, lambda_focal=config.other_weight)
+            gamma=config.focal_gamma, lambda_dice=config.dice_weight, lambda_focal=config.other_weight,
+            batch=config.batch_dice)
 
     def forward(self, logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
         """Scalar loss of ``(B, C, *spatial)`` float logits against ``(B, 1, *spatial)`` integer labels."""
@@ -83,7 +86,7 @@ class DiceCrossEntropy(torch.nn.Module):
         super().__init__()
         self.num_classes = len(config.class_weights)
         self.dice = DiceLoss(include_background=True, to_onehot_y=True, softmax=True,
-                             weight=list(config.class_weights))
+                             weight=list(config.class_weights), batch=config.batch_dice)
         self.register_buffer("class_weights", torch.tensor(config.class_weights, dtype=torch.float32))
         self.dice_weight, self.ce_weight = config.dice_weight, config.other_weight
 

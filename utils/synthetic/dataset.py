@@ -12,6 +12,7 @@ from __future__ import annotations
 import json
 import logging
 import os
+from collections.abc import Sequence
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
@@ -228,23 +229,58 @@ def find_masks(masks_dir: str | os.PathLike) -> list[Path]:
     return masks
 
 
+def select_masks(masks: Sequence[Path], case_ids: Sequence[str], masks_dir: str | os.PathLike) -> list[Path]:
+    """The masks of ``case_ids``, in that order, from :func:`find_masks`'s list of ``masks_dir``.
+
+    Raises:
+        ValueError: ``case_ids`` empty or repeated, or an id without a mask in ``masks_dir``
+            (the message names the folder and every such id).
+    """
+    ids = list(case_ids)
+    if isinstance(case_ids, str) or not ids:
+        raise ValueError(f"case_ids must be a non-empty list of case ids such as ['case_00150'], got {case_ids!r}")
+    repeated = sorted({case_id for case_id in ids if ids.count(case_id) > 1})
+    if repeated:
+        raise ValueError(f"case_ids must name each case once, got {repeated} more than once")
+    by_id = {mask.parent.name: mask for mask in masks}
+    absent = [case_id for case_id in ids if case_id not in by_id]
+    if absent:
+        raise ValueError(f"{masks_dir}: no case_XXXXX/{SEGMENTATION_NAME} for {len(absent)} requested case id(s): "
+                         f"{', '.join(absent)}; the folder holds {len(by_id)} masks "
+                         f"({min(by_id)} … {max(by_id)})")
+    return [by_id[case_id] for case_id in ids]
+
+
 def generate_from_masks(masks_dir: str | os.PathLike, out_dir: str | os.PathLike, *, cases: int | None = None,
-                        seed: int = 0, workers: int = 1, show_progress: bool = True) -> list[CaseSummary]:
+                        case_ids: Sequence[str] | None = None, seed: int = 0, workers: int = 1,
+                        show_progress: bool = True) -> list[CaseSummary]:
     """Synthesise ``imaging.nii.gz`` around real segmentations; the masks are copied unchanged.
 
     Args:
         masks_dir: KiTS19-layout folder with ``case_XXXXX/segmentation.nii.gz`` (read only).
         out_dir: destination folder; must differ from ``masks_dir``.
         cases: take only the first ``cases`` masks (default: all).
+        case_ids: take exactly the masks of these cases, e.g. ``["case_00150", "case_00151"]``
+            (default: all); not together with ``cases``.
+
+    Raises:
+        FileNotFoundError: no mask folder, or no mask in it.
+        ValueError: ``out_dir`` is ``masks_dir``; ``cases`` < 1; ``cases`` and ``case_ids`` both
+            given; ``case_ids`` empty, repeated, or naming a case without a mask in ``masks_dir``.
     """
     masks = find_masks(masks_dir)
     out = Path(out_dir)
     if out.resolve() == Path(masks_dir).resolve():
         raise ValueError(f"--out must differ from --from-masks ({out}): the input data are never modified")
+    if cases is not None and case_ids is not None:
+        raise ValueError(f"give cases (the first N masks) or case_ids (those masks), not both; got cases={cases} "
+                         f"and {len(case_ids)} case_ids")
     if cases is not None:
         if cases < 1:
             raise ValueError(f"cases must be >= 1, got {cases}")
         masks = masks[:cases]
+    if case_ids is not None:
+        masks = select_masks(masks, case_ids, masks_dir)
     out.mkdir(parents=True, exist_ok=True)
     jobs = [(out, mask, seed) for mask in masks]
     summaries = map_with_progress(_from_mask_job, jobs, workers=workers, description="cases from masks",

@@ -1,0 +1,185 @@
+"""scripts/benchmark_quality.py (utils/benchmarks/quality.py): the held-out split, fallback, reports, refusals."""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+import re
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from utils.benchmarks.quality import (
+    TEST_CASE_IDS,
+    QualityPlan,
+    describe_dice,
+    plan_data_split,
+    prepare_quality_benchmark,
+    split_case_ids,
+)
+from utils.data.kits_layout import build_kits_affine
+from utils.data.nifti_io import save_nifti
+from utils.synthetic.dataset import generate_from_masks
+
+REPO = Path(__file__).resolve().parents[1]
+
+# Tiny networks, coarse voxels, 8 samples and one validated epoch: seconds per model on one core.
+TINY_BOTH = ["preprocessing.target_spacing=[5,6,6]", "patches.samples_per_epoch=8", "slices.samples_per_epoch=8",
+             "training.validate_every=1"]
+TINY_3D = ["model.channels=[4,8,16,32]", "patches.patch_size=[16,32,32]", "sliding_window.roi_size=[16,32,32]"]
+TINY_2D = ["model.hidden_size=32", "model.mlp_dim=64", "model.num_heads=2", "model.feature_size=4",
+           "slices.image_size=32", "training.batch_size=4"]
+
+
+def _load_script(name: str):
+    spec = importlib.util.spec_from_file_location(name, REPO / "scripts" / f"{name}.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def _write_masks(folder: Path, case_numbers: list[int]) -> None:
+    """Small two-kidney masks with a tumour, ``(12, 48, 48)`` at 5 x 4 x 4 mm, in the KiTS19 layout."""
+    z, y, x = np.ogrid[:12, :48, :48]
+    labels = np.zeros((12, 48, 48), np.uint8)
+    for cx in (14, 34):
+        labels[((z - 6) / 4) ** 2 + ((y - 28) / 6) ** 2 + ((x - cx) / 5) ** 2 <= 1] = 1
+    labels[((z - 6) / 2) ** 2 + ((y - 28) / 3) ** 2 + ((x - 12) / 3) ** 2 <= 1] = 2
+    for number in case_numbers:
+        (folder / f"case_{number:05d}").mkdir(parents=True)
+        save_nifti(labels, build_kits_affine((5.0, 4.0, 4.0)), folder / f"case_{number:05d}" / "segmentation.nii.gz")
+
+
+def _table_rows(markdown: str) -> dict[str, list[str]]:
+    """The quality table's rows by model (the first table of quality.md)."""
+    table = markdown[markdown.index("| model | kidney Dice"):].split("\n\n")[0].splitlines()[2:]
+    return {cells[0]: cells for cells in ([c.strip() for c in row.strip("|").split("|")] for row in table)}
+
+
+def test_end_to_end_on_procedural_fallback(tmp_path, caplog):
+    out, work = tmp_path / "out", tmp_path / "work"
+    argv = ["--masks", str(tmp_path / "no_masks_here"), "--train-cases", "3", "--test-cases", "2", "--matrix", "64",
+            "--out", str(out), "--work", str(work), "--epochs3d", "1", "--epochs2d", "1", "--bootstrap", "50"]
+    argv += [f"--set3d={o}" for o in TINY_BOTH + TINY_3D] + [f"--set2d={o}" for o in TINY_BOTH + TINY_2D]
+    with caplog.at_level("INFO"):
+        status = _load_script("benchmark_quality").main(argv)
+    assert status == 0
+    assert any(r.levelname == "WARNING" and "NOT comparable with the README" in r.getMessage()
+               and "no_masks_here" in r.getMessage() for r in caplog.records)
+    quality = json.loads((out / "quality.json").read_text())
+    split = quality["split"]
+    assert split["source"] == "procedural" and split["disjoint_by"] == "master seed"
+    assert split["train_ids"] == ["case_00000", "case_00001", "case_00002"]
+    assert split["test_ids"] == ["case_00000", "case_00001"] and split["train_dir"] != split["test_dir"]
+    assert quality["machine"]["cpu_cores"] >= 1 and quality["machine"]["torch"]
+    assert "--train-cases 3" in quality["command"]
+    assert set(quality["models"]) == {"resunet3d", "unetr2d"}
+    for name, model in quality["models"].items():
+        budget = model["budget"]
+        assert budget["epochs"] == 1 and budget["samples_per_epoch"] == 8
+        assert budget["optimiser_steps"] > 0 and budget["wall_minutes"] > 0 and budget["cpu_seconds"] > 0
+        assert [c["case_id"] for c in model["cases"]] == split["test_ids"] and model["failures"] == []
+        assert [c["case_id"] for c in model["tumour_dice_per_case"]] == split["test_ids"]
+        metrics = json.loads((out / name / "metrics.json").read_text())
+        assert sorted(c["case_id"] for c in metrics["cases"]) == split["test_ids"]
+        assert model["summary"]["kidney_dice"] == metrics["summary"]["kidney_dice"]  # nothing failed: the same
+        spread = model["tumour_dice_distribution"]
+        assert spread["min"] <= spread["q1"] <= spread["median"] <= spread["q3"] <= spread["max"]
+        assert spread["cases"] == 2
+        assert [r["epoch"] for r in model["learning_curve"]] == [1]
+        assert 0 <= model["learning_curve"][0]["kidney_dice"] <= 1
+        assert "last.pt" in json.loads((out / name / "inference.json").read_text())["checkpoint"]
+    rows = _table_rows((out / "quality.md").read_text())
+    assert sorted(rows) == ["resunet3d", "unetr2d"]
+    for cells in rows.values():
+        kidney, tumour = (float(re.match(r"[\d.]+", cell).group()) for cell in cells[1:3])
+        assert 0 <= kidney <= 1 and 0 <= tumour <= 1 and cells[-1] == "1"
+    assert "python scripts/benchmark_quality.py" in (out / "quality.md").read_text()
+    assert (out / "comparison" / "comparison.md").is_file()
+    for figure in ("learning_curves.png", "dice_per_case.png"):
+        assert (out / figure).read_bytes()[:4] == b"\x89PNG"
+
+
+def test_case_ids_select_exactly_those_masks_and_refuse_unknown_ones(tmp_path):
+    masks = tmp_path / "masks"
+    _write_masks(masks, [0, 1, 2, 7])
+    summaries = generate_from_masks(masks, tmp_path / "out", case_ids=["case_00007", "case_00001"],
+                                    show_progress=False)
+    assert sorted(s.case_id for s in summaries) == ["case_00001", "case_00007"]
+    assert sorted(p.name for p in (tmp_path / "out").glob("case_*")) == ["case_00001", "case_00007"]
+    with pytest.raises(ValueError, match=r"masks: no case_XXXXX/segmentation.nii.gz for 1 requested case id\(s\): "
+                                         r"case_00099"):
+        generate_from_masks(masks, tmp_path / "other", case_ids=["case_00001", "case_00099"], show_progress=False)
+    assert not (tmp_path / "other").exists()
+    with pytest.raises(ValueError, match="not both"):
+        generate_from_masks(masks, tmp_path / "other", cases=1, case_ids=["case_00001"], show_progress=False)
+    script = _load_script("make_synthetic_data")
+    assert script.main(["--out", str(tmp_path / "cli"), "--from-masks", str(masks), "--case-ids",
+                        "case_00002, case_00000"]) == 0
+    assert sorted(p.name for p in (tmp_path / "cli").glob("case_*")) == ["case_00000", "case_00002"]
+    assert script.main(["--out", str(tmp_path / "cli2"), "--from-masks", str(masks), "--case-ids", "case_00005"]) == 2
+
+
+def test_outputs_inside_the_mask_folder_are_refused_before_any_file_is_written(tmp_path, capsys):
+    masks = tmp_path / "masks"
+    _write_masks(masks, [0, 150])
+    before = sorted(p.relative_to(tmp_path) for p in tmp_path.rglob("*"))
+    script = _load_script("benchmark_quality")
+    for option, inside in (("--out", masks / "reports"), ("--work", masks)):
+        others = {"--out": tmp_path / "out", "--work": tmp_path / "work"}
+        others[option] = inside
+        argv = ["--masks", str(masks), "--train-cases", "1", "--test-cases", "1",
+                *(item for pair in others.items() for item in (pair[0], str(pair[1])))]
+        assert script.main(argv) == 2
+        error = capsys.readouterr().err
+        assert f"{option} {inside} lies inside the mask folder" in error and "only ever read" in error
+    assert sorted(p.relative_to(tmp_path) for p in tmp_path.rglob("*")) == before
+
+
+def test_bad_input_is_a_usage_error_naming_the_folder(tmp_path, capsys):
+    script = _load_script("benchmark_quality")
+    missing = tmp_path / "nowhere"
+    assert script.main(["--masks", str(missing), "--require-masks", "--out", str(tmp_path / "o"),
+                        "--work", str(tmp_path / "w")]) == 2
+    assert f"{missing}: mask folder not found" in capsys.readouterr().err
+    masks = tmp_path / "masks"
+    _write_masks(masks, [0, 1, 150])  # no case_00002
+    assert script.main(["--masks", str(masks), "--train-cases", "3", "--test-cases", "1",
+                        "--out", str(tmp_path / "o"), "--work", str(tmp_path / "w")]) == 2
+    assert "requested case id(s): case_00002" in capsys.readouterr().err
+    assert script.main(["--masks", str(masks), "--models", "3d,4d", "--out", str(tmp_path / "o")]) == 2
+    assert "models must name each of" in capsys.readouterr().err
+    assert not (tmp_path / "o").exists() and not (tmp_path / "w").exists()
+
+
+def test_the_split_is_fixed_by_case_id():
+    train, test = split_case_ids(30)
+    assert train == tuple(f"case_{i:05d}" for i in range(30)) and test == TEST_CASE_IDS
+    assert test[0] == "case_00150" and test[-1] == "case_00169" and len(test) == 20
+    assert split_case_ids(5, 3)[1] == ("case_00150", "case_00151", "case_00152")
+    with pytest.raises(ValueError, match="train_cases must be between 1 and 150"):
+        split_case_ids(151)
+    with pytest.raises(ValueError, match="test_cases must be between 1 and 20"):
+        split_case_ids(3, 21)
+
+
+def test_dice_distribution_by_hand():
+    spread = describe_dice([0.0, 0.2, 0.6, 1.0])
+    assert spread["min"] == 0.0 and spread["max"] == 1.0 and spread["median"] == pytest.approx(0.4)
+    assert spread["q1"] == pytest.approx(0.15) and spread["q3"] == pytest.approx(0.7)
+    assert spread["share_at_least_0.5"] == 0.5 and spread["cases"] == 4
+
+
+def test_split_of_the_real_kits19_masks(real_kits19_dir, tmp_path):
+    plan = QualityPlan(masks_dir=real_kits19_dir, out_dir=tmp_path / "out", work_dir=tmp_path / "work",
+                       require_masks=True)
+    prepared = prepare_quality_benchmark(plan)  # checks masks, ids and configs; writes nothing
+    split = plan_data_split(plan)
+    assert split == prepared.split and split.source == "kits19_masks" and split.warning is None
+    assert split.test_ids == tuple(f"case_{i:05d}" for i in range(150, 170))
+    assert split.train_ids == tuple(f"case_{i:05d}" for i in range(30))
+    assert not set(split.train_ids) & set(split.test_ids) and split.train_dir != split.test_dir
+    assert {c.training.epochs for c in prepared.configs.values()} == {80, 30}  # the quick configs' own
+    assert all(c.data_dir == str(split.train_dir) for c in prepared.configs.values())
+    assert list(tmp_path.iterdir()) == []
