@@ -18,6 +18,7 @@ from utils.benchmarks.quality import (
     prepare_quality_benchmark,
     split_case_ids,
 )
+from utils.config.experiment import load_experiment_config
 from utils.data.kits_layout import build_kits_affine
 from utils.data.nifti_io import save_nifti
 from utils.synthetic.dataset import generate_from_masks
@@ -180,6 +181,8 @@ def test_split_of_the_real_kits19_masks(real_kits19_dir, tmp_path):
     assert split.test_ids == tuple(f"case_{i:05d}" for i in range(150, 170))
     assert split.train_ids == tuple(f"case_{i:05d}" for i in range(30))
     assert not set(split.train_ids) & set(split.test_ids) and split.train_dir != split.test_dir
-    assert {c.training.epochs for c in prepared.configs.values()} == {80, 30}  # the quick configs' own
+    own = {key: load_experiment_config(path).training.epochs
+           for key, path in (("3d", plan.config_3d), ("2d", plan.config_2d))}
+    assert {key: c.training.epochs for key, c in prepared.configs.items()} == own  # the quick configs' own
     assert all(c.data_dir == str(split.train_dir) for c in prepared.configs.values())
     assert list(tmp_path.iterdir()) == []
