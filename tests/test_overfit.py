@@ -5,8 +5,8 @@ or the metric, not at the recipe. The case is a procedural synthetic CT with a 3
 it is written twice (``case_00000`` and ``case_00001``, identical files), so the run trains on
 one copy and validates, through the engine's own validation, on the other.
 
-Slow (about 5 minutes for the 3D model and 15 for the UNETR at 128 px on two cores): marked ``slow`` and left out of ``make test``;
-run it with ``make test-slow``.
+Slow (about 5 minutes for the 3D model and 15 for the UNETR at 128 px on two cores): marked
+``slow`` and left out of ``make test``; run it with ``make test-slow``.
 """
 
 from __future__ import annotations
