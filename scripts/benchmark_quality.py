@@ -111,7 +111,7 @@ def main(argv: list[str] | None = None) -> int:
         print(f"{PROGRAM}: error: {error}", file=sys.stderr)
         return EXIT_USAGE
     try:
-        result = run_quality_benchmark(prepared, show_progress=sys.stderr.isatty())
+        result = run_quality_benchmark(prepared, show_progress=True)
     except (TrainingInterrupted, NonFiniteLossError, CheckpointError, OSError, ValueError) as error:
         logging.getLogger(PROGRAM).error("the benchmark stopped: %s", error)
         return EXIT_FAILED

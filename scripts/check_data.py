@@ -2,11 +2,13 @@
 
 Usage::
 
-    python scripts/check_data.py --data DIR [--full] [--json OUT.json] [--workers K]
+    python scripts/check_data.py --data DIR [--full] [--json OUT.json] [--workers K] [--allow-inside-input]
 
 ``DIR`` holds the ``case_XXXXX`` folders (default: the ``KITS19_DATA`` environment variable).
 The default check reads headers only (seconds for the whole dataset); ``--full`` reads every
 voxel (minutes). Prints dataset warnings, one table row per case and a summary line.
+``--json`` may not lie inside ``DIR`` (unless ``--allow-inside-input``) and only replaces an
+earlier report of this command, never another file.
 
 Exit status: 0 when no case is unusable, 1 when any case is unusable (or none was found),
 2 on usage errors.
@@ -23,8 +25,11 @@ from pathlib import Path
 from utils.data.case_discovery import resolve_data_dir
 from utils.data.case_validation import CaseReport, DatasetReport, validate_dataset
 from utils.data.nifti_io import write_bytes_atomic
+from utils.data.output_guard import add_guard_argument, check_output_location, check_overwrite, is_own_json
 
 EXIT_OK, EXIT_UNUSABLE, EXIT_USAGE = 0, 1, 2
+#: Top-level keys of every JSON report (:meth:`DatasetReport.to_dict`): how an earlier report is recognised.
+REPORT_KEYS = ("data_dir", "full", "warnings", "counts", "cases")
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
@@ -40,6 +45,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         "--json", type=Path, default=None, metavar="OUT.json", help="also write the full report as JSON"
     )
     parser.add_argument("--workers", type=int, default=1, help="processes checking cases in parallel (default 1)")
+    add_guard_argument(parser)
     return parser.parse_args(argv)
 
 
@@ -74,14 +80,17 @@ def main(argv: list[str] | None = None) -> int:
     logging.basicConfig(level=logging.ERROR, format="%(levelname)s: %(message)s")
     try:
         data_dir = resolve_data_dir(args.data)
-        if args.json is not None and not args.json.parent.is_dir():
-            raise FileNotFoundError(f"folder for --json {args.json.parent} does not exist")
+        if args.json is not None:
+            check_output_location(args.json, [data_dir], what="--json", allow_inside_input=args.allow_inside_input)
+            if not args.json.parent.is_dir():
+                raise FileNotFoundError(f"folder for --json {args.json.parent} does not exist")
+            check_overwrite(args.json, is_own_json(REPORT_KEYS), what="--json")
         if args.workers < 1:
             raise ValueError(f"--workers must be >= 1, got {args.workers}")
     except (ValueError, FileNotFoundError) as error:
         print(f"check_data.py: error: {error}", file=sys.stderr)
         return EXIT_USAGE
-    report = validate_dataset(data_dir, full=args.full, show_progress=sys.stderr.isatty(), workers=args.workers)
+    report = validate_dataset(data_dir, full=args.full, show_progress=True, workers=args.workers)
     print_report(report)
     if args.json is not None:
         write_bytes_atomic(args.json, (json.dumps(report.to_dict(), indent=2) + "\n").encode("utf-8"))

@@ -3,13 +3,16 @@
 Usage::
 
     python scripts/compare_models.py RUN_A RUN_B --out reports/comparison \
-        [--reports-dir reports] [--bootstrap 10000] [--seed 0]
+        [--reports-dir reports] [--bootstrap 10000] [--seed 0] [--allow-inside-input]
 
 ``RUN_A`` and ``RUN_B`` are report folders (holding ``metrics.json`` and ``inference.json``) or
 training run folders ``checkpoints/<run>/``, whose report folder is ``<reports-dir>/<run>/``
 (written by ``scripts/eval_unet.py`` for resunet3d runs, ``scripts/eval_unetr.py`` for unetr2d).
 Writes ``comparison.md``, ``comparison.html`` (self-contained), ``comparison.json`` and the
 figures ``boxplots.png`` and ``dice_scatter.png`` into ``--out``. Differences are B - A.
+``--out`` may not be, or lie inside, either run's folder or report folder (unless
+``--allow-inside-input``), and an existing report there is only replaced when an earlier
+comparison wrote it; both are checked before anything is read.
 
 Exit status: 0 when the report was written, 1 when it could not be (missing or invalid report,
 no shared case), 2 on usage errors.
@@ -22,8 +25,9 @@ import logging
 import sys
 from pathlib import Path
 
+from utils.data.output_guard import OutputGuardError, add_guard_argument, check_output_location
 from utils.evaluation.comparison import resolve_report_folder
-from utils.evaluation.report import write_comparison_report
+from utils.evaluation.report import check_comparison_folder, write_comparison_report
 
 EXIT_OK, EXIT_FAILED, EXIT_USAGE = 0, 1, 2
 
@@ -38,6 +42,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                         help="folder of the runs' report folders (default reports)")
     parser.add_argument("--bootstrap", type=int, default=10000, help="bootstrap resamples (default 10000)")
     parser.add_argument("--seed", type=int, default=0, help="seed of the bootstrap (default 0)")
+    add_guard_argument(parser)
     return parser.parse_args(argv)
 
 
@@ -49,17 +54,25 @@ def main(argv: list[str] | None = None) -> int:
         print(f"compare_models.py: error: --bootstrap must be >= 1, got {args.bootstrap}", file=sys.stderr)
         return EXIT_USAGE
     try:
+        check_output_location(args.out, [run for run in (args.run_a, args.run_b) if run.exists()], what="--out",
+                              allow_inside_input=args.allow_inside_input)
+    except OutputGuardError as error:
+        print(f"compare_models.py: error: {error}", file=sys.stderr)
+        return EXIT_USAGE
+    try:
         folders = (resolve_report_folder(args.run_a, args.reports_dir),
                    resolve_report_folder(args.run_b, args.reports_dir))
     except FileNotFoundError as error:
         print(f"compare_models.py: error: {error}", file=sys.stderr)
         return EXIT_FAILED
-    if any(f.resolve() == args.out.resolve() for f in folders):
-        print(f"compare_models.py: error: --out must differ from the input report folders, got {args.out}; "
-              "choose e.g. reports/comparison", file=sys.stderr)
+    try:
+        check_comparison_folder(args.out, folders, allow_inside_input=args.allow_inside_input)
+    except OutputGuardError as error:
+        print(f"compare_models.py: error: {error}", file=sys.stderr)
         return EXIT_USAGE
     try:
-        paths = write_comparison_report(*folders, args.out, n_resamples=args.bootstrap, seed=args.seed)
+        paths = write_comparison_report(*folders, args.out, n_resamples=args.bootstrap, seed=args.seed,
+                                        allow_inside_input=args.allow_inside_input)
     except (ValueError, FileNotFoundError) as error:
         print(f"compare_models.py: error: {error}", file=sys.stderr)
         return EXIT_FAILED

@@ -3,13 +3,18 @@
 Usage::
 
     python scripts/evaluate.py --gt DATA_DIR --pred PRED_DIR --out OUT_DIR [--tolerance-mm 2.0]
+                               [--only-predicted] [--allow-inside-input]
 
 ``DATA_DIR`` holds ``case_XXXXX/segmentation.nii.gz`` (and ``imaging.nii.gz``, whose header
 gives each case's grid); ``PRED_DIR`` holds ``case_XXXXX.nii.gz`` or ``prediction_XXXXX.nii.gz``
 label maps (0 background, 1 kidney, 2 tumour). Per case: kidney (label > 0) and tumour
-(label == 2) Dice, surface Dice at ``--tolerance-mm`` and HD95 in mm. Writes
+(label == 2) Dice, surface Dice at ``--tolerance-mm`` and HD95 in mm. As in the KiTS19
+challenge, a ground-truth case without a prediction is a failure (Dice and surface Dice 0,
+HD95 missing) and counts in the summary; ``--only-predicted`` scores only the cases that have a
+prediction. The number of cases without a prediction is printed either way. Writes
 ``OUT_DIR/metrics.json`` and ``OUT_DIR/metrics.csv``, prints the summary; ``OUT_DIR`` may not
-lie inside either input folder.
+lie inside either input folder (unless ``--allow-inside-input``), and existing metrics files
+there are only replaced when an earlier evaluation wrote them; both are checked before scoring.
 
 Exit status: 0 when every prediction was scored, 1 when a prediction was refused (shape,
 affine or labels wrong, unreadable) or none was scored, 2 on usage errors.
@@ -22,6 +27,7 @@ import logging
 import sys
 from pathlib import Path
 
+from utils.data.output_guard import add_guard_argument
 from utils.evaluation.predictions import EvaluationResult, evaluate_predictions
 from utils.metrics.scoring import METRIC_NAMES
 from utils.metrics.surface import DEFAULT_TOLERANCE_MM
@@ -38,6 +44,10 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--out", type=Path, required=True, help="output folder for metrics.json and metrics.csv")
     parser.add_argument("--tolerance-mm", type=float, default=DEFAULT_TOLERANCE_MM,
                         help=f"surface-Dice tolerance in mm (default {DEFAULT_TOLERANCE_MM})")
+    parser.add_argument("--only-predicted", action="store_true",
+                        help="score only the cases that have a prediction (default: a case without a "
+                             "prediction scores Dice 0, as in KiTS19)")
+    add_guard_argument(parser)
     return parser.parse_args(argv)
 
 
@@ -48,8 +58,15 @@ def print_summary(result: EvaluationResult) -> None:
         row = result.summary[metric]
         cells = " ".join("       -" if row[key] is None else f"{row[key]:8.4f}" for key in ("mean", "std", "median"))
         print(f"{metric:<22} {cells} {row['n']:>5} {row['missing']:>8}")
-    print(f"{len(result.cases)} cases scored, {len(result.refused)} refused, {len(result.warnings)} warnings; "
+    outcome = "left out" if result.only_predicted else "scored as failures"
+    print(f"{predicted_count(result)} predictions scored, {len(result.missing)} cases without a prediction "
+          f"({outcome}), {len(result.refused)} refused, {len(result.warnings)} warnings; "
           f"written {result.json_path} and {result.csv_path}")
+
+
+def predicted_count(result: EvaluationResult) -> int:
+    """How many cases were scored from a prediction file (not as a missing-prediction failure)."""
+    return len(result.cases) - (0 if result.only_predicted else len(result.missing))
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -58,12 +75,13 @@ def main(argv: list[str] | None = None) -> int:
     logging.basicConfig(level=logging.WARNING, format="%(levelname)s: %(message)s")
     try:
         result = evaluate_predictions(args.gt, args.pred, args.out, tolerance_mm=args.tolerance_mm,
-                                      show_progress=sys.stderr.isatty())
+                                      show_progress=True, only_predicted=args.only_predicted,
+                                      allow_inside_input=args.allow_inside_input)
     except (ValueError, FileNotFoundError) as error:
         print(f"evaluate.py: error: {error}", file=sys.stderr)
         return EXIT_USAGE
     print_summary(result)
-    if result.refused or not result.cases:
+    if result.refused or not predicted_count(result):
         return EXIT_REFUSED
     return EXIT_OK
 

@@ -12,6 +12,8 @@
 #   PYTHON       interpreter of the training (default: the repository's .venv/bin/python)
 #   TMUX_SOCKET  tmux socket name (tmux -L); default: the user's usual tmux server
 #   TMUX_BIN     tmux executable (default: tmux)
+#   KITS19_PROGRESS  the run's output goes through a pipe into console.log, so progress comes as
+#                plain periodic lines (utils/data/progress.py); 'bar' for tqdm bars, 'off' for none
 # The run gets the caller's environment (CUDA_VISIBLE_DEVICES, WANDB_MODE, ...) and working
 # directory, as if the training command had been typed here.
 set -euo pipefail
@@ -32,7 +34,8 @@ stopped continues it from its last.pt.
 example:
   $PROGRAM resunet3d_full configs/resunet3d.yaml --data "\$KITS19_DATA" --wandb
 
-environment: PYTHON (default $REPO/.venv/bin/python), TMUX_SOCKET (tmux -L name), TMUX_BIN
+environment: PYTHON (default $REPO/.venv/bin/python), TMUX_SOCKET (tmux -L name), TMUX_BIN,
+  KITS19_PROGRESS (lines, bar or off; default lines, as the output is piped into console.log)
 EOF
 }
 
@@ -150,5 +153,5 @@ started run '$RUN_NAME' ($(basename "$SCRIPT"), $CONFIG) in tmux session '$RUN_N
   run folder: $RUN_FOLDER
   log:        $LOG   (tail -f $LOG)
   attach:     $TMUX_SHOWN attach -t $RUN_NAME   (detach again with Ctrl-b d)
-  stop:       kill -TERM ${PANE_PID:-\$($TMUX_SHOWN display-message -p -t $RUN_NAME '#{pane_pid}')}   (saves last.pt; run this launcher again with the same RUN_NAME to continue)
+  stop:       kill -TERM ${PANE_PID:-\$($TMUX_SHOWN display-message -p -t $RUN_NAME '#{pane_pid}')}   (saves last.pt after the current step; run this launcher again with the same RUN_NAME to continue; a second kill -TERM a few seconds later stops at once, without saving)
 EOF

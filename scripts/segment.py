@@ -14,6 +14,11 @@ the model, its config and the preprocessing, so nothing else is needed. ``--inpu
 CT's shape and affine, written atomically; the input is never written to. A folder output also
 gets ``segmentation_run.json``: the checkpoint, the options and each case's outcome.
 
+Before the model is loaded, the outputs are checked (:mod:`utils.data.output_guard`): the output
+may not be, or lie inside, the input folder (for one CT, the folder holding it, such as its
+``case_XXXXX`` folder) unless ``--allow-inside-input`` is given; an existing file is only replaced
+when it is a prediction this command wrote; and the output folder must be creatable and writable.
+
 Exit status: 0 when every CT was segmented, 1 when any failed (the others are still written; the
 summary names each failure and why), 2 on usage errors (bad paths, checkpoint, or CUDA missing).
 """
@@ -22,16 +27,25 @@ from __future__ import annotations
 
 import argparse
 import logging
+import os
 import sys
 import time
 from pathlib import Path
 
 import torch
-from tqdm import tqdm
 
 from utils.data.case_discovery import discover_cases
 from utils.data.kits_layout import IMAGING_NAME, is_case_id
 from utils.data.nifti_io import save_json_atomic
+from utils.data.output_guard import (
+    OutputGuardError,
+    add_guard_argument,
+    check_output_location,
+    check_overwrite,
+    is_own_json,
+    is_own_prediction,
+)
+from utils.data.progress import progress
 from utils.inference.postprocessing import DEFAULT_MIN_COMPONENT_ML
 from utils.inference.segment import SegmentationModel, load_segmentation_model, segment_file, select_device
 from utils.networks.checkpoints import CheckpointError
@@ -39,6 +53,8 @@ from utils.networks.checkpoints import CheckpointError
 EXIT_OK, EXIT_FAILED, EXIT_USAGE = 0, 1, 2
 NIFTI_SUFFIXES = (".nii.gz", ".nii")
 RUN_RECORD_NAME = "segmentation_run.json"
+#: Keys every ``segmentation_run.json`` holds: how an earlier record of this command is recognised.
+RUN_RECORD_KEYS = ("checkpoint", "run_name", "model", "input", "cases")
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
@@ -56,6 +72,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--min-component-ml", type=float, default=DEFAULT_MIN_COMPONENT_ML,
                         help="with --postprocess: smallest kidney component kept, in ml "
                              f"(default {DEFAULT_MIN_COMPONENT_ML:g})")
+    add_guard_argument(parser)
     return parser.parse_args(argv)
 
 
@@ -72,40 +89,78 @@ def _folder_jobs(folder: Path, output: Path) -> list[tuple[str, Path, Path]]:
     return [(p.name, p, output / p.name) for p in files]
 
 
-def list_jobs(source: Path, output: Path) -> list[tuple[str, Path, Path]]:
+def list_jobs(source: Path, output: Path, *, allow_inside_input: bool = False) -> list[tuple[str, Path, Path]]:
     """Pair every input CT with its output path: ``(name, CT, prediction)``, sorted.
 
     Raises:
         FileNotFoundError: ``source`` does not exist.
-        ValueError: the output would write into the input (same file, the input folder or a
-            folder inside it), a folder input with a NIfTI file output, or no CT found.
+        OutputGuardError: the output is the input CT, or is or lies inside the input folder (for
+            one CT, the folder holding it) and ``allow_inside_input`` is false.
+        ValueError: a folder input with a NIfTI file output, or no CT found.
     """
     if not source.exists():
         raise FileNotFoundError(f"--input {source}: no such file or folder")
     if source.is_file():
         target = output if _is_nifti_name(output) else output / source.name
-        if target.resolve() == source.resolve():
-            raise ValueError(f"--output {target} is the input CT itself; the input is never overwritten")
+        check_output_location(target, [source], what="--output", allow_inside_input=allow_inside_input)
         return [(source.name, source, target)]
     if _is_nifti_name(output):
         raise ValueError(f"--output {output} names a NIfTI file, but --input {source} is a folder; "
                          "give an output folder")
-    inside, resolved = output.resolve(), source.resolve()
-    if inside == resolved or resolved in inside.parents:
-        raise ValueError(f"--output {output} is the input folder {source} or inside it; the input folder is never "
-                         "written to: choose an output folder outside it")
+    check_output_location(output, [source], what="--output", allow_inside_input=allow_inside_input)
     jobs = _folder_jobs(source, output)
     if not jobs:
         raise ValueError(f"--input {source}: no CT found; expected case_XXXXX/{IMAGING_NAME} folders or "
                          f"{' / '.join('*' + s for s in NIFTI_SUFFIXES)} files")
+    for _name, ct, _target in jobs:  # a CT found inside the input is protected as well
+        check_output_location(output, [ct], what="--output", allow_inside_input=allow_inside_input)
     return jobs
+
+
+def check_targets(jobs: list[tuple[str, Path, Path]], record: Path | None) -> None:
+    """Refuse to replace any existing file that is not one of this command's own outputs.
+
+    Args:
+        jobs: ``(name, CT, prediction)`` of every CT; each prediction may only replace an earlier
+            prediction (:func:`utils.data.output_guard.is_own_prediction`).
+        record: the ``segmentation_run.json`` a folder output gets, ``None`` for one file.
+
+    Raises:
+        OutputGuardError: a target exists and was not written by this command; the message names it.
+    """
+    for _name, source, target in jobs:
+        if target.resolve() == source.resolve():
+            raise OutputGuardError(target.resolve(), source.resolve(),
+                                   f"--output {target} would overwrite the input {source}")
+        check_overwrite(target, is_own_prediction, what="--output")
+    if record is not None:
+        check_overwrite(record, is_own_json(RUN_RECORD_KEYS), what="--output")
+
+
+def check_output_folder(folder: Path) -> None:
+    """Make sure ``folder`` exists as a writable folder or can be created, before any CT is segmented.
+
+    Raises:
+        OutputGuardError: ``folder`` (or the nearest existing folder above it) is a file, is not
+            writable, or cannot be created; the message names the output folder.
+    """
+    existing = folder
+    while not existing.exists() and existing != existing.parent:
+        existing = existing.parent
+    where = "" if existing == folder else f" (it would be created inside {existing})"
+    if not existing.is_dir():
+        raise OutputGuardError(folder, existing, f"output folder {folder} cannot be created: {existing} is not a "
+                                                 "folder; choose another --output")
+    if not os.access(existing, os.W_OK | os.X_OK):
+        raise OutputGuardError(folder, existing, f"output folder {folder} is not writable{where}: permission "
+                                                 f"denied on {existing}; choose another --output")
 
 
 def segment_all(jobs: list[tuple[str, Path, Path]], segmenter: SegmentationModel,
                 args: argparse.Namespace) -> dict[str, str]:
     """Segment each CT; returns name -> ``"written"`` or the reason it failed (the others go on)."""
     outcomes: dict[str, str] = {}
-    for name, source, target in tqdm(jobs, desc="segment", unit="CT", disable=None):
+    for name, source, target in progress(jobs, desc="segment", unit="CT", disable=None):
         try:
             segment_file(source, target, segmenter, tta=args.tta, postprocess=args.postprocess,
                          min_component_ml=args.min_component_ml)
@@ -138,14 +193,17 @@ def main(argv: list[str] | None = None) -> int:
     try:
         if args.min_component_ml < 0:
             raise ValueError(f"--min-component-ml must be >= 0 ml, got {args.min_component_ml}")
+        jobs = list_jobs(args.input, args.output, allow_inside_input=args.allow_inside_input)
+        folder_output = args.input.is_dir()
+        check_targets(jobs, args.output / RUN_RECORD_NAME if folder_output else None)
+        check_output_folder(args.output if folder_output else jobs[0][2].parent)
         device = select_device(args.device)
-        jobs = list_jobs(args.input, args.output)
         segmenter = load_segmentation_model(args.checkpoint, device)
     except (ValueError, FileNotFoundError, CheckpointError) as error:
         print(f"segment.py: error: {error}", file=sys.stderr)
         return EXIT_USAGE
     outcomes = segment_all(jobs, segmenter, args)
-    if args.input.is_dir():
+    if folder_output:
         args.output.mkdir(parents=True, exist_ok=True)
         save_json_atomic(args.output / RUN_RECORD_NAME, {
             "checkpoint": str(segmenter.checkpoint.resolve()), "run_name": segmenter.run_name,

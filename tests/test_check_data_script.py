@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 import subprocess
@@ -78,3 +79,48 @@ def test_usage_errors_exit_2_without_traceback(tmp_path: Path) -> None:
         assert len(result.stderr.strip().splitlines()) == 1
     assert "missing" in missing.stderr and "does not exist" in missing.stderr
     assert "--data" in unset.stderr and "KITS19_DATA" in unset.stderr
+
+
+def _hashes(folder: Path) -> dict[str, str]:
+    return {str(p.relative_to(folder)): hashlib.sha256(p.read_bytes()).hexdigest()
+            for p in sorted(folder.rglob("*")) if p.is_file()}
+
+
+def test_json_onto_a_ct_in_the_data_folder_is_refused(tmp_path: Path) -> None:
+    data = tmp_path / "data"
+    ct = _write_case(data, "case_00007") / IMAGING_NAME
+    before = _hashes(data)
+    result = _run("--data", str(data), "--json", str(ct))
+    assert result.returncode == 2 and "Traceback" not in result.stderr
+    assert result.stderr.startswith("check_data.py: error: --json") and str(ct.resolve()) in result.stderr
+    assert result.stdout == ""  # refused before any case was checked
+    inside = _run("--data", str(data), "--json", str(data / "report.json"))
+    assert inside.returncode == 2 and "inside the input data folder" in inside.stderr
+    assert "--allow-inside-input" in inside.stderr
+    assert _hashes(data) == before
+
+
+def test_json_never_replaces_a_file_that_is_not_a_report(tmp_path: Path) -> None:
+    data = tmp_path / "data"
+    _write_case(data, "case_00000")
+    notes = tmp_path / "notes.json"
+    notes.write_text('{"mine": true}\n')
+    refused = _run("--data", str(data), "--json", str(notes))
+    assert refused.returncode == 2 and str(notes.resolve()) in refused.stderr
+    assert "not written by this command" in refused.stderr and notes.read_text() == '{"mine": true}\n'
+    report = tmp_path / "report.json"
+    assert _run("--data", str(data), "--json", str(report)).returncode == 0
+    again = _run("--data", str(data), "--json", str(report), "--full")  # an earlier report is replaced
+    assert again.returncode == 0, again.stderr
+    assert json.loads(report.read_text())["full"] is True
+
+
+def test_allow_inside_input_writes_a_new_report_but_never_onto_a_ct(tmp_path: Path) -> None:
+    data = tmp_path / "data"
+    ct = _write_case(data, "case_00000") / IMAGING_NAME
+    before = ct.read_bytes()
+    inside = _run("--data", str(data), "--json", str(data / "report.json"), "--allow-inside-input")
+    assert inside.returncode == 0, inside.stderr
+    assert json.loads((data / "report.json").read_text())["counts"]["ok"] == 1
+    onto = _run("--data", str(data), "--json", str(ct), "--allow-inside-input")
+    assert onto.returncode == 2 and ct.read_bytes() == before

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import errno
 import random
+from collections import namedtuple
 
 import numpy as np
 import pytest
@@ -17,6 +18,8 @@ from utils.networks.checkpoints import (
     restore_rng_state,
     save_checkpoint,
 )
+
+shutil_usage = namedtuple("shutil_usage", "total used free")
 
 
 def _draw() -> tuple:
@@ -42,11 +45,30 @@ def test_failed_save_keeps_previous_file_and_removes_temporary(tmp_path, monkeyp
         raise OSError(errno.ENOSPC, "No space left on device")
 
     monkeypatch.setattr(checkpoints.torch, "save", disk_full)
-    with pytest.raises(CheckpointError, match="No space left.*previous checkpoint.*intact") as info:
+    with pytest.raises(CheckpointError, match=r"disk holding .* is full \(\d+ bytes free.*previous checkpoint.*intact"
+                       ) as info:
         save_checkpoint(path, {"epoch": 2})
     assert str(path) in str(info.value) and isinstance(info.value, RuntimeError)
     assert path.read_bytes() == before
     assert [p.name for p in tmp_path.iterdir()] == ["last.pt"]
+
+
+def test_a_full_disk_hidden_by_torch_save_is_named_as_such(tmp_path, monkeypatch):
+    path = save_checkpoint(tmp_path / "last.pt", {"epoch": 1})
+    before = path.read_bytes()
+
+    def short_write(obj, stream, *args, **kwargs):  # what torch.save raises when the disk fills up
+        stream.write(b"partial")
+        raise RuntimeError("[enforce fail at inline_container.cc:664] . unexpected pos 4672 vs 4566")
+
+    monkeypatch.setattr(checkpoints.torch, "save", short_write)
+    monkeypatch.setattr(checkpoints.shutil, "disk_usage", lambda folder: shutil_usage(total=10**9, used=10**9 - 100,
+                                                                                      free=100))
+    with pytest.raises(CheckpointError) as info:
+        save_checkpoint(path, {"epoch": 2, "w": torch.ones(1000)})
+    message = str(info.value)
+    assert f"the disk holding {tmp_path} is full (100 bytes free" in message and "unexpected pos" not in message
+    assert path.read_bytes() == before and [p.name for p in tmp_path.iterdir()] == ["last.pt"]
 
 
 def test_save_into_removed_folder_raises_checkpoint_error(tmp_path):
@@ -86,8 +108,14 @@ def test_load_missing_and_corrupt_files(tmp_path):
 def test_load_refuses_pickled_objects(tmp_path):
     path = tmp_path / "unsafe.pt"
     torch.save({"state": np.random.get_state()}, path)  # numpy arrays are not allowed by weights_only
-    with pytest.raises(CheckpointError, match="unsafe.pt"):
+    with pytest.raises(CheckpointError, match="unsafe.pt") as info:
         load_checkpoint(path)
+    message = str(info.value)
+    assert "objects that safe loading refuses" in message and "numpy" in message
+    assert "only checkpoints written by this project" in message
+    assert "truncated" not in message and "corrupt" not in message
+    assert "weights_only" not in message and "trust" not in message  # never the advice to load unsafely
+    assert info.value.__cause__ is None and info.value.__suppress_context__
 
 
 def test_rng_state_restores_every_generator():

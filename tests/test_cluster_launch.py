@@ -16,6 +16,8 @@ from pathlib import Path
 import pytest
 import yaml
 
+from utils.networks.checkpoints import load_checkpoint
+
 REPO = Path(__file__).resolve().parents[1]
 LAUNCHER = REPO / "scripts" / "launch_tmux.sh"
 SBATCH = REPO / "scripts" / "slurm" / "train.sbatch"
@@ -209,6 +211,16 @@ def test_sbatch_forwards_usr1_and_requeues_when_the_training_exits_75(tmp_path):
         "--set", "training.epochs=3"]
 
 
+def test_sbatch_outside_slurm_exits_75_after_the_training_saved(tmp_path):
+    env = _stubs(tmp_path, f'trap "exit 75" TERM\ntouch {tmp_path}/started\nsleep 60 & wait $!\nexit 0\n')
+    env.pop("SLURM_JOB_ID")
+    process = _start_batch(tmp_path, env)
+    process.send_signal(signal.SIGTERM)
+    output = process.communicate(timeout=30)[0]
+    assert process.returncode == 75, output  # resumable: run it again with the same name to continue
+    assert "not requeued" in output and not (tmp_path / "scontrol.calls").exists()
+
+
 def test_sbatch_does_not_requeue_a_training_that_finished(tmp_path):
     env = _stubs(tmp_path, f"touch {tmp_path}/started\nexit 0\n")
     env.pop("SLURM_GPUS_ON_NODE")
@@ -238,6 +250,65 @@ def test_sbatch_requeues_after_a_launcher_died_once_its_worker_saved(tmp_path):
     assert (run_folder / "last.pt").is_file(), output
     assert "status 138" in output  # the launcher's own death by SIGUSR1
     assert (tmp_path / "scontrol.calls").read_text().splitlines() == ["requeue 4242"], output
+
+
+
+def _run_pids(marker: str) -> list[int]:
+    """Processes whose command line holds ``marker`` (the run's unique name)."""
+    found = subprocess.run(["pgrep", "-f", marker], capture_output=True, text=True)
+    return [int(pid) for pid in found.stdout.split()]
+
+
+@pytest.mark.skipif(shutil.which("pgrep") is None, reason="needs pgrep")
+@pytest.mark.parametrize("stop_signal", [signal.SIGUSR1, signal.SIGTERM])
+def test_sbatch_passes_a_stop_signal_to_the_real_launchers_workers_and_requeues(tiny_data, tmp_path, stop_signal):
+    # The real accelerate launcher with two processes (gloo on CPU): torch.distributed.elastic starts
+    # each worker in a session of its own, so a signal to the job's process group reaches no training
+    # process, and SIGUSR1 would kill the launcher; the batch script passes it on to the workers.
+    run_name = f"stop_{uuid.uuid4().hex[:10]}"
+    folder = tmp_path / "runs" / run_name
+    scontrol = _stub(tmp_path / "scontrol", f'echo "$@" >> {tmp_path}/scontrol.calls\n')
+    env = quiet_env(SCONTROL=str(scontrol), PYTHON=str(VENV_PYTHON), SLURM_JOB_ID="5151",
+                    SLURM_JOB_NAME=run_name, NUM_GPUS="2", SLURM_SUBMIT_DIR=str(REPO),
+                    CONFIG=str(write_tiny_config(tmp_path, tiny_data)))
+    if not _cuda_available():
+        env["ACCELERATE_USE_CPU"] = "1"  # gloo process group on CPU (utils/training/setup.py)
+    output_path = tmp_path / "job.out"
+    with open(output_path, "w") as output:
+        job = subprocess.Popen(["bash", str(SBATCH), "--set", "training.epochs=1000"], env=env, stdout=output,
+                               stderr=subprocess.STDOUT, start_new_session=True)
+    try:
+        deadline = time.monotonic() + 150
+        while not (folder / "training_progress.json").is_file():  # a first epoch is done, training is under way
+            if job.poll() is not None or time.monotonic() > deadline:
+                pytest.fail(f"the training did not get under way:\n{output_path.read_text()[-4000:]}")
+            time.sleep(0.2)
+        workers = _run_pids(run_name)
+        signalled = time.time()
+        os.killpg(job.pid, stop_signal)  # to the job script's process group (SLURM: --signal=B:USR1@300, scancel)
+        status = job.wait(timeout=120)
+        log = output_path.read_text()
+        assert status == 0, log[-4000:]  # requeued: the template exits 0
+        assert (tmp_path / "scontrol.calls").read_text().splitlines() == ["requeue 5151"], log[-4000:]
+        saved = load_checkpoint(folder / "last.pt")
+        assert "epoch_progress" in saved, log[-4000:]  # saved by the stop, not at the end of an epoch
+        assert (folder / "last.pt").stat().st_mtime >= signalled - 1.0
+        assert f"stopped by {stop_signal.name}" in log and "requeueing job 5151" in log, log[-4000:]
+        assert len(workers) >= 3  # the launcher and its two training processes
+        assert _run_pids(run_name) == [], log[-4000:]  # nothing of the run outlives the job script
+        records = json.loads((folder / "training_progress.json").read_text())
+        assert 1 <= len(records) < 1000
+    finally:
+        if job.poll() is None:
+            os.killpg(job.pid, signal.SIGKILL)
+        for pid in _run_pids(run_name):
+            os.kill(pid, signal.SIGKILL)
+
+
+def _cuda_available() -> bool:
+    import torch
+
+    return torch.cuda.is_available()
 
 
 # --- configs/accelerate ----------------------------------------------------------------------------

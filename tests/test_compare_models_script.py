@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import hashlib
 import importlib.util
 import json
 import os
@@ -111,5 +112,40 @@ def test_script_refuses_an_output_folder_that_is_an_input(reports: tuple[Path, P
     script = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(script)
     assert script.main([str(reports[0]), str(reports[1]), "--out", str(reports[1])]) == 2
-    assert "--out must differ" in capsys.readouterr().err
+    err = capsys.readouterr().err
+    assert err.startswith("compare_models.py: error: --out ") and "would overwrite the input" in err
     assert script.main([str(reports[0]), str(reports[1]), "--out", "x", "--bootstrap", "0"]) == 2
+
+
+def _hashes(folder: Path) -> dict[str, str]:
+    return {str(p.relative_to(folder)): hashlib.sha256(p.read_bytes()).hexdigest()
+            for p in sorted(folder.rglob("*")) if p.is_file()}
+
+
+def test_script_refuses_an_output_inside_a_report_folder_before_reading_it(reports: tuple[Path, Path],
+                                                                           tmp_path: Path) -> None:
+    before = _hashes(reports[0])
+    inside = reports[0] / "comparison"
+    result = _run(str(reports[0]), str(reports[1]), "--out", str(inside))
+    assert result.returncode == 2 and "Traceback" not in result.stderr
+    assert f"--out {inside.resolve()} is inside the input data folder {reports[0].resolve()}" in result.stderr
+    assert not inside.exists() and _hashes(reports[0]) == before
+    allowed = _run(str(reports[0]), str(reports[1]), "--out", str(inside), "--bootstrap", "50",
+                   "--allow-inside-input")
+    assert allowed.returncode == 0, allowed.stderr
+    assert (inside / "comparison.json").is_file()
+
+
+def test_script_never_replaces_a_foreign_file_named_like_its_report(reports: tuple[Path, Path],
+                                                                     tmp_path: Path) -> None:
+    out = tmp_path / "comparison"
+    out.mkdir()
+    (out / "comparison.md").write_text("# My own notes\n")
+    result = _run(str(reports[0]), str(reports[1]), "--out", str(out), "--bootstrap", "50")
+    assert result.returncode == 2 and str((out / "comparison.md").resolve()) in result.stderr
+    assert (out / "comparison.md").read_text() == "# My own notes\n" and sorted(out.iterdir()) == [
+        out / "comparison.md"]
+    (out / "comparison.md").unlink()
+    assert _run(str(reports[0]), str(reports[1]), "--out", str(out), "--bootstrap", "50").returncode == 0
+    again = _run(str(reports[0]), str(reports[1]), "--out", str(out), "--bootstrap", "50")
+    assert again.returncode == 0, again.stderr  # its own earlier report is replaced

@@ -45,3 +45,74 @@ def test_missing_file_and_bad_override(tmp_path):
         load_config(tmp_path / "nope.yaml", DemoConfig)
     with pytest.raises(ValueError, match="section.key=value"):
         parse_override("novalue")
+
+
+def _experiment_yaml(tmp_path, text):
+    path = tmp_path / "experiment.yaml"
+    path.write_text(text)
+    return path
+
+
+def test_a_top_level_list_is_a_named_error_with_or_without_overrides(tmp_path):
+    from utils.config.experiment import load_experiment_config
+
+    path = _experiment_yaml(tmp_path, "- model\n- training\n")
+    for overrides in ((), ("model.name=resunet3d",)):
+        with pytest.raises(ValueError, match=r"experiment\.yaml: the top level must be a mapping.*got a list"):
+            load_experiment_config(path, overrides)
+
+
+def test_an_unparsable_override_value_is_a_named_error(tmp_path):
+    from utils.config.experiment import load_experiment_config
+
+    with pytest.raises(ValueError, match=r"model\.strides=\[2,2.*model\.strides is not valid YAML"):
+        parse_override("model.strides=[2,2")
+    with pytest.raises(ValueError, match="section.key=value"):
+        parse_override("model..strides=1")
+    with pytest.raises(ValueError, match="not valid YAML"):
+        load_experiment_config(REPO / "configs" / "resunet3d_quick.yaml", ["patches.patch_size=[16, 64"])
+
+
+def test_an_override_into_an_empty_section_works(tmp_path):
+    from utils.config.experiment import load_experiment_config
+
+    config = load_experiment_config(_experiment_yaml(tmp_path, "model:\n"), ["model.num_res_units=1"])
+    assert config.model.num_res_units == 1
+
+
+@pytest.mark.parametrize("override, named", [
+    ("model.strides=[2,0,2]", "strides must be > 0"),
+    ("model.strides=[2,-2,2]", "strides must be > 0"),
+    ("model.out_channels=0", "out_channels must be > 0"),
+    ("model.num_res_units=-1", "num_res_units must be >= 0"),
+    ("patches.patch_size=[16,64,0]", "patch_size must be > 0"),
+    ("sliding_window.roi_size=[-16,64,64]", "roi_size must be > 0"),
+    ("patches.patch_size=[16,64,60]", r"patches\.patch_size \[16, 64, 60\] must be a multiple of 8.*model\.strides"),
+    ("sliding_window.roi_size=[12,64,64]", r"sliding_window\.roi_size \[12, 64, 64\] must be a multiple of 8"),
+])
+def test_impossible_geometry_is_refused_when_the_config_is_read(override, named):
+    from utils.config.experiment import load_experiment_config
+
+    path = REPO / "configs" / "resunet3d_quick.yaml"
+    with pytest.raises(ValueError, match=named) as caught:
+        load_experiment_config(path, [override])
+    assert str(path) in str(caught.value)
+
+
+def test_a_unetr_slice_size_must_be_a_multiple_of_its_patches():
+    from utils.config.experiment import load_experiment_config
+
+    with pytest.raises(ValueError, match=r"slices\.image_size 40 must be a multiple of 16.*e\.g\. 48"):
+        load_experiment_config(REPO / "configs" / "unetr2d_quick.yaml", ["slices.image_size=40"])
+
+
+def test_the_training_command_exits_2_on_these_config_errors(tmp_path, capsys):
+    from utils.cli.train import run_training_script
+
+    bad_list = _experiment_yaml(tmp_path, "- a\n")
+    quick = str(REPO / "configs" / "resunet3d_quick.yaml")
+    for argv in (["--config", str(bad_list)], ["--config", quick, "--set", "model.strides=[2,0,2]"],
+                 ["--config", quick, "--set", "model.strides=[2,2"]):
+        assert run_training_script("resunet3d", "Train.", argv) == 2
+        err = capsys.readouterr().err
+        assert "Traceback" not in err and "error" in err

@@ -70,3 +70,37 @@ def test_demo_refuses_a_bad_config(tmp_path):
     run = subprocess.run([sys.executable, "scripts/demo.py", "--set", "synthetic.cases=zero"],
                          capture_output=True, text=True, cwd=REPO)
     assert run.returncode == 2 and "synthetic.cases must be of type int" in run.stderr
+
+
+def test_demo_refuses_to_write_over_or_into_data_it_did_not_generate(tmp_path, capsys, monkeypatch):
+    """Checked before anything is generated: the data stay byte for byte as they were."""
+    import hashlib
+    import importlib.util
+
+    import numpy as np
+
+    from utils.data.kits_layout import build_kits_affine
+    from utils.data.nifti_io import save_nifti
+
+    monkeypatch.chdir(REPO)
+    data = tmp_path / "kits"
+    (data / "case_00000").mkdir(parents=True)
+    ct = data / "case_00000" / "imaging.nii.gz"
+    save_nifti(np.zeros((4, 8, 8), np.int16), build_kits_affine((2.0, 1.0, 1.0)), ct)
+    (data / "kits.json").write_text(json.dumps([{"case_id": "case_00000", "age_at_nephrectomy": 60}]))
+    before = {p: hashlib.sha256(p.read_bytes()).hexdigest() for p in data.rglob("*") if p.is_file()}
+    spec = importlib.util.spec_from_file_location("demo_script", REPO / "scripts" / "demo.py")
+    script = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(script)
+    common = ["--set", f"preprocessing.cache_dir={tmp_path / 'cache'}", "--set", "readme=null",
+              "--set", f"train_overrides=[training.output_dir={tmp_path / 'runs'}]"]
+    assert script.main(["--set", f"synthetic.out_dir={data}", "--set", f"reports_dir={tmp_path / 'r'}",
+                        *common]) == 2
+    assert f"synthetic.out_dir {data.resolve()} holds KiTS19 cases the demo did not generate" in capsys.readouterr().err
+    synthetic = tmp_path / "synthetic"
+    assert script.main(["--set", f"synthetic.out_dir={synthetic}", "--set", f"reports_dir={synthetic / 'reports'}",
+                        *common]) == 2
+    err = capsys.readouterr().err
+    assert f"reports_dir {(synthetic / 'reports').resolve()} is inside the input data folder" in err
+    assert not synthetic.exists() and not (tmp_path / "r").exists()
+    assert {p: hashlib.sha256(p.read_bytes()).hexdigest() for p in data.rglob("*") if p.is_file()} == before

@@ -17,7 +17,8 @@ import torch
 
 from utils.data.kits_layout import SEGMENTATION_NAME, spacing_from_affine
 from utils.data.nifti_io import load_nifti, read_voxels, save_nifti
-from utils.evaluation.predictions import evaluate_predictions
+from utils.data.output_guard import OutputGuardError
+from utils.evaluation.predictions import MISSING_PREDICTION_SCORES, evaluate_predictions
 from utils.synthetic.dataset import SyntheticOptions, generate_dataset
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
@@ -151,7 +152,8 @@ def test_unmatched_files_are_reported(data_dir: Path, tmp_path: Path, caplog: py
     (tmp_path / "pred" / "notes.txt").write_text("not a prediction")
     with caplog.at_level(logging.WARNING, logger="utils.evaluation.predictions"):
         result = evaluate_predictions(data_dir, tmp_path / "pred", tmp_path / "out")
-    assert [case["case_id"] for case in result.cases] == ["case_00000"] and result.refused == ()
+    assert [case["case_id"] for case in result.cases] == ["case_00000", "case_00001"] and result.refused == ()
+    assert result.missing == ("case_00001",)
     text = " | ".join(result.warnings)
     assert "case_00007" in text and "without ground truth" in text
     assert "case_00001" in text and "without a prediction" in text and "notes.txt" in text
@@ -161,10 +163,99 @@ def test_unmatched_files_are_reported(data_dir: Path, tmp_path: Path, caplog: py
 
 def test_output_inside_an_input_folder_is_refused(data_dir: Path, tmp_path: Path) -> None:
     (tmp_path / "pred").mkdir()
-    with pytest.raises(ValueError, match="inside the ground-truth folder"):
+    with pytest.raises(OutputGuardError, match="inside the input data folder") as inside_truth:
         evaluate_predictions(data_dir, tmp_path / "pred", data_dir / "case_00000" / "metrics")
-    with pytest.raises(ValueError, match="inside the prediction folder"):
+    assert str(data_dir.resolve()) in str(inside_truth.value)
+    with pytest.raises(OutputGuardError, match="inside the input data folder") as inside_predictions:
+        evaluate_predictions(data_dir, tmp_path / "pred", tmp_path / "pred" / "metrics")
+    assert str((tmp_path / "pred").resolve()) in str(inside_predictions.value)
+    with pytest.raises(OutputGuardError, match="would overwrite the input"):
         evaluate_predictions(data_dir, tmp_path / "pred", tmp_path / "pred")
     with pytest.raises(FileNotFoundError, match="pred_dir.*missing"):
         evaluate_predictions(data_dir, tmp_path / "missing", tmp_path / "out")
     assert not (data_dir / "case_00000" / "metrics").exists()
+
+
+def _run_script(*args: str) -> subprocess.CompletedProcess:
+    env = {**os.environ, "PYTHONPATH": str(REPO_ROOT), "WANDB_MODE": "disabled"}
+    return subprocess.run([sys.executable, str(SCRIPT), *args], cwd=REPO_ROOT, env=env, capture_output=True,
+                          text=True, timeout=120)
+
+
+def test_a_missing_prediction_scores_as_a_failure_by_default(data_dir: Path, tmp_path: Path) -> None:
+    labels, affine = _truth(data_dir, "case_00000")
+    _write(tmp_path / "pred", "case_00000.nii.gz", labels, affine)  # perfect; case_00001 has no prediction
+    done = _run_script("--gt", str(data_dir), "--pred", str(tmp_path / "pred"), "--out", str(tmp_path / "out"))
+    assert done.returncode == 0, done.stderr
+    assert "1 predictions scored, 1 cases without a prediction (scored as failures)" in done.stdout
+    report = json.loads((tmp_path / "out" / "metrics.json").read_text(encoding="utf-8"))
+    assert [case["case_id"] for case in report["cases"]] == ["case_00000", "case_00001"]
+    assert report["cases"][1] == {"case_id": "case_00001", **MISSING_PREDICTION_SCORES}
+    assert report["missing_predictions"] == ["case_00001"]
+    assert report["settings"]["missing_predictions"] == "scored as failures"
+    summary = report["summary"]
+    assert summary["kidney_dice"]["mean"] == 0.5 and summary["tumour_dice"]["mean"] == 0.5
+    assert summary["kidney_dice"]["n"] == 2 and summary["kidney_dice"]["missing"] == 0
+    assert summary["kidney_hd95"] == {"mean": 0.0, "std": 0.0, "median": 0.0, "n": 1, "missing": 1}
+    assert summary["mean_dice"] == 0.5 and summary["cases"] == 2
+    rows = list(csv.DictReader((tmp_path / "out" / "metrics.csv").open(encoding="utf-8")))
+    assert [row["case_id"] for row in rows] == ["case_00000", "case_00001"]
+    assert rows[1]["kidney_dice"] == "0.0" and rows[1]["tumour_dice"] == "0.0" and rows[1]["kidney_hd95"] == ""
+    assert "scored as failures" in done.stderr and "case_00001" in done.stderr  # the warning names the case
+
+
+def test_only_predicted_leaves_missing_cases_out_and_still_counts_them(data_dir: Path, tmp_path: Path) -> None:
+    labels, affine = _truth(data_dir, "case_00000")
+    _write(tmp_path / "pred", "case_00000.nii.gz", labels, affine)
+    done = _run_script("--gt", str(data_dir), "--pred", str(tmp_path / "pred"), "--out", str(tmp_path / "out"),
+                       "--only-predicted")
+    assert done.returncode == 0, done.stderr
+    assert "1 predictions scored, 1 cases without a prediction (left out)" in done.stdout
+    report = json.loads((tmp_path / "out" / "metrics.json").read_text(encoding="utf-8"))
+    assert [case["case_id"] for case in report["cases"]] == ["case_00000"]
+    assert report["missing_predictions"] == ["case_00001"] and report["summary"]["kidney_dice"]["mean"] == 1.0
+    assert report["settings"]["missing_predictions"] == "left out"
+
+
+def test_no_prediction_at_all_exits_1_even_though_every_case_is_scored(data_dir: Path, tmp_path: Path) -> None:
+    (tmp_path / "pred").mkdir()
+    done = _run_script("--gt", str(data_dir), "--pred", str(tmp_path / "pred"), "--out", str(tmp_path / "out"))
+    assert done.returncode == 1, done.stderr
+    assert "0 predictions scored, 2 cases without a prediction" in done.stdout
+    assert json.loads((tmp_path / "out" / "metrics.json").read_text())["summary"]["kidney_dice"]["mean"] == 0.0
+
+
+def test_the_segmentation_record_beside_predictions_is_not_warned_about(data_dir: Path, tmp_path: Path) -> None:
+    for case_id in CASES:
+        labels, affine = _truth(data_dir, case_id)
+        _write(tmp_path / "pred", f"{case_id}.nii.gz", labels, affine)
+    (tmp_path / "pred" / "segmentation_run.json").write_text(json.dumps({"cases": {}}))
+    (tmp_path / "pred" / "notes.txt").write_text("not a prediction")
+    result = evaluate_predictions(data_dir, tmp_path / "pred", tmp_path / "out")
+    assert len(result.warnings) == 1
+    assert "notes.txt" in result.warnings[0] and "segmentation_run.json" not in result.warnings[0]
+    assert "ignored 1 entries" in result.warnings[0]
+
+
+def test_a_foreign_metrics_file_is_never_replaced(data_dir: Path, tmp_path: Path) -> None:
+    labels, affine = _truth(data_dir, "case_00000")
+    _write(tmp_path / "pred", "case_00000.nii.gz", labels, affine)
+    out = tmp_path / "out"
+    out.mkdir()
+    (out / "metrics.csv").write_text("someone else's table\n")
+    done = _run_script("--gt", str(data_dir), "--pred", str(tmp_path / "pred"), "--out", str(out))
+    assert done.returncode == 2 and "evaluate.py: error:" in done.stderr
+    assert str((out / "metrics.csv").resolve()) in done.stderr and "Traceback" not in done.stderr
+    assert (out / "metrics.csv").read_text() == "someone else's table\n" and not (out / "metrics.json").exists()
+    (out / "metrics.csv").unlink()
+    assert _run_script("--gt", str(data_dir), "--pred", str(tmp_path / "pred"), "--out", str(out)).returncode == 0
+    again = _run_script("--gt", str(data_dir), "--pred", str(tmp_path / "pred"), "--out", str(out))
+    assert again.returncode == 0, again.stderr  # an earlier evaluation's files are replaced
+
+
+def test_the_script_refuses_an_output_inside_the_data_before_scoring(data_dir: Path, tmp_path: Path) -> None:
+    (tmp_path / "pred").mkdir()
+    inside = data_dir / "case_00000" / "metrics"
+    done = _run_script("--gt", str(data_dir), "--pred", str(tmp_path / "pred"), "--out", str(inside))
+    assert done.returncode == 2 and f"{inside.resolve()} is inside the input data folder" in done.stderr
+    assert "--allow-inside-input" in done.stderr and not inside.exists()

@@ -11,7 +11,9 @@ from utils.inference.predict import predict_slice_logits, predict_sliding_window
 
 
 def test_a_3d_experiment_uses_sliding_windows():
-    config = build_config(ExperimentConfig, {"sliding_window": {"roi_size": [4, 8, 8], "overlap": 0.25}})
+    config = build_config(ExperimentConfig, {"model": {"channels": [4, 8], "strides": [2]},
+                                             "patches": {"patch_size": [4, 8, 8]},
+                                             "sliding_window": {"roi_size": [4, 8, 8], "overlap": 0.25}})
     model = torch.nn.Conv3d(1, 3, 3, padding=1).eval()
     image = torch.randn(1, 1, 6, 10, 12, generator=torch.Generator().manual_seed(1))
     expected = predict_sliding_window_logits(model, image, SlidingWindowConfig(roi_size=(4, 8, 8), overlap=0.25),

@@ -160,14 +160,14 @@ def test_read_labels_keeps_stored_values(tmp_path: Path) -> None:
 
 def test_non_finite_image_voxels_counted() -> None:
     image = np.zeros((2, 2, 2), dtype=np.float32)
-    image[0, 0, 0], image[0, 0, 1], image[1, 1, 1] = np.nan, np.inf, -5.0
+    image[0, 0, 0], image[0, 0, 1], image[1, 1, 1] = np.nan, np.inf, -1000.0
     image[1, 1, 0] = 7.0
     problems, hu_min, hu_max = nc.check_image_voxels(Path("imaging.nii.gz"), image)
     assert _codes(problems) == {nc.NON_FINITE} and "2 of 8 voxels" in problems[0].message
-    assert (hu_min, hu_max) == (-5.0, 7.0)
+    assert (hu_min, hu_max) == (-1000.0, 7.0)
     problems, hu_min, hu_max = nc.check_image_voxels(Path("imaging.nii.gz"), np.full((2, 2), np.nan, np.float32))
     assert "4 of 4" in problems[0].message and (hu_min, hu_max) == (None, None)
-    assert nc.check_image_voxels(Path("imaging.nii.gz"), image[1:, 1:, :1])[0] == []
+    assert nc.check_image_voxels(Path("imaging.nii.gz"), image[1:, 1:, :])[0] == []
 
 
 def test_label_voxels_counted_and_bad_values_listed() -> None:

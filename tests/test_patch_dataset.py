@@ -158,3 +158,20 @@ def test_deferred_augmentation_gives_the_same_batches_as_augmenting_in_the_worke
     assert resampled > 0, "no sample exercised the spatial transform"
     same_image, same_label = augment_batch(next(iter(plain)), dataset.augmenter, "cpu")  # not deferred: moved only
     assert same_image.shape == (4, 1, 8, 16, 16) and same_label.shape == (4, 1, 8, 16, 16)
+
+
+def test_a_patch_far_larger_than_a_case_is_refused_at_construction(tmp_path, make_cached_case):
+    from utils.datasets.patches import PatchGeometryError
+
+    small = make_cached_case(tmp_path, "case_00007", np.zeros((10, 20, 20), dtype=np.uint8))
+    config = PatchDatasetConfig(patch_size=(80, 160, 160))
+    with pytest.raises(PatchGeometryError, match=r"\[80, 160, 160\].*case_00007.*\[10, 20, 20\]") as caught:
+        PatchDataset([small], config, AugmentationConfig(), seed=0, pad_value=0)
+    assert caught.value.case_id == "case_00007" and caught.value.shape == (10, 20, 20)
+
+
+def test_a_patch_somewhat_larger_than_a_case_is_padded(tmp_path, make_cached_case):
+    case = make_cached_case(tmp_path, "case_00000", np.zeros((10, 20, 20), dtype=np.uint8))
+    sample = PatchDataset([case], PatchDatasetConfig(patch_size=(16, 20, 20), tumour_share=0.0, kidney_share=0.0,
+                                                     anywhere_share=1.0), None, seed=0, pad_value=-9)[0]
+    assert sample["image"].shape == (1, 16, 20, 20) and (sample["image"] == -9).sum() == 6 * 20 * 20

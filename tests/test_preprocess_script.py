@@ -138,3 +138,38 @@ def test_failed_and_inference_only_cases_are_reported(script: ModuleType, data_d
     assert "2 in the cache" in stdout and "1 failed" in stdout
     assert "failed: case_00001:" in stdout and "bad_labels" in stdout
     assert "not cached (no segmentation, inference only): case_00003" in stdout
+
+
+def test_an_experiment_config_builds_the_cache_training_reads(script: ModuleType, data_dir: Path, tmp_path: Path,
+                                                              monkeypatch: pytest.MonkeyPatch,
+                                                              capsys: pytest.CaptureFixture) -> None:
+    from utils.config.experiment import load_experiment_config
+    from utils.preprocessing.preprocess import plan_folder, prepare_training_cache
+
+    config_path = tmp_path / "quick.yaml"
+    text = (REPO_ROOT / "configs" / "resunet3d_quick.yaml").read_text()
+    config_path.write_text(text.replace("data_dir: data/synthetic_demo", f"data_dir: {data_dir}")
+                           .replace("cache_dir: data/cache_quick", f"cache_dir: {tmp_path / 'cache'}"))
+    monkeypatch.delenv("KITS19_DATA", raising=False)
+    assert script.main(["--config", str(config_path)]) == 0  # data folder and cache from the experiment config
+    out = capsys.readouterr().out
+    folder = _plan_folder(out)
+    experiment = load_experiment_config(config_path)
+    assert folder == plan_folder(experiment.preprocessing)
+    assert f"training with {config_path} reads this plan folder" in out
+    plan = json.loads((folder / "plan.json").read_text())
+    assert plan["preprocessing"]["target_spacing"] == [5.0, 3.0, 3.0] and plan["preprocessing"]["image_dtype"] == \
+        "float32"
+    assert prepare_training_cache(experiment, show_progress=False) == folder  # training finds it up to date
+    assert script.main(["--config", str(config_path), "--set", "model.strides=[2,0,2]"]) == 2
+    assert "strides must be > 0" in _one_line_error(capsys)
+
+
+def test_the_guard_flag_allows_a_cache_inside_the_data_folder(script: ModuleType, data_dir: Path, tmp_path: Path,
+                                                              capsys: pytest.CaptureFixture) -> None:
+    data = Path(shutil.copytree(data_dir, tmp_path / "data"))
+    out = ["--data", str(data), "--out", str(data / "cache"), "--set", "preprocessing.target_spacing=[6,3,3]"]
+    assert script.main(out) == 2
+    assert "--allow-inside-input" in _one_line_error(capsys)
+    assert script.main([*out, "--allow-inside-input"]) == 0
+    assert (data / "cache").is_dir()

@@ -289,3 +289,18 @@ def test_a_single_case_is_cached_without_a_split(fixed_data: Path, tmp_path: Pat
     assert cache.case("case_00000").shape == tuple(np.load(result.folder / CASES_DIR / "case_00000" / LABEL_FILE).shape)
     with pytest.raises(FileNotFoundError, match="no splits file"):
         cache.split(0)
+
+
+def test_a_plan_folder_of_other_data_is_never_rebuilt_in_place(built: PreprocessingResult, drawn_data: Path,
+                                                              fixed_data: Path, tmp_path: Path) -> None:
+    root = _copy(built.folder.parent, tmp_path / "cache")
+    base = root / built.folder.name
+    before = _modification_times(base)
+    other = preprocess_dataset(fixed_data, PreprocessingConfig(), SplitConfig(), cache_dir=root, show_progress=False)
+    assert other.folder != base and other.folder.name.startswith(f"{base.name}_data-")
+    assert _modification_times(base) == before  # runs trained on the first data still find it as it was
+    assert open_cache(base).case_ids == built.case_ids and open_cache(other.folder).case_ids == other.case_ids
+    again = preprocess_dataset(fixed_data, PreprocessingConfig(), SplitConfig(), cache_dir=root, show_progress=False)
+    assert again.folder == other.folder and again.written == []  # the same other data finds its own folder
+    first = preprocess_dataset(drawn_data, PreprocessingConfig(), SplitConfig(), cache_dir=root, show_progress=False)
+    assert first.folder == base and first.written == []

@@ -65,7 +65,7 @@ def test_all_cases_can_be_evaluated(trained_runs, tmp_path):
 def test_a_report_folder_inside_the_data_is_refused_before_anything_is_written(trained_runs):
     data = trained_runs[2]
     before = sorted(p.relative_to(data) for p in data.rglob("*"))
-    with pytest.raises(ValueError, match="must not be inside"):
+    with pytest.raises(ValueError, match="inside the input data folder"):
         evaluate_run(trained_runs[0], data_dir=data, out_dir=data / "reports", show_progress=False)
     assert sorted(p.relative_to(data) for p in data.rglob("*")) == before
 
@@ -88,3 +88,44 @@ def test_the_latest_run_of_a_model_is_found(trained_runs, tmp_path):
     assert find_latest_run(resunet.parent, "resunet3d") == resunet
     assert find_latest_run(resunet.parent, "unetr2d") == unetr
     assert find_latest_run(tmp_path, "unetr2d") is None
+
+
+@pytest.mark.parametrize("script", ["scripts/eval_unet.py", "scripts/eval_unetr.py"])
+def test_eval_scripts_refuse_a_report_inside_the_data_before_loading_the_run(tiny_data, tmp_path, script):
+    """The run does not even exist: the refusal comes from the output guard, before any loading."""
+    inside = tiny_data / "case_00000" / "report"
+    done = subprocess.run([sys.executable, script, "--run", str(tmp_path / "no_run"), "--data", str(tiny_data),
+                           "--out", str(inside)], capture_output=True, text=True, cwd=REPO, timeout=300)
+    assert done.returncode == 2, done.stderr[-2000:]
+    assert f"{Path(script).name}: error: report folder {inside.resolve()} is inside the input data folder" \
+        in done.stderr
+    assert "no such checkpoint" not in done.stderr and not inside.exists()
+
+
+def test_the_data_folder_from_the_environment_is_protected_too(tiny_data, tmp_path, monkeypatch):
+    from utils.data.output_guard import OutputGuardError
+
+    monkeypatch.setenv("KITS19_DATA", str(tiny_data))
+    with pytest.raises(OutputGuardError, match="inside the input data folder"):
+        evaluate_run(tmp_path / "no_run", reports_dir=tiny_data / "reports", show_progress=False)
+    assert not (tiny_data / "reports").exists()
+
+
+def test_foreign_files_in_the_report_folder_are_never_replaced(trained_runs, tmp_path):
+    from utils.data.nifti_io import save_nifti
+    from utils.data.output_guard import OutputGuardError
+
+    report = tmp_path / "report"
+    (report / "predictions").mkdir(parents=True)
+    foreign = report / "predictions" / "case_00000.nii.gz"
+    save_nifti(np.zeros((2, 2, 2), np.uint8), np.eye(4), foreign)  # no prediction mark in its header
+    payload = foreign.read_bytes()
+    with pytest.raises(OutputGuardError, match="not written by this command") as error:
+        evaluate_run(trained_runs[0], data_dir=trained_runs[2], cases="all", out_dir=report, show_progress=False)
+    assert str(foreign.resolve()) in str(error.value)
+    assert foreign.read_bytes() == payload and sorted(p.name for p in report.rglob("*")) == [
+        "case_00000.nii.gz", "predictions"]
+    foreign.unlink()
+    (report / "metrics.json").write_text('{"mine": 1}\n')
+    with pytest.raises(OutputGuardError, match="metrics.json"):
+        evaluate_run(tmp_path / "no_run", data_dir=trained_runs[2], out_dir=report, show_progress=False)

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import importlib.util
 import json
+import os
 import shutil
 import subprocess
 import sys
@@ -21,6 +22,7 @@ import torch
 from test_ct_inference import TINY_2D, TINY_3D, write_tiny_checkpoint
 
 from utils.data.nifti_io import save_nifti
+from utils.data.output_guard import OWN_NIFTI_DESCRIPTION
 from utils.synthetic.dataset import SyntheticOptions, generate_dataset
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
@@ -130,3 +132,89 @@ def test_other_usage_errors(script: ModuleType, data_dir: Path, run_3d: Path, tm
                             "--device", "cuda"]) == script.EXIT_USAGE
         assert "CUDA is not available" in capsys.readouterr().err
     assert not (tmp_path / "o").exists()
+
+
+def test_the_annotation_beside_a_ct_is_never_replaced(script: ModuleType, data_dir: Path, tmp_path: Path,
+                                                      capsys) -> None:
+    """Output in the CT's own case folder: refused before the checkpoint is even looked at."""
+    ct = data_dir / "case_00000" / "imaging.nii.gz"
+    annotation = data_dir / "case_00000" / "segmentation.nii.gz"
+    before = _snapshot(data_dir)
+    missing_run = tmp_path / "no_such_run"  # the guard answers first, so this is never read
+    assert script.main(["--checkpoint", str(missing_run), "--input", str(ct), "--output", str(annotation),
+                        "--device", "cpu"]) == script.EXIT_USAGE
+    err = capsys.readouterr().err
+    assert err.startswith("segment.py: error: --output ") and str(annotation.resolve()) in err
+    assert str((data_dir / "case_00000").resolve()) in err and "--allow-inside-input" in err
+    assert "no such checkpoint" not in err
+    assert _snapshot(data_dir) == before
+
+
+def test_allow_inside_input_still_never_replaces_a_foreign_file(script: ModuleType, data_dir: Path, run_3d: Path,
+                                                                tmp_path: Path, capsys) -> None:
+    case = tmp_path / "data" / "case_00000"
+    shutil.copytree(data_dir / "case_00000", case)
+    annotation = case / "segmentation.nii.gz"
+    before = annotation.read_bytes()
+    assert script.main(["--checkpoint", str(tmp_path / "no_such_run"), "--input", str(case / "imaging.nii.gz"),
+                        "--output", str(annotation), "--allow-inside-input"]) == script.EXIT_USAGE
+    err = capsys.readouterr().err
+    assert f"--output {annotation.resolve()} exists and was not written by this command" in err
+    assert annotation.read_bytes() == before
+    # An earlier prediction of this command (marked in its header) is replaced.
+    own = case / "prediction.nii.gz"
+    save_nifti(np.zeros((2, 2, 2), np.uint8), np.eye(4), own, description=OWN_NIFTI_DESCRIPTION)
+    assert script.main(["--checkpoint", str(run_3d), "--input", str(case / "imaging.nii.gz"), "--output", str(own),
+                        "--device", "cpu", "--allow-inside-input"]) == script.EXIT_OK
+    assert nib.load(own).shape == nib.load(case / "imaging.nii.gz").shape
+    assert annotation.read_bytes() == before
+
+
+def test_a_foreign_file_in_the_output_folder_stops_everything_before_the_model_loads(
+        script: ModuleType, data_dir: Path, tmp_path: Path, capsys) -> None:
+    out = tmp_path / "out"
+    out.mkdir()
+    foreign = out / "case_00001.nii.gz"
+    save_nifti(np.ones((2, 2, 2), np.uint8), np.eye(4), foreign)  # a label map, but not one of ours
+    payload = foreign.read_bytes()
+    assert script.main(["--checkpoint", str(tmp_path / "no_such_run"), "--input", str(data_dir),
+                        "--output", str(out)]) == script.EXIT_USAGE
+    err = capsys.readouterr().err
+    assert str(foreign.resolve()) in err and "not written by this command" in err
+    assert foreign.read_bytes() == payload and sorted(p.name for p in out.iterdir()) == ["case_00001.nii.gz"]
+    (out / "segmentation_run.json").write_text(json.dumps({"notes": "mine"}))
+    foreign.unlink()
+    assert script.main(["--checkpoint", str(tmp_path / "no_such_run"), "--input", str(data_dir),
+                        "--output", str(out)]) == script.EXIT_USAGE
+    assert "segmentation_run.json" in capsys.readouterr().err
+
+
+def test_an_output_folder_that_cannot_be_created_is_named_up_front(script: ModuleType, data_dir: Path,
+                                                                   tmp_path: Path, capsys) -> None:
+    blocker = tmp_path / "a_file"
+    blocker.write_text("not a folder\n")
+    out = blocker / "predictions"
+    assert script.main(["--checkpoint", str(tmp_path / "no_such_run"), "--input", str(data_dir),
+                        "--output", str(out)]) == script.EXIT_USAGE
+    err = capsys.readouterr().err
+    assert f"output folder {out} cannot be created" in err and str(blocker) in err
+    assert str(data_dir) not in err  # the input is not blamed
+    one_ct = data_dir / "case_00000" / "imaging.nii.gz"
+    assert script.main(["--checkpoint", str(tmp_path / "no_such_run"), "--input", str(one_ct),
+                        "--output", str(out / "x.nii.gz")]) == script.EXIT_USAGE
+    assert f"output folder {out} cannot be created" in capsys.readouterr().err
+
+
+@pytest.mark.skipif(not hasattr(os, "geteuid") or os.geteuid() == 0, reason="permissions do not bind root")
+def test_a_read_only_output_folder_is_named_up_front(script: ModuleType, data_dir: Path, tmp_path: Path,
+                                                     capsys) -> None:
+    locked = tmp_path / "locked"
+    locked.mkdir()
+    locked.chmod(0o500)
+    try:
+        assert script.main(["--checkpoint", str(tmp_path / "no_such_run"), "--input", str(data_dir),
+                            "--output", str(locked)]) == script.EXIT_USAGE
+    finally:
+        locked.chmod(0o700)
+    err = capsys.readouterr().err
+    assert f"output folder {locked} is not writable" in err and str(data_dir) not in err

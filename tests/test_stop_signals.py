@@ -9,11 +9,12 @@ import subprocess
 import sys
 import time
 
+import pytest
 import torch
 
 from tests.test_training_engine import REPO, SCRIPT, tiny_config, write_config
 from utils.networks.checkpoints import load_checkpoint
-from utils.training.stop_signals import EXIT_INTERRUPTED, StopSignals, ignore_stop_signals
+from utils.training.stop_signals import EXIT_INTERRUPTED, ForcedStop, StopSignals, ignore_stop_signals
 
 
 def test_stop_signals_are_recorded_not_fatal_and_the_old_handlers_come_back():
@@ -27,6 +28,71 @@ def test_stop_signals_are_recorded_not_fatal_and_the_old_handlers_come_back():
         time.sleep(0.01)
         assert stop.received == "SIGUSR1"
     assert signal.getsignal(signal.SIGUSR1) == before
+
+
+
+def test_a_second_stop_signal_after_the_repeat_window_forces_an_immediate_stop():
+    before = signal.getsignal(signal.SIGTERM)
+    with StopSignals(repeat_seconds=0.3) as stop:
+        os.kill(os.getpid(), signal.SIGTERM)
+        time.sleep(0.01)
+        os.kill(os.getpid(), signal.SIGUSR1)  # a copy of the request (several senders): no effect
+        time.sleep(0.01)
+        assert stop.received == "SIGTERM"
+        time.sleep(0.4)
+        with pytest.raises(ForcedStop) as forced:
+            os.kill(os.getpid(), signal.SIGTERM)
+            time.sleep(5)  # the handler raises in the main thread, interrupting whatever runs
+    assert forced.value.code == 128 + signal.SIGTERM and forced.value.signal_name == "SIGTERM"
+    assert not isinstance(forced.value, Exception)  # passes through "except Exception" handlers
+    assert signal.getsignal(signal.SIGTERM) == before
+
+
+@pytest.mark.skipif(signal.getsignal(signal.SIGINT) is not signal.default_int_handler,
+                    reason="SIGINT has a handler of its own here")
+def test_sigint_after_a_stop_signal_still_interrupts_at_once():
+    with StopSignals() as stop:
+        os.kill(os.getpid(), signal.SIGTERM)
+        time.sleep(0.01)
+        with pytest.raises(KeyboardInterrupt):
+            os.kill(os.getpid(), signal.SIGINT)
+            time.sleep(5)
+    assert stop.received == "SIGTERM"
+
+
+def test_a_second_sigterm_stops_a_process_stuck_in_a_long_step(tmp_path):
+    # A "training" whose step lasts a minute: the first SIGTERM waits for the step to end, a second
+    # one a little later ends the process at once, with the status of a process killed by SIGTERM.
+    program = tmp_path / "long_step.py"
+    program.write_text(
+        "import logging, sys, time\n"
+        "from utils.training.stop_signals import StopSignals\n"
+        "logging.basicConfig(level=logging.INFO)\n"
+        "def long_step():\n"
+        "    print('stepping', flush=True)\n"
+        "    time.sleep(60)\n"
+        "with StopSignals(repeat_seconds=0.5) as stop:\n"
+        "    while stop.received is None:\n"
+        "        long_step()\n"
+        "print('saved after the step', flush=True)\n")
+    process = subprocess.Popen([sys.executable, str(program)], cwd=REPO, stdout=subprocess.PIPE,
+                               stderr=subprocess.PIPE, text=True,
+                               env={**os.environ, "PYTHONPATH": str(REPO), "OMP_NUM_THREADS": "1"})
+    try:
+        assert process.stdout.readline().strip() == "stepping"
+        process.send_signal(signal.SIGTERM)
+        time.sleep(1.0)
+        assert process.poll() is None  # the first signal waits for the end of the step
+        started = time.monotonic()
+        process.send_signal(signal.SIGTERM)
+        output, errors = process.communicate(timeout=30)
+    finally:
+        if process.poll() is None:
+            process.kill()
+    assert time.monotonic() - started < 10
+    assert process.returncode == 128 + signal.SIGTERM, errors
+    assert "saved after the step" not in output
+    assert "stopping now without saving" in errors and "long_step" in errors, errors
 
 
 def test_loader_workers_ignore_stop_signals():

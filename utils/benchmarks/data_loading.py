@@ -35,11 +35,11 @@ from monai.transforms import (
     Spacingd,
 )
 from torch.utils.data import Dataset
-from tqdm.auto import tqdm
 
 from utils.config.data import AugmentationConfig, PatchDatasetConfig, PreprocessingConfig, SplitConfig
 from utils.data.case_discovery import discover_cases
 from utils.data.case_validation import load_case
+from utils.data.progress import progress
 from utils.datasets.augmentation import SampleAugmenter
 from utils.datasets.patches import PatchDataset, background_value, read_region
 from utils.preprocessing.cache import PreprocessedCache
@@ -66,7 +66,7 @@ def time_cache_patches(cache: PreprocessedCache, config: PatchDatasetConfig, aug
     """Time ``patches`` samples of the cache-backed :class:`PatchDataset` (all cases of the cache)."""
     dataset = PatchDataset(cache.cases(), config, augmentation, seed=seed, pad_value=background_value(cache))
     start = time.perf_counter()
-    for index in tqdm(range(patches), desc="cache patches", disable=not show_progress):
+    for index in progress(range(patches), desc="cache patches", disable=not show_progress):
         dataset[index]
     return PatchTiming("cache", patches, time.perf_counter() - start)
 
@@ -133,7 +133,7 @@ def time_per_sample_patches(cache: PreprocessedCache, data_dir: str | Path, conf
     """Time ``patches`` samples made the per-sample way from the raw NIfTI files of the cache's cases."""
     dataset = PerSamplePatchDataset(cache, data_dir, config, augmentation, seed=seed)
     start = time.perf_counter()
-    for index in tqdm(range(patches), desc="per-sample patches", disable=not show_progress):
+    for index in progress(range(patches), desc="per-sample patches", disable=not show_progress):
         dataset[index]
     return PatchTiming("per-sample", patches, time.perf_counter() - start)
 

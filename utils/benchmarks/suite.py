@@ -28,7 +28,6 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from tqdm.auto import tqdm
 
 from utils.benchmarks.speed import (
     Measurement,
@@ -44,6 +43,7 @@ from utils.benchmarks.speed import (
     ratio,
 )
 from utils.config.experiment import ExperimentConfig, load_experiment_config
+from utils.data.progress import progress
 from utils.datasets.patches import background_value
 from utils.preprocessing.cache import PreprocessedCache, open_cache
 from utils.preprocessing.preprocess import preprocess_dataset
@@ -148,7 +148,7 @@ def run_benchmark(plan: BenchmarkPlan, work: str | os.PathLike, device: torch.de
     measurements: list[Measurement] = []
     comparison = None
     steps = [part for part in PARTS if part in parts]
-    for part in tqdm(steps, desc="benchmark", unit="part", disable=not show_progress):
+    for part in progress(steps, desc="benchmark", unit="part", disable=not show_progress):
         kind = "2d" if part == "train2d" else "3d"
         if kind not in caches:
             caches[kind] = _cache(configs[kind], data, min(cpus, plan.cases))

@@ -2,6 +2,11 @@
 both models, evaluate them in each CT's original grid and write the comparison report.
 
 Each stage calls the package's own functions exactly as a user's script would.
+
+Before anything is generated, :func:`check_demo_outputs` checks where the demo writes
+(:mod:`utils.data.output_guard`): its synthetic data folder may not hold KiTS19 cases it did not
+generate nor lie inside another data folder, and its reports, cache and run folders may not lie
+inside a data folder (its own synthetic folder included).
 """
 
 from __future__ import annotations
@@ -23,7 +28,9 @@ from utils.config.experiment import load_experiment_config
 from utils.config.loading import config_as_dict
 from utils.data.case_discovery import discover_cases
 from utils.data.case_validation import DatasetReport, load_case, select_cases, validate_dataset
+from utils.data.kits_layout import KITS_JSON_NAME, is_case_id
 from utils.data.nifti_io import load_nifti, read_voxels, write_bytes_atomic
+from utils.data.output_guard import ALLOW_FLAG, OutputGuardError, check_output_location
 from utils.datasets.patches import build_patch_datasets
 from utils.datasets.slices import build_slice_dataset
 from utils.evaluation.report import write_comparison_report
@@ -79,12 +86,78 @@ class DemoResult:
     visuals: tuple[Path, ...] = ()
 
 
-def run_demo(config: DemoConfig, show_progress: bool = True) -> DemoResult:
+def _holds_cases(folder: Path) -> bool:
+    """Whether ``folder`` is a KiTS19-layout data folder: it holds ``case_XXXXX`` folders."""
+    try:
+        return folder.is_dir() and any(is_case_id(p.name) and p.is_dir() for p in folder.iterdir())
+    except OSError:
+        return False
+
+
+def is_synthetic_data_folder(folder: Path) -> bool:
+    """Whether ``folder`` holds data the synthetic generator wrote: its ``kits.json`` lists each case
+    with exactly ``case_id`` and ``voxel_spacing`` (KiTS19's own file holds clinical fields too)."""
+    try:
+        entries = json.loads((folder / KITS_JSON_NAME).read_text(encoding="utf-8"))
+    except (OSError, UnicodeDecodeError, ValueError):
+        return False
+    return (isinstance(entries, list) and bool(entries)
+            and all(isinstance(e, dict) and set(e) == {"case_id", "voxel_spacing"} for e in entries))
+
+
+def _demo_output_folders(config: DemoConfig) -> dict[str, Path]:
+    """The folders the demo writes besides its synthetic data, by the setting that names them."""
+    folders = {"reports_dir": Path(config.reports_dir), "preprocessing.cache_dir": Path(config.preprocessing.cache_dir)}
+    for path in config.train_configs:
+        try:
+            experiment = load_experiment_config(path, config.train_overrides)
+        except (ValueError, FileNotFoundError):
+            continue  # reported when training starts
+        folders[f"training.output_dir ({path})"] = Path(experiment.training.output_dir)
+        folders[f"preprocessing.cache_dir ({path})"] = Path(experiment.preprocessing.cache_dir)
+    return folders
+
+
+def check_demo_outputs(config: DemoConfig, *, allow_inside_input: bool = False) -> None:
+    """Refuse demo outputs that would land in, or over, data the demo did not generate.
+
+    * ``synthetic.out_dir`` (rewritten by every run) may not hold ``case_XXXXX`` folders unless
+      an earlier run generated them (:func:`is_synthetic_data_folder`), nor lie inside a data folder;
+    * the reports, cache and run folders may not be, or lie inside, ``synthetic.out_dir`` or any
+      other data folder above them, unless ``allow_inside_input``.
+
+    Raises:
+        OutputGuardError: the message names the setting, the output and the data folder.
+    """
+    data = Path(config.synthetic.out_dir).expanduser().resolve()
+    if _holds_cases(data) and not is_synthetic_data_folder(data):
+        raise OutputGuardError(data, data, f"synthetic.out_dir {data} holds KiTS19 cases the demo did not generate; "
+                                           "the demo rewrites its data folder, so choose an empty or new folder")
+    for ancestor in data.parents:
+        if _holds_cases(ancestor):
+            check_output_location(data, [ancestor], what="synthetic.out_dir", allow_inside_input=allow_inside_input)
+    for setting, folder in _demo_output_folders(config).items():
+        resolved = folder.expanduser().resolve()
+        if data.is_dir():
+            check_output_location(resolved, [data], what=setting, allow_inside_input=allow_inside_input)
+        elif (resolved == data or data in resolved.parents) and not allow_inside_input:  # not generated yet
+            raise OutputGuardError(resolved, data, f"{setting} {resolved} is inside the input data folder {data} "
+                                                   "(synthetic.out_dir), which is never written to by other stages; "
+                                                   f"choose an output outside it (or pass {ALLOW_FLAG})")
+        for ancestor in (resolved, *resolved.parents):
+            if _holds_cases(ancestor):
+                check_output_location(resolved, [ancestor], what=setting, allow_inside_input=allow_inside_input)
+
+
+def run_demo(config: DemoConfig, show_progress: bool = True, *, allow_inside_input: bool = False) -> DemoResult:
     """Generate the synthetic dataset, validate it in full, measure it and save a gallery figure.
 
     Raises:
+        OutputGuardError: an output would land in or over data (:func:`check_demo_outputs`),
+            checked before anything is written.
         UnusableCaseError: a generated case failed validation (the message names it).
     """
+    check_demo_outputs(config, allow_inside_input=allow_inside_input)
     started = time.perf_counter()
     synthetic = config.synthetic
     options = SyntheticOptions(matrix=synthetic.matrix, spacing=synthetic.spacing)

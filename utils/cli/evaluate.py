@@ -16,6 +16,7 @@ import sys
 from pathlib import Path
 
 from utils.config.experiment import load_experiment_config
+from utils.data.output_guard import add_guard_argument
 from utils.evaluation.run import CASE_SELECTIONS, EVALUATION_SCRIPTS, RunEvaluation, evaluate_run
 from utils.metrics.scoring import METRIC_NAMES
 from utils.metrics.surface import DEFAULT_TOLERANCE_MM
@@ -31,6 +32,9 @@ EVALUATION_USAGE = """Usage::
 Segments the run's validation cases (or every labelled case of ``--data``) from their raw CTs
 with ``best.pt``, writes ``reports/<run>/predictions/``, ``metrics.json``, ``metrics.csv``,
 ``inference.json`` and ``case_scores.png``, and prints the mean and median of every metric.
+The report folder may not lie inside the data folder (unless ``--allow-inside-input``), and
+files there are only replaced when an earlier evaluation wrote them; both are checked before
+the model is loaded.
 
 Exit status: 0 when every case was scored, 1 when a case was refused, 2 on usage errors.
 """
@@ -54,6 +58,7 @@ def parse_evaluation_args(argv: list[str] | None, description: str) -> argparse.
     parser.add_argument("--postprocess", action="store_true", help="largest kidneys, tumour touching kidney only")
     parser.add_argument("--tolerance-mm", type=float, default=DEFAULT_TOLERANCE_MM,
                         help=f"surface-Dice tolerance in mm (default {DEFAULT_TOLERANCE_MM})")
+    add_guard_argument(parser)
     return parser.parse_args(argv)
 
 
@@ -89,7 +94,7 @@ def run_evaluation_command(argv: list[str] | None, *, model_name: str, descripti
         check_run_model(args.run, model_name)
         result = evaluate_run(args.run, data_dir=args.data, cases=args.cases, reports_dir=args.reports,
                               out_dir=args.out, device=args.device, tta=args.tta, postprocess=args.postprocess,
-                              tolerance_mm=args.tolerance_mm)
+                              tolerance_mm=args.tolerance_mm, allow_inside_input=args.allow_inside_input)
     except (ValueError, FileNotFoundError, CheckpointError) as error:
         print(f"{program}: error: {error}", file=sys.stderr)
         return EXIT_USAGE

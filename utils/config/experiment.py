@@ -6,10 +6,15 @@ wandb. The data sections (``preprocessing``, ``split``, ``patches``, ``slices``,
 are the dataclasses of :mod:`utils.config`. The 3D model trains on ``patches`` and is validated
 with ``sliding_window``; the 2D model trains on ``slices`` and is validated with
 ``slice_inference``; a section the model does not use is saved but has no effect.
+
+Geometry the model cannot take is refused when the config is built, before any work starts:
+zero or negative sizes and strides, a 3D patch or sliding window that is not a multiple of the
+network's total stride, a 2D slice size that is not a multiple of the UNETR's patch size.
 """
 
 from __future__ import annotations
 
+import math
 import os
 import typing
 from dataclasses import dataclass, field
@@ -30,6 +35,8 @@ NONFINITE_LOSS_POLICIES = ("stop", "skip")
 ON_BAD_CASE = ("error", "skip")
 WANDB_MODES = ("auto", "online", "offline")
 COMPILE_MODES = ("default", "reduce-overhead", "max-autotune", "max-autotune-no-cudagraphs")
+#: Side in pixels of the square patches MONAI's UNETR cuts a slice into (``unetr2d``).
+UNETR_PATCH_SIZE = 16
 
 
 @dataclass(frozen=True)
@@ -64,7 +71,14 @@ class ModelConfig:
 
     def __post_init__(self) -> None:
         check_choice("name", self.name, MODEL_NAMES)
+        check_positive("in_channels", self.in_channels)
+        check_positive("out_channels", self.out_channels)
         check_positive("channels", self.channels)
+        check_positive("strides", self.strides)
+        if len(self.channels) < 2:
+            raise ValueError(f"channels must have at least 2 values (one per resolution level), got {self.channels}")
+        if self.num_res_units < 0:
+            raise ValueError(f"num_res_units must be >= 0, got {self.num_res_units}")
         for name in ("feature_size", "hidden_size", "mlp_dim", "num_heads"):
             check_positive(name, getattr(self, name))
         if self.hidden_size % self.num_heads:
@@ -296,6 +310,25 @@ class ExperimentConfig:
     training: TrainingConfig = field(default_factory=TrainingConfig)
     performance: PerformanceConfig = field(default_factory=PerformanceConfig)
     wandb: WandbConfig = field(default_factory=WandbConfig)
+
+    def __post_init__(self) -> None:
+        """Refuse input sizes the model cannot take, before any data or training work starts."""
+        model = self.model
+        if model.name == "resunet3d":
+            total = math.prod(model.strides)
+            for key, size in (("patches.patch_size", self.patches.patch_size),
+                              ("sliding_window.roi_size", self.sliding_window.roi_size)):
+                if any(s % total for s in size):
+                    raise ValueError(
+                        f"{key} {list(size)} must be a multiple of {total} along every axis: the total stride "
+                        f"of model.strides {list(model.strides)} (each level halves the size, and the decoder "
+                        f"must meet the encoder at the same size); e.g. "
+                        f"{[max(total, math.ceil(s / total) * total) for s in size]}")
+        elif self.slices.image_size % UNETR_PATCH_SIZE:
+            size, patch = self.slices.image_size, UNETR_PATCH_SIZE
+            raise ValueError(f"slices.image_size {size} must be a multiple of {patch} for model {model.name} (its "
+                             f"transformer cuts a slice into {patch} x {patch} patches); e.g. "
+                             f"{max(patch, math.ceil(size / patch) * patch)}")
 
 
 def load_experiment_config(path: str | os.PathLike, overrides: typing.Sequence[str] = ()) -> ExperimentConfig:

@@ -85,11 +85,23 @@ def check_positive(name: str, values: Any) -> None:
 
 
 def parse_override(text: str) -> tuple[list[str], Any]:
-    """Parse ``section.key=value`` (value in YAML syntax) into a key path and a value."""
+    """Parse ``section.key=value`` (value in YAML syntax) into a key path and a value.
+
+    Raises:
+        ValueError: no ``=``, an empty key or key part, or a value that is not valid YAML (the
+            message names the override, the key and the value).
+    """
     key, sep, raw = text.partition("=")
-    if not sep or not key.strip():
+    keys = [part.strip() for part in key.split(".")]
+    if not sep or not all(keys):
         raise ValueError(f"override must look like section.key=value, got {text!r}")
-    return key.strip().split("."), yaml.safe_load(raw)
+    try:
+        value = yaml.safe_load(raw)
+    except yaml.YAMLError as error:
+        problem = " ".join(str(getattr(error, "problem", "") or error).split())
+        raise ValueError(f"override {text!r}: the value {raw!r} of {'.'.join(keys)} is not valid YAML ({problem}); "
+                         "quote strings and close brackets, e.g. section.key=[1,2,3]") from None
+    return keys, value
 
 
 
@@ -124,20 +136,31 @@ def _read_with_overrides(path: Path, overrides: typing.Sequence[str]) -> dict:
     if not path.is_file():
         raise FileNotFoundError(f"{path}: config file not found")
     try:
-        mapping = yaml.safe_load(path.read_text()) or {}
-    except yaml.YAMLError as error:
+        mapping = yaml.safe_load(path.read_text(encoding="utf-8"))
+    except (yaml.YAMLError, UnicodeDecodeError) as error:
         raise ValueError(f"{path}: not valid YAML ({error})") from error
+    if mapping is None:
+        mapping = {}
+    if not isinstance(mapping, dict):
+        raise ValueError(f"{path}: the top level must be a mapping of sections (section: {{key: value}}), "
+                         f"got a {type(mapping).__name__}: {_shorten(mapping)}")
     for override in overrides:
         keys, value = parse_override(override)
         target = mapping
         for key in keys[:-1]:
-            target = target.setdefault(key, {})
+            if target.get(key) is None:  # absent, or an empty section in the file
+                target[key] = {}
+            target = target[key]
             if not isinstance(target, dict):
-                raise ValueError(f"override {override!r}: {key} is not a section")
+                raise ValueError(f"override {override!r}: {key} is not a section in {path} (it holds "
+                                 f"{_shorten(target)})")
         target[keys[-1]] = value
-    if not isinstance(mapping, dict):
-        raise ValueError(f"{path}: the top level must be a mapping of sections, got {type(mapping).__name__}")
     return mapping
+
+
+def _shorten(value: Any, limit: int = 80) -> str:
+    text = repr(value)
+    return text if len(text) <= limit else text[: limit - 3] + "..."
 
 
 

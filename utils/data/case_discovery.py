@@ -9,12 +9,15 @@ The expected layout is the official one::
 
 Discovery only looks at names and ``kits.json``; it opens no NIfTI file. Whatever is odd about
 the folder as a whole (cases missing from ``kits.json`` or the other way round, an unreadable
-``kits.json``, folders that are not cases) becomes a warning in the returned listing and is
-logged, never an exception: a loader carries on with the cases that are there.
+``kits.json``, folders that are not cases, symbolic link loops) becomes a warning in the returned
+listing and is logged, never an exception: a loader carries on with the cases that are there.
+A symbolic link loop is named as such: a case folder that is one is listed in the warnings, and
+a case file that is one is kept in :class:`CaseFiles` so that its check reports the loop.
 """
 
 from __future__ import annotations
 
+import errno
 import json
 import logging
 import math
@@ -116,7 +119,7 @@ def discover_cases(data_dir: str | os.PathLike) -> DatasetListing:
     if not data_dir.is_dir():
         raise FileNotFoundError(f"data folder {data_dir} does not exist or is not a folder")
     warnings: list[str] = []
-    cases, ignored = _scan_case_folders(data_dir)
+    cases, ignored = _scan_case_folders(data_dir, warnings)
     if ignored:
         warnings.append(f"ignored {_summarise(ignored, 'folder')} whose names are not case ids (case_XXXXX)")
     if not cases:
@@ -142,12 +145,35 @@ def discover_cases(data_dir: str | os.PathLike) -> DatasetListing:
     )
 
 
-def _scan_case_folders(data_dir: Path) -> tuple[list[CaseFiles], list[str]]:
-    """Return the case folders (sorted by id) and the names of other, ignored folders."""
+def is_symlink_loop(path: Path) -> bool:
+    """Whether ``path`` is a symbolic link that never resolves (it leads back to itself)."""
+    if not path.is_symlink():
+        return False
+    try:
+        path.resolve(strict=True)
+    except RuntimeError:  # Python < 3.13: "Symlink loop from ..."
+        return True
+    except OSError as error:  # Python >= 3.13 raises ELOOP
+        return error.errno == errno.ELOOP
+    return False
+
+
+def _scan_case_folders(data_dir: Path, warnings: list[str] | None = None) -> tuple[list[CaseFiles], list[str]]:
+    """Return the case folders (sorted by id) and the names of other, ignored folders.
+
+    Entries that are symbolic link loops are skipped, each with a warning in ``warnings``.
+    """
     cases: list[CaseFiles] = []
     ignored: list[str] = []
     for entry in sorted(data_dir.iterdir()):
-        if not entry.is_dir() or entry.name.startswith("."):
+        if entry.name.startswith("."):
+            continue
+        if is_symlink_loop(entry):
+            if warnings is not None:
+                warnings.append(f"{entry} is a symbolic link loop (it leads back to itself, target "
+                                f"{os.readlink(entry)!r}); skipped: fix or remove the link")
+            continue
+        if not entry.is_dir():
             continue
         if not is_case_id(entry.name):
             ignored.append(entry.name)
@@ -164,10 +190,14 @@ def _scan_case_folders(data_dir: Path) -> tuple[list[CaseFiles], list[str]]:
 
 
 def _find_volume(folder: Path, gz_name: str) -> Path | None:
-    """Return ``folder/gz_name``, else its uncompressed ``.nii`` twin, else ``None``."""
+    """Return ``folder/gz_name``, else its uncompressed ``.nii`` twin, else ``None``.
+
+    A name that is a symbolic link loop is returned too, so that checking it names the loop
+    instead of calling the file missing.
+    """
     for name in (gz_name, gz_name.removesuffix(".gz")):
         candidate = folder / name
-        if candidate.exists():
+        if candidate.exists() or is_symlink_loop(candidate):
             return candidate
     return None
 

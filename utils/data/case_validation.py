@@ -3,11 +3,17 @@
 Two depths of checking:
 
 * fast (default): headers only, plus a cheap truncation test (see :mod:`utils.data.nifti_checks`).
-  Catches missing, truncated, non-NIfTI and non-3D files, bad spacing and image/label shape or
-  affine disagreements.
+  Catches missing, truncated, non-NIfTI and non-3D files, bad spacing (from any header field),
+  image/label shape or affine disagreements, and the CT's header-level input anomalies of
+  :func:`~utils.data.nifti_checks.find_ct_anomalies` (a volume of a few voxels; warnings for an
+  oblique affine or a uint8 CT).
 * full (``full=True``): also reads every voxel, verified (the whole gzip stream is read, so its
   CRC-32 is checked: nibabel alone does not, and would return wrong voxels), which catches a
-  corrupt deflate stream, NaN/inf in the CT and label values outside ``{0, 1, 2}``.
+  corrupt deflate stream, NaN/inf in the CT, a CT whose values do not look like HU (warning)
+  and label values outside ``{0, 1, 2}``.
+
+:func:`load_case` (used by the preprocessing) runs the same CT checks on the voxels it reads,
+raises on errors and logs the warnings on the ``utils.data.input_anomalies`` logger.
 
 Input files are only ever opened for reading. Problems are collected, never raised, by the
 validators, so that a user sees everything wrong at once; :func:`select_cases` and
@@ -35,9 +41,9 @@ from utils.data.nifti_checks import (
     Problem,
     Spacing,
     check_image_label_agreement,
-    check_image_voxels,
     check_kits_spacing,
     check_label_voxels,
+    find_ct_anomalies,
     inspect_file,
     read_image,
     read_labels,
@@ -45,6 +51,8 @@ from utils.data.nifti_checks import (
 from utils.data.parallel import map_with_progress
 
 logger = logging.getLogger(__name__)
+#: Logger of the input anomalies :func:`load_case` finds that are only warnings (oblique affine, not HU, ...).
+anomaly_logger = logging.getLogger("utils.data.input_anomalies")
 
 STATUS_OK = "ok"
 STATUS_INFERENCE_ONLY = "inference_only"
@@ -197,13 +205,16 @@ def validate_case(case: CaseFiles, *, full: bool = False, kits_spacing: Spacing 
     image_check, label_check, problems = _inspect_case(case)
     main = image_check if image_check is not None and image_check.image is not None else label_check
     label_counts = hu_min = hu_max = None
-    if full and image_check is not None and image_check.readable:
-        image, read_problem = read_image(image_check.path)
-        if image is None:
-            problems.append(read_problem)
-        else:
-            image_problems, hu_min, hu_max = check_image_voxels(image_check.path, image)
-            problems.extend(image_problems)
+    if image_check is not None and image_check.image is not None:
+        image = None
+        if full and image_check.readable:
+            image, read_problem = read_image(image_check.path)
+            if image is None:
+                problems.append(read_problem)
+        anomalies = find_ct_anomalies(image_check.path, image, check=image_check)
+        problems.extend(anomalies.problems)
+        hu_min, hu_max = anomalies.hu_min, anomalies.hu_max
+        del image
     if full and label_check is not None and label_check.readable:
         labels, read_problem = read_labels(label_check.path)
         if labels is None:
@@ -298,15 +309,21 @@ def load_case(case: CaseFiles, *, need_segmentation: bool = True) -> LoadedCase:
         The image (``(Z, Y, X)`` float32 HU), segmentation (uint8 or ``None``), affine and spacing.
 
     Raises:
-        CaseError: a file is missing, unreadable or fails a check; the message names the file
-            and the reason.
+        CaseError: a file is missing, unreadable or fails a check (an input anomaly of
+            :func:`~utils.data.nifti_checks.find_ct_anomalies` included); the message names the
+            file and the reason. Warnings are logged on the ``utils.data.input_anomalies`` logger.
     """
     image_check, label_check, problems = _inspect_case(case)
     if not need_segmentation:
         problems = [p for p in problems if p.code != MISSING_SEGMENTATION]
     _raise_on_errors(case, problems)
     image, read_problem = read_image(image_check.path)
-    _raise_on_errors(case, [read_problem] if image is None else check_image_voxels(image_check.path, image)[0])
+    if image is None:
+        _raise_on_errors(case, [read_problem])
+    anomalies = find_ct_anomalies(image_check.path, image, check=image_check)
+    _raise_on_errors(case, anomalies.problems)
+    for warning in [p for p in problems if not p.is_error] + anomalies.warnings:
+        anomaly_logger.warning("%s: %s", case.case_id, warning.describe())
     segmentation = None
     if label_check is not None:
         labels, read_problem = read_labels(label_check.path)

@@ -8,12 +8,21 @@
 * voxel level (full): :func:`read_image` and :func:`read_labels` read through
   :func:`~utils.data.nifti_io.load_nifti_verified` (gzip CRC-32 checked), then
   :func:`check_image_voxels` and :func:`check_label_voxels` find NaN/inf and bad label values.
+* input anomalies of a CT: :func:`find_ct_anomalies` is the one place that names what is odd
+  about a CT before it is used, for every command that reads one (``check_data`` through
+  :mod:`utils.data.case_validation`, ``preprocess`` through the same, and ``segment``):
+  a volume of a few voxels (error), an oblique affine (warning: the rotation is ignored), a
+  stored type or value range that does not look like Hounsfield units (warning), and, given
+  the voxels, NaN/inf (error); given a model's window, a volume smaller than one window
+  (warning: it is padded). Zero, negative or NaN voxel sizes in any header field (``pixdim``,
+  qform, sform, the affine) are found by :func:`inspect_file` for every file.
 
 Input files are only ever opened for reading; :mod:`utils.data.case_validation` builds reports from these.
 """
 
 from __future__ import annotations
 
+import errno
 import gzip
 import os
 import zlib
@@ -25,7 +34,7 @@ import nibabel as nib
 import numpy as np
 
 from utils.data.kits_layout import AFFINE_ATOL_MM, AFFINE_RTOL, LABEL_NAMES, VALID_LABELS, spacing_from_affine
-from utils.data.nifti_io import NiftiReadError, load_nifti, load_nifti_verified, read_voxels
+from utils.data.nifti_io import NiftiReadError, load_nifti, load_nifti_verified, read_raw_header, read_voxels
 
 MISSING_IMAGING = "missing_imaging"
 MISSING_SEGMENTATION = "missing_segmentation"
@@ -38,8 +47,18 @@ BAD_LABELS = "bad_labels"
 NON_FINITE = "non_finite"
 BAD_SPACING = "bad_spacing"
 SPACING_DIFFERS_FROM_KITS_JSON = "spacing_differs_from_kits_json"
+TOO_SMALL = "too_small"
+OBLIQUE_AFFINE = "oblique_affine"
+NOT_HU = "not_hounsfield_units"
+SMALLER_THAN_WINDOW = "smaller_than_window"
 #: Problem codes that are only warnings: the case stays usable.
-WARNING_CODES = frozenset({SPACING_DIFFERS_FROM_KITS_JSON})
+WARNING_CODES = frozenset({SPACING_DIFFERS_FROM_KITS_JSON, OBLIQUE_AFFINE, NOT_HU, SMALLER_THAN_WINDOW})
+#: Fewest voxels a CT may have along any axis; a smaller volume holds no usable anatomy.
+MIN_CT_AXIS_VOXELS = 4
+#: An affine axis further than this from every scanner axis (degrees) makes the affine oblique.
+OBLIQUE_TOLERANCE_DEGREES = 0.5
+#: A CT in Hounsfield units has air at about -1000 HU: a volume with no voxel below this is suspect.
+AIR_HU_BELOW = -500.0
 _MAX_VALUES_SHOWN = 10
 
 #: A ``(z, y, x)`` voxel size in mm.
@@ -103,7 +122,7 @@ def inspect_file(path: Path) -> FileCheck:
     """
     check = FileCheck(path)
     if not path.is_file():
-        check.problems.append(Problem(UNREADABLE, "is not a regular file", path))
+        check.problems.append(Problem(UNREADABLE, not_a_file_reason(path), path))
         return check
     try:
         check.image = load_nifti(path)
@@ -125,6 +144,28 @@ def inspect_file(path: Path) -> FileCheck:
     if spacing_problem is not None:
         check.problems.append(spacing_problem)
     return check
+
+
+def not_a_file_reason(path: Path) -> str:
+    """Why ``path`` is not a readable regular file: a symbolic link loop, a broken link, a folder, or absent."""
+    if path.is_symlink():
+        try:
+            target = os.readlink(path)
+        except OSError:
+            target = "?"
+        try:
+            path.resolve(strict=True)
+        except RuntimeError:  # Python < 3.13
+            return f"is a symbolic link loop (-> {target!r} leads back to itself); fix or replace the link"
+        except OSError as error:
+            if error.errno == errno.ELOOP:
+                return f"is a symbolic link loop (-> {target!r} leads back to itself); fix or replace the link"
+            return f"is a broken symbolic link (-> {target!r}, which does not exist)"
+    if path.is_dir():
+        return "is a folder, not a file"
+    if not path.exists():
+        return "does not exist"
+    return "is not a regular file"
 
 
 def _open_failure(path: Path, error: NiftiReadError) -> Problem:
@@ -172,19 +213,50 @@ def _check_stored_size(path: Path, image: nib.Nifti1Image) -> Problem | None:
 
 
 def _check_spacing(path: Path, image: nib.Nifti1Image) -> tuple[Spacing | None, Problem | None]:
-    """Return the affine's spacing (``None`` if invalid) and a ``bad_spacing`` problem if any."""
+    """Return the affine's spacing (``None`` if invalid) and a ``bad_spacing`` problem if any.
+
+    Every header field that gives a voxel size is checked as stored: ``pixdim`` (nibabel's
+    loader silently turns a zero into 1 mm and a negative value into its absolute value, so the
+    stored header is read again, see :func:`~utils.data.nifti_io.read_raw_header`), the qform
+    and the sform when their codes say they are used, and the column norms of the affine.
+    """
     spacing = spacing_from_affine(image.affine)
-    pixdim = [float(p) for p in image.header["pixdim"][1 : 1 + min(len(image.shape), 3)]]
-    affine_ok = all(np.isfinite(s) and s > 0 for s in spacing)
-    pixdim_ok = all(np.isfinite(p) and p > 0 for p in pixdim)
-    if affine_ok and pixdim_ok:
+    n_axes = min(len(image.shape), 3)
+    try:
+        raw = read_raw_header(path)
+    except (NiftiReadError, OSError):
+        raw = image.header
+    sources = {"pixdim": [float(p) for p in raw["pixdim"][1 : 1 + n_axes]]}
+    if int(raw["qform_code"]) > 0:
+        sources["qform"] = _column_norms(raw.get_qform, n_axes)
+    if int(raw["sform_code"]) > 0:
+        sources["sform"] = _column_norms(raw.get_sform, n_axes)
+    sources["affine"] = list(spacing[:n_axes])
+    bad = [name for name, values in sources.items() if not all(np.isfinite(v) and v > 0 for v in values)]
+    affine_ok = "affine" not in bad
+    if not bad:
         return spacing, None
+    given = ", ".join(f"{name} {_fmt(values)}" for name, values in sources.items())
     return (spacing if affine_ok else None), Problem(
         BAD_SPACING,
-        f"voxel size must be finite and > 0 mm; the affine gives {_fmt(spacing)}, "
-        f"header pixdim {_fmt(pixdim)}",
+        f"voxel size must be finite and > 0 mm in every header field, but {' and '.join(bad)} "
+        f"{'is' if len(bad) == 1 else 'are'} not ({given}); nibabel would read a zero pixdim as 1 mm. "
+        "Fix the header (pixdim, qform, sform) with the scanner's true voxel size",
         path,
     )
+
+
+def _column_norms(get_matrix: Any, n_axes: int) -> list[float]:
+    """Lengths of the first ``n_axes`` columns of the 4 x 4 matrix ``get_matrix()`` (NaN when it has none)."""
+    try:
+        with np.errstate(all="ignore"):
+            matrix = get_matrix()
+    except Exception:  # noqa: BLE001 - nibabel refuses e.g. negative pixdims: no valid matrix
+        matrix = None
+    if matrix is None:
+        return [float("nan")] * n_axes
+    norms = np.linalg.norm(np.asarray(matrix, dtype=np.float64)[:3, :3], axis=0)
+    return [float(v) for v in norms[:n_axes]]
 
 
 def check_image_label_agreement(image_check: FileCheck, label_check: FileCheck) -> list[Problem]:
@@ -230,6 +302,133 @@ def check_kits_spacing(path: Path, spacing: Spacing, kits_spacing: Spacing) -> l
             path,
         )
     ]
+
+
+@dataclass
+class CtAnomalies:
+    """What :func:`find_ct_anomalies` found about one CT.
+
+    Attributes:
+        check: the header check of the file. problems: the anomalies found, errors and warnings.
+        hu_min, hu_max: range of the finite voxel values (``None`` without voxels or none finite).
+    """
+
+    check: FileCheck
+    problems: list[Problem]
+    hu_min: float | None = None
+    hu_max: float | None = None
+
+    @property
+    def errors(self) -> list[Problem]:
+        """The problems that stop the CT being used."""
+        return [p for p in self.problems if p.is_error]
+
+    @property
+    def warnings(self) -> list[Problem]:
+        """The problems that are only warnings."""
+        return [p for p in self.problems if not p.is_error]
+
+
+def find_ct_anomalies(path: Path, voxels: np.ndarray | None = None, *, check: FileCheck | None = None,
+                      window: tuple[tuple[int, ...], Spacing] | None = None) -> CtAnomalies:
+    """Name every input anomaly of one CT file, in one place for every command that reads a CT.
+
+    Header level: the checks of :func:`inspect_file` (including zero, negative or NaN voxel sizes
+    in any header field), then a volume of fewer than :data:`MIN_CT_AXIS_VOXELS` voxels along an
+    axis (``too_small``, error), an oblique affine (``oblique_affine``, warning) and an unsigned
+    8-bit stored type (``not_hounsfield_units``, warning). With ``voxels``: NaN/inf (error) and a
+    value range that does not look like HU (warning), see :func:`check_image_voxels`. With
+    ``window``: a CT smaller than one model window (``smaller_than_window``, warning: padded).
+
+    Args:
+        path: the CT file (``.nii`` / ``.nii.gz``).
+        voxels: its ``(I, J, K)`` voxels in HU when already read (``None``: header checks only).
+        check: its :func:`inspect_file` result when already made (it is not repeated; its
+            problems are not returned again).
+        window: ``(size, spacing)``: a model's window in voxels and the voxel size in mm it is
+            applied at (e.g. ``sliding_window.roi_size`` and ``preprocessing.target_spacing``).
+
+    Returns:
+        The header check, the problems found (those of ``check`` only when it was made here) and
+        the range of the voxel values.
+    """
+    problems: list[Problem] = []
+    if check is None:
+        check = inspect_file(Path(path))
+        problems.extend(check.problems)
+    if check.image is None or not check.is_3d:
+        return CtAnomalies(check, problems)
+    shape = tuple(int(n) for n in check.image.shape)
+    if min(shape) < MIN_CT_AXIS_VOXELS:
+        problems.append(Problem(
+            TOO_SMALL,
+            f"shape {shape} has fewer than {MIN_CT_AXIS_VOXELS} voxels along an axis; a CT must be at least "
+            f"{MIN_CT_AXIS_VOXELS} x {MIN_CT_AXIS_VOXELS} x {MIN_CT_AXIS_VOXELS} voxels (a real abdominal CT has "
+            "hundreds); check that the file holds the whole scan",
+            path,
+        ))
+    oblique = _oblique_degrees(check.image.affine)
+    if oblique is not None and oblique > OBLIQUE_TOLERANCE_DEGREES:
+        problems.append(Problem(
+            OBLIQUE_AFFINE,
+            f"the affine is oblique (an axis is {oblique:.3g} degrees from the nearest scanner axis); the "
+            "rotation is ignored: voxels are used in their stored order, reoriented to the nearest axes "
+            "(no resampling of the rotation), and the labels are written back on the CT's own grid with "
+            "its affine",
+            path,
+        ))
+    dtype = check.image.get_data_dtype()
+    scaled = getattr(check.image.dataobj, "slope", 1.0) != 1.0 or getattr(check.image.dataobj, "inter", 0.0) != 0.0
+    if dtype == np.uint8 and not scaled:
+        problems.append(Problem(
+            NOT_HU,
+            "stored as uint8 without a rescale slope/intercept: values 0 .. 255 cannot hold Hounsfield units "
+            "(air is about -1000 HU); this looks like an 8-bit export (e.g. from a viewer) and is used as if "
+            "it were HU, so predictions will be poor. Use the original CT",
+            path,
+        ))
+    hu_min = hu_max = None
+    if voxels is not None:
+        voxel_problems, hu_min, hu_max = check_image_voxels(path, voxels)
+        if dtype == np.uint8 and not scaled:  # already named by the stored type
+            voxel_problems = [p for p in voxel_problems if p.code != NOT_HU]
+        problems.extend(voxel_problems)
+    if window is not None and check.spacing is not None and not any(p.code == TOO_SMALL for p in problems):
+        problems.extend(_check_window(path, shape, check.spacing, check.image.affine, *window))
+    return CtAnomalies(check, problems, hu_min, hu_max)
+
+
+def _oblique_degrees(affine: np.ndarray) -> float | None:
+    """Largest angle (degrees) between an affine column and its nearest scanner axis; ``None`` if undefined."""
+    matrix = np.asarray(affine, dtype=np.float64)[:3, :3]
+    norms = np.linalg.norm(matrix, axis=0)
+    if not (np.all(np.isfinite(norms)) and np.all(norms > 0)):
+        return None
+    cosines = np.clip(np.abs(matrix / norms).max(axis=0), -1.0, 1.0)
+    return float(np.degrees(np.arccos(cosines.min())))
+
+
+def _check_window(path: Path, shape: tuple[int, ...], spacing: Spacing, affine: np.ndarray, size: tuple[int, ...],
+                  window_spacing: Spacing) -> list[Problem]:
+    """A ``smaller_than_window`` warning when the CT's extent is below one window along an axis.
+
+    The window is given in the canonical ``(I, P, L)`` axis order the preprocessing reorients to,
+    so the CT's extent is put in that order first.
+    """
+    world_axis = nib.orientations.io_orientation(affine)[:, 0]
+    order = sorted(range(len(shape)), key=lambda axis: -world_axis[axis])  # S/I axis first, then A/P, then R/L
+    extent = [shape[axis] * spacing[axis] for axis in order]
+    window_mm = [n * s for n, s in zip(size, window_spacing, strict=True)]
+    short = [axis for axis, (e, w) in enumerate(zip(extent, window_mm, strict=True)) if e < w]
+    if not short:
+        return []
+    return [Problem(
+        SMALLER_THAN_WINDOW,
+        f"the CT covers {_fmt(extent)} mm, less than one model window of {tuple(size)} voxels at "
+        f"{_fmt(window_spacing)} mm = {_fmt(window_mm)} mm along axis/axes {short}; it is padded with air "
+        "to the window size, so the model sees mostly padding there",
+        path,
+    )]
 
 
 def read_image(path: Path) -> tuple[np.ndarray | None, Problem | None]:
@@ -278,21 +477,39 @@ def _load_verified(path: Path) -> tuple[nib.Nifti1Image | None, Problem | None]:
 
 
 def check_image_voxels(path: Path, image: np.ndarray) -> tuple[list[Problem], float | None, float | None]:
-    """Count NaN/inf voxels of a CT volume.
+    """Count NaN/inf voxels of a CT volume and check that its values look like Hounsfield units.
 
     Returns:
-        A ``non_finite`` problem if any such voxel, and the finite range in HU (``None, None``
-        when no voxel is finite).
+        A ``non_finite`` problem if any such voxel, a ``not_hounsfield_units`` warning when no
+        voxel is below :data:`AIR_HU_BELOW` (a CT in HU has air at about -1000 HU; a range
+        like 0..255 or 0..4095 means raw stored values, e.g. a missing rescale intercept), and
+        the finite range in HU (``None, None`` when no voxel is finite).
     """
     finite = np.isfinite(image)
     n_bad = int(image.size - np.count_nonzero(finite))
     problems = []
     if n_bad:
-        problems.append(Problem(NON_FINITE, f"{n_bad} of {image.size} voxels are NaN or infinite", path))
+        problems.append(Problem(
+            NON_FINITE,
+            f"{n_bad} of {image.size} voxels ({100 * n_bad / image.size:.2g} %) are NaN or infinite; "
+            "the model cannot use them (whole windows around them would be predicted as background): "
+            "re-export the CT, or replace them by air (-1024 HU) yourself",
+            path,
+        ))
     values = image[finite] if n_bad else image
     if values.size == 0:
         return problems, None, None
-    return problems, float(values.min()), float(values.max())
+    low, high = float(values.min()), float(values.max())
+    if low >= AIR_HU_BELOW:
+        problems.append(Problem(
+            NOT_HU,
+            f"values range {low:g} .. {high:g}, with no voxel below {AIR_HU_BELOW:g}: a CT in Hounsfield "
+            "units has air at about -1000 HU, so this looks like raw stored values (e.g. 0 .. 255 or "
+            "0 .. 4095) or an intensity-normalised image; it is used as if it were HU, so predictions "
+            "will be poor. Check the rescale slope and intercept (scl_slope, scl_inter) of the file",
+            path,
+        ))
+    return problems, low, high
 
 
 def check_label_voxels(path: Path, labels: np.ndarray) -> tuple[list[Problem], dict[int, int]]:

@@ -162,6 +162,7 @@ def save_nifti(
     path: str | os.PathLike,
     *,
     compresslevel: int = 1,
+    description: bytes | None = None,
 ) -> Path:
     """Write an array as NIfTI-1 atomically (temporary file, then rename).
 
@@ -171,6 +172,8 @@ def save_nifti(
         affine: ``(4, 4)`` voxel-to-world matrix.
         path: destination ending in ``.nii`` or ``.nii.gz``; its folder must exist.
         compresslevel: gzip level 1 (fast, default) to 9 (small); ignored for ``.nii``.
+        description: the header's ``descrip`` field (at most 80 bytes), e.g. the mark that
+            identifies the project's own predictions (:mod:`utils.data.output_guard`).
 
     Returns:
         The written path.
@@ -182,6 +185,8 @@ def save_nifti(
         raise ValueError(f"compresslevel must be between 1 and 9, got {compresslevel}")
     image = nib.Nifti1Image(np.asarray(array), np.asarray(affine, dtype=np.float64))
     image.header.set_xyzt_units("mm", "sec")
+    if description is not None:
+        image.header["descrip"] = description
     payload = image.to_bytes()
     if path.name.endswith(".gz"):
         payload = gzip.compress(payload, compresslevel=compresslevel, mtime=0)
@@ -249,3 +254,33 @@ def write_folder_atomic(parent: str | os.PathLike, name: str, writer: Callable[[
         shutil.rmtree(temporary, ignore_errors=True)
         raise
     return final
+
+
+def read_raw_header(path: str | os.PathLike) -> nib.Nifti1Header:
+    """The header exactly as stored, without the repairs nibabel makes when it loads a file.
+
+    nibabel's loader silently rewrites some invalid fields: a zero ``pixdim`` becomes 1 mm and a
+    negative one its absolute value, so the loaded image's affine looks valid. Checks on the
+    voxel size therefore read the stored header with this function. Only the header bytes are
+    read (for ``.nii.gz`` only the start of the stream is decompressed).
+
+    Raises:
+        FileNotFoundError: the file does not exist.
+        NiftiReadError: the file does not start with a NIfTI-1/2 header.
+    """
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"{path}: no such file")
+    try:
+        opener = gzip.open if path.name.endswith(".gz") else open
+        with opener(path, "rb") as stream:
+            raw = stream.read(nib.Nifti2Header.sizeof_hdr)
+    except (OSError, EOFError, zlib.error) as error:
+        raise NiftiReadError(path, f"header unreadable ({type(error).__name__}: {error})") from error
+    for klass in (nib.Nifti2Header, nib.Nifti1Header):
+        if len(raw) >= klass.sizeof_hdr and klass.may_contain_header(raw):
+            try:
+                return klass.from_fileobj(io.BytesIO(raw), check=False)
+            except Exception as error:  # nibabel raises many exception types on corrupt headers
+                raise NiftiReadError(path, f"header unreadable ({type(error).__name__}: {error})") from error
+    raise NiftiReadError(path, "not a NIfTI-1/2 image (no NIfTI header at the start of the data)")

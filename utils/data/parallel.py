@@ -7,7 +7,7 @@ from collections.abc import Callable, Sequence
 from concurrent.futures import ProcessPoolExecutor
 from typing import Any, TypeVar
 
-from tqdm.auto import tqdm
+from utils.data.progress import progress
 
 Result = TypeVar("Result")
 
@@ -28,15 +28,15 @@ def map_with_progress(function: Callable[[Any], Result], jobs: Sequence[Any], *,
     if workers < 1:
         raise ValueError(f"workers must be >= 1, got {workers}")
     results: list[Result] = []
-    with tqdm(total=len(jobs), desc=description, unit=unit, disable=not show_progress) as progress:
+    with progress(total=len(jobs), desc=description, unit=unit, disable=not show_progress) as bar:
         if workers == 1 or len(jobs) <= 1:
             for job in jobs:
                 results.append(function(job))
-                progress.update()
+                bar.update()
             return results
         context = multiprocessing.get_context("spawn")
         with ProcessPoolExecutor(max_workers=min(workers, len(jobs)), mp_context=context) as pool:
             for result in pool.map(function, jobs):
                 results.append(result)
-                progress.update()
+                bar.update()
     return results

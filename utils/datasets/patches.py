@@ -7,6 +7,12 @@ needs around that centre from the memory map, augment it (:mod:`utils.datasets.a
 workers, and reproduced exactly after a resume. Epochs reach the workers through the index
 itself (see :class:`EpochSampler`), so persistent workers see them too.
 
+A case smaller than the patch along an axis is padded with background (``read_region``). A patch
+so much larger than a case that the case would fill less than :data:`MIN_PATCH_FILL` of it is
+refused when the dataset is built (:class:`PatchGeometryError`, naming the patch size, the case
+and its shape): every sample would then be mostly padding, costing the time of a huge patch for
+a few real voxels, so that training seems to hang while learning nothing.
+
 With ``defer_augmentation`` the workers stop after reading the region: items carry the region,
 the spatial draw and the sample's generator, :func:`collate_samples` keeps them as lists, and
 :func:`augment_batch` applies the very same augmentation on the GPU in the training process.
@@ -14,6 +20,8 @@ the spatial draw and the sample's generator, :func:`collate_samples` keeps them 
 
 from __future__ import annotations
 
+import logging
+import math
 from collections.abc import Iterator, Sequence
 from typing import Any
 
@@ -26,7 +34,11 @@ from utils.datasets.augmentation import SampleAugmenter, SpatialDraw
 from utils.preprocessing.cache import CachedCase, PreprocessedCache
 from utils.preprocessing.preprocess import Normalisation
 
+logger = logging.getLogger(__name__)
+
 CENTRE_CLASSES = ("tumour", "kidney", "anywhere")
+#: Smallest share of a patch a case must be able to fill (the rest is padding); below it the patch is refused.
+MIN_PATCH_FILL = 0.125
 
 #: Item keys of a deferred sample that stay per-sample lists in a batch (regions differ in size).
 DEFERRED_KEYS = ("image", "label", "draw", "rng")
@@ -63,6 +75,55 @@ def read_region(volume: np.ndarray, centre: Sequence[int], size: Sequence[int], 
     if min(inside) > 0:
         out[tuple(target)] = volume[tuple(source)]
     return out
+
+
+class PatchGeometryError(ValueError):
+    """A patch size that does not fit the cases: ``patch_size``, ``case_id`` and ``shape`` say which."""
+
+    def __init__(self, message: str, patch_size: tuple[int, ...], case_id: str, shape: tuple[int, ...]):
+        self.patch_size = patch_size
+        self.case_id = case_id
+        self.shape = shape
+        super().__init__(message)
+
+
+def patch_fill(patch_size: Sequence[int], shape: Sequence[int]) -> float:
+    """Largest share of a patch that a volume of ``shape`` can fill (1 when the patch fits inside it)."""
+    return math.prod(min(p, n) / p for p, n in zip(patch_size, shape, strict=True))
+
+
+def check_patch_geometry(cases: Sequence[CachedCase], patch_size: Sequence[int], *,
+                         key: str = "patches.patch_size") -> None:
+    """Refuse a patch size the cases cannot fill; log the cases that are padded.
+
+    Args:
+        cases: the cached cases (only their ``shape`` is read, from ``meta.json``).
+        patch_size: ``(Z, Y, X)`` voxels. key: the setting named in messages.
+
+    Raises:
+        PatchGeometryError: a case fills less than :data:`MIN_PATCH_FILL` of a patch; the message
+            names the patch size, the case, its shape and the largest patch that would do.
+    """
+    patch_size = tuple(int(p) for p in patch_size)
+    padded = []
+    for case in cases:
+        shape = tuple(int(n) for n in case.shape)
+        if len(shape) != len(patch_size):
+            raise PatchGeometryError(f"{key} {list(patch_size)} has {len(patch_size)} axes but {case.case_id} has "
+                                     f"shape {shape}", patch_size, case.case_id, shape)
+        fill = patch_fill(patch_size, shape)
+        if fill < MIN_PATCH_FILL:
+            raise PatchGeometryError(
+                f"{key} {list(patch_size)} is far larger than {case.case_id} (preprocessed shape {list(shape)}): "
+                f"the case fills at most {100 * fill:.3g} % of a patch (at least {100 * MIN_PATCH_FILL:g} % is "
+                "needed), so every sample would be mostly padding and training would crawl; use a patch size "
+                f"no larger than about {[min(p, n) for p, n in zip(patch_size, shape, strict=True)]}, or leave "
+                "this case out", patch_size, case.case_id, shape)
+        if fill < 1:
+            padded.append(f"{case.case_id} {list(shape)}")
+    if padded:
+        logger.info("%s %s is larger than %d case(s) along some axis; they are padded with background: %s", key,
+                    list(patch_size), len(padded), ", ".join(padded[:5]) + (" ..." if len(padded) > 5 else ""))
 
 
 class EpochSampler(Sampler[int]):
@@ -156,6 +217,9 @@ class PatchDataset(SampledDataset):
         seed: the training seed; every sample's generator derives from ``(seed, epoch, i)``.
         pad_value: image value outside the volume (see :func:`background_value`).
 
+    Raises:
+        PatchGeometryError: the patch is far larger than a case (see :func:`check_patch_geometry`).
+
     Items (index ``epoch * len(self) + i``; plain ``i`` is epoch 0) are dicts:
     ``image`` ``(1, Z, Y, X)`` float32, ``label`` ``(1, Z, Y, X)`` uint8, ``case_id`` str,
     ``centre_class`` one of :data:`CENTRE_CLASSES`.
@@ -165,6 +229,7 @@ class PatchDataset(SampledDataset):
                  augmentation: AugmentationConfig | None, *, seed: int, pad_value: float):
         augmenter = SampleAugmenter(augmentation, 3) if augmentation is not None else None
         super().__init__(cases, config.samples_per_epoch, augmenter, seed=seed, pad_value=pad_value)
+        check_patch_geometry(self.cases, config.patch_size)
         self.config = config
 
     def __getitem__(self, index: int) -> dict[str, Any]:

@@ -26,11 +26,12 @@ from typing import Any
 import numpy as np
 import torch
 import torch.nn.functional as F
-from tqdm.auto import tqdm
 
 from utils.analysis.slice_statistics import SLICE_BACKGROUND, SLICE_CLASS_NAMES, SLICE_KIDNEY, SLICE_TUMOUR
 from utils.config.data import AugmentationConfig, SliceDatasetConfig
 from utils.data.nifti_io import write_bytes_atomic
+from utils.data.output_guard import OutputGuardError, check_output_location, check_overwrite, is_own_text
+from utils.data.progress import progress
 from utils.datasets.augmentation import SampleAugmenter
 from utils.datasets.patches import SampledDataset, VolumeDataset, background_value, read_region
 from utils.preprocessing.cache import CachedCase, PreprocessedCache
@@ -175,8 +176,12 @@ def build_slice_datasets(cache: PreprocessedCache, config: SliceDatasetConfig, a
     return train, VolumeDataset(cache.cases(val_ids))
 
 
+#: The first line of every ``slices.csv``: how an earlier index is recognised before it is replaced.
+SLICES_CSV_HEADER = "case_id,slice,slice_class,split,image,label"
+
+
 def write_slice_dataset(cache: PreprocessedCache, out_dir: str | os.PathLike, config: SliceDatasetConfig, *,
-                        fold: int = 0, show_progress: bool = True) -> Path:
+                        fold: int = 0, show_progress: bool = True, allow_inside_input: bool = False) -> Path:
     """Write every axial slice of the cache, fitted to ``config.image_size``, as ``.npy`` files.
 
     Layout: ``out_dir/images/<case>_<z>.npy`` (float16, normalised), ``out_dir/labels/<case>_<z>.npy``
@@ -184,18 +189,21 @@ def write_slice_dataset(cache: PreprocessedCache, out_dir: str | os.PathLike, co
     file is written atomically.
 
     Raises:
-        ValueError: ``out_dir`` lies inside the raw data folder or the cache.
+        OutputGuardError: (a ``ValueError``) ``out_dir`` is or lies inside the raw data folder or
+            the cache (unless ``allow_inside_input``), or its ``slices.csv`` was not written here.
     """
-    out = Path(out_dir).resolve()
-    for protected in (Path(cache.plan["source_data"]).resolve(), cache.folder.resolve()):
-        if out == protected or protected in out.parents:
-            raise ValueError(f"{out}: refusing to write slices inside {protected}; choose an output folder outside it")
+    try:
+        out = check_output_location(out_dir, [cache.plan.get("source_data"), cache.folder], what="slice folder",
+                                    allow_inside_input=allow_inside_input)
+        check_overwrite(out / "slices.csv", is_own_text(SLICES_CSV_HEADER), what="slice index")
+    except OutputGuardError as error:
+        raise OutputGuardError(error.output, error.protected, f"refusing to write slices: {error}") from None
     (out / "images").mkdir(parents=True, exist_ok=True)
     (out / "labels").mkdir(parents=True, exist_ok=True)
     train_ids, _ = cache.split(fold)
     pad = background_value(cache)
     rows = []
-    for case in tqdm(cache.cases(), desc="slices", unit="case", disable=not show_progress):
+    for case in progress(cache.cases(), desc="slices", unit="case", disable=not show_progress):
         geometry = SliceGeometry.fit(case.shape[1:], config.image_size, config.fit)
         images = fit_slices(torch.from_numpy(np.array(case.image, dtype=np.float32))[:, None], geometry, pad_value=pad)
         labels = fit_slices(torch.from_numpy(np.array(case.label))[:, None], geometry, labels=True)

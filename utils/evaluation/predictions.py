@@ -9,9 +9,15 @@ spacing comes from the CT's affine (:func:`utils.data.kits_layout.spacing_from_a
 
 A prediction is *refused* (recorded with the reason, naming the case) when its shape or affine
 differs from its CT's, when it holds labels other than 0/1/2, or when it cannot be read.
-Predictions without ground truth and ground-truth cases without a prediction are warnings.
-Results go to ``OUT_DIR/metrics.json`` and ``OUT_DIR/metrics.csv``, written atomically; the
-output folder may not lie inside the ground-truth or prediction folder.
+A ground-truth case without a prediction is, as in the KiTS19 challenge, a failure by default:
+it is scored :data:`MISSING_PREDICTION_SCORES` (Dice and surface Dice 0, HD95 missing) and
+listed under ``missing_predictions``; ``only_predicted=True`` leaves such cases out instead.
+Predictions without ground truth are warnings, and so are ignored files of the prediction
+folder (except ``segmentation_run.json``, which ``scripts/segment.py`` writes beside its
+predictions). Results go to ``OUT_DIR/metrics.json`` and ``OUT_DIR/metrics.csv``, written
+atomically; the output folder may not lie inside the ground-truth or prediction folder
+(:mod:`utils.data.output_guard`), and existing files there are only replaced when an earlier
+evaluation wrote them.
 """
 
 from __future__ import annotations
@@ -27,11 +33,12 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
-from tqdm.auto import tqdm
 
 from utils.data.case_discovery import CaseFiles, discover_cases
 from utils.data.kits_layout import AFFINE_ATOL_MM, AFFINE_RTOL, VALID_LABELS, spacing_from_affine
 from utils.data.nifti_io import load_nifti, read_voxels, save_json_atomic, write_bytes_atomic
+from utils.data.output_guard import check_output_location, check_overwrite, is_own_json, is_own_text
+from utils.data.progress import progress
 from utils.metrics.scoring import EMPTY_MASK_RULES, METRIC_NAMES, score_case, summarise_scores
 from utils.metrics.surface import DEFAULT_TOLERANCE_MM, HAUSDORFF_PERCENTILE
 
@@ -41,6 +48,18 @@ METRICS_JSON_NAME = "metrics.json"
 METRICS_CSV_NAME = "metrics.csv"
 #: Prediction file names: ``case_XXXXX`` or ``prediction_XXXXX``, ``.nii.gz`` or ``.nii``.
 PREDICTION_NAME_PATTERN = re.compile(r"^(?:case|prediction)_(\d{5})\.nii(?:\.gz)?$")
+#: The record ``scripts/segment.py`` writes beside its predictions: expected there, never warned about.
+SEGMENTATION_RUN_NAME = "segmentation_run.json"
+#: Files of a prediction folder that are not predictions but belong there.
+PREDICTION_FOLDER_COMPANIONS = frozenset({SEGMENTATION_RUN_NAME})
+#: The scores of a ground-truth case without a prediction: a failure, as an empty prediction of
+#: a present structure scores (Dice 0, surface Dice 0, HD95 missing, counted as missing).
+MISSING_PREDICTION_SCORES = {"kidney_dice": 0.0, "tumour_dice": 0.0, "kidney_surface_dice": 0.0,
+                             "tumour_surface_dice": 0.0, "kidney_hd95": None, "tumour_hd95": None}
+#: Top-level keys of every ``metrics.json``: how an earlier report is recognised before it is replaced.
+METRICS_JSON_KEYS = ("cases", "summary", "settings")
+#: The first line of every ``metrics.csv``.
+METRICS_CSV_HEADER = ",".join(("case_id", *METRIC_NAMES))
 
 
 @dataclass(frozen=True)
@@ -48,13 +67,17 @@ class EvaluationResult:
     """What :func:`evaluate_predictions` scored, refused and wrote.
 
     Attributes:
-        cases: one dict per scored case: ``case_id`` and the scores of
-            :func:`utils.metrics.scoring.score_case` with the CT's spacing (HD95 in mm, ``None`` missing).
-        summary: :func:`utils.metrics.scoring.summarise_scores` over the scored cases:
+        cases: one dict per scored case, sorted by case id: ``case_id`` and the scores of
+            :func:`utils.metrics.scoring.score_case` with the CT's spacing (HD95 in mm, ``None``
+            missing); a case without a prediction holds :data:`MISSING_PREDICTION_SCORES`
+            unless ``only_predicted``.
+        summary: :func:`utils.metrics.scoring.summarise_scores` over ``cases``:
             ``{metric: {"mean", "std", "median", "n", "missing"}, "mean_dice", "cases"}``.
         refused: ``{"case_id", "reason"}`` per prediction that could not be scored.
         warnings: predictions without ground truth, cases without prediction, ignored files.
         json_path, csv_path: the files written.
+        missing: ground-truth cases without a prediction (scored as failures unless ``only_predicted``).
+        only_predicted: whether cases without a prediction were left out of ``cases``.
     """
 
     cases: tuple[dict[str, Any], ...]
@@ -63,21 +86,38 @@ class EvaluationResult:
     warnings: tuple[str, ...]
     json_path: Path
     csv_path: Path
+    missing: tuple[str, ...] = ()
+    only_predicted: bool = False
 
 
-def check_output_dir(out_dir: str | os.PathLike, gt_dir: str | os.PathLike, pred_dir: str | os.PathLike) -> Path:
+def check_output_dir(out_dir: str | os.PathLike, gt_dir: str | os.PathLike, pred_dir: str | os.PathLike, *,
+                     allow_inside_input: bool = False) -> Path:
     """Return ``out_dir`` resolved, refusing a folder inside (or equal to) the ground-truth or prediction folder.
 
+    The rule of :func:`utils.data.output_guard.check_output_location`, with both folders as inputs.
+
     Raises:
-        ValueError: ``out_dir`` is ``gt_dir``, ``pred_dir`` or inside either.
+        OutputGuardError: (a ``ValueError``) ``out_dir`` is ``gt_dir``, ``pred_dir`` or inside
+            either, and ``allow_inside_input`` is false.
     """
-    out = Path(out_dir).expanduser().resolve()
-    for role, folder in (("ground-truth folder (gt_dir)", gt_dir), ("prediction folder (pred_dir)", pred_dir)):
-        inputs = Path(folder).expanduser().resolve()
-        if out == inputs or inputs in out.parents:
-            raise ValueError(f"out_dir must not be inside the {role} {inputs}, got {out}; "
-                             "choose an output folder outside the inputs, which are never written to")
-    return out
+    return check_output_location(out_dir, [gt_dir, pred_dir], what="output folder",
+                                 allow_inside_input=allow_inside_input)
+
+
+def check_metrics_files(out_dir: str | os.PathLike) -> None:
+    """Refuse an output folder whose ``metrics.json`` or ``metrics.csv`` was not written by an evaluation.
+
+    Raises:
+        OutputGuardError: either file exists and is not an earlier evaluation's (or is a folder).
+    """
+    out = Path(out_dir)
+    check_overwrite(out / METRICS_JSON_NAME, is_own_json(METRICS_JSON_KEYS), what="metrics file")
+    check_overwrite(out / METRICS_CSV_NAME, is_own_text(METRICS_CSV_HEADER), what="metrics file")
+
+
+def missing_prediction_case(case_id: str) -> dict[str, Any]:
+    """The scores of a case without a prediction: ``case_id`` and :data:`MISSING_PREDICTION_SCORES`."""
+    return {"case_id": case_id, **MISSING_PREDICTION_SCORES}
 
 
 def find_predictions(pred_dir: Path) -> tuple[dict[str, Path], dict[str, str], list[str]]:
@@ -92,7 +132,7 @@ def find_predictions(pred_dir: Path) -> tuple[dict[str, Path], dict[str, str], l
     for entry in sorted(pred_dir.iterdir()):
         match = PREDICTION_NAME_PATTERN.match(entry.name)
         if match is None or not entry.is_file():
-            if not entry.name.startswith("."):
+            if not entry.name.startswith(".") and entry.name not in PREDICTION_FOLDER_COMPANIONS:
                 ignored.append(entry.name)
             continue
         found.setdefault(f"case_{match.group(1)}", []).append(entry)
@@ -180,9 +220,16 @@ def score_prediction(case: CaseFiles, prediction_path: Path, tolerance_mm: float
     return {"case_id": case.case_id, **score_case(prediction, truth, spacing, tolerance_mm=tolerance_mm)}
 
 
-def _match_cases(gt_dir: Path, pred_dir: Path, case_ids: Sequence[str] | None = None
-                 ) -> tuple[list[tuple[CaseFiles, Path]], dict[str, str], list[str]]:
-    """Pair ground-truth cases (only ``case_ids`` when given) with predictions; return the pairs, refusals, warnings."""
+def _match_cases(gt_dir: Path, pred_dir: Path, case_ids: Sequence[str] | None = None, *,
+                 only_predicted: bool = False
+                 ) -> tuple[list[tuple[CaseFiles, Path]], dict[str, str], list[str], list[str]]:
+    """Pair ground-truth cases (only ``case_ids`` when given) with predictions.
+
+    Returns:
+        ``(pairs, refused, warnings, missing)``: the ``(case, prediction)`` pairs to score, the
+        reason per refused case id, the warnings, and the ground-truth cases without a prediction
+        (neither paired nor refused), sorted.
+    """
     truth = {case.case_id: case for case in discover_cases(gt_dir).cases if case.segmentation is not None
              and (case_ids is None or case.case_id in case_ids)}
     predictions, refused, warnings = find_predictions(pred_dir)
@@ -192,15 +239,18 @@ def _match_cases(gt_dir: Path, pred_dir: Path, case_ids: Sequence[str] | None = 
         warnings.append(f"{len(without_truth)} predictions without ground truth in {gt_dir}, not scored: "
                         f"{', '.join(without_truth)}")
     if without_prediction:
+        outcome = ("left out (only predicted cases are scored)" if only_predicted
+                   else "scored as failures (Dice 0, HD95 missing)")
         warnings.append(f"{len(without_prediction)} ground-truth cases without a prediction in {pred_dir}, "
-                        f"not scored: {', '.join(without_prediction)}")
+                        f"{outcome}: {', '.join(without_prediction)}")
     pairs = [(truth[case_id], predictions[case_id]) for case_id in sorted(set(truth) & set(predictions))]
-    return pairs, refused, warnings
+    return pairs, refused, warnings, without_prediction
 
 
 def evaluate_predictions(gt_dir: str | os.PathLike, pred_dir: str | os.PathLike, out_dir: str | os.PathLike, *,
                          tolerance_mm: float = DEFAULT_TOLERANCE_MM, show_progress: bool = False,
-                         case_ids: Sequence[str] | None = None) -> EvaluationResult:
+                         case_ids: Sequence[str] | None = None, only_predicted: bool = False,
+                         allow_inside_input: bool = False) -> EvaluationResult:
     """Score every prediction in ``pred_dir`` against ``gt_dir`` and write ``metrics.json`` and ``metrics.csv``.
 
     Args:
@@ -208,16 +258,20 @@ def evaluate_predictions(gt_dir: str | os.PathLike, pred_dir: str | os.PathLike,
         pred_dir: folder of ``case_XXXXX.nii.gz`` or ``prediction_XXXXX.nii.gz`` label maps.
         out_dir: output folder (created if needed), outside both input folders.
         tolerance_mm: surface-Dice tolerance in mm, finite and >= 0.
-        show_progress: a tqdm bar per case on stderr.
+        show_progress: progress per case on stderr (a bar on a terminal, lines otherwise).
         case_ids: score only these ground-truth cases (e.g. a run's validation cases); ``None``: all.
+        only_predicted: leave ground-truth cases without a prediction out of the scores; by
+            default each scores :data:`MISSING_PREDICTION_SCORES` (a failure, as in KiTS19).
+        allow_inside_input: allow ``out_dir`` inside an input folder (never onto an input file).
 
     Returns:
-        The scored cases, summary, refusals and warnings (also logged); a refused case does
-        not stop the others.
+        The scored cases, summary, refusals, warnings (also logged) and cases without a
+        prediction; a refused case does not stop the others.
 
     Raises:
         FileNotFoundError: ``gt_dir`` or ``pred_dir`` is not a folder.
-        ValueError: ``out_dir`` lies inside an input folder, or ``tolerance_mm`` is invalid.
+        ValueError: ``tolerance_mm`` is invalid; ``OutputGuardError`` (a ``ValueError``):
+            ``out_dir`` lies inside an input folder, or holds metrics files an evaluation did not write.
     """
     gt, pred = Path(gt_dir), Path(pred_dir)
     for role, folder in (("gt_dir (ground truth)", gt), ("pred_dir (predictions)", pred)):
@@ -225,12 +279,14 @@ def evaluate_predictions(gt_dir: str | os.PathLike, pred_dir: str | os.PathLike,
             raise FileNotFoundError(f"{role} {folder} does not exist or is not a folder")
     if not (np.isfinite(tolerance_mm) and tolerance_mm >= 0):
         raise ValueError(f"tolerance_mm must be a finite number >= 0 mm, got {tolerance_mm}")
-    out = check_output_dir(out_dir, gt, pred)
-    pairs, refused, warnings = _match_cases(gt, pred, None if case_ids is None else set(case_ids))
+    out = check_output_dir(out_dir, gt, pred, allow_inside_input=allow_inside_input)
+    check_metrics_files(out)
+    pairs, refused, warnings, missing = _match_cases(gt, pred, None if case_ids is None else set(case_ids),
+                                                     only_predicted=only_predicted)
     for message in warnings:
         logger.warning("%s", message)
     cases = []
-    for case, prediction_path in tqdm(pairs, desc="evaluate", unit="case", disable=not show_progress):
+    for case, prediction_path in progress(pairs, desc="evaluate", unit="case", disable=not show_progress):
         try:
             cases.append(score_prediction(case, prediction_path, tolerance_mm))
         except (ValueError, FileNotFoundError) as error:  # NiftiReadError is a ValueError
@@ -238,24 +294,31 @@ def evaluate_predictions(gt_dir: str | os.PathLike, pred_dir: str | os.PathLike,
             refused[case.case_id] = reason if reason.startswith(case.case_id) else f"{case.case_id}: {reason}"
     for _case_id, reason in sorted(refused.items()):
         logger.error("refused %s", reason)
+    if not only_predicted:
+        cases = sorted(cases + [missing_prediction_case(case_id) for case_id in missing],
+                       key=lambda case: case["case_id"])
     summary = summarise_scores(cases, metrics=METRIC_NAMES)
     settings = {"tolerance_mm": float(tolerance_mm), "hd_percentile": HAUSDORFF_PERCENTILE,
-                "gt": str(gt.resolve()), "pred": str(pred.resolve()), "empty_mask_rules": EMPTY_MASK_RULES}
+                "gt": str(gt.resolve()), "pred": str(pred.resolve()), "empty_mask_rules": EMPTY_MASK_RULES,
+                "missing_predictions": "left out" if only_predicted else "scored as failures"}
     refusals = tuple({"case_id": case_id, "reason": reason} for case_id, reason in sorted(refused.items()))
-    json_path, csv_path = save_metrics(out, cases, summary, settings, refusals, warnings)
-    return EvaluationResult(tuple(cases), summary, refusals, tuple(warnings), json_path, csv_path)
+    json_path, csv_path = save_metrics(out, cases, summary, settings, refusals, warnings, missing)
+    return EvaluationResult(tuple(cases), summary, refusals, tuple(warnings), json_path, csv_path, tuple(missing),
+                            only_predicted)
 
 
 def save_metrics(out_dir: Path, cases: list[dict[str, Any]], summary: dict, settings: dict,
                  refused: tuple[dict[str, str], ...] = (),
-                 warnings: list[str] | tuple[str, ...] = ()) -> tuple[Path, Path]:
-    """Write ``metrics.json`` (cases, summary, settings, refused, warnings) and ``metrics.csv`` atomically.
+                 warnings: list[str] | tuple[str, ...] = (),
+                 missing: list[str] | tuple[str, ...] = ()) -> tuple[Path, Path]:
+    """Write ``metrics.json`` (cases, summary, settings, refused, warnings, missing_predictions) and
+    ``metrics.csv`` atomically.
 
     Missing values are ``null`` in JSON and empty cells in CSV. Returns both paths.
     """
     out_dir.mkdir(parents=True, exist_ok=True)
     report = {"cases": cases, "summary": summary, "settings": settings, "refused": list(refused),
-              "warnings": list(warnings)}
+              "warnings": list(warnings), "missing_predictions": list(missing)}
     json_path = save_json_atomic(out_dir / METRICS_JSON_NAME, report)
     table = io.StringIO()
     writer = csv.writer(table, lineterminator="\n")

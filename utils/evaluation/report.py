@@ -16,6 +16,7 @@ from pathlib import Path
 from typing import Any
 
 from utils.data.nifti_io import save_json_atomic, write_bytes_atomic
+from utils.data.output_guard import check_output_location, check_overwrite, is_own_json, is_own_text
 from utils.evaluation.comparison import MIN_WILCOXON_PAIRS, compare_reports, load_evaluation_report
 from utils.figures.comparison import plot_metric_boxplots, plot_paired_scatter
 from utils.metrics.scoring import METRIC_NAMES
@@ -179,27 +180,53 @@ def save_comparison_report(out_dir: str | os.PathLike, comparison: Mapping[str, 
     return paths
 
 
+#: Top-level keys of every ``comparison.json``: how an earlier comparison is recognised.
+COMPARISON_KEYS = ("runs", "shared_cases", "summary", "paired")
+#: The first line of every ``comparison.md`` starts with this.
+MARKDOWN_FIRST_LINE = "# Model comparison: "
+
+
+def check_comparison_folder(out_dir: str | os.PathLike, report_folders: Sequence[str | os.PathLike], *,
+                            allow_inside_input: bool = False) -> Path:
+    """Refuse a comparison folder that is, or lies inside, a report folder, or holds another's report.
+
+    Returns:
+        ``out_dir`` resolved.
+
+    Raises:
+        OutputGuardError: (a ``ValueError``) ``out_dir`` is a report folder, lies inside one
+            (unless ``allow_inside_input``), or its ``comparison.json``, ``comparison.md`` or
+            ``comparison.html`` exists and was not written by a comparison.
+    """
+    out = check_output_location(out_dir, report_folders, what="comparison folder",
+                                allow_inside_input=allow_inside_input)
+    check_overwrite(out / "comparison.json", is_own_json(COMPARISON_KEYS), what="comparison file")
+    check_overwrite(out / "comparison.md", is_own_text(MARKDOWN_FIRST_LINE), what="comparison file")
+    check_overwrite(out / "comparison.html", is_own_text("<!DOCTYPE html>"), what="comparison file")
+    return out
+
+
 def write_comparison_report(folder_a: str | os.PathLike, folder_b: str | os.PathLike, out_dir: str | os.PathLike, *,
-                            n_resamples: int = 10000, seed: int = 0) -> dict[str, Path]:
+                            n_resamples: int = 10000, seed: int = 0,
+                            allow_inside_input: bool = False) -> dict[str, Path]:
     """Compare two report folders (A, then B; differences are B - A), draw the figures, write the report.
 
     Args:
         folder_a, folder_b: report folders holding ``metrics.json`` (and ``inference.json``).
-        out_dir: the comparison's folder (created), not one of the two report folders.
+        out_dir: the comparison's folder (created), not one of the two report folders nor
+            inside one (unless ``allow_inside_input``); see :func:`check_comparison_folder`.
         n_resamples, seed: the bootstrap.
 
     Returns:
         ``{"markdown", "html", "json"}`` paths, plus ``"boxplots"`` and ``"scatter"`` figures.
 
     Raises:
-        ValueError: ``out_dir`` is an input folder, an invalid report, or no shared case.
+        ValueError: an invalid report, or no shared case; ``OutputGuardError`` (a
+            ``ValueError``): ``out_dir`` is refused by :func:`check_comparison_folder`.
         FileNotFoundError: a report file is missing.
     """
     out = Path(out_dir)
-    clashing = [str(f) for f in (folder_a, folder_b) if Path(f).resolve() == out.resolve()]
-    if clashing:
-        raise ValueError(f"the comparison folder must differ from the input report folders, got {out} (the report "
-                         f"folder {clashing[0]}); choose e.g. reports/comparison")
+    check_comparison_folder(out, (folder_a, folder_b), allow_inside_input=allow_inside_input)
     report_a, report_b = (load_evaluation_report(folder) for folder in (folder_a, folder_b))
     comparison = compare_reports(report_a, report_b, n_resamples=n_resamples, seed=seed)
     # short axis labels: the run names are in the report's table

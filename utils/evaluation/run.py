@@ -17,6 +17,10 @@ notebooks call. It writes into ``reports/<run-name>/``:
 The validation cases are the run's own: the split of its training cache's cases made with its
 ``split`` settings (the split depends only on those case ids and ``split.seed``), fold
 ``training.fold``.
+
+The report folder is checked before the model is loaded (:mod:`utils.data.output_guard`): it
+may not be, or lie inside, the data folder, and its ``metrics.json``, ``metrics.csv``,
+``inference.json`` and predictions are only replaced when an earlier evaluation wrote them.
 """
 
 from __future__ import annotations
@@ -29,18 +33,19 @@ from pathlib import Path
 
 import numpy as np
 import torch
-from tqdm.auto import tqdm
 
 from utils.config.experiment import load_experiment_config
 from utils.data.case_discovery import CaseFiles, discover_cases, resolve_data_dir
 from utils.data.case_validation import load_case
 from utils.data.nifti_io import load_nifti, read_voxels, save_json_atomic
+from utils.data.output_guard import check_output_location, check_overwrite, is_own_json, is_own_prediction
+from utils.data.progress import progress
 from utils.data.splits import make_splits
-from utils.evaluation.predictions import EvaluationResult, check_output_dir, evaluate_predictions
+from utils.evaluation.predictions import EvaluationResult, check_metrics_files, evaluate_predictions
 from utils.figures.drawing import save_figure
 from utils.figures.evaluation import plot_case_scores
 from utils.figures.slices import plot_error_map, plot_overlay
-from utils.inference.segment import SegmentationModel, load_segmentation_model, segment_file
+from utils.inference.segment import CHECKPOINT_NAMES, SegmentationModel, load_segmentation_model, segment_file
 from utils.metrics.surface import DEFAULT_TOLERANCE_MM
 from utils.networks.models import count_parameters
 
@@ -52,6 +57,8 @@ CASE_SELECTIONS = ("validation", "all")
 FIGURES = "figures"
 #: The evaluation script of each model, named when a run goes to the wrong one.
 EVALUATION_SCRIPTS = {"resunet3d": "scripts/eval_unet.py", "unetr2d": "scripts/eval_unetr.py"}
+#: Keys every ``inference.json`` holds: how an earlier record is recognised before it is replaced.
+INFERENCE_KEYS = ("run_name", "model", "checkpoint", "cases")
 
 
 @dataclass(frozen=True)
@@ -89,10 +96,48 @@ def select_run_cases(segmenter: SegmentationModel, data_dir: Path, cases: str) -
     return chosen
 
 
+def _data_dir_before_loading(run: Path, data_dir: str | os.PathLike | None) -> Path | None:
+    """The data folder as far as it is known without loading the checkpoint (``None`` when it is not)."""
+    if data_dir is not None and str(data_dir):
+        return Path(data_dir) if Path(data_dir).is_dir() else None
+    config_path = run / "config.yaml" if run.is_dir() else run.parent / "config.yaml"
+    try:
+        configured = load_experiment_config(config_path).data_dir if config_path.is_file() else None
+    except (ValueError, FileNotFoundError):
+        configured = None
+    configured = configured or os.environ.get("KITS19_DATA")
+    return Path(configured) if configured and Path(configured).is_dir() else None
+
+
+def _report_before_loading(run: Path, reports_dir: str | os.PathLike, out_dir: str | os.PathLike | None) -> Path:
+    """The report folder as :func:`evaluate_run` will name it, from the run's path alone."""
+    if out_dir is not None:
+        return Path(out_dir)
+    name = run.name if run.is_dir() else (run.parent.name if run.name in CHECKPOINT_NAMES else run.stem)
+    return Path(reports_dir) / name
+
+
+def check_report_folder(report: Path, data: Path | None, case_ids: list[str] | tuple[str, ...] = (), *,
+                        allow_inside_input: bool = False) -> None:
+    """Refuse a report folder inside the data folder, or one holding files an evaluation did not write.
+
+    Raises:
+        OutputGuardError: (a ``ValueError``) the report folder is or lies inside ``data``, or its
+            ``metrics.json``, ``metrics.csv``, ``inference.json`` or the prediction of one of
+            ``case_ids`` exists and was not written by an earlier evaluation.
+    """
+    check_output_location(report, [data], what="report folder", allow_inside_input=allow_inside_input)
+    check_metrics_files(report)
+    check_overwrite(report / INFERENCE_JSON, is_own_json(INFERENCE_KEYS), what="report file")
+    for case_id in case_ids:
+        check_overwrite(report / PREDICTIONS / f"{case_id}.nii.gz", is_own_prediction, what="prediction")
+
+
 def evaluate_run(run: str | os.PathLike, *, data_dir: str | os.PathLike | None = None, cases: str = "validation",
                  reports_dir: str | os.PathLike = "reports", out_dir: str | os.PathLike | None = None,
                  device: str | None = None, tta: bool = False, postprocess: bool = False,
-                 tolerance_mm: float = DEFAULT_TOLERANCE_MM, show_progress: bool = True) -> RunEvaluation:
+                 tolerance_mm: float = DEFAULT_TOLERANCE_MM, show_progress: bool = True,
+                 allow_inside_input: bool = False) -> RunEvaluation:
     """Segment the run's evaluation cases from their raw CTs and score them in the original grid.
 
     Args:
@@ -105,20 +150,28 @@ def evaluate_run(run: str | os.PathLike, *, data_dir: str | os.PathLike | None =
         device: ``"cpu"``, ``"cuda"`` or ``None`` (CUDA when available).
         tta, postprocess: as in :func:`utils.inference.segment.segment_ct`.
         tolerance_mm: surface-Dice tolerance in mm.
-        show_progress: a tqdm bar over cases.
+        show_progress: progress over cases (a bar on a terminal, lines otherwise).
+        allow_inside_input: allow a report folder inside the data folder (never onto its files).
 
     Raises:
-        FileNotFoundError: no checkpoint or data folder. ValueError: bad arguments or cases.
+        FileNotFoundError: no checkpoint or data folder. ValueError: bad arguments or cases;
+        ``OutputGuardError`` (a ``ValueError``): the report folder lies inside the data folder or
+        holds files an evaluation did not write (checked before the model is loaded, as far as
+        the run's path and config tell the data folder and the report folder).
     """
+    early_data = _data_dir_before_loading(Path(run), data_dir)
+    check_report_folder(_report_before_loading(Path(run), reports_dir, out_dir), early_data,
+                        allow_inside_input=allow_inside_input)
     segmenter = load_segmentation_model(run, device)
     data = resolve_data_dir(data_dir if data_dir is not None else segmenter.config.data_dir)
     chosen = select_run_cases(segmenter, data, cases)
     report = Path(out_dir) if out_dir is not None else Path(reports_dir) / segmenter.run_name
     predictions = report / PREDICTIONS
-    check_output_dir(report, data, predictions)  # before writing anything: never into the data folder
+    # Before writing anything: never into the data folder, never over files of others.
+    check_report_folder(report, data, chosen, allow_inside_input=allow_inside_input)
     by_id = {case.case_id: case for case in discover_cases(data).cases}
     timings = []
-    for case_id in tqdm(chosen, desc=f"segment ({segmenter.run_name})", unit="case", disable=not show_progress):
+    for case_id in progress(chosen, desc=f"segment ({segmenter.run_name})", unit="case", disable=not show_progress):
         started = time.perf_counter()
         segment_file(by_id[case_id].imaging, predictions / f"{case_id}.nii.gz", segmenter, tta=tta,
                      postprocess=postprocess)
@@ -131,7 +184,7 @@ def evaluate_run(run: str | os.PathLike, *, data_dir: str | os.PathLike | None =
                  "cases_selected": cases, "tta": tta, "postprocess": postprocess, "cases": timings}
     save_json_atomic(report / INFERENCE_JSON, inference)
     evaluation = evaluate_predictions(data, predictions, report, tolerance_mm=tolerance_mm, case_ids=chosen,
-                                      show_progress=show_progress)
+                                      show_progress=show_progress, allow_inside_input=allow_inside_input)
     figure_path = save_figure(plot_case_scores(evaluation.cases, title=f"{segmenter.run_name}: {cases} cases, "
                                                "original grid"), report / "case_scores.png")
     for case in evaluation.cases:

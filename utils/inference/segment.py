@@ -8,6 +8,14 @@ the preprocessed grid (sliding windows for 3D models, every axial slice for 2D o
 :func:`utils.preprocessing.resampling.restore_labels`: uint8 labels of the input's exact shape, for the
 input's affine. :func:`segment_file` does the same from one NIfTI file to another.
 
+Before any work, :func:`segment_file` names the CT's input anomalies with
+:func:`utils.data.nifti_checks.find_ct_anomalies`, the same checks ``check_data`` and the
+preprocessing run: NaN/inf voxels, a zero, negative or NaN voxel size in any header field and a
+volume of a few voxels fail the CT (a ``ValueError`` naming the file and the reason); an oblique
+affine, values that do not look like HU and a CT smaller than one window are logged as warnings
+saying what is done. Every prediction carries
+:data:`utils.data.output_guard.OWN_NIFTI_DESCRIPTION` in its header, so later runs recognise it.
+
 Memory stays bounded on long CTs: the CT is read once as float32 (never float64) and reused as
 scratch space by the preprocessing; prediction works on the smaller preprocessed grid; on a GPU
 the whole-volume logits are accumulated on the CPU when they would not fit comfortably in free
@@ -29,7 +37,9 @@ import torch
 from utils.config.data import PreprocessingConfig
 from utils.config.experiment import ExperimentConfig
 from utils.config.loading import build_config
+from utils.data.nifti_checks import find_ct_anomalies, not_a_file_reason
 from utils.data.nifti_io import load_nifti_verified, read_voxels, save_nifti
+from utils.data.output_guard import OWN_NIFTI_DESCRIPTION
 from utils.inference.postprocessing import DEFAULT_MIN_COMPONENT_ML, postprocess_labels
 from utils.inference.predict import predict_volume_logits
 from utils.networks.checkpoints import load_checkpoint
@@ -309,9 +319,10 @@ def segment_file(input_path: str | os.PathLike, output_path: str | os.PathLike, 
         ``output_path``.
 
     Raises:
-        FileNotFoundError: no input file.
+        FileNotFoundError: no input file (the message says when it is a symbolic link loop).
         ValueError: output equal to the input or not a NIfTI name; the input is not a readable
-            NIfTI (:class:`utils.data.nifti_io.NiftiReadError`, truncated or corrupt) or not 3D.
+            NIfTI (:class:`utils.data.nifti_io.NiftiReadError`, truncated or corrupt) or not 3D;
+            the CT has an input anomaly that is an error (see :func:`check_input_ct`).
     """
     input_path, output_path = Path(input_path), Path(output_path)
     if not output_path.name.endswith((".nii", ".nii.gz")):
@@ -319,18 +330,45 @@ def segment_file(input_path: str | os.PathLike, output_path: str | os.PathLike, 
     if output_path.resolve() == input_path.resolve():
         raise ValueError(f"{output_path}: the output would overwrite the input CT; choose another output path")
     clock = _StageClock(timings)
+    if not input_path.is_file():  # a symbolic link loop or a folder is named as such
+        raise FileNotFoundError(f"{input_path}: {not_a_file_reason(input_path)}")
     image = load_nifti_verified(input_path)
     if len(image.shape) != 3:
         raise ValueError(f"{input_path}: not a 3D image: shape {tuple(image.shape)}; a CT volume has 3 axes")
     affine = np.asarray(image.affine, dtype=np.float64)
     image_hu = read_voxels(image, np.float32)
     del image  # drop the file's bytes before preprocessing
+    check_input_ct(input_path, image_hu, segmenter)
     clock.lap("read")
     labels = segment_ct(image_hu, affine, segmenter, tta=tta, postprocess=postprocess,
                         min_component_ml=min_component_ml, overwrite_input=True, timings=timings)
     clock.last = time.perf_counter()
     del image_hu
     output_path.parent.mkdir(parents=True, exist_ok=True)
-    written = save_nifti(labels, affine, output_path)
+    written = save_nifti(labels, affine, output_path, description=OWN_NIFTI_DESCRIPTION)
     clock.lap("write")
     return written
+
+
+def check_input_ct(path: str | os.PathLike, image_hu: np.ndarray | None, segmenter: SegmentationModel) -> None:
+    """Refuse a CT with an input anomaly that is an error; log the warnings, with what is done.
+
+    The checks are :func:`utils.data.nifti_checks.find_ct_anomalies`, those of ``check_data``
+    and the preprocessing; for a 3D model the CT is also compared with one sliding window at the
+    preprocessing's voxel size (a smaller CT is padded: a warning).
+
+    Raises:
+        ValueError: NaN/inf voxels, a zero, negative or NaN voxel size in any header field, a
+            volume of a few voxels, or a file that is not a usable 3D NIfTI; the message names
+            the file, each problem's code and the reason.
+    """
+    path = Path(path)
+    window = None
+    if spatial_dims(segmenter.config.model) == 3:
+        window = (tuple(segmenter.config.sliding_window.roi_size), tuple(segmenter.preprocessing.target_spacing))
+    anomalies = find_ct_anomalies(path, image_hu, window=window)
+    for warning in anomalies.warnings:
+        logger.warning("%s", warning.describe())
+    if anomalies.errors:
+        reasons = "; ".join(f"{p.code}: {p.message}" for p in anomalies.errors)
+        raise ValueError(f"{path}: cannot be segmented: {reasons}")

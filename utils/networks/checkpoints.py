@@ -12,10 +12,13 @@ later, when the run is resumed).
 
 from __future__ import annotations
 
+import errno
 import logging
 import os
 import pickle
 import random
+import re
+import shutil
 import tempfile
 import zipfile
 from collections import Counter, OrderedDict
@@ -65,8 +68,10 @@ def save_checkpoint(path: str | os.PathLike, state: dict) -> Path:
         TypeError: ``state`` is not a dict.
         CheckpointError: ``state`` holds a value ``weights_only`` loading refuses (numpy scalars
             and arrays, custom classes; the message gives its key and nothing is written), or
-            writing failed (disk full, folder removed, no permission, ...; the temporary file is
-            removed). Either way the previous file at ``path`` is untouched.
+            writing failed (folder removed, no permission, ...; the temporary file is removed). A
+            full disk is named as such, with the folder and its free bytes, also when
+            ``torch.save`` hides it behind a ``RuntimeError`` ("unexpected pos ..."). Either way
+            the previous file at ``path`` is untouched.
     """
     if not isinstance(state, dict):
         raise TypeError(f"state must be a dict, got {type(state).__name__}")
@@ -90,10 +95,59 @@ def save_checkpoint(path: str | os.PathLike, state: dict) -> Path:
             Path(temp_name).unlink(missing_ok=True)
         if not isinstance(error, Exception):  # KeyboardInterrupt, SystemExit: clean up, then let them through
             raise
+        full = _disk_full_message(path, state, error)
+        if full is not None:
+            raise CheckpointError(path, full) from error
         raise CheckpointError(path, f"{path}: checkpoint not saved ({type(error).__name__}: {error}); "
                                     f"the previous checkpoint at this path, if any, is intact") from error
     _fsync_folder(path.parent)
     return path
+
+
+def _state_bytes(value: Any) -> int:
+    """The bytes of every tensor in ``value`` (a lower bound of the checkpoint's size)."""
+    if isinstance(value, torch.Tensor):
+        return value.numel() * value.element_size()
+    if isinstance(value, dict):
+        return sum(_state_bytes(item) for item in value.values())
+    if isinstance(value, (list, tuple)):
+        return sum(_state_bytes(item) for item in value)
+    return 0
+
+
+def _is_disk_full(error: BaseException) -> bool:
+    """Whether ``error`` (or an error it wraps) says the disk is full (``ENOSPC`` or ``EDQUOT``)."""
+    seen: set[int] = set()
+    current: BaseException | None = error
+    while current is not None and id(current) not in seen:
+        seen.add(id(current))
+        if isinstance(current, OSError) and current.errno in (errno.ENOSPC, errno.EDQUOT):
+            return True
+        if "No space left on device" in str(current) or "Disk quota exceeded" in str(current):
+            return True
+        current = current.__cause__ or current.__context__
+    return False
+
+
+def _disk_full_message(path: Path, state: dict, error: BaseException) -> str | None:
+    """The message for a write that failed because the disk is full, or ``None`` when it is not that.
+
+    ``torch.save`` reports a short write as a ``RuntimeError`` ("unexpected pos ...", "file write
+    failed") that hides the ``ENOSPC`` behind it; such an error counts as a full disk when the
+    folder has less free space than the checkpoint's tensors need.
+    """
+    try:
+        free: int | None = shutil.disk_usage(path.parent).free
+    except OSError:
+        free = None
+    needed = _state_bytes(state)
+    hidden = isinstance(error, RuntimeError) and free is not None and free < needed
+    if not (_is_disk_full(error) or hidden):
+        return None
+    space = f"{free} bytes free" if free is not None else "free space unknown"
+    return (f"{path}: checkpoint not saved: the disk holding {path.parent} is full ({space}; the checkpoint "
+            f"needs at least {needed} bytes). Free space there (or move the run folder) and resume; "
+            f"the previous checkpoint at this path, if any, is intact")
 
 
 _PLAIN_TYPES = (type(None), bool, int, float, complex, str, bytes, bytearray, torch.dtype, torch.device, torch.layout)
@@ -152,20 +206,45 @@ def load_checkpoint(path: str | os.PathLike, map_location: str | torch.device | 
 
     Raises:
         FileNotFoundError: ``path`` does not exist.
-        CheckpointError: the file is truncated, corrupt, not a checkpoint, holds types that
-            ``weights_only`` refuses, or is not a dict.
+        CheckpointError: the file is truncated, corrupt or not a checkpoint; or it holds objects
+            that safe (``weights_only``) loading refuses (the message names them and says that only
+            checkpoints written by this project are loadable; it is not called corrupt); or it is
+            not a dict.
     """
     path = Path(path)
     if not path.is_file():
         raise FileNotFoundError(f"{path}: checkpoint not found" + (" (it is a folder)" if path.is_dir() else ""))
     try:
         state = torch.load(path, map_location=map_location, weights_only=True)
-    except (RuntimeError, pickle.UnpicklingError, EOFError, ValueError, OSError, zipfile.BadZipFile) as error:
+    except pickle.UnpicklingError as error:
+        if _SAFE_LOAD_REFUSAL not in str(error):
+            raise CheckpointError(path, f"{path}: cannot be read as a checkpoint ({type(error).__name__}: {error}); "
+                                        "it may be truncated or corrupt, or not written by save_checkpoint") from error
+        # not chained: PyTorch's message advises loading unsafely, which is never the way here
+        raise CheckpointError(path, f"{path}: the file holds objects that safe loading refuses "
+                                    f"({_refused_objects(str(error))}); only checkpoints written by this project "
+                                    "(save_checkpoint) are loadable") from None
+    except (RuntimeError, EOFError, ValueError, OSError, zipfile.BadZipFile) as error:
         raise CheckpointError(path, f"{path}: cannot be read as a checkpoint ({type(error).__name__}: {error}); "
                                     f"it may be truncated or corrupt, or not written by save_checkpoint") from error
     if not isinstance(state, dict):
         raise CheckpointError(path, f"{path}: a checkpoint must hold a dict, found {type(state).__name__}")
     return state
+
+
+#: The start of the message of ``torch.load(weights_only=True)`` when it refuses an object.
+_SAFE_LOAD_REFUSAL = "Weights only load failed"
+
+
+def _refused_objects(message: str) -> str:
+    """What safe loading refused, from its message, without PyTorch's advice to load unsafely."""
+    found = re.findall(r"Unsupported global: GLOBAL ([\w.]+)", message)
+    if found:
+        return "it holds " + ", ".join(dict.fromkeys(found))
+    reason = re.search(r"WeightsUnpickler error: ([^\n]*)", message)
+    if reason is not None:
+        return reason.group(1).split(". Please use", 1)[0].strip().rstrip(".")
+    return "an object outside the allowed types"
 
 
 def capture_rng_state() -> dict[str, Any]:

@@ -7,9 +7,12 @@ with its mean and standard deviation. For the whole dataset (:func:`preprocess_d
 validate, compute the fingerprint, write every case atomically, save the split.
 
 Re-running does no work for cases whose source files and parameters are unchanged. Parameters
-name the plan folder (``spacing_<z>x<y>x<x>_<hash>``), so changed parameters give a new folder;
-a changed fingerprint (cases added or edited) re-preprocesses the plan's cases, and a case made
-with other parameters is refused when read, never mixed in silently.
+name the plan folder (``spacing_<z>x<y>x<x>_<hash>``), so changed parameters give a new folder.
+A finished plan folder is never rebuilt in place for other data (training runs depend on it):
+when the data's identity (case ids, and the plan hash that its fingerprint fixes) differs from
+the folder's, that data gets its own folder ``spacing_..._<hash>_data-<identity>`` beside it
+(:func:`choose_plan_folder`). A case made with other parameters is refused when read, never
+mixed in silently.
 """
 
 from __future__ import annotations
@@ -239,12 +242,13 @@ def preprocess_dataset(data_dir: str | os.PathLike, config: PreprocessingConfig,
         raise ValueError(f"{data_dir}: no usable case with a segmentation to preprocess")
     fingerprint = build_fingerprint(statistics, config.clip_percentiles)
     normalisation = Normalisation.from_fingerprint(fingerprint)
-    folder = root / plan_name(config)
+    plan_hash = _digest({**_parameters(config), "normalisation": asdict(normalisation)})
+    identity = data_identity(plan_hash, [c.case_id for c in usable])
+    folder = choose_plan_folder(root, config, identity)
     cases_dir = folder / CASES_DIR
     cases_dir.mkdir(parents=True, exist_ok=True)
     remove_unfinished_writes(cases_dir)
     save_json_atomic(folder / FINGERPRINT_NAME, fingerprint.to_dict())
-    plan_hash = _digest({**_parameters(config), "normalisation": asdict(normalisation)})
     up_to_date = {c.case_id for c in usable if _is_up_to_date(cases_dir / c.case_id, plan_hash, source_signature(c))}
     jobs = [(case, config, normalisation, plan_hash, cases_dir, workers) for case in usable
             if case.case_id not in up_to_date]
@@ -258,13 +262,46 @@ def preprocess_dataset(data_dir: str | os.PathLike, config: PreprocessingConfig,
         "version": PLAN_VERSION, "plan_name": folder.name, "plan_hash": plan_hash,
         "preprocessing": config_as_dict(config), "normalisation": asdict(normalisation),
         "canonical_axcodes": list(CANONICAL_AXCODES), "source_data": str(Path(data_dir).resolve()),
-        "case_ids": done,
+        "case_ids": done, "data_identity": identity,
     })
     for case_id, error in failed.items():
         logger.error("%s could not be preprocessed: %s", case_id, error)
     return PreprocessingResult(folder, fingerprint, done, [c for c, s, _ in outcomes if s == "written"],
                                [c for c, s, _ in outcomes if s == "skipped"], failed, excluded,
                                time.perf_counter() - started, split_problem)
+
+
+def data_identity(plan_hash: str, case_ids: list[str]) -> str:
+    """What a plan folder's content depends on: the plan hash (parameters and normalisation) and the case ids."""
+    return _digest({"plan_hash": plan_hash, "case_ids": sorted(case_ids)})
+
+
+def recorded_data_identity(folder: str | os.PathLike) -> str | None:
+    """The data identity of a finished plan folder (from its ``plan.json``), ``None`` when it has none yet."""
+    try:
+        plan = json.loads((Path(folder) / PLAN_NAME).read_text())
+    except (OSError, ValueError):
+        return None
+    if not isinstance(plan, dict) or "plan_hash" not in plan or "case_ids" not in plan:
+        return None
+    return plan.get("data_identity") or data_identity(plan["plan_hash"], list(plan["case_ids"]))
+
+
+def choose_plan_folder(cache_dir: str | os.PathLike, config: PreprocessingConfig, identity: str) -> Path:
+    """The plan folder for these parameters and this data; a finished folder of other data is never rebuilt.
+
+    ``<cache_dir>/<plan_name>`` when it is new, unfinished (no ``plan.json``: an interrupted
+    first build) or already holds this data; when it holds other data (other case ids, or
+    cases whose content gave another normalisation), runs trained on it may depend on it, so
+    this data gets its own folder ``<plan_name>_data-<identity[:8]>`` next to it.
+    """
+    base = plan_folder(config, cache_dir)
+    recorded = recorded_data_identity(base)
+    if recorded is None or recorded == identity:
+        return base
+    other = base.with_name(f"{base.name}_data-{identity[:8]}")
+    logger.info("%s holds other data (runs may depend on it); this data is cached in %s", base, other)
+    return other
 
 
 def source_signature(case: CaseFiles) -> dict[str, Any]:

@@ -25,9 +25,12 @@ What a run does, in order:
 
 ``--resume`` continues from the last checkpoint: a run killed at any moment loses at most the
 work since that checkpoint, and on CPU with ``deterministic: true`` reproduces the per-epoch
-losses of an uninterrupted run. SIGTERM or SIGUSR1 (a scheduler's pre-emption or time-limit
-warning) lose nothing: the run saves ``last.pt`` after the current step, mid-epoch, and raises
-:class:`TrainingInterrupted`; resuming continues with the next batch of that epoch.
+losses of an uninterrupted run (a run killed before its first checkpoint restarts from scratch).
+A resume is checked before the run folder changes (:mod:`utils.training.resume`): only some
+settings may change, and the data must be the run's own (``data.json``). SIGTERM or SIGUSR1
+(a scheduler's pre-emption or time-limit warning) lose nothing: the run saves ``last.pt``
+after the current step, mid-epoch, and raises :class:`TrainingInterrupted`; resuming
+continues with the next batch of that epoch.
 """
 
 from __future__ import annotations
@@ -36,19 +39,21 @@ import logging
 import math
 import time
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
 import torch
 from accelerate.utils import gather_object
-from tqdm.auto import tqdm
 
 from utils.config.experiment import ExperimentConfig
+from utils.data.case_discovery import resolve_data_dir
+from utils.data.progress import progress
 from utils.inference.predict import predict_volume_logits
 from utils.metrics.scoring import score_case, summarise_scores
-from utils.networks.checkpoints import capture_rng_state, save_checkpoint
-from utils.training.setup import RunState, prepare_cache, set_up_run, start_run
+from utils.networks.checkpoints import CheckpointError, capture_rng_state, save_checkpoint
+from utils.training.resume import plan_resume
+from utils.training.setup import RunState, mark_logged, prepare_cache, set_up_run, start_run
 from utils.training.step import train_step
 from utils.training.stop_signals import StopSignals
 
@@ -94,8 +99,12 @@ def train(config: ExperimentConfig, *, data_dir: str | Path | None = None, resum
     Args:
         config: the experiment. When resuming, pass the run folder's ``config.yaml`` (as
             ``scripts/train_3d_unet.py --resume`` does); raising ``training.epochs`` extends a run.
-        data_dir: raw KiTS19-layout folder (default ``config.data_dir``, then ``KITS19_DATA``).
-        resume: a run folder to continue from its ``last.pt``.
+            Only the settings of :data:`utils.training.resume.RESUMABLE_KEYS` may differ from the
+            run's; the run folder is changed only once the resume has loaded its checkpoint.
+        data_dir: raw KiTS19-layout folder (default ``config.data_dir``, then ``KITS19_DATA``;
+            when resuming, the folder the run recorded in its ``data.json``). The resolved folder
+            is what the run's ``config.yaml`` and checkpoints record as ``data_dir``.
+        resume: a run folder to continue from its ``last.pt`` (from scratch when it has none yet).
         wandb: force wandb on or off (``None``: ``config.wandb.enabled``).
         show_progress: tqdm bars (main process only).
         epoch_callback: called after every epoch, once its checkpoints and progress line are
@@ -105,19 +114,29 @@ def train(config: ExperimentConfig, *, data_dir: str | Path | None = None, resum
             exception propagates after the run is closed, and the run folder can be resumed.
 
     Raises:
+        utils.training.resume.ResumeRefused: a resume changing settings it may not, or on other
+            data than the run's (nothing in the run folder is changed).
         NonFiniteLossError: a NaN/inf loss with ``nonfinite_loss: stop`` (``last.pt`` stays intact).
         TrainingInterrupted: SIGTERM or SIGUSR1 arrived (a scheduler's pre-emption or time limit);
             ``last.pt`` was saved after the last finished step, and resuming continues exactly there.
-        utils.networks.checkpoints.CheckpointError: a checkpoint could not be written (the previous stays intact).
+        utils.networks.checkpoints.CheckpointError: a checkpoint could not be written, e.g. a full disk
+            (the previous stays intact; the error is logged to ``train.log``).
         OSError: the run folder is not writable (before the first epoch).
         ValueError: bad data with ``on_bad_case: error``, or inconsistent settings.
     """
+    plan = None
+    if resume is not None:  # checked before the run folder is touched
+        plan = plan_resume(resume, config, data_dir)
+        config, data = plan.config, plan.data_dir
+    else:  # resolved before the run folder is created, and recorded as the run's data_dir
+        data = resolve_data_dir(data_dir if data_dir is not None else config.data_dir)
+        config = replace(config, data_dir=str(data.resolve()))
     start = start_run(config, resume=resume)
     try:
-        cache = prepare_cache(config, data_dir, start.accelerator)
-        state = set_up_run(config, cache, resume=resume, wandb=wandb, start=start)
-    except BaseException:
-        start.abandon()
+        cache = prepare_cache(config, data, start.accelerator)
+        state = set_up_run(config, cache, resume=resume, wandb=wandb, start=start, plan=plan)
+    except BaseException as error:
+        start.abandon(error)
         raise
     try:
         with StopSignals() as stop:
@@ -126,6 +145,11 @@ def train(config: ExperimentConfig, *, data_dir: str | Path | None = None, resum
                 _finish_epoch(state, epoch, record)
                 if epoch_callback is not None:
                     epoch_callback(record)
+    except (NonFiniteLossError, CheckpointError, OSError) as error:
+        if state.accelerator.is_main_process:  # into train.log too, before it is detached
+            logger.error("training stopped: %s", error)
+            mark_logged(error)
+        raise
     finally:
         state.close()
     return TrainingResult(state.folder, state.progress.records if state.progress else [], state.best_epoch,
@@ -143,16 +167,16 @@ def _run_epoch(state: RunState, epoch: int, show_progress: bool, stop: StopSigna
     started = time.perf_counter() - done["seconds"]
     loss_sum = torch.tensor(done["loss_sum"], dtype=torch.float64, device=accelerator.device)
     batches, steps, skipped, samples = done["batches"], done["steps"], done["skipped"], done["samples"]
-    bar = tqdm(state.loader, desc=f"epoch {epoch + 1}/{training.epochs}", unit="batch", leave=False,
+    bar = progress(state.loader, desc=f"epoch {epoch + 1}/{training.epochs}", unit="batch", leave=False,
                initial=batches, disable=not (show_progress and accelerator.is_main_process))
     parts = state.step_parts
     for batch in bar:
         outcome = train_step(parts, batch, stop)
         loss = outcome.loss
         if outcome.stopping:
-            progress = {"batches": batches, "steps": steps, "skipped": skipped, "samples": samples,
+            position = {"batches": batches, "steps": steps, "skipped": skipped, "samples": samples,
                         "loss_sum": loss_sum.item(), "seconds": time.perf_counter() - started}
-            _stop_on_signal(state, epoch, progress, stop.received or "a stop signal on another process")
+            _stop_on_signal(state, epoch, position, stop.received or "a stop signal on another process")
         batches += 1
         if not outcome.finite:
             if training.nonfinite_loss == "stop":

@@ -39,13 +39,23 @@ from utils.datasets.patches import (
     collate_samples,
 )
 from utils.datasets.slices import build_slice_datasets
-from utils.networks.checkpoints import load_checkpoint, restore_rng_state
+from utils.networks.checkpoints import CheckpointError, load_checkpoint, restore_rng_state
 from utils.networks.losses import build_loss
 from utils.networks.models import build_model, check_input_size, model_input_size, spatial_dims
 from utils.preprocessing.cache import PreprocessedCache, open_cache
 from utils.preprocessing.preprocess import prepare_training_cache
 from utils.training.optimisation import build_optimiser, build_scheduler
 from utils.training.performance import CompiledForward, configure_backends, loader_options, memory_format
+from utils.training.resume import (
+    LAST_CHECKPOINT,
+    SET_UP_FILES,
+    ResumePlan,
+    check_same_data,
+    data_record,
+    plan_resume,
+    remove_stale_temp_files,
+    write_data_record,
+)
 from utils.training.run_folder import (
     ProgressLog,
     attach_text_log,
@@ -59,26 +69,57 @@ from utils.training.tracking import Tracker, build_tracker
 
 logger = logging.getLogger(__name__)
 
-LAST_CHECKPOINT = "last.pt"
-
 
 @dataclass(frozen=True, eq=False)
 class RunStart:
     """A started run before its data is read: the accelerator and the run folder (see :func:`start_run`).
 
     Attributes:
-        accelerator: the run's, with its mixed precision. folder: the run folder, writable, its
-        config saved. log_handler: the text log attached to ``folder/train.log`` (main process only).
+        accelerator: the run's, with its mixed precision. folder: the run folder, writable (a new
+        run's config saved in it). log_handler: the text log attached to ``folder/train.log``
+        (main process only). resumed: the folder is an existing run's, being resumed.
     """
 
     accelerator: Accelerator
     folder: Path
     log_handler: logging.Handler | None
+    resumed: bool = False
 
-    def abandon(self) -> None:
-        """Detach the text log when set-up fails before a :class:`RunState` exists to close the run."""
+    def abandon(self, error: BaseException | None = None) -> None:
+        """Close a run whose set-up failed before a :class:`RunState` existed to close it.
+
+        A resumed run logs ``error`` to its ``train.log`` and keeps everything. A new run
+        removes what set-up wrote (``config.yaml``, ``train.log``, ``data.json``) and its folder
+        when that leaves it empty, so a refused run leaves no empty run folder behind.
+        """
         if self.log_handler is not None:
+            if self.resumed and isinstance(error, Exception):
+                logger.error("resume of %s failed: %s", self.folder, error)
+                mark_logged(error)
             detach_text_log(self.log_handler)
+        if self.resumed or not self.accelerator.is_main_process:
+            return
+        try:
+            for name in SET_UP_FILES:
+                (self.folder / name).unlink(missing_ok=True)
+            remove_stale_temp_files(self.folder)
+            if not any(self.folder.iterdir()):
+                self.folder.rmdir()
+        except OSError as problem:
+            logger.warning("could not remove the unused run folder %s: %s", self.folder, problem)
+
+
+def mark_logged(error: BaseException) -> None:
+    """Note that ``error`` is already in the run's ``train.log`` (the command line does not repeat it there)."""
+    try:
+        error.logged_in_run_folder = True  # type: ignore[attr-defined]
+    except AttributeError:
+        pass
+
+
+def was_logged(error: BaseException) -> bool:
+    """Whether :func:`mark_logged` noted ``error``."""
+    return bool(getattr(error, "logged_in_run_folder", False))
 
 
 @dataclass(eq=False)
@@ -139,15 +180,16 @@ class RunState:
 
 
 def start_run(config: ExperimentConfig, *, resume: str | Path | None) -> RunStart:
-    """The accelerator, seeds and run folder of a new run, or of the one resumed from ``resume/last.pt``.
+    """The accelerator, seeds and run folder of a new run, or of the one resumed (``resume``).
 
     Checks the model's input sizes, creates (main process) and checks writable the run folder,
-    saves the resolved config and attaches ``train.log``: all before any data work.
+    saves a new run's resolved config (a resumed run's is rewritten only once its checkpoint is
+    loaded), removes leftovers of killed writes and attaches ``train.log``: all before any data work.
 
     Raises:
         ValueError: an input size the model cannot take.
         RuntimeError: the launched processes did not form one group.
-        FileNotFoundError: ``resume`` holds no ``last.pt``. OSError: the run folder is not writable.
+        FileNotFoundError: ``resume`` is not a folder. OSError: the run folder is not writable.
     """
     training = config.training
     input_size = model_input_size(config)
@@ -167,12 +209,19 @@ def start_run(config: ExperimentConfig, *, resume: str | Path | None) -> RunStar
     if not accelerator.is_main_process:  # one voice in the terminal: other processes report only problems
         logging.getLogger().setLevel(logging.WARNING)
     folder = _run_folder(config, resume, accelerator)
-    return RunStart(accelerator, folder, attach_text_log(folder) if accelerator.is_main_process else None)
+    handler = attach_text_log(folder) if accelerator.is_main_process else None
+    if handler is not None and resume is not None:  # logged to train.log: how many leftovers went
+        remove_stale_temp_files(folder)
+    return RunStart(accelerator, folder, handler, resumed=resume is not None)
 
 
 def set_up_run(config: ExperimentConfig, cache: PreprocessedCache | str | Path, *, resume: str | Path | None,
-               wandb: bool | None, start: RunStart | None = None) -> RunState:
+               wandb: bool | None, start: RunStart | None = None, plan: ResumePlan | None = None) -> RunState:
     """Set up a new run, or restore one from ``resume/last.pt``, on an already prepared cache.
+
+    A resumed run is checked against the data it was trained on (:func:`utils.training.resume.check_same_data`)
+    and restored; only then are its ``config.yaml`` and ``data.json`` rewritten. A run with no
+    ``last.pt`` yet restarts from scratch with its saved config.
 
     Args:
         config: the experiment (see :func:`utils.training.engine.train`).
@@ -180,12 +229,18 @@ def set_up_run(config: ExperimentConfig, cache: PreprocessedCache | str | Path, 
         resume: the run folder to continue, or ``None`` for a new run.
         wandb: force wandb on or off (``None``: ``config.wandb.enabled``).
         start: the run started by :func:`start_run` (``None``: started here).
+        plan: the checked resume (:func:`utils.training.resume.plan_resume`; ``None``: checked here).
 
     Returns:
         The state the epoch loop reads and updates.
     """
-    start = start if start is not None else start_run(config, resume=resume)
     cache = cache if isinstance(cache, PreprocessedCache) else open_cache(cache)
+    if resume is not None and plan is None:
+        plan = plan_resume(resume, config, cache.plan.get("source_data"))
+    if plan is not None:
+        config = plan.config
+        check_same_data(plan, cache)
+    start = start if start is not None else start_run(config, resume=resume)
     accelerator, folder, training = start.accelerator, start.folder, config.training
     input_size = model_input_size(config)
     train_set, validation = build_training_datasets(config, cache)
@@ -206,10 +261,21 @@ def set_up_run(config: ExperimentConfig, cache: PreprocessedCache | str | Path, 
                      ProgressLog(folder) if accelerator.is_main_process else None, CompiledForward(model, performance),
                      pad_value=background_value(cache), augmenter=train_set.augmenter, memory_format=layout,
                      log_handler=start.log_handler)
-    resume_id = _restore(state, folder / LAST_CHECKPOINT) if resume is not None else None
+    restored = plan is not None and plan.checkpoint is not None
+    resume_id = _restore(state, folder / LAST_CHECKPOINT, plan.checkpoint) if restored else None
+    if plan is not None and not restored:
+        logger.info("%s has no %s yet: the run restarts from its first epoch with its saved config", folder,
+                    LAST_CHECKPOINT)
+        if state.progress is not None:
+            state.progress.truncate(after_epoch=0)
+    if accelerator.is_main_process:  # a resume has succeeded: only now may the run's config change
+        if resume is not None:
+            save_resolved_config(folder, state.config_dict)
+        data_dir = plan.data_dir if plan is not None else config.data_dir or cache.plan.get("source_data")
+        write_data_record(folder, data_record(data_dir, cache))
     if state.epoch_progress is not None:  # stopped by a signal mid-epoch: wandb saw every step up to it
         state.wandb_logged_until = state.iteration
-    elif resume is not None:  # wandb may have logged steps up to the next checkpoint before the run stopped
+    elif restored:  # wandb may have logged steps up to the next checkpoint before the run stopped
         state.wandb_logged_until = state.iteration + len(loader) * training.checkpoint_every
     state.tracker.start(state.config_dict, folder, folder.name, resume_id)
     logger.info("run folder %s: %s, %d training and %d validation cases, %d samples per epoch on %d process(es), "
@@ -252,12 +318,18 @@ def _run_folder(config: ExperimentConfig, resume: str | Path | None, accelerator
         try:
             if resume is not None:
                 folder = Path(resume)
-                if not (folder / LAST_CHECKPOINT).is_file():
-                    raise FileNotFoundError(f"{folder}: no {LAST_CHECKPOINT} to resume from; start a new run instead")
+                if not folder.is_dir():
+                    raise FileNotFoundError(f"{folder}: no such run folder to resume")
+                check_writable(folder)
             else:
                 folder = create_run_folder(training.output_dir, training.run_name, config.model.name)
-            check_writable(folder)
-            save_resolved_config(folder, config_as_dict(config))
+                try:
+                    check_writable(folder)
+                    save_resolved_config(folder, config_as_dict(config))
+                except OSError:
+                    if not any(folder.iterdir()):
+                        folder.rmdir()  # refused before anything was written: leave no empty run folder
+                    raise
             message = [str(folder)]
         except OSError as error:  # tell the other processes before raising, so they do not wait forever
             message = [error]
@@ -296,12 +368,20 @@ def prepare_cache(config: ExperimentConfig, data_dir: str | Path | None, acceler
     return open_cache(message[0])
 
 
-def _restore(state: RunState, path: Path) -> str | None:
-    """Load every state saved in ``path`` into ``state``; returns the wandb run id to continue."""
-    checkpoint = load_checkpoint(path, map_location="cpu")
-    state.accelerator.unwrap_model(state.model).load_state_dict(checkpoint["model"])
-    state.optimiser.load_state_dict(checkpoint["optimiser"])
-    state.scheduler.load_state_dict(checkpoint["scheduler"])
+def _restore(state: RunState, path: Path, checkpoint: dict[str, Any] | None = None) -> str | None:
+    """Load every state saved in ``path`` (already loaded: ``checkpoint``) into ``state``; returns the wandb run id."""
+    checkpoint = checkpoint if checkpoint is not None else load_checkpoint(path, map_location="cpu")
+    try:
+        state.accelerator.unwrap_model(state.model).load_state_dict(checkpoint["model"])
+        state.optimiser.load_state_dict(checkpoint["optimiser"])
+        state.scheduler.load_state_dict(checkpoint["scheduler"])
+    except (KeyError, RuntimeError, ValueError) as error:
+        lines = [line.strip() for line in str(error).strip().splitlines() if line.strip()]
+        detail = next((line for line in lines if "size mismatch" in line), lines[0] if lines else "")
+        raise CheckpointError(path, f"{path} does not fit the model and optimiser of this config "
+                                    f"({type(error).__name__}: {detail}); "
+                                    "its run folder was not changed. A run can only continue with the settings "
+                                    "it was trained with: start a new run to change them") from None
     scaler = getattr(state.accelerator, "scaler", None)
     if scaler is not None and checkpoint.get("grad_scaler"):
         scaler.load_state_dict(checkpoint["grad_scaler"])
@@ -311,9 +391,12 @@ def _restore(state: RunState, path: Path) -> str | None:
     state.best_epoch, state.best_score = checkpoint.get("best_epoch"), checkpoint.get("best_score")
     if state.progress is not None:
         state.progress.truncate(after_epoch=state.start_epoch)
-    if checkpoint.get("preprocessing_plan", {}).get("plan_hash") != state.cache.plan.get("plan_hash"):
-        logger.warning("the cache was rebuilt since this run started (another plan hash): resumed epochs see "
-                       "differently preprocessed data")
+        metrics = checkpoint.get("metrics")
+        if (state.epoch_progress is None and isinstance(metrics, dict) and metrics.get("epoch") == state.start_epoch
+                and (state.progress.last_epoch or 0) < state.start_epoch):
+            # killed between writing last.pt and its progress line: the checkpoint holds that epoch's record
+            state.progress.append(dict(metrics))
+            logger.info("%s: restored the record of epoch %d from %s", state.progress.path, state.start_epoch, path)
     within = (f", batch {state.epoch_progress['batches'] + 1} of epoch {state.start_epoch + 1}"
               if state.epoch_progress else "")
     logger.info("resumed %s at epoch %d (iteration %d%s)", path, state.start_epoch, state.iteration, within)
