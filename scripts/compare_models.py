@@ -1,4 +1,4 @@
-"""Compare two evaluated runs (e.g. resunet3d and unetr2d) case by case, and write the report.
+"""Compare two evaluated runs or cross-validated experiments (e.g. resunet3d and unetr2d) case by case.
 
 Usage::
 
@@ -7,7 +7,11 @@ Usage::
 
 ``RUN_A`` and ``RUN_B`` are report folders (holding ``metrics.json`` and ``inference.json``) or
 training run folders ``checkpoints/<run>/``, whose report folder is ``<reports-dir>/<run>/``
-(written by ``scripts/eval_unet.py`` for resunet3d runs, ``scripts/eval_unetr.py`` for unetr2d).
+(written by ``scripts/eval_unet.py`` for resunet3d runs, ``scripts/eval_unetr.py`` for unetr2d),
+or cross-validated experiment folders (``cross_validation.json``), whose out-of-fold report is
+``<reports-dir>/<experiment>/`` (``eval_*.py --run EXPERIMENT``): two experiments on the same cases
+are then paired on every case, each case scored with the prediction of the fold that held it out,
+and the report says the predictions are out-of-fold and gives k.
 Writes ``comparison.md``, ``comparison.html`` (self-contained), ``comparison.json`` and the
 figures ``boxplots.png`` and ``dice_scatter.png`` into ``--out``. Differences are B - A.
 ``--out`` may not be, or lie inside, either run's folder or report folder (unless
@@ -35,11 +39,13 @@ EXIT_OK, EXIT_FAILED, EXIT_USAGE = 0, 1, 2
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     """Parse the command line (see the module docstring)."""
     parser = argparse.ArgumentParser(description="Compare two evaluated runs: paired statistics, figures, report.")
-    parser.add_argument("run_a", type=Path, help="run A: report folder or training run folder")
-    parser.add_argument("run_b", type=Path, help="run B: report folder or training run folder")
+    parser.add_argument("run_a", type=Path, help="run A: report folder, training run folder or cross-validated "
+                                                 "experiment folder")
+    parser.add_argument("run_b", type=Path, help="run B: report folder, training run folder or cross-validated "
+                                                 "experiment folder")
     parser.add_argument("--out", type=Path, required=True, help="folder for the comparison report")
     parser.add_argument("--reports-dir", type=Path, default=Path("reports"),
-                        help="folder of the runs' report folders (default reports)")
+                        help="folder of the runs' and experiments' report folders (default reports)")
     parser.add_argument("--bootstrap", type=int, default=10000, help="bootstrap resamples (default 10000)")
     parser.add_argument("--seed", type=int, default=0, help="seed of the bootstrap (default 0)")
     add_guard_argument(parser)

@@ -1,6 +1,12 @@
 """Run the whole pipeline end to end on built-in synthetic KiTS19-style data.
 
     python scripts/demo.py [--config configs/demo.yaml] [--set synthetic.cases=4 ...] [--allow-inside-input]
+    python scripts/demo.py --config configs/demo_cv.yaml    # cross-validated: 3 folds of both models
+
+``configs/demo.yaml`` (``make demo``) trains one run of each model and evaluates it on its
+validation cases. ``configs/demo_cv.yaml`` (``split.scheme: kfold``) trains every fold of each
+model, evaluates each out-of-fold on every case, compares them on all cases (so the Wilcoxon test
+is computed) and writes its results to ``<reports_dir>/results.md``.
 
 Every folder it writes is checked first: its synthetic data folder may not hold KiTS19 cases it
 did not generate, and its reports, cache and runs may not land inside a data folder.

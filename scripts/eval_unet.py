@@ -1,7 +1,9 @@
 """Evaluate a trained 3D Residual U-Net (model key ``resunet3d``) in each CT's original grid with the KiTS19 metrics.
 
-The 3D model predicts whole volumes with sliding windows (Gaussian blending). ``--help`` adds the
-usage and exit status shared by the evaluation scripts (utils/cli/evaluate.py).
+The 3D model predicts whole volumes with sliding windows (Gaussian blending). ``--run`` takes a
+run folder, or a cross-validated experiment folder, evaluated out of fold (every case segmented
+by the fold that held it out, one report). ``--help`` adds the usage and exit status shared by
+the evaluation scripts (utils/cli/evaluate.py).
 """
 
 import sys

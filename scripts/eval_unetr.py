@@ -1,8 +1,10 @@
 """Evaluate a trained 2D UNETR (model key ``unetr2d``) in each CT's original grid with the KiTS19 metrics.
 
 The 2D model predicts every axial slice; the slices are stacked back into a volume before scoring,
-so its scores are per case, like the 3D model's. ``--help`` adds the usage and exit status shared
-by the evaluation scripts (utils/cli/evaluate.py).
+so its scores are per case, like the 3D model's. ``--run`` takes a run folder, or a
+cross-validated experiment folder, evaluated out of fold (every case segmented by the fold that
+held it out, one report). ``--help`` adds the usage and exit status shared by the evaluation
+scripts (utils/cli/evaluate.py).
 """
 
 import sys

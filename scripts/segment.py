@@ -5,14 +5,19 @@ Usage::
     python scripts/segment.py --checkpoint checkpoints/<run> --input CT.nii.gz --output OUT.nii.gz
     python scripts/segment.py --checkpoint RUN_DIR_OR_FILE --input DIR --output OUT_DIR
                               [--device cpu|cuda] [--tta] [--postprocess [--min-component-ml ML]]
+    python scripts/segment.py --checkpoint checkpoints/<experiment> --input CT.nii.gz --output OUT.nii.gz
 
 ``--checkpoint`` is a run folder (its ``best.pt``, else ``last.pt``) or a ``.pt`` file; it holds
-the model, its config and the preprocessing, so nothing else is needed. ``--input`` is one
+the model, its config and the preprocessing, so nothing else is needed. It may also be the
+folder of a cross-validated experiment (``fold_<k>/`` run folders): every fold's model is loaded
+and their softmax averaged (a fold ensemble; the folds must share the model and preprocessing);
+the summary says how many models were used. ``--input`` is one
 ``.nii``/``.nii.gz`` CT in HU, a KiTS19-layout folder (``case_XXXXX/imaging.nii.gz`` gives
 ``OUT_DIR/case_XXXXX.nii.gz``) or a flat folder of ``.nii.gz``/``.nii`` files (same names in
 ``OUT_DIR``). Each prediction is a uint8 label map (0 background, 1 kidney, 2 tumour) with its
 CT's shape and affine, written atomically; the input is never written to. A folder output also
-gets ``segmentation_run.json``: the checkpoint, the options and each case's outcome.
+gets ``segmentation_run.json``: the checkpoint (and every checkpoint file used, one per model),
+the options and each case's outcome.
 
 Before the model is loaded, the outputs are checked (:mod:`utils.data.output_guard`): the output
 may not be, or lie inside, the input folder (for one CT, the folder holding it, such as its
@@ -61,7 +66,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     """Parse the command line (see the module docstring)."""
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--checkpoint", type=Path, required=True,
-                        help="run folder (best.pt, else last.pt) or .pt file")
+                        help="run folder (best.pt, else last.pt), .pt file, or experiment folder of fold_<k> "
+                             "run folders (a fold ensemble)")
     parser.add_argument("--input", type=Path, required=True,
                         help="CT .nii/.nii.gz, KiTS19-layout folder or folder of CTs")
     parser.add_argument("--output", type=Path, required=True, help="output .nii.gz (for one CT) or folder")
@@ -174,13 +180,20 @@ def segment_all(jobs: list[tuple[str, Path, Path]], segmenter: SegmentationModel
     return outcomes
 
 
+def _models_used(segmenter: SegmentationModel) -> str:
+    """``"1 model"``, or ``"ensemble of 5 models"`` for the folds of an experiment."""
+    count = segmenter.model_count
+    return "1 model" if count == 1 else f"ensemble of {count} models"
+
+
 def format_summary(outcomes: dict[str, str], segmenter: SegmentationModel, output: Path, seconds: float,
                    args: argparse.Namespace) -> str:
     """A few lines: how many CTs were segmented, with what, where, and each failure with its reason."""
     failed = {name: reason for name, reason in outcomes.items() if reason != "written"}
     lines = [f"segmented {len(outcomes) - len(failed)} of {len(outcomes)} CT(s) in {seconds:.1f} s with "
              f"{segmenter.run_name} ({segmenter.config.model.name}, {segmenter.device}, tta "
-             f"{'on' if args.tta else 'off'}, postprocessing {'on' if args.postprocess else 'off'}) -> {output}"]
+             f"{'on' if args.tta else 'off'}, postprocessing {'on' if args.postprocess else 'off'}, "
+             f"{_models_used(segmenter)}) -> {output}"]
     lines += [f"failed: {name}: {reason}" for name, reason in failed.items()]
     return "\n".join(lines)
 
@@ -207,7 +220,9 @@ def main(argv: list[str] | None = None) -> int:
         args.output.mkdir(parents=True, exist_ok=True)
         save_json_atomic(args.output / RUN_RECORD_NAME, {
             "checkpoint": str(segmenter.checkpoint.resolve()), "run_name": segmenter.run_name,
-            "model": segmenter.config.model.name, "device": str(segmenter.device), "tta": args.tta,
+            "model": segmenter.config.model.name, "model_count": segmenter.model_count,
+            "checkpoints": [str(path.resolve()) for path in segmenter.checkpoints],
+            "device": str(segmenter.device), "tta": args.tta,
             "postprocess": args.postprocess, "min_component_ml": args.min_component_ml,
             "input": str(args.input.resolve()), "cases": outcomes})
     print(format_summary(outcomes, segmenter, args.output, time.perf_counter() - started, args))

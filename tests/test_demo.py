@@ -1,11 +1,24 @@
-"""The demo runs end to end as `make demo` runs it, on a tiny synthetic set."""
+"""The demo runs end to end as `make demo` runs it, on a tiny synthetic set; so does the cross-validated
+demo (configs/demo_cv.yaml), whose folds, out-of-fold reports and comparison cover every case."""
 
 import json
 import subprocess
 import sys
 from pathlib import Path
 
-from utils.cli.demo_results import read_readme_results, render_demo_results
+import pytest
+from scipy import stats
+
+from utils.cli.demo_results import (
+    read_readme_results,
+    read_results_file,
+    render_cross_validation_results,
+    render_demo_results,
+)
+from utils.config.demo import DemoConfig
+from utils.config.loading import load_config
+from utils.evaluation.comparison import MIN_WILCOXON_PAIRS
+from utils.metrics.scoring import METRIC_NAMES
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -104,3 +117,101 @@ def test_demo_refuses_to_write_over_or_into_data_it_did_not_generate(tmp_path, c
     assert f"reports_dir {(synthetic / 'reports').resolve()} is inside the input data folder" in err
     assert not synthetic.exists() and not (tmp_path / "r").exists()
     assert {p: hashlib.sha256(p.read_bytes()).hexdigest() for p in data.rglob("*") if p.is_file()} == before
+
+
+CV_CASES, CV_FOLDS = 6, 3
+
+
+def _tiny_demo_args(tmp_path: Path, cases: int) -> list[str]:
+    return ["--set", f"synthetic.cases={cases}", "--set", "synthetic.matrix=64", "--set", "synthetic.workers=1",
+            "--set", f"synthetic.out_dir={tmp_path / 'data'}", "--set", f"reports_dir={tmp_path / 'reports'}",
+            "--set", f"preprocessing.cache_dir={tmp_path / 'cache'}", "--set", "preprocessing.target_spacing=[4,4,4]",
+            "--set", "patches.patch_size=[8,16,16]", "--set", "slices.image_size=32",
+            "--set", "bootstrap_resamples=200",
+            "--set", f"train_overrides=[training.epochs=1, preprocessing.cache_dir={tmp_path / 'cache'}, "
+                     f"training.output_dir={tmp_path / 'runs'}, patches.samples_per_epoch=8, "
+                     "slices.samples_per_epoch=8]"]
+
+
+def test_cross_validated_demo_end_to_end(tmp_path):
+    """Three folds of both models on six cases; each model evaluated out-of-fold on every case, compared on all."""
+    readme = (REPO / "README.md").read_bytes()
+    command = [sys.executable, "scripts/demo.py", "--config", "configs/demo_cv.yaml",
+               *_tiny_demo_args(tmp_path, CV_CASES), "--set", f"split.folds={CV_FOLDS}"]
+    run = subprocess.run(command, capture_output=True, text=True, cwd=REPO, timeout=600)
+    assert run.returncode == 0, run.stderr
+    case_ids = [f"case_{i:05d}" for i in range(CV_CASES)]
+    summary = json.loads((tmp_path / "reports" / "dataset_summary.json").read_text())
+    folds = summary["cache"]["split"]["folds"]
+    assert len(folds) == CV_FOLDS and sorted(c for fold in folds for c in fold["val"]) == case_ids
+    assert f"split: {CV_FOLDS} folds, each case validated by exactly one fold" in run.stdout
+    for model in ("resunet3d", "unetr2d"):
+        trained = summary["training"][model]
+        experiment = Path(trained["experiment"])
+        assert experiment.parent == tmp_path / "runs" and experiment.name.startswith(f"{model}_cv{CV_FOLDS}_")
+        manifest = json.loads((experiment / "cross_validation.json").read_text())
+        assert [fold["status"] for fold in manifest["folds"]] == ["finished"] * CV_FOLDS
+        assert trained["folds_finished"] == CV_FOLDS and all((experiment / f"fold_{k}" / "best.pt").is_file()
+                                                              for k in range(CV_FOLDS))
+        assert [case["case_id"] for case in trained["per_case"]] == case_ids  # out-of-fold cache-grid Dice
+        assert f"cross-validation {model}: {experiment}, {CV_FOLDS} of {CV_FOLDS} folds finished" in run.stdout
+        report = Path(summary["evaluation"][model]["report"])
+        assert report.parent == tmp_path / "reports" and report.name == experiment.name
+        metrics = json.loads((report / "metrics.json").read_text())
+        assert [case["case_id"] for case in metrics["cases"]] == case_ids  # every case, each exactly once
+        held_out = {c: k for k, fold in enumerate(folds) for c in fold["val"]}
+        assert {case["case_id"]: case["fold"] for case in metrics["cases"]} == held_out
+        assert all((report / "predictions" / f"{c}.nii.gz").is_file() for c in case_ids)
+        assert summary["evaluation"][model]["cases"] == CV_CASES
+    comparison = json.loads((tmp_path / "reports" / "comparison" / "comparison.json").read_text())
+    assert comparison["shared_cases"] == case_ids and not comparison["only_a"] and not comparison["only_b"]
+    computed = 0
+    for metric in METRIC_NAMES:
+        pairs = [(v["a"][metric], v["b"][metric]) for v in comparison["per_case"].values()]
+        differences = [b - a for a, b in pairs if a is not None and b is not None]
+        paired = comparison["paired"][metric]
+        assert paired["n_pairs"] == len(differences)
+        if sum(d != 0 for d in differences) >= MIN_WILCOXON_PAIRS:
+            assert paired["p_value"] == pytest.approx(stats.wilcoxon(differences).pvalue)
+            computed += 1
+        else:
+            assert paired["p_value"] is None and "fewer than" in paired["p_value_reason"]
+    assert computed >= 1, "no metric had six non-zero differences: the Wilcoxon test was never computed"
+    assert summary["paired_comparison"]["cases"] == CV_CASES
+    results, table = read_results_file((tmp_path / "reports" / "results.md").read_text(encoding="utf-8"))
+    assert table == render_cross_validation_results(results) and table in run.stdout
+    assert results["cases"] == CV_CASES and results["folds"] == CV_FOLDS
+    assert [m["model"] for m in results["models"]] == ["resunet3d", "unetr2d"]
+    assert results["models"][1]["kidney_dice"] == summary["evaluation"]["unetr2d"]["summary"]["kidney_dice"]["mean"]
+    assert [row["p_value"] for row in results["comparison"]["metrics"]] == \
+        [comparison["paired"][m]["p_value"] for m in METRIC_NAMES]
+    assert len(summary["visuals"]) == 3 and all(Path(v).is_relative_to(tmp_path / "reports")
+                                                for v in summary["visuals"])
+    for figure in ("synthetic_cases.png", "training_samples.png", "training_progress_resunet3d.png",
+                   "training_progress_unetr2d.png", "training_progress_models.png", "comparison/boxplots.png"):
+        assert (tmp_path / "reports" / figure).read_bytes()[:4] == b"\x89PNG"
+    assert (REPO / "README.md").read_bytes() == readme
+
+
+def test_the_cross_validated_demo_config_and_its_refusals(tmp_path):
+    from utils.cli.demo import check_demo_outputs, train_overrides
+    from utils.data.output_guard import OutputGuardError
+
+    holdout = load_config(REPO / "configs" / "demo.yaml", DemoConfig)
+    assert not holdout.cross_validation and train_overrides(holdout) == holdout.train_overrides
+    config = load_config(REPO / "configs" / "demo_cv.yaml", DemoConfig)
+    assert config.cross_validation and config.readme is None and config.split.folds == 3
+    assert config.synthetic.cases >= 2 * MIN_WILCOXON_PAIRS  # enough paired differences for the test
+    assert train_overrides(config)[:3] == ("split.scheme=kfold", "split.folds=3", "split.seed=0")
+    with pytest.raises(ValueError, match="set readme: null"):
+        load_config(REPO / "configs" / "demo_cv.yaml", DemoConfig, ["readme=README.md"])
+    with pytest.raises(ValueError, match="must be at least split.folds"):
+        load_config(REPO / "configs" / "demo_cv.yaml", DemoConfig, ["synthetic.cases=2"])
+    reports = tmp_path / "reports"
+    reports.mkdir()
+    (reports / "results.md").write_text("# Notes typed by hand\n")
+    tiny = load_config(REPO / "configs" / "demo_cv.yaml", DemoConfig,
+                       [arg for arg in _tiny_demo_args(tmp_path, CV_CASES) if arg != "--set"])
+    with pytest.raises(OutputGuardError, match="results file .* was not written by this command"):
+        check_demo_outputs(tiny)
+    assert not (tmp_path / "data").exists()

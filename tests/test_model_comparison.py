@@ -136,3 +136,40 @@ def test_figures_have_one_axis_per_metric_and_save_png(tmp_path: Path) -> None:
     assert (tmp_path / "scatter.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     with pytest.raises(ValueError, match="same non-empty list"):
         plot_paired_scatter(records_a, records_b[:1], ["a", "b"])
+
+
+def _write_out_of_fold_report(folder: Path, folds: dict[str, int], k: int = 3) -> Path:
+    cases = [{**_case(case_id, 0.5 + 0.01 * index), "fold": fold}
+             for index, (case_id, fold) in enumerate(folds.items())]
+    _write_report(folder, cases)
+    metrics = json.loads((folder / "metrics.json").read_text())
+    metrics["experiment"] = {"predictions": "out-of-fold", "k": k, "split_seed": 0, "model": "resunet3d"}
+    (folder / "metrics.json").write_text(json.dumps(metrics))
+    return folder
+
+
+def test_resolve_report_folder_accepts_a_cross_validated_experiment(tmp_path: Path) -> None:
+    experiment = tmp_path / "checkpoints" / "cv_unetr"
+    (experiment / "fold_0").mkdir(parents=True)
+    (experiment / "cross_validation.json").write_text(json.dumps({"model_name": "unetr2d", "folds": []}))
+    with pytest.raises(FileNotFoundError, match=r"out-of-fold.*scripts/eval_unetr.py --run .*cv_unetr"):
+        resolve_report_folder(experiment, tmp_path / "reports")
+    report = _write_out_of_fold_report(tmp_path / "reports" / "cv_unetr", {"case_00000": 0, "case_00001": 1})
+    assert resolve_report_folder(experiment, tmp_path / "reports") == report
+
+
+def test_an_out_of_fold_report_is_described_as_such_in_the_comparison(tmp_path: Path) -> None:
+    from utils.evaluation.report import build_report_blocks
+
+    folds = {f"case_{i:05d}": i % 3 for i in range(6)}
+    a = load_evaluation_report(_write_out_of_fold_report(tmp_path / "a", folds))
+    b = load_evaluation_report(_write_report(tmp_path / "b", [_case(c, 0.25) for c in folds]))
+    assert a.experiment["k"] == 3 and a.folds == folds and b.experiment is None and b.folds == {}
+    comparison = compare_reports(a, b, n_resamples=20, seed=0)
+    assert comparison["runs"]["a"]["predictions"] == "out-of-fold, k = 3"
+    assert comparison["runs"]["b"]["predictions"] == "one model" and comparison["runs"]["a"]["folds"] == folds
+    assert any("out-of-fold, k = 3" in warning and "one model" in warning for warning in comparison["warnings"])
+    assert comparison["paired"]["kidney_dice"]["p_value"] is not None  # six non-zero differences
+    markdown = render_markdown(build_report_blocks(comparison, {}), tmp_path)
+    assert "| predictions | out-of-fold, k = 3 | one model |" in markdown
+    assert "A's predictions are out-of-fold (A: a, k = 3 folds, split seed 0)" in markdown

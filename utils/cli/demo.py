@@ -3,6 +3,17 @@ both models, evaluate them in each CT's original grid and write the comparison r
 
 Each stage calls the package's own functions exactly as a user's script would.
 
+Two modes, by the demo's ``split.scheme``:
+
+* ``holdout`` (``make demo``, ``configs/demo.yaml``): one run of each model, evaluated on its
+  validation cases; the README's results block is rewritten when ``readme`` is set.
+* ``kfold`` (``configs/demo_cv.yaml``): every fold of each model is trained
+  (:func:`utils.training.cross_validation.train_cross_validation`, experiment folder
+  ``<training.output_dir>/<model>_cv<k>_<YYYYmmdd-HHMMSS>/``), each model is evaluated
+  out-of-fold on every case (:func:`utils.evaluation.cross_validation.evaluate_cross_validation`),
+  the two models are compared on all cases, and the figures go to ``<reports_dir>/results.md``
+  (never to a README).
+
 Before anything is generated, :func:`check_demo_outputs` checks where the demo writes
 (:mod:`utils.data.output_guard`): its synthetic data folder may not hold KiTS19 cases it did not
 generate nor lie inside another data folder, and its reports, cache and run folders may not lie
@@ -15,14 +26,21 @@ import json
 import logging
 import os
 import time
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 
 import numpy as np
 import torch
 
 from utils.analysis.intensity_separability import Separability, measure_separability
-from utils.cli.demo_results import demo_results, update_readme_results
+from utils.cli.demo_results import (
+    CV_TITLE,
+    cross_validation_results,
+    demo_results,
+    render_cross_validation_results,
+    update_readme_results,
+    write_results_file,
+)
 from utils.config.demo import DemoConfig
 from utils.config.experiment import load_experiment_config
 from utils.config.loading import config_as_dict
@@ -30,9 +48,10 @@ from utils.data.case_discovery import discover_cases
 from utils.data.case_validation import DatasetReport, load_case, select_cases, validate_dataset
 from utils.data.kits_layout import KITS_JSON_NAME, is_case_id
 from utils.data.nifti_io import load_nifti, read_voxels, write_bytes_atomic
-from utils.data.output_guard import ALLOW_FLAG, OutputGuardError, check_output_location
+from utils.data.output_guard import ALLOW_FLAG, OutputGuardError, check_output_location, check_overwrite, is_own_text
 from utils.datasets.patches import build_patch_datasets
 from utils.datasets.slices import build_slice_dataset
+from utils.evaluation.cross_validation import CrossValidationEvaluation, evaluate_cross_validation
 from utils.evaluation.report import write_comparison_report
 from utils.evaluation.run import RunEvaluation, evaluate_run
 from utils.figures.drawing import plot_case_gallery, save_figure
@@ -45,10 +64,14 @@ from utils.metrics.scoring import METRIC_NAMES
 from utils.preprocessing.cache import open_cache
 from utils.preprocessing.preprocess import PreprocessingResult, preprocess_dataset
 from utils.synthetic.dataset import CaseSummary, SyntheticOptions, generate_dataset
+from utils.training.cross_validation import CrossValidationResult, train_cross_validation
 from utils.training.engine import TrainingResult, train
+from utils.training.run_folder import ProgressLog
 
 #: Augmented training samples of each kind drawn for the demo's figure.
 SAMPLES_SHOWN = 6
+#: The cross-validated demo's results file, in ``reports_dir``.
+RESULTS_FILE = "results.md"
 
 logger = logging.getLogger(__name__)
 
@@ -69,6 +92,42 @@ class TrainedModel:
 
 
 @dataclass(frozen=True)
+class CrossValidatedModel:
+    """One model the cross-validated demo trained: every fold, their records, wall time and curve figure.
+
+    Attributes:
+        name: the model key. result: what :func:`train_cross_validation` did (experiment folder,
+            one outcome per fold). records: each fold's per-epoch records, in fold order.
+        seconds: wall time of all folds. figure_path: the folds' training curves.
+    """
+
+    name: str
+    result: CrossValidationResult
+    records: tuple[list[dict], ...]
+    seconds: float
+    figure_path: Path
+
+    @property
+    def best_records(self) -> tuple[dict | None, ...]:
+        """Each fold's progress record of its best validated epoch (``None`` without one)."""
+        return tuple(next((r for r in records if r["epoch"] == outcome.best_epoch), None)
+                     for outcome, records in zip(self.result.folds, self.records, strict=True))
+
+    @property
+    def per_case(self) -> list[dict]:
+        """Out-of-fold cache-grid validation Dice: every case scored by the best epoch of the fold holding it out."""
+        cases = [{**case, "fold": outcome.fold} for outcome, best in zip(self.result.folds, self.best_records,
+                                                                         strict=True)
+                 for case in (best or {}).get("per_case") or []]
+        return sorted(cases, key=lambda case: case["case_id"])
+
+    def mean_dice(self, key: str) -> float | None:
+        """The mean of ``key`` (``kidney_dice`` or ``tumour_dice``) over :attr:`per_case` (missing values left out)."""
+        values = [case[key] for case in self.per_case if case.get(key) is not None]
+        return float(np.mean(values)) if values else None
+
+
+@dataclass(frozen=True)
 class DemoResult:
     """What the demo produced: per-case summaries, the validation report, the intensity floor, files."""
 
@@ -84,6 +143,11 @@ class DemoResult:
     evaluations: tuple[RunEvaluation, ...] = ()
     comparison: dict[str, Path] | None = None
     visuals: tuple[Path, ...] = ()
+    cross_validated: tuple[CrossValidatedModel, ...] = ()
+    cross_evaluations: tuple[CrossValidationEvaluation, ...] = ()
+    folds: tuple[tuple[list[str], list[str]], ...] = ()
+    results_path: Path | None = None
+    results_markdown: str | None = None
 
 
 def _holds_cases(folder: Path) -> bool:
@@ -110,12 +174,22 @@ def _demo_output_folders(config: DemoConfig) -> dict[str, Path]:
     folders = {"reports_dir": Path(config.reports_dir), "preprocessing.cache_dir": Path(config.preprocessing.cache_dir)}
     for path in config.train_configs:
         try:
-            experiment = load_experiment_config(path, config.train_overrides)
+            experiment = load_experiment_config(path, train_overrides(config))
         except (ValueError, FileNotFoundError):
             continue  # reported when training starts
         folders[f"training.output_dir ({path})"] = Path(experiment.training.output_dir)
         folders[f"preprocessing.cache_dir ({path})"] = Path(experiment.preprocessing.cache_dir)
     return folders
+
+
+def train_overrides(config: DemoConfig) -> tuple[str, ...]:
+    """The overrides applied to each experiment the demo trains: ``train_overrides``, preceded in the
+    cross-validated demo by the demo's own split (``split.scheme``, ``split.folds``, ``split.seed``)."""
+    if not config.cross_validation:
+        return config.train_overrides
+    split = config.split
+    return (f"split.scheme={split.scheme}", f"split.folds={split.folds}", f"split.seed={split.seed}",
+            *config.train_overrides)
 
 
 def check_demo_outputs(config: DemoConfig, *, allow_inside_input: bool = False) -> None:
@@ -124,7 +198,9 @@ def check_demo_outputs(config: DemoConfig, *, allow_inside_input: bool = False) 
     * ``synthetic.out_dir`` (rewritten by every run) may not hold ``case_XXXXX`` folders unless
       an earlier run generated them (:func:`is_synthetic_data_folder`), nor lie inside a data folder;
     * the reports, cache and run folders may not be, or lie inside, ``synthetic.out_dir`` or any
-      other data folder above them, unless ``allow_inside_input``.
+      other data folder above them, unless ``allow_inside_input``;
+    * the cross-validated demo's ``<reports_dir>/results.md`` may only replace a results file an
+      earlier run wrote.
 
     Raises:
         OutputGuardError: the message names the setting, the output and the data folder.
@@ -147,10 +223,15 @@ def check_demo_outputs(config: DemoConfig, *, allow_inside_input: bool = False) 
         for ancestor in (resolved, *resolved.parents):
             if _holds_cases(ancestor):
                 check_output_location(resolved, [ancestor], what=setting, allow_inside_input=allow_inside_input)
+    if config.cross_validation:
+        check_overwrite(Path(config.reports_dir) / RESULTS_FILE, is_own_text(CV_TITLE), what="results file")
 
 
 def run_demo(config: DemoConfig, show_progress: bool = True, *, allow_inside_input: bool = False) -> DemoResult:
-    """Generate the synthetic dataset, validate it in full, measure it and save a gallery figure.
+    """Run the demo: generate, validate, measure, preprocess, sample, train, evaluate, compare, write the summary.
+
+    With ``split.scheme: kfold`` every fold of each model is trained and evaluated out-of-fold
+    (see the module docstring); the results go to ``<reports_dir>/results.md``.
 
     Raises:
         OutputGuardError: an output would land in or over data (:func:`check_demo_outputs`),
@@ -184,6 +265,11 @@ def run_demo(config: DemoConfig, show_progress: bool = True, *, allow_inside_inp
                                     "std_hu": prepared.fingerprint.foreground_std_hu},
                   "split": {"train": split[0], "val": split[1]}},
     }
+    if config.cross_validation:
+        return _run_cross_validated(config, summary, reports_dir, started, show_progress,
+                                    DemoResult(summaries, report, pooled, prepared, split, gallery_path, samples_path,
+                                               reports_dir / "dataset_summary.json"),
+                                    allow_inside_input=allow_inside_input)
     trained = tuple(_train(config, path, reports_dir, show_progress) for path in config.train_configs)
     summary["training"] = {model.name: _training_summary(model) for model in trained}
     if len(trained) > 1:
@@ -206,6 +292,99 @@ def run_demo(config: DemoConfig, show_progress: bool = True, *, allow_inside_inp
         _update_readme(config.readme, summary)
     return DemoResult(summaries, report, pooled, prepared, split, gallery_path, samples_path, summary_path, trained,
                       evaluations, comparison, visuals)
+
+
+def _run_cross_validated(config: DemoConfig, summary: dict, reports_dir: Path, started: float, show_progress: bool,
+                         partial: DemoResult, *, allow_inside_input: bool) -> DemoResult:
+    """The cross-validated demo after sampling: train every fold of each model, evaluate each out-of-fold
+    on every case, compare the first two on all cases, write the summary and ``results.md``."""
+    cache = open_cache(partial.preprocessing.folder)
+    folds = tuple(cache.split(fold) for fold in range(config.split.folds))
+    summary["cache"]["split"] = {"scheme": config.split.scheme, "seed": config.split.seed,
+                                 "folds": [{"train": train_ids, "val": val_ids} for train_ids, val_ids in folds]}
+    trained = tuple(_train_folds(config, path, reports_dir, show_progress) for path in config.train_configs)
+    summary["training"] = {model.name: _cross_validation_summary(model) for model in trained}
+    if len(trained) > 1:  # fold 0 of each model side by side
+        summary["training_curves"] = save_figure(
+            plot_training_runs({f"{model.name} fold 0": model.records[0] for model in trained[:4]},
+                               title="quick models, fold 0"),
+            reports_dir / "training_progress_models.png")
+    evaluations = tuple(evaluate_cross_validation(model.result.folder, data_dir=config.synthetic.out_dir,
+                                                  reports_dir=reports_dir, show_progress=show_progress,
+                                                  allow_inside_input=allow_inside_input)
+                        for model in trained)
+    summary["evaluation"] = {model.name: _out_of_fold_summary(evaluation)
+                             for model, evaluation in zip(trained, evaluations, strict=True)}
+    comparison = None
+    if len(evaluations) > 1:
+        comparison = write_comparison_report(evaluations[0].report_folder, evaluations[1].report_folder,
+                                             reports_dir / "comparison", n_resamples=config.bootstrap_resamples,
+                                             seed=config.seed)
+        compared = json.loads(Path(comparison["json"]).read_text(encoding="utf-8"))
+        summary["paired_comparison"] = {"a": trained[0].name, "b": trained[1].name,
+                                        "cases": len(compared["shared_cases"]), "paired": compared["paired"]}
+    summary["comparison"] = comparison
+    visuals = ()
+    if evaluations:
+        first = evaluations[0]
+        visuals = _save_report_visuals(config, first.report_folder, first.experiment.model_name,
+                                       first.cases[0]["case_id"], reports_dir)
+    summary["visuals"] = visuals
+    summary_path = reports_dir / "dataset_summary.json"
+    summary["seconds"] = time.perf_counter() - started
+    summary = json.loads(json.dumps(summary, default=_jsonable))
+    write_bytes_atomic(summary_path, (json.dumps(summary, indent=2) + "\n").encode())
+    results_path, markdown = None, None
+    if trained:
+        results = cross_validation_results(summary, seconds=summary["seconds"], machine=_machine())
+        results_path = write_results_file(reports_dir / RESULTS_FILE, results)
+        markdown = render_cross_validation_results(results)
+        logger.info("cross-validated demo results written: %s", results_path)
+    return replace(partial, split=folds[0], trained=(), evaluations=(), comparison=comparison, visuals=visuals,
+                   cross_validated=trained, cross_evaluations=evaluations, folds=folds, results_path=results_path,
+                   results_markdown=markdown)
+
+
+def _train_folds(config: DemoConfig, experiment_path: str, reports_dir: Path,
+                 show_progress: bool) -> CrossValidatedModel:
+    """Train every fold of one model on the demo's synthetic cases (a new experiment folder) and save its curves."""
+    experiment = load_experiment_config(experiment_path, train_overrides(config))
+    name = f"{experiment.model.name}_cv{experiment.split.folds}_{time.strftime('%Y%m%d-%H%M%S')}"
+    started = time.perf_counter()
+    result = train_cross_validation(experiment, name, data_dir=config.synthetic.out_dir, show_progress=show_progress)
+    seconds = time.perf_counter() - started
+    unfinished = [outcome.fold for outcome in result.folds if outcome.status != "finished"]
+    if unfinished:
+        raise RuntimeError(f"{result.folder}: fold(s) {unfinished} did not finish")
+    records = tuple(ProgressLog(outcome.run_folder).records for outcome in result.folds)
+    shown = {f"fold {outcome.fold}": fold_records
+             for outcome, fold_records in zip(result.folds[:4], records, strict=False)}
+    figure_path = save_figure(plot_training_runs(shown, title=result.folder.name),
+                              reports_dir / f"training_progress_{experiment.model.name}.png")
+    return CrossValidatedModel(experiment.model.name, result, records, seconds, figure_path)
+
+
+def _cross_validation_summary(model: CrossValidatedModel) -> dict:
+    """What ``dataset_summary.json`` records of one cross-validated model."""
+    folds = []
+    for outcome, best in zip(model.result.folds, model.best_records, strict=True):
+        best = best or {}
+        folds.append({"fold": outcome.fold, "run_folder": outcome.run_folder, "status": outcome.status,
+                      "best_epoch": outcome.best_epoch, "kidney_dice": best.get("kidney_dice"),
+                      "tumour_dice": best.get("tumour_dice"), "validation_cases": len(best.get("per_case") or [])})
+    return {"experiment": model.result.folder, "seconds": model.seconds,
+            "folds_finished": sum(outcome.status == "finished" for outcome in model.result.folds), "folds": folds,
+            "kidney_dice": model.mean_dice("kidney_dice"), "tumour_dice": model.mean_dice("tumour_dice"),
+            "per_case": model.per_case}
+
+
+def _out_of_fold_summary(evaluation: CrossValidationEvaluation) -> dict:
+    """What ``dataset_summary.json`` records of one out-of-fold evaluation."""
+    inference = evaluation.inference or {}
+    return {"report": evaluation.report_folder, "summary": evaluation.summary, "cases": len(evaluation.cases),
+            "fold_means": {str(fold["fold"]): fold["mean"] for fold in evaluation.fold_summaries},
+            "seconds_per_case": _mean_seconds(inference.get("cases") or []),
+            "parameters": inference.get("parameters")}
 
 
 def _train(config: DemoConfig, experiment_path: str, reports_dir: Path, show_progress: bool) -> TrainedModel:
@@ -234,12 +413,18 @@ def _evaluate_and_compare(config: DemoConfig, trained: tuple[TrainedModel, ...],
 
 def _save_case_visuals(config: DemoConfig, evaluation: RunEvaluation, reports_dir: Path) -> tuple[Path, ...]:
     """For the first evaluated case: 3D meshes (HTML), a slice viewer (HTML) and a sagittal sweep (GIF)."""
-    case_id = evaluation.evaluation.cases[0]["case_id"]
+    return _save_report_visuals(config, evaluation.report_folder, evaluation.inference["model"],
+                                evaluation.evaluation.cases[0]["case_id"], reports_dir)
+
+
+def _save_report_visuals(config: DemoConfig, report_folder: Path, model: str, case_id: str,
+                         reports_dir: Path) -> tuple[Path, ...]:
+    """For one case of a report folder: 3D meshes (HTML), a slice viewer (HTML) and a sagittal sweep (GIF)."""
     case = load_case(next(c for c in discover_cases(config.synthetic.out_dir).cases if c.case_id == case_id))
-    prediction = read_voxels(load_nifti(evaluation.report_folder / "predictions" / f"{case_id}.nii.gz"), np.uint8)
-    name = f"{case_id}_{evaluation.inference['model']}"
+    prediction = read_voxels(load_nifti(report_folder / "predictions" / f"{case_id}.nii.gz"), np.uint8)
+    name = f"{case_id}_{model}"
     plot_meshes(case.segmentation, prediction, case.spacing, path=reports_dir / f"3d_{name}.html",
-                title=f"{case_id}: ground truth | {evaluation.inference['model']}")
+                title=f"{case_id}: ground truth | {model}")
     plot_slice_viewer(case.image, case.segmentation, case.spacing, prediction=prediction,
                       path=reports_dir / f"viewer_{name}.html")
     animation = save_slice_animation(case.image, case.segmentation, case.spacing,
@@ -309,7 +494,7 @@ def format_demo_result(result: DemoResult) -> str:
               f"normalisation: clip to [{low:.0f}, {high:.0f}] HU, z-score with mean "
               f"{prepared.fingerprint.foreground_mean_hu:.1f} HU and std "
               f"{prepared.fingerprint.foreground_std_hu:.1f} HU",
-              f"split: {len(result.split[0])} train, {len(result.split[1])} validation cases",
+              _split_line(result),
               f"figures: {result.gallery_path}, {result.samples_path}", f"summary: {result.summary_path}"]
     for model in result.trained:
         lines.append(f"training {model.name}: {model.result.run_folder} in {model.seconds:.0f} s, best epoch "
@@ -318,41 +503,89 @@ def format_demo_result(result: DemoResult) -> str:
         lines += format_validation_table(result.trained)
     if result.evaluations:
         lines += format_evaluation_table(result.evaluations)
+    if result.cross_validated:
+        lines += _format_cross_validation(result)
     if result.comparison is not None:
         lines.append(f"comparison report: {result.comparison['markdown']} (and {result.comparison['html'].name})")
     if result.visuals:
+        report = (result.evaluations or result.cross_evaluations)[0].report_folder
         lines.append(f"case figures: {', '.join(str(p) for p in result.visuals)}; overlays and error maps in "
-                     f"{result.evaluations[0].report_folder / 'figures'}")
+                     f"{report / 'figures'}")
+    if result.results_path is not None:
+        lines += [f"results: {result.results_path}", "", result.results_markdown or ""]
     return "\n".join(lines)
+
+
+def _split_line(result: DemoResult) -> str:
+    if not result.folds:
+        return f"split: {len(result.split[0])} train, {len(result.split[1])} validation cases"
+    sizes = ", ".join(str(len(val_ids)) for _, val_ids in result.folds)
+    return (f"split: {len(result.folds)} folds, each case validated by exactly one fold ({sizes} validation "
+            "cases per fold)")
+
+
+def _format_cross_validation(result: DemoResult) -> list[str]:
+    """The cross-validated demo's lines: training of each model's folds, out-of-fold Dice, out-of-fold evaluation."""
+    lines = []
+    for model in result.cross_validated:
+        finished = sum(outcome.status == "finished" for outcome in model.result.folds)
+        epochs = ", ".join(str(outcome.best_epoch) for outcome in model.result.folds)
+        lines.append(f"cross-validation {model.name}: {model.result.folder}, {finished} of {len(model.result.folds)} "
+                     f"folds finished in {model.seconds:.0f} s, best epochs {epochs}; curves {model.figure_path}")
+    lines += _validation_table(
+        "out-of-fold validation Dice per case (KiTS19: kidney = label > 0, tumour = label 2; cache grid, best "
+        "epoch of the fold that held the case out):",
+        [(m.name, m.per_case, (m.mean_dice("kidney_dice"), m.mean_dice("tumour_dice")))
+         for m in result.cross_validated])
+    if result.cross_evaluations:
+        lines += _evaluation_table(
+            "out-of-fold evaluation in each CT's original grid (every case, segmented by the fold that held it "
+            "out; mean, HD95 in mm, missing counted):",
+            [(e.experiment.model_name, e.summary) for e in result.cross_evaluations])
+        lines += [f"out-of-fold report {e.experiment.model_name}: {e.report_folder} ({len(e.cases)} cases)"
+                  for e in result.cross_evaluations]
+    return lines
 
 
 def format_evaluation_table(evaluations: tuple[RunEvaluation, ...]) -> list[str]:
     """Each evaluated model's mean metrics in the CTs' original grids (missing HD95 counted)."""
-    lines = ["evaluation in each CT's original grid (validation cases; mean, HD95 in mm, missing counted):",
-             f"{'model':<12}" + "".join(f" {name:>20}" for name in METRIC_NAMES)]
-    for evaluation in evaluations:
+    return _evaluation_table("evaluation in each CT's original grid (validation cases; mean, HD95 in mm, missing "
+                             "counted):", [(e.inference["model"], e.evaluation.summary) for e in evaluations])
+
+
+def _evaluation_table(title: str, summaries: list[tuple[str, dict]]) -> list[str]:
+    """``title``, then one row of mean metrics per ``(model, summary)``."""
+    lines = [title, f"{'model':<12}" + "".join(f" {name:>20}" for name in METRIC_NAMES)]
+    for model, summary in summaries:
         cells = []
         for name in METRIC_NAMES:
-            stats = evaluation.evaluation.summary[name]
+            stats = summary[name]
             text = "-" if stats["mean"] is None else f"{stats['mean']:.3f}"
             if stats["missing"]:
                 text += f" ({stats['missing']} missing)"
             cells.append(f" {text:>20}")
-        lines.append(f"{evaluation.inference['model']:<12}" + "".join(cells))
+        lines.append(f"{model:<12}" + "".join(cells))
     return lines
 
 
 def format_validation_table(trained: tuple[TrainedModel, ...]) -> list[str]:
     """The models' per-case validation Dice side by side (best epoch of each run), and their means."""
-    header = f"{'validation case':<16}" + "".join(f" {m.name + ' kidney':>17} {'tumour':>7}" for m in trained)
-    per_model = [{case["case_id"]: case for case in (m.best_record or {}).get("per_case") or []} for m in trained]
-    lines = ["validation Dice per case (KiTS19: kidney = label > 0, tumour = label 2; cache grid, best epoch):", header]
+    return _validation_table(
+        "validation Dice per case (KiTS19: kidney = label > 0, tumour = label 2; cache grid, best epoch):",
+        [(m.name, (m.best_record or {}).get("per_case") or [],
+          ((m.best_record or {}).get("kidney_dice"), (m.best_record or {}).get("tumour_dice"))) for m in trained])
+
+
+def _validation_table(title: str, models: list[tuple[str, list[dict], tuple[float | None, float | None]]]) -> list[str]:
+    """``title``, a header, one row per case (each model's kidney and tumour Dice) and the models' means."""
+    header = f"{'validation case':<16}" + "".join(f" {name + ' kidney':>17} {'tumour':>7}" for name, _, _ in models)
+    per_model = [{case["case_id"]: case for case in per_case} for _, per_case, _ in models]
+    lines = [title, header]
     for case_id in sorted(set().union(*per_model)):
         cells = [(scores[case_id]["kidney_dice"], scores[case_id]["tumour_dice"]) if case_id in scores else None
                  for scores in per_model]
         lines.append(f"{case_id:<16}" + "".join(_dice_cells(c) for c in cells))
-    means = [((m.best_record or {}).get("kidney_dice"), (m.best_record or {}).get("tumour_dice")) for m in trained]
-    lines.append(f"{'mean':<16}" + "".join(_dice_cells(c) for c in means))
+    lines.append(f"{'mean':<16}" + "".join(_dice_cells(means) for _, _, means in models))
     return lines
 
 

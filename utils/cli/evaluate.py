@@ -2,7 +2,10 @@
 
 Both scripts are :func:`run_evaluation_script` with their model key: it writes their usage text
 (:data:`EVALUATION_USAGE`) and calls :func:`run_evaluation_command`, which checks the run holds
-that model, calls :func:`utils.evaluation.run.evaluate_run` and prints the summary.
+that model, calls :func:`utils.evaluation.run.evaluate_run` and prints the summary. A
+cross-validated experiment folder (holding ``cross_validation.json``) is evaluated out of fold
+instead (:func:`utils.evaluation.cross_validation.evaluate_cross_validation`); one of its
+``fold_<k>`` folders is a run like any other.
 
 Exit status: 0 when every case was scored, 1 when a case was refused or the evaluation
 failed (the message says why), 2 on usage errors.
@@ -17,10 +20,16 @@ from pathlib import Path
 
 from utils.config.experiment import load_experiment_config
 from utils.data.output_guard import add_guard_argument
+from utils.evaluation.cross_validation import (
+    CrossValidationEvaluation,
+    evaluate_cross_validation,
+    is_cross_validation_folder,
+)
 from utils.evaluation.run import CASE_SELECTIONS, EVALUATION_SCRIPTS, RunEvaluation, evaluate_run
 from utils.metrics.scoring import METRIC_NAMES
 from utils.metrics.surface import DEFAULT_TOLERANCE_MM
 from utils.networks.checkpoints import CheckpointError
+from utils.training.cross_validation import load_cross_validation
 
 EXIT_OK, EXIT_FAILED, EXIT_USAGE = 0, 1, 2
 
@@ -28,10 +37,14 @@ EXIT_OK, EXIT_FAILED, EXIT_USAGE = 0, 1, 2
 EVALUATION_USAGE = """Usage::
 
     python {script} --run checkpoints/<run> [--data DIR] [--cases validation|all] [--device cuda] [--tta]
+    python {script} --run checkpoints/<experiment> [--data DIR]     # a cross-validated experiment
 
 Segments the run's validation cases (or every labelled case of ``--data``) from their raw CTs
 with ``best.pt``, writes ``reports/<run>/predictions/``, ``metrics.json``, ``metrics.csv``,
 ``inference.json`` and ``case_scores.png``, and prints the mean and median of every metric.
+For a cross-validated experiment folder (``cross_validation.json``, every fold finished) every
+case is segmented by the fold that held it out (out-of-fold) into one report,
+``reports/<experiment>/``, which also gives each case's fold and the means per fold.
 The report folder may not lie inside the data folder (unless ``--allow-inside-input``), and
 files there are only replaced when an earlier evaluation wrote them; both are checked before
 the model is loaded.
@@ -46,11 +59,13 @@ def parse_evaluation_args(argv: list[str] | None, description: str) -> argparse.
     lines = description.strip().splitlines()
     parser = argparse.ArgumentParser(description=lines[0], formatter_class=argparse.RawDescriptionHelpFormatter,
                                      epilog="\n".join(lines[2:]))
-    parser.add_argument("--run", type=Path, required=True, metavar="RUN_DIR", help="training run folder (or a .pt)")
+    parser.add_argument("--run", type=Path, required=True, metavar="RUN_DIR",
+                        help="training run folder (or a .pt), or a cross-validated experiment folder")
     parser.add_argument("--data", default=None, help="KiTS19-layout folder with CTs and segmentations "
                                                      "(default: data_dir of the run's config, then $KITS19_DATA)")
     parser.add_argument("--cases", choices=CASE_SELECTIONS, default="validation",
-                        help="the run's validation split (default) or every labelled case of --data")
+                        help="the run's validation split (default; for an experiment: every case, out of fold) "
+                             "or every labelled case of --data")
     parser.add_argument("--reports", type=Path, default=Path("reports"), help="root of report folders")
     parser.add_argument("--out", type=Path, default=None, help="report folder (default REPORTS/<run-name>)")
     parser.add_argument("--device", choices=("cpu", "cuda"), default=None, help="default: cuda when available")
@@ -63,24 +78,38 @@ def parse_evaluation_args(argv: list[str] | None, description: str) -> argparse.
 
 
 def check_run_model(run: Path, model_name: str) -> None:
-    """Refuse a run folder whose ``config.yaml`` names another model, naming the right script."""
+    """Refuse a run folder whose ``config.yaml`` (an experiment folder whose manifest) names another model,
+    naming the right script."""
     config_path = run / "config.yaml"
-    if run.is_dir() and config_path.is_file():
+    name = None
+    if is_cross_validation_folder(run):
+        name = load_cross_validation(run).model_name
+    elif run.is_dir() and config_path.is_file():
         name = load_experiment_config(config_path).model.name
+    if name is not None:
         if name != model_name:
             raise ValueError(f"{run} holds a {name!r} model, but this script evaluates {model_name!r}; use "
                              f"{EVALUATION_SCRIPTS.get(name, 'the script of that model')}")
 
 
-def format_evaluation(result: RunEvaluation) -> str:
-    """The report folder, per-metric mean, median and missing counts, and any refused case."""
+def format_evaluation(result: RunEvaluation | CrossValidationEvaluation) -> str:
+    """The report folder, per-metric mean, median and missing counts, any refused case and, for an
+    out-of-fold evaluation, the number of cases and mean Dice of each fold."""
     summary = result.evaluation.summary
-    lines = [f"report: {result.report_folder} ({len(result.evaluation.cases)} case(s), original grid)"]
+    kind = "original grid"
+    if isinstance(result, CrossValidationEvaluation):
+        kind = f"out-of-fold, {len(result.fold_summaries)} folds, original grid"
+    lines = [f"report: {result.report_folder} ({len(result.evaluation.cases)} case(s), {kind})"]
     for name in METRIC_NAMES:
         stats = summary[name]
         mean = "-" if stats["mean"] is None else f"{stats['mean']:.3f}"
         median = "-" if stats["median"] is None else f"{stats['median']:.3f}"
         lines.append(f"  {name:<20} mean {mean:>8}  median {median:>8}  missing {stats['missing']}")
+    if isinstance(result, CrossValidationEvaluation):
+        for fold in result.fold_summaries:
+            means = "  ".join(f"{name} {'-' if fold['mean'][name] is None else format(fold['mean'][name], '.3f')}"
+                              for name in ("kidney_dice", "tumour_dice"))
+            lines.append(f"  fold {fold['fold']}: {fold['n_cases']} case(s)  {means}")
     lines += [f"refused {r['case_id']}: {r['reason']}" for r in result.evaluation.refused]
     return "\n".join(lines)
 
@@ -92,9 +121,15 @@ def run_evaluation_command(argv: list[str] | None, *, model_name: str, descripti
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     try:
         check_run_model(args.run, model_name)
-        result = evaluate_run(args.run, data_dir=args.data, cases=args.cases, reports_dir=args.reports,
-                              out_dir=args.out, device=args.device, tta=args.tta, postprocess=args.postprocess,
-                              tolerance_mm=args.tolerance_mm, allow_inside_input=args.allow_inside_input)
+        if is_cross_validation_folder(args.run) and args.cases == "validation":
+            result = evaluate_cross_validation(args.run, data_dir=args.data, reports_dir=args.reports,
+                                               out_dir=args.out, device=args.device, tta=args.tta,
+                                               postprocess=args.postprocess, tolerance_mm=args.tolerance_mm,
+                                               allow_inside_input=args.allow_inside_input)
+        else:
+            result = evaluate_run(args.run, data_dir=args.data, cases=args.cases, reports_dir=args.reports,
+                                  out_dir=args.out, device=args.device, tta=args.tta, postprocess=args.postprocess,
+                                  tolerance_mm=args.tolerance_mm, allow_inside_input=args.allow_inside_input)
     except (ValueError, FileNotFoundError, CheckpointError) as error:
         print(f"{program}: error: {error}", file=sys.stderr)
         return EXIT_USAGE

@@ -9,6 +9,11 @@ difference, a percentile bootstrap confidence interval of that mean (a fresh
 ``numpy.random.default_rng(seed)`` per metric, so every interval is reproducible on its own) and
 the two-sided Wilcoxon signed-rank p-value (``scipy.stats.wilcoxon`` with its defaults: zero
 differences dropped). :func:`utils.evaluation.report.save_comparison_report` writes the report.
+
+A cross-validated experiment is compared through its out-of-fold report
+(:mod:`utils.evaluation.cross_validation`): every case scored with the prediction of the fold that
+held it out, so two experiments on the same cases are paired on every case; the comparison
+records each side's ``predictions`` (``"out-of-fold, k = K"`` or ``"one model"``) and each case's fold.
 """
 
 from __future__ import annotations
@@ -18,7 +23,7 @@ import logging
 import math
 import os
 from collections.abc import Mapping, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -30,6 +35,7 @@ from utils.config.experiment import MODEL_NAMES
 from utils.evaluation.predictions import METRICS_JSON_NAME
 from utils.evaluation.run import EVALUATION_SCRIPTS, INFERENCE_JSON
 from utils.metrics.scoring import EMPTY_MASK_RULES, METRIC_NAMES, summarise_scores
+from utils.training.cross_validation import MANIFEST
 from utils.training.run_folder import CONFIG_FILE
 
 logger = logging.getLogger(__name__)
@@ -52,6 +58,10 @@ class EvaluationReport:
         cases: ``{case_id: {metric: value or None}}`` (Dice in [0, 1], HD95 in mm).
         settings: ``metrics.json``'s ``settings`` (surface-Dice tolerance in mm, empty-mask rules...).
         seconds: ``{case_id: inference wall time in s}`` (empty when ``inference.json`` is absent).
+        experiment: ``metrics.json``'s ``experiment`` for the out-of-fold evaluation of a
+            cross-validated experiment (``predictions: "out-of-fold"``, ``k``, model, split seed,
+            plan hash; see :mod:`utils.evaluation.cross_validation`), ``None`` for a single run.
+        folds: ``{case_id: fold}`` of an out-of-fold evaluation (empty for a single run).
     """
 
     folder: Path
@@ -63,6 +73,8 @@ class EvaluationReport:
     cases: dict[str, dict[str, float | None]]
     settings: dict[str, Any]
     seconds: dict[str, float]
+    experiment: dict[str, Any] | None = None
+    folds: dict[str, int] = field(default_factory=dict)
 
 
 def _read_json(path: Path) -> Any:
@@ -79,27 +91,48 @@ def _read_run_model(run_folder: Path) -> str | None:
     return model.get("name") if isinstance(model, dict) else None
 
 
+def _read_experiment_model(experiment: Path) -> str | None:
+    try:
+        manifest = json.loads((experiment / MANIFEST).read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return None
+    return manifest.get("model_name") if isinstance(manifest, dict) else None
+
+
 def resolve_report_folder(run_or_report: str | os.PathLike, reports_dir: str | os.PathLike) -> Path:
-    """Return the report folder of a report folder or a training run folder.
+    """Return the report folder of a report folder, a training run folder or a cross-validated experiment.
 
     Args:
-        run_or_report: a folder holding ``metrics.json``, or a run folder ``checkpoints/<run>/``
-            (holding ``config.yaml``), whose report folder is ``reports_dir/<run>/``.
-        reports_dir: the folder holding the report folders of runs.
+        run_or_report: a folder holding ``metrics.json``; a run folder ``checkpoints/<run>/``
+            (holding ``config.yaml``), whose report folder is ``reports_dir/<run>/``; or a
+            cross-validated experiment folder (holding ``cross_validation.json``), whose
+            out-of-fold report folder is ``reports_dir/<experiment>/``.
+        reports_dir: the folder holding the report folders of runs and experiments.
 
     Raises:
-        FileNotFoundError: the folder does not exist, or the run's report does not; the message
-            names the evaluation script to run (:data:`EVALUATION_SCRIPTS`, by the config's ``model: name:``).
+        FileNotFoundError: the folder does not exist, or the run's (experiment's) report does
+            not; the message names the evaluation script to run (:data:`EVALUATION_SCRIPTS`, by
+            the config's ``model: name:`` or the experiment's model).
     """
     folder = Path(run_or_report)
     if not folder.is_dir():
-        raise FileNotFoundError(f"{folder} is not a folder; give a report folder holding {METRICS_JSON_NAME} "
-                                f"or a training run folder holding {CONFIG_FILE}")
+        raise FileNotFoundError(f"{folder} is not a folder; give a report folder holding {METRICS_JSON_NAME}, "
+                                f"a training run folder holding {CONFIG_FILE} or a cross-validated experiment "
+                                f"folder holding {MANIFEST}")
     if (folder / METRICS_JSON_NAME).is_file():
         return folder
+    if (folder / MANIFEST).is_file():
+        report = Path(reports_dir) / folder.resolve().name
+        if (report / METRICS_JSON_NAME).is_file():
+            return report
+        model = _read_experiment_model(folder)
+        script = EVALUATION_SCRIPTS.get(model or "", " or ".join(EVALUATION_SCRIPTS.values()))
+        raise FileNotFoundError(f"no out-of-fold evaluation report {report / METRICS_JSON_NAME} for the "
+                                f"cross-validated experiment {folder} (model {model!r}); evaluate it first with "
+                                f"{script} --run {folder}")
     if not (folder / CONFIG_FILE).is_file():
-        raise FileNotFoundError(f"{folder} holds neither {METRICS_JSON_NAME} (a report folder) "
-                                f"nor {CONFIG_FILE} (a training run folder)")
+        raise FileNotFoundError(f"{folder} holds neither {METRICS_JSON_NAME} (a report folder), {CONFIG_FILE} "
+                                f"(a training run folder) nor {MANIFEST} (a cross-validated experiment)")
     report = Path(reports_dir) / folder.name
     if (report / METRICS_JSON_NAME).is_file():
         return report
@@ -150,10 +183,13 @@ def load_evaluation_report(folder: str | os.PathLike) -> EvaluationReport:
         logger.warning("%s does not exist: no parameter count or inference time for %s", inference_path, folder)
     seconds = {str(c["case_id"]): float(c["seconds"]) for c in inference.get("cases", [])}
     parameters = inference.get("parameters")
+    experiment = metrics.get("experiment")
+    folds = {str(r["case_id"]): int(r["fold"]) for r in metrics["cases"] if r.get("fold") is not None}
     return EvaluationReport(folder, str(inference.get("run_name") or folder.name), inference.get("model"),
                             inference.get("checkpoint"), inference.get("device"),
                             None if parameters is None else int(parameters), cases,
-                            dict(metrics.get("settings") or {}), seconds)
+                            dict(metrics.get("settings") or {}), seconds,
+                            dict(experiment) if isinstance(experiment, dict) else None, folds)
 
 
 def _is_present(value: float | None) -> bool:
@@ -230,11 +266,21 @@ def summarise_seconds(seconds: Mapping[str, float], case_ids: Sequence[str]) -> 
             "total": float(np.sum(values)) if values else None}
 
 
+def describe_predictions(report: EvaluationReport) -> str:
+    """How the predictions were made: ``"out-of-fold, k = K"`` (a cross-validated experiment) or ``"one model"``."""
+    if report.experiment and report.experiment.get("predictions") == "out-of-fold":
+        return f"out-of-fold, k = {report.experiment.get('k')}"
+    return "one model"
+
+
 def describe_run(report: EvaluationReport) -> dict[str, Any]:
-    """What identifies a run in the comparison: name, folder, model, checkpoint, device, parameters, settings."""
+    """What identifies a run in the comparison: name, folder, model, checkpoint, device, parameters, settings,
+    how its predictions were made and, for a cross-validated experiment, the experiment and each case's fold."""
     return {"run_name": report.run_name, "report_folder": str(report.folder), "model": report.model,
             "checkpoint": report.checkpoint, "device": report.device, "parameters": report.parameters,
-            "cases_evaluated": len(report.cases), "settings": report.settings}
+            "cases_evaluated": len(report.cases), "settings": report.settings,
+            "predictions": describe_predictions(report), "experiment": report.experiment,
+            "folds": dict(report.folds)}
 
 
 def compare_reports(report_a: EvaluationReport, report_b: EvaluationReport, n_resamples: int = 10000,
@@ -262,6 +308,10 @@ def compare_reports(report_a: EvaluationReport, report_b: EvaluationReport, n_re
         if not report.seconds:
             warnings.append(f"no {INFERENCE_JSON} in {report.folder} ({side}): "
                             "no inference time or parameter count")
+    kinds = [describe_predictions(r) for r in (report_a, report_b)]
+    if "one model" in kinds and any(kind.startswith("out-of-fold") for kind in kinds):
+        warnings.append(f"A's predictions are {kinds[0]}, B's {kinds[1]}: the paired cases were segmented "
+                        "by different kinds of model (a fold model never trained on its case, or a single run)")
     tolerances = {r.settings.get("tolerance_mm") for r in (report_a, report_b)}
     if len(tolerances) > 1:
         warnings.append(f"surface-Dice tolerances differ: A {report_a.settings.get('tolerance_mm')} mm, "

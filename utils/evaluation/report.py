@@ -2,7 +2,8 @@
 self-contained HTML (figures embedded as base64 PNG), so both say the same, plus ``comparison.json``.
 
 The numbers come from :func:`utils.evaluation.comparison.compare_reports`; the figures from
-:mod:`utils.figures.comparison`.
+:mod:`utils.figures.comparison`. A side whose report is the out-of-fold evaluation of a
+cross-validated experiment is said to be so, with its k, in the table and in a sentence below it.
 """
 
 from __future__ import annotations
@@ -47,8 +48,9 @@ def _format_number(value: float | int | None, digits: int = 3) -> str:
 
 def _run_table(comparison: Mapping[str, Any]) -> Block:
     a, b = comparison["runs"]["a"], comparison["runs"]["b"]
-    rows = [[label, *(str(run[key]) if run[key] is not None else "-" for run in (a, b))]
-            for label, key in (("run", "run_name"), ("model", "model"), ("checkpoint", "checkpoint"),
+    rows = [[label, *(str(run[key]) if run.get(key) is not None else "-" for run in (a, b))]
+            for label, key in (("run", "run_name"), ("model", "model"), ("predictions", "predictions"),
+                               ("checkpoint", "checkpoint"),
                                ("device", "device"), ("parameters", "parameters"), ("report folder", "report_folder"),
                                ("cases evaluated", "cases_evaluated"))]
     return ("table", ["", "A", "B"], rows)
@@ -88,6 +90,20 @@ def _inference_table(comparison: Mapping[str, Any]) -> Block:
     return ("table", ["", "A", "B"], rows)
 
 
+def _out_of_fold_note(comparison: Mapping[str, Any]) -> str | None:
+    """A sentence on the out-of-fold side(s) of the comparison (``None`` when both are single runs)."""
+    sides = [(side.upper(), comparison["runs"][side]) for side in ("a", "b")]
+    out = [(side, run) for side, run in sides if str(run.get("predictions", "")).startswith("out-of-fold")]
+    if not out:
+        return None
+    described = "; ".join(f"{side}: {run['run_name']}, k = {(run.get('experiment') or {}).get('k')} folds, split seed "
+                          f"{(run.get('experiment') or {}).get('split_seed')}" for side, run in out)
+    who = "Both sides' predictions are" if len(out) == 2 else f"{out[0][0]}'s predictions are"
+    return (f"{who} out-of-fold ({described}): each case was segmented by the model of the one fold that held it "
+            "out and never trained on it, so every case of the experiment is scored once, by a model that did not "
+            "see it.")
+
+
 def build_report_blocks(comparison: Mapping[str, Any], figures: Mapping[str, Path]) -> list[Block]:
     """The report's content as blocks, from :func:`compare_reports`'s result and ``{caption: PNG path}``."""
     a, b = comparison["runs"]["a"], comparison["runs"]["b"]
@@ -101,6 +117,9 @@ def build_report_blocks(comparison: Mapping[str, Any], figures: Mapping[str, Pat
                       f"Surface-Dice tolerance {settings.get('tolerance_mm', '-')} mm; "
                       f"HD{settings.get('hd_percentile', 95):g} in mm. "
                       f"Bootstrap: {boot['n_resamples']} resamples, seed {boot['seed']}.")]
+    out_of_fold = _out_of_fold_note(comparison)
+    if out_of_fold:
+        blocks.append(("paragraph", out_of_fold))
     if comparison["warnings"]:
         blocks += [("heading", 2, "Warnings"), ("list", list(comparison["warnings"]))]
     blocks += [("heading", 2, "Metrics per model (shared cases)"), _summary_table(comparison),

@@ -18,6 +18,10 @@ The validation cases are the run's own: the split of its training cache's cases 
 ``split`` settings (the split depends only on those case ids and ``split.seed``), fold
 ``training.fold``.
 
+A cross-validated experiment folder has no validation split of its own (each fold has one):
+:func:`utils.evaluation.cross_validation.evaluate_cross_validation` evaluates it out of fold,
+through the same :func:`segment_cases` and :func:`score_report` as a single run.
+
 The report folder is checked before the model is loaded (:mod:`utils.data.output_guard`): it
 may not be, or lie inside, the data folder, and its ``metrics.json``, ``metrics.csv``,
 ``inference.json`` and predictions are only replaced when an earlier evaluation wrote them.
@@ -28,6 +32,7 @@ from __future__ import annotations
 import logging
 import os
 import time
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -48,6 +53,7 @@ from utils.figures.slices import plot_error_map, plot_overlay
 from utils.inference.segment import CHECKPOINT_NAMES, SegmentationModel, load_segmentation_model, segment_file
 from utils.metrics.surface import DEFAULT_TOLERANCE_MM
 from utils.networks.models import count_parameters
+from utils.training.cross_validation import MANIFEST as CROSS_VALIDATION_MANIFEST
 
 logger = logging.getLogger(__name__)
 
@@ -68,7 +74,7 @@ class RunEvaluation:
     report_folder: Path
     evaluation: EvaluationResult
     inference: dict
-    figure_path: Path
+    figure_path: Path | None
 
 
 def select_run_cases(segmenter: SegmentationModel, data_dir: Path, cases: str) -> list[str]:
@@ -84,6 +90,11 @@ def select_run_cases(segmenter: SegmentationModel, data_dir: Path, cases: str) -
     if cases == "all":
         chosen = labelled
     else:
+        if segmenter.model_count > 1:
+            raise ValueError(f"{segmenter.checkpoint} holds the models of several folds, which together were trained "
+                             "on every case: it has no validation cases of its own; evaluate it with cases='all' "
+                             "on held-out data, or evaluate the experiment out of fold (evaluate_cross_validation, "
+                             "eval --run EXPERIMENT)")
         config = segmenter.config
         splits = make_splits(segmenter.training_case_ids, config.split)
         chosen = splits[config.training.fold]["val"]
@@ -114,7 +125,13 @@ def _report_before_loading(run: Path, reports_dir: str | os.PathLike, out_dir: s
     if out_dir is not None:
         return Path(out_dir)
     name = run.name if run.is_dir() else (run.parent.name if run.name in CHECKPOINT_NAMES else run.stem)
-    return Path(reports_dir) / name
+    return Path(reports_dir) / _report_name(name, ensemble=run.is_dir() and any(run.glob("fold_*/*.pt")))
+
+
+def _report_name(run_name: str, *, ensemble: bool) -> str:
+    """A run's report folder name; a fold ensemble's gets ``_ensemble`` (the experiment's own name is
+    its out-of-fold report's)."""
+    return f"{run_name}_ensemble" if ensemble else run_name
 
 
 def check_report_folder(report: Path, data: Path | None, case_ids: list[str] | tuple[str, ...] = (), *,
@@ -146,7 +163,8 @@ def evaluate_run(run: str | os.PathLike, *, data_dir: str | os.PathLike | None =
             ``data_dir``, then ``KITS19_DATA``).
         cases: ``"validation"`` (the run's validation split) or ``"all"`` (every labelled case).
         reports_dir: root of report folders; the report goes to ``reports_dir/<run-name>``
-            unless ``out_dir`` is given.
+            (``<experiment>_ensemble`` for the fold ensemble of an experiment, whose plain name
+            is its out-of-fold report's) unless ``out_dir`` is given.
         device: ``"cpu"``, ``"cuda"`` or ``None`` (CUDA when available).
         tta, postprocess: as in :func:`utils.inference.segment.segment_ct`.
         tolerance_mm: surface-Dice tolerance in mm.
@@ -154,42 +172,90 @@ def evaluate_run(run: str | os.PathLike, *, data_dir: str | os.PathLike | None =
         allow_inside_input: allow a report folder inside the data folder (never onto its files).
 
     Raises:
-        FileNotFoundError: no checkpoint or data folder. ValueError: bad arguments or cases;
+        FileNotFoundError: no checkpoint or data folder. ValueError: bad arguments or cases (a
+        cross-validated experiment folder with ``cases="validation"``: its out-of-fold evaluation is
+        :func:`utils.evaluation.cross_validation.evaluate_cross_validation`);
         ``OutputGuardError`` (a ``ValueError``): the report folder lies inside the data folder or
         holds files an evaluation did not write (checked before the model is loaded, as far as
         the run's path and config tell the data folder and the report folder).
     """
+    if Path(run).is_dir() and (Path(run) / CROSS_VALIDATION_MANIFEST).is_file() and cases == "validation":
+        raise ValueError(f"{run} is a cross-validated experiment: use evaluate_cross_validation / eval --run "
+                         "EXPERIMENT for out-of-fold evaluation (each case segmented by the fold that held it out), "
+                         "or cases='all' to evaluate the ensemble of its folds on every case")
     early_data = _data_dir_before_loading(Path(run), data_dir)
     check_report_folder(_report_before_loading(Path(run), reports_dir, out_dir), early_data,
                         allow_inside_input=allow_inside_input)
     segmenter = load_segmentation_model(run, device)
     data = resolve_data_dir(data_dir if data_dir is not None else segmenter.config.data_dir)
     chosen = select_run_cases(segmenter, data, cases)
-    report = Path(out_dir) if out_dir is not None else Path(reports_dir) / segmenter.run_name
-    predictions = report / PREDICTIONS
+    report = (Path(out_dir) if out_dir is not None
+              else Path(reports_dir) / _report_name(segmenter.run_name, ensemble=segmenter.model_count > 1))
     # Before writing anything: never into the data folder, never over files of others.
     check_report_folder(report, data, chosen, allow_inside_input=allow_inside_input)
+    timings = segment_cases(segmenter, chosen, data, report, tta=tta, postprocess=postprocess,
+                            show_progress=show_progress)
+    inference = {**inference_record(segmenter, data, tta=tta, postprocess=postprocess), "cases_selected": cases,
+                 "cases": timings}
+    return score_report(data, report, chosen, inference, title=f"{segmenter.run_name}: {cases} cases, original grid",
+                        tolerance_mm=tolerance_mm, show_progress=show_progress,
+                        allow_inside_input=allow_inside_input)
+
+
+def inference_record(segmenter: SegmentationModel, data: Path, *, tta: bool, postprocess: bool) -> dict:
+    """What ``inference.json`` says of the model: run name, model key, parameters, device, checkpoint, data, options."""
+    return {"run_name": segmenter.run_name, "model": segmenter.config.model.name,
+            "parameters": count_parameters(segmenter.model), "device": str(segmenter.device),
+            "checkpoint": str(segmenter.checkpoint.resolve()), "data_dir": str(data.resolve()),
+            "tta": tta, "postprocess": postprocess}
+
+
+def segment_cases(segmenter: SegmentationModel, case_ids: Sequence[str], data: Path, report: Path, *,
+                  tta: bool = False, postprocess: bool = False, show_progress: bool = True) -> list[dict]:
+    """Segment each case's raw CT into ``report/predictions/<case>.nii.gz`` (its original grid).
+
+    Returns:
+        ``{"case_id", "seconds"}`` per case, in order: the wall time from reading its CT to
+        writing its prediction.
+    """
     by_id = {case.case_id: case for case in discover_cases(data).cases}
+    predictions = report / PREDICTIONS
     timings = []
-    for case_id in progress(chosen, desc=f"segment ({segmenter.run_name})", unit="case", disable=not show_progress):
+    for case_id in progress(list(case_ids), desc=f"segment ({segmenter.run_name})", unit="case",
+                            disable=not show_progress):
         started = time.perf_counter()
         segment_file(by_id[case_id].imaging, predictions / f"{case_id}.nii.gz", segmenter, tta=tta,
                      postprocess=postprocess)
         if segmenter.device.type == "cuda":
             torch.cuda.synchronize()
         timings.append({"case_id": case_id, "seconds": time.perf_counter() - started})
-    inference = {"run_name": segmenter.run_name, "model": segmenter.config.model.name,
-                 "parameters": count_parameters(segmenter.model), "device": str(segmenter.device),
-                 "checkpoint": str(segmenter.checkpoint.resolve()), "data_dir": str(data.resolve()),
-                 "cases_selected": cases, "tta": tta, "postprocess": postprocess, "cases": timings}
+    return timings
+
+
+def score_report(data: Path, report: Path, case_ids: Sequence[str], inference: dict, *, title: str,
+                 tolerance_mm: float = DEFAULT_TOLERANCE_MM, show_progress: bool = True,
+                 allow_inside_input: bool = False, figures: bool = True) -> RunEvaluation:
+    """Write ``inference.json``, score ``report/predictions/`` on ``case_ids`` and draw the report's figures.
+
+    The second half of every evaluation (:func:`evaluate_run`, and the out-of-fold evaluation of
+    a cross-validated experiment): ``metrics.json`` and ``metrics.csv`` from
+    :func:`utils.evaluation.predictions.evaluate_predictions` (a case without a prediction scores
+    as a failure), then ``case_scores.png`` (titled ``title``) and each case's overlay and error
+    figures under ``figures/`` unless ``figures`` is false.
+    """
     save_json_atomic(report / INFERENCE_JSON, inference)
-    evaluation = evaluate_predictions(data, predictions, report, tolerance_mm=tolerance_mm, case_ids=chosen,
-                                      show_progress=show_progress, allow_inside_input=allow_inside_input)
-    figure_path = save_figure(plot_case_scores(evaluation.cases, title=f"{segmenter.run_name}: {cases} cases, "
-                                               "original grid"), report / "case_scores.png")
-    for case in evaluation.cases:
-        save_case_figures(by_id[case["case_id"]], predictions / f"{case['case_id']}.nii.gz", report / FIGURES)
-    logger.info("evaluated %d case(s) of %s into %s", len(evaluation.cases), segmenter.run_name, report)
+    evaluation = evaluate_predictions(data, report / PREDICTIONS, report, tolerance_mm=tolerance_mm,
+                                      case_ids=list(case_ids), show_progress=show_progress,
+                                      allow_inside_input=allow_inside_input)
+    figure_path = None
+    if figures:
+        by_id = {case.case_id: case for case in discover_cases(data).cases}
+        figure_path = save_figure(plot_case_scores(evaluation.cases, title=title), report / "case_scores.png")
+        for case in evaluation.cases:
+            prediction = report / PREDICTIONS / f"{case['case_id']}.nii.gz"
+            if prediction.is_file():  # a case without a prediction is scored, but has nothing to draw
+                save_case_figures(by_id[case["case_id"]], prediction, report / FIGURES)
+    logger.info("evaluated %d case(s) of %s into %s", len(evaluation.cases), inference.get("run_name"), report)
     return RunEvaluation(report, evaluation, inference, figure_path)
 
 

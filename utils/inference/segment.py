@@ -8,6 +8,14 @@ the preprocessed grid (sliding windows for 3D models, every axial slice for 2D o
 :func:`utils.preprocessing.resampling.restore_labels`: uint8 labels of the input's exact shape, for the
 input's affine. :func:`segment_file` does the same from one NIfTI file to another.
 
+**Fold ensembles.** Given the folder of a k-fold cross-validated experiment (``fold_<k>/``
+subfolders, each a run folder with ``best.pt`` or ``last.pt``), :func:`load_segmentation_model`
+loads every fold's model into one :class:`SegmentationModel` (``models``, ``checkpoints``). The
+folds must share the model, the inference settings and the preprocessing plan (target spacing,
+normalisation), so one preprocessing pass serves them all; prediction averages the softmax of
+every model (and every mirroring with TTA) and takes the argmax
+(:func:`predict_preprocessed_probabilities`). One model without TTA keeps the argmax of its logits.
+
 Before any work, :func:`segment_file` names the CT's input anomalies with
 :func:`utils.data.nifti_checks.find_ct_anomalies`, the same checks ``check_data`` and the
 preprocessing run: NaN/inf voxels, a zero, negative or NaN voxel size in any header field and a
@@ -27,6 +35,7 @@ from __future__ import annotations
 import itertools
 import logging
 import os
+import re
 import time
 from dataclasses import dataclass, fields
 from pathlib import Path
@@ -36,7 +45,7 @@ import torch
 
 from utils.config.data import PreprocessingConfig
 from utils.config.experiment import ExperimentConfig
-from utils.config.loading import build_config
+from utils.config.loading import build_config, config_as_dict
 from utils.data.nifti_checks import find_ct_anomalies, not_a_file_reason
 from utils.data.nifti_io import load_nifti_verified, read_voxels, save_nifti
 from utils.data.output_guard import OWN_NIFTI_DESCRIPTION
@@ -51,6 +60,10 @@ logger = logging.getLogger(__name__)
 
 #: Files looked for, in order, when a run folder is given instead of a checkpoint file.
 CHECKPOINT_NAMES = ("best.pt", "last.pt")
+#: Subfolders of a cross-validated experiment folder, one run folder per fold.
+FOLD_FOLDER = re.compile(r"fold_(\d+)")
+#: Experiment config sections every fold of an ensemble must share: the network and how it predicts.
+ENSEMBLE_CONFIG_SECTIONS = ("model", "slices", "sliding_window", "slice_inference")
 _REQUIRED_KEYS = ("model", "config", "preprocessing_plan")
 #: Stitch on the GPU only while the logit buffers take at most this share of free GPU memory.
 _GPU_STITCH_SHARE = 0.5
@@ -58,18 +71,24 @@ _GPU_STITCH_SHARE = 0.5
 
 @dataclass(frozen=True)
 class SegmentationModel:
-    """A trained model ready to segment, with everything its checkpoint says about its input.
+    """One trained model, or the fold models of an experiment, ready to segment, with everything
+    their checkpoints say about their input.
 
     Attributes:
-        model: the network, in ``eval()`` mode, gradients off, on ``device``.
-        config: the experiment it was trained with (model, sliding window, slices).
+        model: the (first) network, in ``eval()`` mode, gradients off, on ``device``.
+        config: the experiment it was trained with (model, sliding window, slices); for an
+            ensemble, the first fold's (every fold shares its model and inference sections).
         preprocessing: the preprocessing parameters of its training cache.
         normalisation: the HU clip window and z-score of its training cache.
-        run_name: the run folder's name (or the checkpoint file's stem).
-        checkpoint: the checkpoint file read.
+        run_name: the run folder's name (or the checkpoint file's stem; an ensemble: the
+            experiment folder's name).
+        checkpoint: the checkpoint file read (an ensemble: the experiment folder).
         device: where the model runs.
         training_case_ids: the cases of its training cache (train and validation), from which
-            ``config.split`` makes its split.
+            ``config.split`` makes its split. Empty for an ensemble: every case was trained on by
+            some fold, so the ensemble has no validation cases of its own.
+        models: every network whose softmax is averaged, ``model`` first (default ``(model,)``).
+        checkpoints: the checkpoint file of each of ``models`` (default ``(checkpoint,)``).
     """
 
     model: torch.nn.Module
@@ -80,6 +99,23 @@ class SegmentationModel:
     checkpoint: Path
     device: torch.device
     training_case_ids: tuple[str, ...] = ()
+    models: tuple[torch.nn.Module, ...] = ()
+    checkpoints: tuple[Path, ...] = ()
+
+    def __post_init__(self) -> None:
+        if not self.models:
+            object.__setattr__(self, "models", (self.model,))
+        if not self.checkpoints:
+            object.__setattr__(self, "checkpoints", (self.checkpoint,) * len(self.models))
+        if self.models[0] is not self.model:
+            raise ValueError("models must start with model")
+        if len(self.checkpoints) != len(self.models):
+            raise ValueError(f"{len(self.models)} model(s) but {len(self.checkpoints)} checkpoint(s)")
+
+    @property
+    def model_count(self) -> int:
+        """How many models are averaged (1 for a single run)."""
+        return len(self.models)
 
     @property
     def background_value(self) -> float:
@@ -120,23 +156,44 @@ def select_device(device: str | torch.device | None) -> torch.device:
     return device
 
 
-def load_segmentation_model(checkpoint: str | os.PathLike,
-                            device: str | torch.device | None = "cpu") -> SegmentationModel:
-    """Rebuild a trained model from its checkpoint alone, frozen and in ``eval()`` mode.
+def find_fold_checkpoints(path: str | os.PathLike) -> dict[str, Path]:
+    """The checkpoint of each fold of a cross-validated experiment folder, ``{"fold_0": .../best.pt, ...}``.
 
-    Args:
-        checkpoint: a run folder (``best.pt`` is used, else ``last.pt``) or a ``.pt`` file
-            written by the training engine.
-        device: ``"cpu"``, ``"cuda"`` (or ``"cuda:N"``), or ``None`` for CUDA when available.
+    An experiment folder holds ``fold_<k>/`` run folders and no checkpoint of its own; each fold
+    gives its ``best.pt``, else its ``last.pt``; a fold folder with neither is left out with a
+    warning. Folds are ordered by ``k``.
+
+    Returns:
+        An empty dict when ``path`` is not an experiment folder (a file, a run folder holding a
+        checkpoint, or a folder without ``fold_<k>`` subfolders).
 
     Raises:
-        FileNotFoundError: no checkpoint there.
-        ValueError: CUDA asked for but absent, or the file is not a training checkpoint (keys,
-            config or weights do not match; the message names the file).
-        utils.networks.checkpoints.CheckpointError: the file is truncated or corrupt.
+        FileNotFoundError: ``path`` has ``fold_<k>`` subfolders, but none holds a checkpoint.
     """
-    device = select_device(device)
-    path = find_checkpoint(checkpoint)
+    path = Path(path).expanduser()
+    if not path.is_dir() or any((path / name).is_file() for name in CHECKPOINT_NAMES):
+        return {}
+    folds = sorted((p for p in path.iterdir() if p.is_dir() and FOLD_FOLDER.fullmatch(p.name)),
+                   key=lambda p: int(p.name.split("_")[1]))
+    if not folds:
+        return {}
+    found: dict[str, Path] = {}
+    for fold in folds:
+        checkpoint = next((fold / name for name in CHECKPOINT_NAMES if (fold / name).is_file()), None)
+        if checkpoint is not None:
+            found[fold.name] = checkpoint
+    if not found:
+        raise FileNotFoundError(f"{path}: experiment folder holds no fold checkpoint: none of "
+                                f"{', '.join(p.name for p in folds)} has {' or '.join(CHECKPOINT_NAMES)}")
+    skipped = [fold.name for fold in folds if fold.name not in found]
+    if skipped:
+        logger.warning("%s: %s hold(s) no checkpoint (%s) and is left out of the ensemble", path,
+                       ", ".join(skipped), " or ".join(CHECKPOINT_NAMES))
+    return found
+
+
+def _load_one(path: Path, device: torch.device) -> SegmentationModel:
+    """The model of one checkpoint file (see :func:`load_segmentation_model`)."""
     state = load_checkpoint(path, map_location="cpu")
     missing = [key for key in _REQUIRED_KEYS if key not in state]
     if missing:
@@ -158,9 +215,74 @@ def load_segmentation_model(checkpoint: str | os.PathLike,
                          f"{error}") from error
     model.eval().requires_grad_(False).to(device)
     run_name = path.parent.name if path.name in CHECKPOINT_NAMES else path.stem
-    logger.info("loaded %s (%s, run %s) on %s", path, config.model.name, run_name, device)
     return SegmentationModel(model, config, preprocessing, normalisation, run_name, path, device,
                              tuple(str(case) for case in plan.get("case_ids", ())))
+
+
+def _ensemble_settings(segmenter: SegmentationModel) -> dict[str, object]:
+    """What every fold of an ensemble must share, flattened to ``"section.key": value``."""
+    settings: dict[str, object] = {}
+    config = config_as_dict(segmenter.config)
+    for section in ENSEMBLE_CONFIG_SECTIONS:
+        settings.update({f"config.{section}.{key}": value for key, value in config[section].items()})
+    preprocessing = config_as_dict(segmenter.preprocessing)
+    preprocessing.pop("cache_dir", None)  # where the cache lies does not change how a CT is preprocessed
+    settings.update({f"preprocessing_plan.preprocessing.{key}": value for key, value in preprocessing.items()})
+    settings.update({f"preprocessing_plan.normalisation.{f.name}": getattr(segmenter.normalisation, f.name)
+                     for f in fields(Normalisation)})
+    return settings
+
+
+def _check_folds_agree(folds: dict[str, SegmentationModel], experiment: Path) -> None:
+    """``ValueError`` naming the folds and the first setting in which a fold differs from the first fold."""
+    names = list(folds)
+    reference = _ensemble_settings(folds[names[0]])
+    for name in names[1:]:
+        settings = _ensemble_settings(folds[name])
+        for key, value in reference.items():
+            if settings.get(key) != value:
+                raise ValueError(f"{experiment}: the folds cannot be ensembled: {names[0]} and {name} differ in "
+                                 f"{key} ({value!r} vs {settings.get(key)!r}); every fold must share the model, "
+                                 "its inference settings and the preprocessing plan")
+
+
+def load_segmentation_model(checkpoint: str | os.PathLike,
+                            device: str | torch.device | None = "cpu") -> SegmentationModel:
+    """Rebuild a trained model (or an experiment's fold models) from checkpoints alone, frozen, in ``eval()`` mode.
+
+    Args:
+        checkpoint: a run folder (``best.pt`` is used, else ``last.pt``), a ``.pt`` file written
+            by the training engine, or a cross-validated experiment folder (its ``fold_<k>/``
+            run folders, see :func:`find_fold_checkpoints`): every fold's model is loaded, and
+            ``model_count`` says how many.
+        device: ``"cpu"``, ``"cuda"`` (or ``"cuda:N"``), or ``None`` for CUDA when available.
+
+    Raises:
+        FileNotFoundError: no checkpoint there (for an experiment folder: in no fold).
+        ValueError: CUDA asked for but absent, or the file is not a training checkpoint (keys,
+            config or weights do not match; the message names the file); the folds of an
+            experiment differ in their model, inference settings or preprocessing plan (the
+            message names the two folds and the setting).
+        utils.networks.checkpoints.CheckpointError: the file is truncated or corrupt.
+    """
+    device = select_device(device)
+    fold_checkpoints = find_fold_checkpoints(checkpoint)
+    if not fold_checkpoints:
+        segmenter = _load_one(find_checkpoint(checkpoint), device)
+        logger.info("loaded %s (%s, run %s) on %s", segmenter.checkpoint, segmenter.config.model.name,
+                    segmenter.run_name, device)
+        return segmenter
+    experiment = Path(checkpoint).expanduser()
+    folds = {name: _load_one(path, device) for name, path in fold_checkpoints.items()}
+    _check_folds_agree(folds, experiment)
+    first = next(iter(folds.values()))
+    segmenter = SegmentationModel(first.model, first.config, first.preprocessing, first.normalisation,
+                                  experiment.name, experiment, device, (),
+                                  tuple(fold.model for fold in folds.values()),
+                                  tuple(fold.checkpoint for fold in folds.values()))
+    logger.info("loaded an ensemble of %d fold model(s) from %s (%s: %s) on %s", segmenter.model_count, experiment,
+                first.config.model.name, ", ".join(folds), device)
+    return segmenter
 
 
 def flip_axes_for_tta(dims: int) -> list[tuple[int, ...]]:
@@ -195,44 +317,85 @@ def _softmax_(logits: torch.Tensor) -> torch.Tensor:
     return logits
 
 
-def predict_preprocessed_labels(segmenter: SegmentationModel, image: np.ndarray, *, tta: bool = False) -> np.ndarray:
-    """Labels of a preprocessed volume: argmax of the logits, or of the mean softmax over mirrorings.
+def _check_image(image: np.ndarray) -> None:
+    if not isinstance(image, np.ndarray) or image.ndim != 3 or not np.issubdtype(image.dtype, np.floating):
+        description = f"{image.shape} {image.dtype}" if isinstance(image, np.ndarray) else type(image).__name__
+        raise ValueError(f"image must be a (Z, Y, X) float numpy array, got {description}")
 
-    On CUDA the model runs under bfloat16 autocast (float16 where bfloat16 is unsupported).
+
+def _predict_sum(segmenter: SegmentationModel, tensor: torch.Tensor, flips: list[tuple[int, ...]],
+                 *, softmax: bool) -> torch.Tensor:
+    """``(1, C, Z, Y, X)``: the logits of the only pass, or the sum of the softmax of every model and mirroring."""
+    device, config = segmenter.device, segmenter.config
+    autocast = None
+    if device.type == "cuda":
+        autocast = torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
+    passes = len(flips) * segmenter.model_count
+    stitch = _stitch_device(device, tensor[0, 0].numel(), config.model.out_channels, passes)
+    total: torch.Tensor | None = None
+    for axes in flips:
+        source = tensor.flip(axes) if axes else tensor
+        for model in segmenter.models:
+            logits = predict_volume_logits(model, source, config, autocast_dtype=autocast,
+                                           pad_value=segmenter.background_value, stitch_device=stitch)
+            if axes:
+                logits = logits.flip(axes)
+            if not softmax:
+                return logits
+            total = _softmax_(logits) if total is None else total.add_(_softmax_(logits))
+            del logits
+        del source
+    assert total is not None
+    return total
+
+
+def predict_preprocessed_probabilities(segmenter: SegmentationModel, image: np.ndarray, *,
+                                       tta: bool = False) -> np.ndarray:
+    """Mean softmax of a preprocessed volume over every model of ``segmenter`` (and every mirroring with TTA).
+
+    Args:
+        segmenter, image, tta: as in :func:`predict_preprocessed_labels`.
+
+    Returns:
+        ``(C, Z, Y, X)`` float32 class probabilities on the CPU (each voxel sums to 1).
+    """
+    _check_image(image)
+    device = segmenter.device
+    flips = flip_axes_for_tta(spatial_dims(segmenter.config.model)) if tta else [()]
+    tensor = torch.from_numpy(np.ascontiguousarray(image)).to(device=device, dtype=torch.float32)[None, None]
+    total: torch.Tensor | None = None
+    try:
+        total = _predict_sum(segmenter, tensor, flips, softmax=True)
+        total /= len(flips) * segmenter.model_count
+        return total[0].to(device="cpu", dtype=torch.float32).numpy()
+    finally:
+        del tensor, total
+        if device.type == "cuda":
+            torch.cuda.empty_cache()
+
+
+def predict_preprocessed_labels(segmenter: SegmentationModel, image: np.ndarray, *, tta: bool = False) -> np.ndarray:
+    """Labels of a preprocessed volume: argmax of the logits (one model, no TTA), else of the mean softmax.
+
+    The softmax is averaged over every model of an ensemble and, with ``tta``, every mirroring.
+    On CUDA the models run under bfloat16 autocast (float16 where bfloat16 is unsupported).
 
     Args:
         segmenter: from :func:`load_segmentation_model`.
         image: ``(Z, Y, X)`` float16/float32, canonical, normalised (from ``preprocess_volume``).
         tta: average the softmax over the mirrorings of :func:`flip_axes_for_tta` (8 passes for
-            3D models, 4 for 2D ones), each prediction flipped back before averaging.
+            3D models, 4 for 2D ones, per model), each prediction flipped back before averaging.
 
     Returns:
         ``(Z, Y, X)`` uint8 labels (0 background, 1 kidney, 2 tumour) on the CPU.
     """
-    if not isinstance(image, np.ndarray) or image.ndim != 3 or not np.issubdtype(image.dtype, np.floating):
-        description = f"{image.shape} {image.dtype}" if isinstance(image, np.ndarray) else type(image).__name__
-        raise ValueError(f"image must be a (Z, Y, X) float numpy array, got {description}")
-    device, config = segmenter.device, segmenter.config
-    autocast = None
-    if device.type == "cuda":
-        autocast = torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
-    flips = flip_axes_for_tta(spatial_dims(config.model)) if tta else [()]
+    _check_image(image)
+    device = segmenter.device
+    flips = flip_axes_for_tta(spatial_dims(segmenter.config.model)) if tta else [()]
     tensor = torch.from_numpy(np.ascontiguousarray(image)).to(device=device, dtype=torch.float32)[None, None]
-    stitch = _stitch_device(device, image.size, config.model.out_channels, len(flips))
     total: torch.Tensor | None = None
     try:
-        for axes in flips:
-            logits = predict_volume_logits(segmenter.model, tensor.flip(axes) if axes else tensor, config,
-                                           autocast_dtype=autocast, pad_value=segmenter.background_value,
-                                           stitch_device=stitch)
-            if axes:
-                logits = logits.flip(axes)
-            if len(flips) == 1:
-                total = logits
-                break
-            total = _softmax_(logits) if total is None else total.add_(_softmax_(logits))
-            del logits
-        assert total is not None
+        total = _predict_sum(segmenter, tensor, flips, softmax=len(flips) * segmenter.model_count > 1)
         return total[0].argmax(dim=0).to(device="cpu", dtype=torch.uint8).numpy()
     finally:
         del tensor, total

@@ -167,8 +167,9 @@ def _run_epoch(state: RunState, epoch: int, show_progress: bool, stop: StopSigna
     started = time.perf_counter() - done["seconds"]
     loss_sum = torch.tensor(done["loss_sum"], dtype=torch.float64, device=accelerator.device)
     batches, steps, skipped, samples = done["batches"], done["steps"], done["skipped"], done["samples"]
+    # In a log file the epoch's own line follows at its end: a progress line only for epochs over 30 s.
     bar = progress(state.loader, desc=f"epoch {epoch + 1}/{training.epochs}", unit="batch", leave=False,
-               initial=batches, disable=not (show_progress and accelerator.is_main_process))
+                   initial=batches, min_seconds=30, disable=not (show_progress and accelerator.is_main_process))
     parts = state.step_parts
     for batch in bar:
         outcome = train_step(parts, batch, stop)
