@@ -10,26 +10,49 @@ the median of earlier trials at that epoch.
 
 The study folder ``output_dir/<study_name>/`` holds ``study.db`` (the SQLite storage unless
 another is given), ``search_config.yaml``, ``search.log``, ``trials/trial_NNNN/`` (one run folder
-per trial), and at the end ``results.csv``, ``best_config.yaml`` (a full experiment config for
-``scripts/train_unetr.py --config``), ``optimization_history.html``/``.png`` and
-``param_importances.html``/``.png``.
+per trial: the study and the trial number name it, so workers never share one), ``workers/``
+(one lock file per worker) and ``results.csv``, ``best_config.yaml`` (a full experiment config
+for the experiment's training script), ``optimization_history.html``/``.png`` and
+``param_importances.html``/``.png``. Every report is rewritten whole, atomically, from the
+study's storage (the single source of truth), so workers finishing at once never mix rows.
 
-Resuming: run the same search again. A trial killed mid-run (SIGKILL, power loss) stays
-"running" in the storage without heartbeats; at start-up the search waits ``grace_seconds + 1``
-so such trials go stale, Optuna marks them failed and queues a retry with the same parameters,
-which continues the killed run from its ``last.pt``. Ctrl-C queues the retry at once.
+Storages (:func:`open_storage`): SQLite (the default) for one worker; ``journal:<path>`` (an
+Optuna journal file) for several workers on a shared file system; an Optuna RDB URL
+(``postgresql://...``, ``mysql://...``) for several workers on a database server. Workers
+started with the same command share the study: each asks the storage for the next trial (a
+queued retry first), and stops once the study holds the trials asked for; a worker does not
+start a trial while the running ones would already reach that number (it waits, in case one
+of them dies). Two workers choosing at the same instant can still overshoot by one trial each.
+
+Killed trials: a trial killed mid-run (SIGKILL, power loss, a lost node) stays "running" in the
+storage. With SQLite or a database server, trials record heartbeats; one silent for
+``grace_seconds`` is failed and a retry with the same parameters is queued, which continues the
+killed run from its ``last.pt`` (a search started while some trial is running first waits
+``grace_seconds + 1``, so a killed one goes stale). Optuna's journal storage has no heartbeats:
+each worker holds an exclusive ``fcntl.flock`` on its lock file in ``workers/`` while it lives,
+and records that file on its trials; a running trial whose worker lock can be taken belongs to
+a dead worker and is failed and retried the same way (this needs ``flock`` to work across the
+machines sharing the file system, as on NFSv4 and Lustre/GPFS mounted with locking). Ctrl-C,
+SIGTERM and SIGUSR1 queue the retry at once.
 """
 
 from __future__ import annotations
 
+import copy
 import csv
+import fcntl
 import io
 import json
 import logging
-import time
+import os
+import socket
+import threading
+import uuid
 import warnings
+from collections import Counter
 from collections.abc import Callable
 from dataclasses import dataclass
+from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any
 
@@ -48,23 +71,83 @@ from utils.training.run_folder import PROGRESS_FILE, attach_text_log, detach_tex
 logger = logging.getLogger(__name__)
 
 OBJECTIVE = "mean_dice"
-STUDY_DB, SEARCH_CONFIG, TRIALS = "study.db", "search_config.yaml", "trials"
+STUDY_DB, SEARCH_CONFIG, TRIALS, WORKERS = "study.db", "search_config.yaml", "trials", "workers"
+#: ``--storage journal`` without a path: this file in the study folder.
+JOURNAL_FILE = "study.journal"
 FINISHED = (TrialState.COMPLETE, TrialState.PRUNED)
 #: Settings a resumed study must share with the run that started it.
 STUDY_DEFINITION = ("experiment", "experiment_overrides", "trial_overrides", "space")
+
+
+class SearchStopped(RuntimeError):
+    """SIGTERM or SIGUSR1 asked the worker to stop between trials (a running trial's retry is queued)."""
+
+    def __init__(self, signal_name: str):
+        super().__init__(f"stopped by {signal_name} between trials")
+        self.signal_name = signal_name
+
+
+class StopRequest:
+    """A stop asked by signal outside a training (the training handles its own): set by the script's handler."""
+
+    def __init__(self) -> None:
+        self.event = threading.Event()
+        self.signal_name: str | None = None
+
+    def set(self, signal_name: str) -> None:
+        """Record the first signal's name and wake a waiting worker."""
+        self.signal_name = self.signal_name or signal_name
+        self.event.set()
+
+    def check(self) -> None:
+        """Raise :class:`SearchStopped` once a stop was asked."""
+        if self.event.is_set():
+            raise SearchStopped(self.signal_name or "a signal")
+
+
+class WorkerLock:
+    """This worker's lock file ``<study>/workers/<host>-<pid>-<id>.lock``, held (``fcntl.flock``) while it lives.
+
+    Its trials record the file's name (user attribute ``worker_lock``): another worker that can
+    take the lock of a running trial knows the trial's worker is dead (see :func:`recover_dead_trials`).
+    """
+
+    def __init__(self, folder: Path) -> None:
+        self.identity = f"{socket.gethostname()}:{os.getpid()}"
+        self.name = f"{socket.gethostname()}-{os.getpid()}-{uuid.uuid4().hex[:8]}.lock"
+        (folder / WORKERS).mkdir(parents=True, exist_ok=True)
+        self.path = folder / WORKERS / self.name
+        self._handle = open(self.path, "a+")  # noqa: SIM115 - held for the worker's life
+        fcntl.flock(self._handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        self._handle.write(f"{self.identity} {datetime.now(tz=timezone.utc).isoformat()}\n")
+        self._handle.flush()
+        #: Locks of dead workers this worker took over; held, so no other worker fails their trials again.
+        self.taken: dict[str, Any] = {}
+
+    def close(self) -> None:
+        """Release this worker's lock and those it took over."""
+        for handle in (self._handle, *self.taken.values()):
+            handle.close()
+        self.taken.clear()
 
 
 class TrialObjective:
     """Optuna objective: train one trial, report each validation ``mean_dice``, return the best one."""
 
     def __init__(self, config: SearchConfig, study_folder: Path, *, data_dir: str | Path | None = None,
-                 show_progress: bool = True) -> None:
-        """Args: the search, its study folder (trials go to ``trials/``), the raw data folder, tqdm bars."""
+                 show_progress: bool = True, worker: WorkerLock | None = None,
+                 stop: StopRequest | None = None) -> None:
+        """Args: the search, its study folder (trials go to ``trials/``), the raw data folder, tqdm bars,
+        this worker's lock (recorded on each trial) and its stop request (checked before training)."""
         self.config, self.study_folder = config, study_folder
         self.data_dir, self.show_progress = data_dir, show_progress
+        self.worker, self.stop = worker, stop
 
     def __call__(self, trial: optuna.Trial) -> float:
         """Run the trial (continuing a killed predecessor's run folder); raises ``optuna.TrialPruned`` to prune."""
+        trial.set_user_attr("worker", self.worker.identity if self.worker else f"{socket.gethostname()}:{os.getpid()}")
+        if self.worker is not None:
+            trial.set_user_attr("worker_lock", self.worker.name)
         values = {parameter.key: parameter.suggest(trial) for parameter in self.config.space}
         overrides = parameter_overrides(self.config, values)
         resume = _resumable_folder(trial)
@@ -72,6 +155,9 @@ class TrialObjective:
         experiment = build_trial_experiment(self.config, overrides, run_folder)
         trial.set_user_attr("run_folder", str(run_folder))
         trial.set_user_attr("overrides", overrides)
+        if self.stop is not None and self.stop.event.is_set():
+            _queue_retry(trial, self.config.max_retries)
+            raise SearchStopped(self.stop.signal_name or "a signal")
         if resume is not None:
             _report_history(trial, resume)
         try:
@@ -119,9 +205,16 @@ def _report_history(trial: optuna.Trial, folder: Path) -> None:
 def _queue_retry(trial: optuna.Trial, max_retries: int) -> None:
     """Queue a retry of an interrupted trial (same parameters and run folder), as for a killed one."""
     frozen = next(t for t in trial.study.get_trials(deepcopy=False) if t.number == trial.number)
+    _enqueue_retry(trial.study, frozen, max_retries)
+
+
+def _enqueue_retry(study: optuna.Study, failed: FrozenTrial, max_retries: int) -> None:
+    """Queue ``failed`` again (parameters, run folder; not its worker), unless retried ``max_retries`` times."""
+    failed = copy.deepcopy(failed)
+    failed.user_attrs = {k: v for k, v in failed.user_attrs.items() if k not in ("worker", "worker_lock")}
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
-        optuna.storages.RetryHeartbeatStaleTrialCallback(max_retry=max_retries)(trial.study, frozen)
+        optuna.storages.RetryHeartbeatStaleTrialCallback(max_retry=max_retries)(study, failed)
 
 
 @dataclass(frozen=True)
@@ -140,39 +233,67 @@ def study_folder(config: SearchConfig) -> Path:
     return Path(config.output_dir) / config.study_name
 
 
-def open_study(config: SearchConfig, storage: str | None = None) -> optuna.Study:
-    """Create the study, or load it to continue (default storage ``sqlite:///<study folder>/study.db``).
+def open_storage(config: SearchConfig, storage: str | None = None) -> optuna.storages.BaseStorage:
+    """The study's storage for ``--storage``.
 
-    Trials record heartbeats; one silent for ``grace_seconds`` is failed and retried (up to
-    ``max_retries`` times) with the same parameters. The study keeps its definition (experiment,
-    overrides, space) as a user attribute.
+    - ``None``: SQLite, ``<study folder>/study.db`` (one worker at a time);
+    - ``journal:<path>`` (``journal`` alone: ``<study folder>/study.journal``): an Optuna journal
+      file, for several workers on a shared file system (dead workers found by lock files);
+    - any other text: an Optuna RDB URL (``postgresql://user@host/db``, ``mysql+pymysql://...``),
+      for several workers on a database server.
+
+    SQLite and RDB trials record heartbeats every ``heartbeat_seconds``; one silent for
+    ``grace_seconds`` is failed and retried (up to ``max_retries`` times) with the same parameters.
+    """
+    if storage is not None and (storage == "journal" or storage.startswith("journal:")):
+        path = Path(storage[len("journal:"):] or study_folder(config) / JOURNAL_FILE)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        return optuna.storages.journal.JournalStorage(optuna.storages.journal.JournalFileBackend(str(path)))
+    url = storage or f"sqlite:///{(study_folder(config) / STUDY_DB).resolve()}"
+    with warnings.catch_warnings():  # heartbeats and retries are marked experimental in optuna
+        warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
+        retry = optuna.storages.RetryHeartbeatStaleTrialCallback(max_retry=config.max_retries)
+        return optuna.storages.RDBStorage(url, heartbeat_interval=config.heartbeat_seconds,
+                                          grace_period=config.grace_seconds, heartbeat_stale_trial_callback=retry)
+
+
+def uses_heartbeats(study: optuna.Study) -> bool:
+    """Whether the study's storage finds killed trials by heartbeat (SQLite, RDB), not by worker lock (journal)."""
+    return isinstance(study._storage, optuna.storages.RDBStorage)
+
+
+def _sampler(config: SearchConfig, trials_in_study: int, worker_rank: int = 0) -> optuna.samplers.TPESampler:
+    """TPE seeded by ``sampler_seed``, the trials already in the study and the worker's rank (1000 apart)."""
+    return optuna.samplers.TPESampler(seed=config.sampler_seed + trials_in_study + 1000 * worker_rank,
+                                      n_startup_trials=config.sampler_startup_trials)
+
+
+def open_study(config: SearchConfig, storage: str | None = None) -> optuna.Study:
+    """Create the study, or load it to continue (storage: :func:`open_storage`).
+
+    The study keeps its definition (experiment, overrides, space) as a user attribute.
 
     Raises:
         ValueError: the study exists with another definition (its trials would not be comparable).
     """
     study_folder(config).mkdir(parents=True, exist_ok=True)
-    url = storage or f"sqlite:///{(study_folder(config) / STUDY_DB).resolve()}"
-    with warnings.catch_warnings():  # heartbeats and retries are marked experimental in optuna
-        warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
-        retry = optuna.storages.RetryHeartbeatStaleTrialCallback(max_retry=config.max_retries)
-        rdb = optuna.storages.RDBStorage(url, heartbeat_interval=config.heartbeat_seconds,
-                                         grace_period=config.grace_seconds, heartbeat_stale_trial_callback=retry)
+    backend = open_storage(config, storage)
     try:
-        existing = len(optuna.load_study(study_name=config.study_name, storage=rdb).trials)
+        existing = len(optuna.load_study(study_name=config.study_name, storage=backend).trials)
     except KeyError:
         existing = 0
-    sampler = optuna.samplers.TPESampler(seed=config.sampler_seed + existing,
-                                         n_startup_trials=config.sampler_startup_trials)
-    study = optuna.create_study(storage=rdb, study_name=config.study_name, direction="maximize", sampler=sampler,
-                                pruner=build_pruner(config.pruner), load_if_exists=True)
+    study = optuna.create_study(storage=backend, study_name=config.study_name, direction="maximize",
+                                sampler=_sampler(config, existing), pruner=build_pruner(config.pruner),
+                                load_if_exists=True)
     resolved = json.loads(json.dumps(config_as_dict(config)))
     definition = {key: resolved[key] for key in STUDY_DEFINITION}
     started = study.user_attrs.get("definition")
     if started is None:
         study.set_user_attr("definition", definition)
     elif changed := [key for key in STUDY_DEFINITION if started.get(key) != definition[key]]:
-        raise ValueError(f"study {config.study_name} ({url}) was started with other {changed}: its trials would not "
-                         f"be comparable. Restore them, or choose another study_name (--study-name)")
+        where = storage or f"sqlite:///{study_folder(config) / STUDY_DB}"
+        raise ValueError(f"study {config.study_name} ({where}) was started with other {changed}: its trials would "
+                         f"not be comparable. Restore them, or choose another study_name (--study-name)")
     return study
 
 
@@ -181,8 +302,8 @@ def build_pruner(config: PrunerConfig) -> optuna.pruners.MedianPruner:
     return optuna.pruners.MedianPruner(n_startup_trials=config.n_startup_trials, n_warmup_steps=config.n_warmup_steps)
 
 
-def recover_killed_trials(study: optuna.Study, grace_seconds: int) -> None:
-    """Fail and queue for retry the trials a killed search left "running".
+def recover_killed_trials(study: optuna.Study, grace_seconds: int, stop: StopRequest | None = None) -> None:
+    """Fail and queue for retry the trials a killed search left "running" (heartbeat storages).
 
     Waits ``grace_seconds + 1`` first (only when some trial is marked running), so a trial whose
     process died is stale while one still running in another process keeps its heartbeat.
@@ -192,47 +313,127 @@ def recover_killed_trials(study: optuna.Study, grace_seconds: int) -> None:
         return
     logger.info("trial(s) %s marked running: waiting %d s to tell killed runs from live ones",
                 [t.number for t in running], grace_seconds + 1)
-    time.sleep(grace_seconds + 1)
+    (stop.event if stop is not None else threading.Event()).wait(grace_seconds + 1)
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
         optuna.storages.fail_stale_trials(study)
 
 
+def recover_dead_trials(study: optuna.Study, folder: Path, worker: WorkerLock, *, grace_seconds: int,
+                        max_retries: int) -> list[int]:
+    """Journal storage: fail and queue for retry the running trials whose worker is dead; returns their numbers.
+
+    A trial's worker is dead when its lock file (user attribute ``worker_lock``) can be locked;
+    a running trial without one (its worker died between taking it and starting it) is dead
+    once it started more than ``grace_seconds`` ago. The taken locks stay held by ``worker``.
+    """
+    recovered = []
+    for trial in study.get_trials(deepcopy=False, states=(TrialState.RUNNING,)):
+        name = trial.user_attrs.get("worker_lock")
+        if name == worker.name:
+            continue
+        if name is None:
+            start = trial.datetime_start
+            now = datetime.now(tz=start.tzinfo) if start is not None else None
+            if start is None or (now - start).total_seconds() <= grace_seconds:
+                continue
+        elif name not in worker.taken:
+            handle = open(folder / WORKERS / name, "a+")  # noqa: SIM115 - kept while this worker lives
+            try:
+                fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            except BlockingIOError:
+                handle.close()
+                continue  # its worker lives
+            worker.taken[name] = handle
+        try:
+            failed = study._storage.set_trial_state_values(trial._trial_id, state=TrialState.FAIL)
+        except optuna.exceptions.UpdateFinishedTrialError:
+            failed = False
+        if failed:
+            logger.warning("trial %d: its worker %s is dead; queueing a retry from its last.pt",
+                           trial.number, trial.user_attrs.get("worker", "?"))
+            _enqueue_retry(study, study._storage.get_trial(trial._trial_id), max_retries)
+            recovered.append(trial.number)
+    return recovered
+
+
+def _recover(study: optuna.Study, config: SearchConfig, folder: Path, worker: WorkerLock) -> None:
+    if uses_heartbeats(study):
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
+            optuna.storages.fail_stale_trials(study)
+    else:
+        recover_dead_trials(study, folder, worker, grace_seconds=config.grace_seconds, max_retries=config.max_retries)
+
+
 def run_search(config: SearchConfig, *, trials: int, storage: str | None = None, data_dir: str | Path | None = None,
-               show_progress: bool = True) -> SearchResult:
-    """Run (or continue) the search until ``trials`` trials are finished, then write the reports.
+               show_progress: bool = True, worker_rank: int = 0, stop: StopRequest | None = None) -> SearchResult:
+    """Run (or continue, or join) the search until ``trials`` trials are finished, then write the reports.
+
+    Several processes running this on the same study and storage (journal file or database
+    server) share the work; see the module docstring.
 
     Args:
         config: the search (:func:`load_search_config`).
-        trials: finished (complete or pruned) trials wanted in the study, counting earlier runs'.
-        storage: an Optuna RDB URL (default ``sqlite:///<study folder>/study.db``).
+        trials: finished (complete or pruned) trials wanted in the study, counting earlier runs' and
+            other workers'.
+        storage: see :func:`open_storage` (default ``sqlite:///<study folder>/study.db``).
         data_dir: raw KiTS19-layout folder for every trial (default: the experiment's ``data_dir``).
         show_progress: the trainings' tqdm bars.
+        worker_rank: this worker's index among those started together (varies its sampler seed).
+        stop: set by the caller's signal handler; checked before each trial and while waiting.
 
     Raises:
         ValueError: ``trials`` < 1, the study was started with another definition, or a trial's
             settings or data were refused (that trial is marked failed).
         RuntimeError: ``max_failed_trials`` trials failed with a non-finite loss.
+        SearchStopped: ``stop`` was set between trials.
+        TrainingInterrupted: a stop signal during a trial's training (its ``last.pt`` is saved and
+            its retry queued).
     """
     if trials < 1:
         raise ValueError(f"trials must be >= 1, got {trials}")
     optuna.logging.set_verbosity(optuna.logging.WARNING)
+    stop = stop or StopRequest()
     study = open_study(config, storage)
     folder = study_folder(config)
     resolved = json.loads(json.dumps(config_as_dict(config)))
     write_bytes_atomic(folder / SEARCH_CONFIG, yaml.safe_dump(resolved, sort_keys=False).encode("utf-8"))
     handler = attach_text_log(folder, "search.log")
+    worker = WorkerLock(folder)
     try:
-        recover_killed_trials(study, config.grace_seconds)
-        finished = len(study.get_trials(deepcopy=False, states=FINISHED))
-        logger.info("study %s in %s: %d of %d trials finished", config.study_name, folder, finished, trials)
-        if finished < trials:
-            objective = TrialObjective(config, folder, data_dir=data_dir, show_progress=show_progress)
-            callbacks = [optuna.study.MaxTrialsCallback(trials, states=FINISHED), _log_trial,
-                         _failure_limit(config.max_failed_trials)]
-            study.optimize(objective, catch=(NonFiniteLossError,), callbacks=callbacks)
+        logger.info("worker %s (rank %d) joins study %s in %s", worker.identity, worker_rank, config.study_name,
+                    folder)
+        if uses_heartbeats(study):
+            recover_killed_trials(study, config.grace_seconds, stop)
+        objective = TrialObjective(config, folder, data_dir=data_dir, show_progress=show_progress, worker=worker,
+                                   stop=stop)
+        callbacks = [_log_trial, _failure_limit(config.max_failed_trials)]
+        poll = min(config.heartbeat_seconds, 5)
+        waiting_logged = False
+        while True:
+            stop.check()
+            _recover(study, config, folder, worker)
+            all_trials = study.get_trials(deepcopy=False)
+            states = Counter(t.state for t in all_trials)
+            finished = states[TrialState.COMPLETE] + states[TrialState.PRUNED]
+            if finished >= trials:
+                logger.info("study %s: %d of %d trials finished", config.study_name, finished, trials)
+                break
+            if not states[TrialState.WAITING] and finished + states[TrialState.RUNNING] >= trials:
+                if not waiting_logged:
+                    logger.info("%d trials finished and %d running in other workers: waiting for them",
+                                finished, states[TrialState.RUNNING])
+                    waiting_logged = True
+                stop.event.wait(poll)
+                continue
+            waiting_logged = False
+            study.sampler = _sampler(config, len(all_trials), worker_rank)
+            study.optimize(objective, n_trials=1, catch=(NonFiniteLossError,), callbacks=callbacks)
+            write_results_table(study, config, folder / "results.csv")
         return write_search_reports(study, config, folder)
     finally:
+        worker.close()
         detach_text_log(handler)
 
 
