@@ -86,23 +86,18 @@ def _start(command: list[str], log: Path, rank: int) -> subprocess.Popen:
                                 cwd=REPO, env=ENVIRONMENT)
 
 
-def _wait_for_second_trial_epoch(worker: subprocess.Popen, storage: str, folder: Path) -> int:
-    """Wait until ``worker`` finished a trial and trained one epoch of another; returns that trial's number."""
-    identity = f":{worker.pid}"
+def _wait_for_epochs(worker: subprocess.Popen, trial_folder: Path, epochs: int) -> None:
+    """Wait (polling the run folder: cheap) until the trial in ``trial_folder`` has trained ``epochs`` epochs."""
+    progress = trial_folder / "training_progress.json"
     deadline = time.monotonic() + 400
     while time.monotonic() < deadline and worker.poll() is None:
         try:
-            trials = _trials(storage)
-        except Exception:  # the study is not created yet
-            trials = []
-        mine = [t for t in trials if str(t.user_attrs.get("worker", "")).endswith(identity)]
-        if any(t.state.name == "COMPLETE" for t in mine):
-            for trial in mine:
-                progress = folder / "trials" / f"trial_{trial.number:04d}" / "training_progress.json"
-                if trial.state.name == "RUNNING" and progress.is_file() and json.loads(progress.read_text() or "[]"):
-                    return trial.number
-        time.sleep(0.05)
-    raise AssertionError(f"the worker did not start a second trial (exit status {worker.poll()})")
+            if progress.is_file() and len(json.loads(progress.read_text() or "[]")) >= epochs:
+                return
+        except ValueError:  # caught between the write and the rename of another file; look again
+            pass
+        time.sleep(0.01)
+    raise AssertionError(f"{trial_folder.name} did not train {epochs} epoch(s) (worker exit status {worker.poll()})")
 
 
 @pytest.mark.parametrize("backend", ["journal", "postgresql"])
@@ -114,16 +109,21 @@ def test_two_workers_share_a_study_and_a_killed_workers_trial_is_retried(backend
     folder = tmp_path / "searches" / "tiny"
     command = [sys.executable, str(SCRIPT), "--config", str(search), "--trials", "4", "--data", str(tiny_data),
                "--storage", storage]
+    # The second worker starts once the first has trained its first trial; it takes seconds to start, so the
+    # first worker's second trial (trial 1) is under way when the first worker is killed after its first epoch.
     killed = _start(command, tmp_path / "worker0.log", 0)
-    other = _start(command, tmp_path / "worker1.log", 1)
+    other = None
+    number = 1
     try:
-        number = _wait_for_second_trial_epoch(killed, storage, folder)
+        _wait_for_epochs(killed, folder / "trials" / "trial_0000", 2)
+        other = _start(command, tmp_path / "worker1.log", 1)
+        _wait_for_epochs(killed, folder / "trials" / f"trial_{number:04d}", 1)
         killed.send_signal(signal.SIGKILL)
         assert killed.wait(timeout=60) == -signal.SIGKILL
         assert other.wait(timeout=600) == 0, (tmp_path / "worker1.log").read_text()[-3000:]
     finally:
         for process in (killed, other):
-            if process.poll() is None:
+            if process is not None and process.poll() is None:
                 process.kill()
                 process.wait()
 
@@ -138,7 +138,7 @@ def test_two_workers_share_a_study_and_a_killed_workers_trial_is_retried(backend
     assert any(t.user_attrs["worker"].endswith(f":{killed.pid}") for t in complete)  # it ran one before it died
     assert any(t.user_attrs["worker"].endswith(f":{other.pid}") for t in complete)
     dead = next(t for t in trials if t.number == number)
-    assert dead.state.name == "FAIL"
+    assert dead.state.name == "FAIL" and dead.user_attrs["worker"].endswith(f":{killed.pid}")
     retry = next(t for t in complete if t.system_attrs.get("failed_trial") == number)
     assert retry.params == dead.params and retry.user_attrs["worker"].endswith(f":{other.pid}")
     assert retry.user_attrs["run_folder"] == str(folder / "trials" / f"trial_{number:04d}")
