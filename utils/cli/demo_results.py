@@ -40,16 +40,26 @@ def demo_results(summary: dict[str, Any], *, seconds: float, machine: str) -> di
         seconds: the demo's wall time. machine: a short description of where it ran.
     """
     synthetic = summary["config"]["synthetic"]
-    models = []
-    for name, training in summary.get("training", {}).items():
-        evaluation = summary.get("evaluation", {}).get(name, {})
-        means = {key: evaluation.get("summary", {}).get(key, {}).get("mean") for key, _, _ in COLUMNS}
-        models.append({"model": name, "validation_kidney_dice": training.get("kidney_dice"),
-                       "validation_tumour_dice": training.get("tumour_dice"), "training_seconds": training["seconds"],
-                       "inference_seconds_per_case": evaluation.get("seconds_per_case"), **means})
+    models = _model_rows(summary)
     validation_cases = len(summary["cache"]["split"]["val"])
     return {"cases": len(summary["cases"]), "matrix": synthetic["matrix"], "validation_cases": validation_cases,
             "seconds": round(seconds, 1), "machine": machine, "models": models}
+
+
+def _model_rows(summary: dict[str, Any], *, cross_validated: bool = False) -> list[dict[str, Any]]:
+    """One row per trained model of the demo's summary: validation Dice, original-grid means and timings
+    (with the folds finished and the cases evaluated for a cross-validated demo)."""
+    rows = []
+    for name, training in summary.get("training", {}).items():
+        evaluation = summary.get("evaluation", {}).get(name, {})
+        means = {key: evaluation.get("summary", {}).get(key, {}).get("mean") for key, _, _ in COLUMNS}
+        row = {"model": name, "validation_kidney_dice": training.get("kidney_dice"),
+               "validation_tumour_dice": training.get("tumour_dice"), "training_seconds": training["seconds"],
+               "inference_seconds_per_case": evaluation.get("seconds_per_case"), **means}
+        if cross_validated:
+            row.update(folds_finished=training.get("folds_finished"), cases_evaluated=evaluation.get("cases"))
+        rows.append(row)
+    return rows
 
 
 def render_demo_results(results: dict[str, Any]) -> str:
@@ -137,15 +147,7 @@ def cross_validation_results(summary: dict[str, Any], *, seconds: float, machine
     (B - A over every case: mean difference, bootstrap interval and Wilcoxon p-value per metric).
     """
     synthetic = summary["config"]["synthetic"]
-    models = []
-    for name, training in summary.get("training", {}).items():
-        evaluation = summary.get("evaluation", {}).get(name, {})
-        means = {key: evaluation.get("summary", {}).get(key, {}).get("mean") for key, _, _ in COLUMNS}
-        models.append({"model": name, "validation_kidney_dice": training.get("kidney_dice"),
-                       "validation_tumour_dice": training.get("tumour_dice"), "training_seconds": training["seconds"],
-                       "folds_finished": training.get("folds_finished"),
-                       "inference_seconds_per_case": evaluation.get("seconds_per_case"),
-                       "cases_evaluated": evaluation.get("cases"), **means})
+    models = _model_rows(summary, cross_validated=True)
     comparison = summary.get("paired_comparison")
     paired = None
     if comparison:

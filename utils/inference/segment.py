@@ -323,6 +323,15 @@ def _check_image(image: np.ndarray) -> None:
         raise ValueError(f"image must be a (Z, Y, X) float numpy array, got {description}")
 
 
+def _prepared_input(segmenter: SegmentationModel, image: np.ndarray,
+                    tta: bool) -> tuple[torch.Tensor, list[tuple[int, ...]]]:
+    """The checked image as a ``(1, 1, Z, Y, X)`` float32 tensor on the model's device, and the mirrorings to run."""
+    _check_image(image)
+    flips = flip_axes_for_tta(spatial_dims(segmenter.config.model)) if tta else [()]
+    tensor = torch.from_numpy(np.ascontiguousarray(image)).to(device=segmenter.device, dtype=torch.float32)
+    return tensor[None, None], flips
+
+
 def _predict_sum(segmenter: SegmentationModel, tensor: torch.Tensor, flips: list[tuple[int, ...]],
                  *, softmax: bool) -> torch.Tensor:
     """``(1, C, Z, Y, X)``: the logits of the only pass, or the sum of the softmax of every model and mirroring."""
@@ -359,10 +368,8 @@ def predict_preprocessed_probabilities(segmenter: SegmentationModel, image: np.n
     Returns:
         ``(C, Z, Y, X)`` float32 class probabilities on the CPU (each voxel sums to 1).
     """
-    _check_image(image)
     device = segmenter.device
-    flips = flip_axes_for_tta(spatial_dims(segmenter.config.model)) if tta else [()]
-    tensor = torch.from_numpy(np.ascontiguousarray(image)).to(device=device, dtype=torch.float32)[None, None]
+    tensor, flips = _prepared_input(segmenter, image, tta)
     total: torch.Tensor | None = None
     try:
         total = _predict_sum(segmenter, tensor, flips, softmax=True)
@@ -389,10 +396,8 @@ def predict_preprocessed_labels(segmenter: SegmentationModel, image: np.ndarray,
     Returns:
         ``(Z, Y, X)`` uint8 labels (0 background, 1 kidney, 2 tumour) on the CPU.
     """
-    _check_image(image)
     device = segmenter.device
-    flips = flip_axes_for_tta(spatial_dims(segmenter.config.model)) if tta else [()]
-    tensor = torch.from_numpy(np.ascontiguousarray(image)).to(device=device, dtype=torch.float32)[None, None]
+    tensor, flips = _prepared_input(segmenter, image, tta)
     total: torch.Tensor | None = None
     try:
         total = _predict_sum(segmenter, tensor, flips, softmax=len(flips) * segmenter.model_count > 1)
