@@ -112,6 +112,7 @@ export KITS19_PROGRESS=${KITS19_PROGRESS:-lines}
 for index in "${!GPU_LIST[@]}"; do
     gpu=${GPU_LIST[$index]}
     log=$STUDY_FOLDER/worker_$index.log
+    : >>"$log" || die "cannot write the log '$log'"  # so tail -f works as soon as this returns
     runner=$(mktemp "${TMPDIR:-/tmp}/launch_search_tmux.XXXXXX")
     {
         echo 'rm -f -- "$0"'

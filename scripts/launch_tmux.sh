@@ -117,6 +117,8 @@ WORKDIR=$PWD
 RUN_FOLDER=$OUTPUT_DIR/$RUN_NAME
 mkdir -p "$RUN_FOLDER" || die "cannot create the run folder '$RUN_FOLDER'"
 LOG=$RUN_FOLDER/console.log
+# Created here, not by the session, so that `tail -f` works as soon as this launcher returns.
+: >>"$LOG" || die "cannot write the log '$LOG'"
 
 # The session runs a small script: the caller's environment, its working directory, then the
 # training itself as the pane's process (exec), so its pid is tmux's #{pane_pid}. tee -i keeps
