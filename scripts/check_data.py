@@ -1,8 +1,10 @@
-"""Check a KiTS19 data folder before training: which cases are usable, and what is wrong with the rest.
+"""Check a KiTS19 (or, with ``--dataset kits23``, KiTS23) data folder before training: which cases are
+usable, and what is wrong with the rest.
 
 Usage::
 
-    python scripts/check_data.py --data DIR [--full] [--json OUT.json] [--workers K] [--allow-inside-input]
+    python scripts/check_data.py --data DIR [--dataset kits19|kits23] [--full] [--json OUT.json] [--workers K]
+                                [--allow-inside-input]
 
 ``DIR`` holds the ``case_XXXXX`` folders (default: the ``KITS19_DATA`` environment variable).
 The default check reads headers only (seconds for the whole dataset); ``--full`` reads every
@@ -24,6 +26,7 @@ from pathlib import Path
 
 from utils.data.case_discovery import resolve_data_dir
 from utils.data.case_validation import CaseReport, DatasetReport, validate_dataset
+from utils.data.dataset_definitions import DATASETS, DatasetLayoutError
 from utils.data.nifti_io import write_bytes_atomic
 from utils.data.output_guard import add_guard_argument, check_output_location, check_overwrite, is_own_json
 
@@ -38,6 +41,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         description="Check a KiTS19 data folder (case_XXXXX/imaging.nii.gz, segmentation.nii.gz)."
     )
     parser.add_argument("--data", default=None, help="folder holding the case_XXXXX folders (default: $KITS19_DATA)")
+    parser.add_argument("--dataset", default="kits19", choices=sorted(DATASETS),
+                        help="which challenge's labels and layout: kits19 (labels 0-2, kits.json; default) or "
+                             "kits23 (labels 0-3 with the cyst, kits23.json)")
     parser.add_argument(
         "--full", action="store_true", help="read every voxel: also finds corrupt data, NaN and bad labels"
     )
@@ -90,7 +96,12 @@ def main(argv: list[str] | None = None) -> int:
     except (ValueError, FileNotFoundError) as error:
         print(f"check_data.py: error: {error}", file=sys.stderr)
         return EXIT_USAGE
-    report = validate_dataset(data_dir, full=args.full, show_progress=True, workers=args.workers)
+    try:
+        report = validate_dataset(data_dir, full=args.full, show_progress=True, workers=args.workers,
+                                  dataset=args.dataset)
+    except DatasetLayoutError as error:
+        print(f"check_data.py: error: {error}", file=sys.stderr)
+        return EXIT_USAGE
     print_report(report)
     if args.json is not None:
         write_bytes_atomic(args.json, (json.dumps(report.to_dict(), indent=2) + "\n").encode("utf-8"))

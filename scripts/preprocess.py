@@ -36,7 +36,7 @@ from pathlib import Path
 import yaml
 
 from utils.config.data import PreprocessingConfig, SplitConfig
-from utils.config.experiment import ExperimentConfig, load_experiment_config
+from utils.config.experiment import ExperimentConfig, check_trainable_dataset, load_experiment_config
 from utils.config.loading import load_config_sections
 from utils.data.case_discovery import resolve_data_dir
 from utils.data.output_guard import add_guard_argument, check_output_location
@@ -121,6 +121,7 @@ def load_settings(args: argparse.Namespace) -> tuple[PreprocessingConfig, SplitC
     """The preprocessing and split settings of ``--config`` (and the experiment, for an experiment config)."""
     if is_experiment_config(args.config):
         experiment = load_experiment_config(args.config, args.set)
+        check_trainable_dataset(experiment)
         return experiment.preprocessing, experiment.split, experiment
     sections = load_config_sections(args.config, {"preprocessing": PreprocessingConfig, "split": SplitConfig},
                                     args.set)

@@ -1,13 +1,16 @@
 """Statistics of axial slices, the unit a 2D model trains on: slice classes, kidney and tumour areas, sampling.
 
-Definitions (label arrays ``(Z, Y, X)``, axis 0 the axial slices; labels 0 background,
-1 kidney, 2 tumour):
+Definitions (label arrays ``(Z, Y, X)``, axis 0 the axial slices; labels those of the dataset
+definition, :mod:`utils.data.dataset_definitions`: KiTS19 0 background, 1 kidney, 2 tumour; KiTS23
+adds 3 cyst):
 
-* slice classes: 0 background only, 1 kidney without tumour (some label 1, no label 2),
-  2 contains tumour (some label 2); names in ``SLICE_CLASS_NAMES``. The preprocessing cache
-  stores the same classes per case (``CachedCase.slice_classes``);
-* kidney area of a slice: pixels of label > 0 (kidney and tumour, the KiTS19 "kidney" region)
-  times the in-plane pixel area ``y * x`` mm²; tumour area: pixels of label 2 times the same;
+* slice classes: 0 background only, 1 kidney without tumour (some label > 0, no label 2; a
+  KiTS23 slice holding only cyst is class 1 too), 2 contains tumour (some label 2); names in
+  ``SLICE_CLASS_NAMES``. The preprocessing cache stores the same classes per case
+  (``CachedCase.slice_classes``);
+* kidney area of a slice: pixels of label > 0 (kidney and tumour, the KiTS19 "kidney" region;
+  kidney, tumour and cyst in KiTS23, its "kidney and masses" region) times the in-plane pixel
+  area ``y * x`` mm²; tumour area: pixels of label 2 times the same;
 * sampling shares: the share of each slice class among the first ``N`` items of a
   class-balanced slice sampler, beside the probabilities the sampler was configured with.
 
@@ -25,7 +28,8 @@ from typing import Any, Protocol
 
 import numpy as np
 
-from utils.data.kits_layout import KIDNEY_LABEL, TUMOUR_LABEL
+from utils.data.dataset_definitions import KITS19, DatasetDefinition, foreign_labels_hint, get_dataset
+from utils.data.kits_layout import TUMOUR_LABEL
 
 #: Slice classes of :func:`classify_slices`: background only, kidney without tumour, contains tumour.
 SLICE_BACKGROUND, SLICE_KIDNEY, SLICE_TUMOUR = 0, 1, 2
@@ -40,7 +44,7 @@ class SlicedCase(Protocol):
 
     @property
     def label(self) -> np.ndarray:
-        """``(Z, Y, X)`` integer labels in ``{0, 1, 2}``."""
+        """``(Z, Y, X)`` integer labels of the dataset (KiTS19 ``{0, 1, 2}``)."""
 
     @property
     def spacing(self) -> tuple[float, float, float]:
@@ -101,48 +105,55 @@ class SamplingShares:
         return np.sqrt(self.configured * (1 - self.configured) / self.n_samples)
 
 
-def compute_slice_pixel_counts(labels: np.ndarray, *, name: str = "labels") -> tuple[np.ndarray, np.ndarray]:
-    """Count kidney-tissue (label 1) and tumour (label 2) pixels in every axial slice.
+def compute_slice_pixel_counts(labels: np.ndarray, *, name: str = "labels",
+                               dataset: str | DatasetDefinition = KITS19) -> tuple[np.ndarray, ...]:
+    """Count the pixels of every foreground label in every axial slice.
 
     Args:
-        labels: ``(Z, Y, X)`` integer labels in ``{0, 1, 2}``, axis 0 the axial slices.
+        labels: ``(Z, Y, X)`` integer labels of ``dataset`` (KiTS19 ``{0, 1, 2}``), axis 0 the axial slices.
         name: what ``labels`` is, for error messages (e.g. the case id).
+        dataset: the dataset definition (or its name) whose labels ``labels`` holds.
 
     Returns:
-        ``(kidney, tumour)``, each ``(Z,)`` int64; their sum is the label > 0 count per slice.
+        One ``(Z,)`` int64 count per foreground label in label order: ``(kidney, tumour)`` for
+        KiTS19, ``(kidney, tumour, cyst)`` for KiTS23; their sum is the label > 0 count per slice.
     """
-    labels = _check_label_volume(labels, name)
-    return tuple((labels == label).sum(axis=(1, 2), dtype=np.int64)  # type: ignore[return-value]
-                 for label in (KIDNEY_LABEL, TUMOUR_LABEL))
+    dataset = get_dataset(dataset)
+    labels = _check_label_volume(labels, name, dataset)
+    return tuple((labels == label).sum(axis=(1, 2), dtype=np.int64) for label in dataset.foreground_labels)
 
 
-def classify_slices(labels: np.ndarray) -> np.ndarray:
+def classify_slices(labels: np.ndarray, *, dataset: str | DatasetDefinition = KITS19) -> np.ndarray:
     """Class of every axial slice: 0 background only, 1 kidney without tumour, 2 contains tumour.
 
     Args:
-        labels: ``(Z, Y, X)`` integer labels in ``{0, 1, 2}``, axis 0 the axial slices.
+        labels: ``(Z, Y, X)`` integer labels of ``dataset`` (KiTS19 ``{0, 1, 2}``), axis 0 the axial slices.
+        dataset: the dataset definition (or its name) whose labels ``labels`` holds; any label
+            > 0 other than tumour (kidney, cyst) makes a slice class 1 when it holds no tumour.
 
     Returns:
         ``(Z,)`` uint8 slice classes (names in ``SLICE_CLASS_NAMES``).
     """
-    labels = _check_label_volume(labels)
+    labels = _check_label_volume(labels, dataset=dataset)
     classes = (labels > 0).any(axis=(1, 2)).astype(np.uint8)
     classes[(labels == TUMOUR_LABEL).any(axis=(1, 2))] = SLICE_TUMOUR
     return classes
 
 
-def compute_slice_class_counts(volumes: Iterable[np.ndarray]) -> np.ndarray:
+def compute_slice_class_counts(volumes: Iterable[np.ndarray], *,
+                               dataset: str | DatasetDefinition = KITS19) -> np.ndarray:
     """Number of axial slices of each class (see :func:`classify_slices`), summed over volumes.
 
     Args:
         volumes: ``(Z, Y, X)`` integer label arrays, one per case.
+        dataset: the dataset definition (or its name) whose labels the volumes hold.
 
     Returns:
         ``(3,)`` int64 counts of slices: background only, kidney without tumour, contains tumour.
     """
     counts = np.zeros(len(SLICE_CLASS_NAMES), dtype=np.int64)
     for labels in volumes:
-        counts += np.bincount(classify_slices(labels), minlength=len(SLICE_CLASS_NAMES))
+        counts += np.bincount(classify_slices(labels, dataset=dataset), minlength=len(SLICE_CLASS_NAMES))
     return counts
 
 
@@ -174,29 +185,34 @@ def count_slice_classes_per_case(cases: Iterable[SlicedCase]) -> dict[str, np.nd
     return counts
 
 
-def compute_slice_areas(labels: np.ndarray, spacing: Sequence[float]) -> tuple[np.ndarray, np.ndarray]:
+def compute_slice_areas(labels: np.ndarray, spacing: Sequence[float], *,
+                        dataset: str | DatasetDefinition = KITS19) -> tuple[np.ndarray, np.ndarray]:
     """Kidney (label > 0) and tumour (label 2) area of every axial slice.
 
     Args:
-        labels: ``(Z, Y, X)`` integer labels in ``{0, 1, 2}``.
+        labels: ``(Z, Y, X)`` integer labels of ``dataset`` (KiTS19 ``{0, 1, 2}``).
         spacing: ``(z, y, x)`` voxel size in mm, all finite and > 0; the pixel area is ``y * x`` mm².
+        dataset: the dataset definition (or its name) whose labels ``labels`` holds.
 
     Returns:
         ``(kidney_mm2, tumour_mm2)``, each ``(Z,)`` float64 in mm² (0 where the slice has none).
     """
     if len(spacing) != 3 or not all(math.isfinite(s) and s > 0 for s in spacing):
         raise ValueError(f"spacing must be three finite values > 0 mm (z, y, x), got {tuple(spacing)}")
-    kidney, tumour = compute_slice_pixel_counts(labels)
+    dataset = get_dataset(dataset)
+    counts = compute_slice_pixel_counts(labels, dataset=dataset)
     pixel_mm2 = float(spacing[1]) * float(spacing[2])
-    return (kidney + tumour) * pixel_mm2, tumour * pixel_mm2
+    return np.sum(counts, axis=0) * pixel_mm2, counts[dataset.foreground_labels.index(TUMOUR_LABEL)] * pixel_mm2
 
 
-def compute_case_slice_areas(cases: Iterable[SlicedCase]) -> SliceAreas:
+def compute_case_slice_areas(cases: Iterable[SlicedCase], *,
+                             dataset: str | DatasetDefinition = KITS19) -> SliceAreas:
     """Areas (mm²) of kidney and of tumour in the slices holding them, pooled over cases.
 
     Args:
         cases: at least one case; each one's ``label`` ``(Z, Y, X)`` is read whole, with its
             ``spacing`` ``(z, y, x)`` mm.
+        dataset: the dataset definition (or its name) whose labels the cases hold.
 
     Returns:
         Kidney areas of slices with label > 0, tumour areas of slices with label 2 (see
@@ -205,7 +221,7 @@ def compute_case_slice_areas(cases: Iterable[SlicedCase]) -> SliceAreas:
     kidney_parts, tumour_parts = [], []
     for case in cases:
         try:
-            kidney, tumour = compute_slice_areas(np.asarray(case.label), case.spacing)
+            kidney, tumour = compute_slice_areas(np.asarray(case.label), case.spacing, dataset=dataset)
         except ValueError as error:
             raise ValueError(f"{case.case_id}: {error}") from error
         kidney_parts.append(kidney[kidney > 0])
@@ -262,13 +278,30 @@ def compute_sampling_shares(sampler: SliceSampler, n_samples: int, *, start: int
     return compare_sampled_classes(sampled, configured)
 
 
-def _check_label_volume(labels: np.ndarray, name: str = "labels") -> np.ndarray:
-    """Return ``labels`` as an array after checking it is 3D, integer and within ``{0, 1, 2}``."""
+def describe_label_range_error(name: str, low: int, high: int, dataset: str | DatasetDefinition = KITS19) -> str:
+    """The message for label values from ``low`` to ``high`` outside a dataset's labels.
+
+    It names the allowed labels and, when a known dataset has the offending labels (label 3 is
+    KiTS23's cyst), that dataset and the setting that selects it.
+    """
+    dataset = get_dataset(dataset)
+    allowed = ", ".join(str(label) for label in sorted(dataset.labels))
+    message = (f"{name}: label values must be in {{{allowed}}}, got values from {low} to {high}; "
+               f"the {dataset.title} labels are {dataset.describe_labels()}")
+    if low >= 0 and high > dataset.max_label:
+        message += foreign_labels_hint(range(dataset.max_label + 1, high + 1), dataset)
+    return message
+
+
+def _check_label_volume(labels: np.ndarray, name: str = "labels",
+                        dataset: str | DatasetDefinition = KITS19) -> np.ndarray:
+    """Return ``labels`` as an array after checking it is 3D, integer and within the dataset's labels."""
+    dataset = get_dataset(dataset)
     labels = np.asarray(labels)
     if labels.ndim != 3 or not np.issubdtype(labels.dtype, np.integer) or labels.size == 0:
         raise ValueError(f"{name}: labels must be a non-empty 3D integer array (Z, Y, X), "
                          f"got shape {labels.shape} of {labels.dtype}")
     low, high = int(labels.min()), int(labels.max())
-    if low < 0 or high > TUMOUR_LABEL:
-        raise ValueError(f"{name}: label values must be in {{0, 1, 2}}, got values from {low} to {high}")
+    if low < 0 or high > dataset.max_label:
+        raise ValueError(describe_label_range_error(name, low, high, dataset))
     return labels

@@ -2,7 +2,8 @@
 
 Two tables: one row per case of :class:`~utils.analysis.dataset_statistics.CaseStatistics` (labels, HU),
 and one row per case of slice-class counts (from
-:func:`~utils.analysis.slice_statistics.count_slice_classes_per_case`).
+:func:`~utils.analysis.slice_statistics.count_slice_classes_per_case`). Cyst columns exist only for
+cases read as a dataset with a cyst label (KiTS23); KiTS19 tables have none.
 """
 
 from __future__ import annotations
@@ -23,6 +24,16 @@ Row = dict[str, str | int | float | None]
 #: Columns of :func:`format_statistics_table` by default.
 TABLE_COLUMNS = ("case_id", "slices", "spacing_z_mm", "spacing_y_mm", "kidney_ml", "tumour_ml", "tumours",
                  "kidney_components", "kidney_slice_share", "tumour_slice_share")
+#: Columns of :func:`build_statistics_rows` that exist only for a dataset with a cyst label (KiTS23), besides
+#: the per-class ``voxels_cyst``, ``proportion_cyst`` and ``hu_cyst_*``.
+CYST_COLUMNS = ("cyst_ml", "kidney_and_masses_ml", "cysts", "cyst_slice_share")
+# Label columns of build_statistics_rows, in order: each is the CaseStatistics attribute of the same name.
+_LABEL_COLUMNS = ("kidney_ml", "tumour_ml", "cyst_ml", "kidney_tumour_ml", "kidney_and_masses_ml", "tumours", "cysts",
+                  "kidney_components", "kidney_slice_share", "tumour_slice_share", "cyst_slice_share")
+#: Columns of :func:`format_statistics_table` by default for a dataset with a cyst label (KiTS23).
+TABLE_COLUMNS_WITH_CYST = ("case_id", "slices", "spacing_z_mm", "spacing_y_mm", "kidney_ml", "tumour_ml", "cyst_ml",
+                           "tumours", "cysts", "kidney_components", "kidney_slice_share", "tumour_slice_share",
+                           "cyst_slice_share")
 #: Columns of :func:`build_slice_class_rows`: slices per class 0 background only, 1 kidney without tumour,
 #: 2 contains tumour.
 SLICE_CLASS_COLUMNS = ("case_id", "slices", *(f"{name}_slices" for name in CLASS_NAMES))
@@ -33,21 +44,31 @@ def build_statistics_rows(statistics: Iterable[CaseStatistics]) -> list[Row]:
 
     Keys: ``case_id``, shape (``slices``, ``rows``, ``columns``), spacing (``spacing_z_mm`` ...),
     ``voxels_<class>``, ``proportion_<class>``, ``kidney_ml`` (label 1), ``tumour_ml`` (label 2),
-    ``kidney_tumour_ml`` (label > 0), ``tumours``, ``kidney_components``, ``kidney_slice_share``,
-    ``tumour_slice_share`` and ``hu_<class>_{mean,std,p0_5,p99_5}`` (``None`` without imaging or
-    for a class without voxels).
+    ``kidney_tumour_ml`` (labels 1 and 2, label > 0 in KiTS19), ``tumours``, ``kidney_components``,
+    ``kidney_slice_share``, ``tumour_slice_share`` and ``hu_<class>_{mean,std,p0_5,p99_5}``
+    (``None`` without imaging or for a class without voxels). Classes are those of the cases'
+    dataset; with a cyst label (KiTS23) the rows add ``voxels_cyst``, ``proportion_cyst``,
+    ``cyst_ml`` (label 3), ``kidney_and_masses_ml`` (label > 0), ``cysts``, ``cyst_slice_share``
+    and ``hu_cyst_*``.
+
+    Raises:
+        ValueError: the cases were read as different datasets (their rows would differ in keys).
     """
+    cases = list(statistics)
+    datasets = sorted({case.dataset for case in cases})
+    if len(datasets) > 1:
+        raise ValueError(f"statistics must all be of one dataset to share table columns, got cases of "
+                         f"{', '.join(datasets)}")
     rows = []
-    for case in statistics:
+    for case in cases:
+        names, cyst = case.class_names, case.has_cyst_label
         row: Row = {"case_id": case.case_id}
         row.update(zip(("slices", "rows", "columns"), case.shape, strict=False))
         row.update(zip(("spacing_z_mm", "spacing_y_mm", "spacing_x_mm"), case.spacing, strict=False))
-        row.update({f"voxels_{name}": n for name, n in zip(CLASS_NAMES, case.voxel_counts, strict=False)})
-        row.update({f"proportion_{name}": p for name, p in zip(CLASS_NAMES, case.class_proportions, strict=False)})
-        row.update(kidney_ml=case.kidney_ml, tumour_ml=case.tumour_ml, kidney_tumour_ml=case.kidney_tumour_ml,
-                   tumours=case.tumours, kidney_components=case.kidney_components,
-                   kidney_slice_share=case.kidney_slice_share, tumour_slice_share=case.tumour_slice_share)
-        for index, name in enumerate(CLASS_NAMES):
+        row.update({f"voxels_{name}": n for name, n in zip(names, case.voxel_counts, strict=True)})
+        row.update({f"proportion_{name}": p for name, p in zip(names, case.class_proportions, strict=True)})
+        row.update((key, getattr(case, key)) for key in _LABEL_COLUMNS if cyst or key not in CYST_COLUMNS)
+        for index, name in enumerate(names):
             summary = case.hu[index] if case.hu is not None else None
             for key in ("mean", "std", "p0_5", "p99_5"):
                 row[f"hu_{name}_{key}"] = getattr(summary, key) if summary is not None else None
@@ -82,15 +103,20 @@ def load_statistics_csv(path: str | os.PathLike) -> list[Row]:
         return [{key: _parse_cell(key, value) for key, value in row.items()} for row in csv.DictReader(stream)]
 
 
-def format_statistics_table(statistics: Iterable[CaseStatistics], columns: Sequence[str] = TABLE_COLUMNS) -> str:
+def format_statistics_table(statistics: Iterable[CaseStatistics], columns: Sequence[str] | None = None) -> str:
     """Return a fixed-width text table of some columns of :func:`build_statistics_rows`, one line per case.
 
     Args:
         statistics: the cases, one line each after the header.
         columns: keys of :func:`build_statistics_rows`; floats below 10 get 3 significant digits,
-            others one decimal; missing values show as ``-``.
+            others one decimal; missing values show as ``-``. Default ``TABLE_COLUMNS``, or
+            ``TABLE_COLUMNS_WITH_CYST`` for cases of a dataset with a cyst label (KiTS23).
     """
+    statistics = list(statistics)
     rows = build_statistics_rows(statistics)
+    if columns is None:
+        with_cyst = bool(statistics) and statistics[0].has_cyst_label
+        columns = TABLE_COLUMNS_WITH_CYST if with_cyst else TABLE_COLUMNS
     unknown = [c for c in columns if rows and c not in rows[0]]
     if unknown:
         raise ValueError(f"columns must be keys of build_statistics_rows ({', '.join(rows[0])}), got {unknown}")
@@ -154,7 +180,8 @@ def _parse_cell(key: str, value: str) -> str | int | float | None:
         return value
     if value == "":
         return None
-    is_count = key in {"slices", "rows", "columns", "tumours", "kidney_components"} or key.startswith("voxels_")
+    is_count = key in {"slices", "rows", "columns", "tumours", "cysts", "kidney_components"}
+    is_count = is_count or key.startswith("voxels_")
     return int(value) if is_count else float(value)
 
 

@@ -27,6 +27,7 @@ from utils.config.data import (
     SplitConfig,
 )
 from utils.config.loading import check_choice, check_positive, load_config
+from utils.data.dataset_definitions import get_dataset
 
 MODEL_NAMES = ("resunet3d", "unetr2d")
 LOSS_NAMES = ("dice_focal", "dice_ce")
@@ -96,7 +97,8 @@ class LossConfig:
 
     Attributes:
         name: ``"dice_focal"`` or ``"dice_ce"``.
-        class_weights: per class (background, kidney, tumour), for both terms.
+        class_weights: per class (background, kidney, tumour; KiTS23 adds cyst), for both terms:
+            one per label of the dataset.
         dice_weight, other_weight: weights of the Dice term and of the focal / cross-entropy term.
         focal_gamma: focusing parameter of the focal term.
         batch_dice: compute the Dice term over the whole batch (one Dice per class, as nnU-Net
@@ -105,7 +107,7 @@ class LossConfig:
     """
 
     name: str = "dice_focal"
-    class_weights: tuple[float, float, float] = (0.0, 1.0, 3.0)
+    class_weights: tuple[float, ...] = (0.0, 1.0, 3.0)
     dice_weight: float = 1.0
     other_weight: float = 1.0
     focal_gamma: float = 2.0
@@ -292,10 +294,14 @@ class ExperimentConfig:
     """Everything one training run needs, in one file.
 
     Attributes:
-        data_dir: raw KiTS19-layout folder (``--data`` or ``KITS19_DATA`` override it); the
+        dataset: which challenge's labels, evaluation regions and layout
+            (:mod:`utils.data.dataset_definitions`): ``kits19`` (default) or ``kits23``.
+            ``model.out_channels`` and ``loss.class_weights`` must have one entry per label.
+        data_dir: raw KiTS-layout folder (``--data`` or ``KITS19_DATA`` override it); the
             cache is built or updated from it before training.
     """
 
+    dataset: str = "kits19"
     data_dir: str | None = None
     preprocessing: PreprocessingConfig = field(default_factory=PreprocessingConfig)
     split: SplitConfig = field(default_factory=SplitConfig)
@@ -314,6 +320,15 @@ class ExperimentConfig:
     def __post_init__(self) -> None:
         """Refuse input sizes the model cannot take, before any data or training work starts."""
         model = self.model
+        definition = get_dataset(self.dataset)
+        for key, count, what in (("model.out_channels", model.out_channels, f"is {model.out_channels}"),
+                                 ("loss.class_weights", len(self.loss.class_weights),
+                                  f"has {len(self.loss.class_weights)} entries")):
+            if count != definition.num_classes:
+                raise ValueError(
+                    f"{key} {what}, but dataset {definition.name} has {definition.num_classes} labels "
+                    f"({definition.describe_labels()}): the model needs one output channel and the loss one "
+                    f"class weight per label")
         if model.name == "resunet3d":
             total = math.prod(model.strides)
             for key, size in (("patches.patch_size", self.patches.patch_size),
@@ -329,6 +344,19 @@ class ExperimentConfig:
             raise ValueError(f"slices.image_size {size} must be a multiple of {patch} for model {model.name} (its "
                              f"transformer cuts a slice into {patch} x {patch} patches); e.g. "
                              f"{max(patch, math.ceil(size / patch) * patch)}")
+
+
+def check_trainable_dataset(config: ExperimentConfig) -> None:
+    """Refuse a dataset the preprocessing and training do not read yet (everything but KiTS19).
+
+    Raises:
+        ValueError: naming what does take that dataset today.
+    """
+    if config.dataset != "kits19":
+        raise ValueError(
+            f"dataset {config.dataset}: preprocessing and training read KiTS19 data only for now; KiTS23 folders "
+            f"can be checked (scripts/check_data.py --dataset {config.dataset}) and KiTS23 predictions scored by "
+            f"region (scripts/evaluate.py --dataset {config.dataset})")
 
 
 def load_experiment_config(path: str | os.PathLike, overrides: typing.Sequence[str] = ()) -> ExperimentConfig:

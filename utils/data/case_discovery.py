@@ -1,11 +1,17 @@
-"""Finding the KiTS19 cases in a data folder: which case folders and files exist, and what
-``kits.json`` says about them.
+"""Finding the KiTS cases in a data folder: which case folders and files exist, and what
+the dataset's metadata file (``kits.json``, ``kits23.json``) says about them.
 
-The expected layout is the official one::
+The expected layout is the official one (KiTS19's ``data/``, KiTS23's ``dataset/``)::
 
-    DIR/kits.json                       (optional; clinical data and voxel spacing)
+    DIR/kits.json                       (optional; clinical data and, for KiTS19, voxel spacing;
+                                         kits23.json for KiTS23)
     DIR/case_00000/imaging.nii.gz       (CT in HU, absent in the shared labels-only copy)
     DIR/case_00000/segmentation.nii.gz  (labels; absent for test cases)
+
+The dataset (:mod:`utils.data.dataset_definitions`, KiTS19 by default) names the metadata file.
+A folder whose metadata file is another dataset's (``kits23.json`` read as KiTS19, ``kits.json``
+read as KiTS23) is refused with :class:`~utils.data.dataset_definitions.DatasetLayoutError`,
+which names the layout found and the setting to change.
 
 Discovery only looks at names and ``kits.json``; it opens no NIfTI file. Whatever is odd about
 the folder as a whole (cases missing from ``kits.json`` or the other way round, an unreadable
@@ -28,7 +34,8 @@ from pathlib import Path
 from types import MappingProxyType
 from typing import Any
 
-from utils.data.kits_layout import IMAGING_NAME, KITS_JSON_NAME, SEGMENTATION_NAME, is_case_id
+from utils.data.dataset_definitions import DATASETS, KITS19, DatasetDefinition, DatasetLayoutError, get_dataset
+from utils.data.kits_layout import IMAGING_NAME, SEGMENTATION_NAME, is_case_id
 
 logger = logging.getLogger(__name__)
 
@@ -63,11 +70,13 @@ class DatasetListing:
     Attributes:
         data_dir: the data folder.
         cases: one entry per case folder, sorted by case id.
-        kits_json_ids: case ids listed in ``kits.json`` (in file order), ``None`` when there
-            is no readable ``kits.json``.
+        kits_json_ids: case ids listed in the metadata file (``kits.json``, ``kits23.json``; in
+            file order), ``None`` when there is no readable one.
         kits_spacing: ``kits.json`` voxel spacing per case id, in mm, in array-axis order
-            ``(z, y, x)`` = ``(slice, row, column)``; empty without ``kits.json``.
+            ``(z, y, x)`` = ``(slice, row, column)``; empty without ``kits.json`` (and for
+            KiTS23, whose metadata holds no spacing).
         warnings: dataset-level warnings, one sentence each.
+        dataset: the dataset the folder was read as.
     """
 
     data_dir: Path
@@ -75,6 +84,7 @@ class DatasetListing:
     kits_json_ids: tuple[str, ...] | None
     kits_spacing: Mapping[str, tuple[float, float, float]] = field(default_factory=dict)
     warnings: tuple[str, ...] = ()
+    dataset: DatasetDefinition = KITS19
 
 
 def resolve_data_dir(data: str | os.PathLike | None) -> Path:
@@ -103,37 +113,60 @@ def resolve_data_dir(data: str | os.PathLike | None) -> Path:
     return path
 
 
-def discover_cases(data_dir: str | os.PathLike) -> DatasetListing:
-    """List the case folders of a KiTS19 data folder and cross-check them with ``kits.json``.
+def check_layout(data_dir: Path, dataset: DatasetDefinition) -> None:
+    """Refuse a folder that holds another dataset's metadata file and not this one's.
+
+    Raises:
+        DatasetLayoutError: e.g. ``kits23.json`` (the KiTS23 layout) read as KiTS19; the message
+            names the file found and the setting to change.
+    """
+    if (data_dir / dataset.metadata_name).exists():
+        return
+    for other in DATASETS.values():
+        if other.metadata_name != dataset.metadata_name and (data_dir / other.metadata_name).exists():
+            raise DatasetLayoutError(
+                f"{data_dir} holds {other.metadata_name}, the {other.title} layout, but it is being read as "
+                f"{dataset.title} (labels {dataset.describe_labels()}); set 'dataset: {other.name}' in the "
+                f"experiment config (or pass --dataset {other.name}) to read it as {other.title}")
+
+
+def discover_cases(data_dir: str | os.PathLike, dataset: DatasetDefinition | str = KITS19) -> DatasetListing:
+    """List the case folders of a KiTS data folder and cross-check them with its metadata file.
 
     Args:
-        data_dir: the folder holding ``case_XXXXX`` folders and optionally ``kits.json``.
+        data_dir: the folder holding ``case_XXXXX`` folders and optionally the dataset's metadata
+            file (``kits.json``, ``kits23.json``).
+        dataset: the dataset the folder holds (a definition or its name; default KiTS19).
 
     Returns:
         The listing; its ``warnings`` say what is odd about the folder (also logged).
 
     Raises:
         FileNotFoundError: ``data_dir`` does not exist or is not a folder.
+        DatasetLayoutError: the folder holds another dataset's metadata file (see :func:`check_layout`).
     """
+    dataset = get_dataset(dataset)
     data_dir = Path(data_dir)
     if not data_dir.is_dir():
         raise FileNotFoundError(f"data folder {data_dir} does not exist or is not a folder")
+    check_layout(data_dir, dataset)
     warnings: list[str] = []
     cases, ignored = _scan_case_folders(data_dir, warnings)
     if ignored:
         warnings.append(f"ignored {_summarise(ignored, 'folder')} whose names are not case ids (case_XXXXX)")
     if not cases:
-        warnings.append(_no_cases_warning(data_dir))
-    kits_ids, kits_spacing = _read_kits_json(data_dir / KITS_JSON_NAME, warnings)
+        warnings.append(_no_cases_warning(data_dir, dataset))
+    metadata = dataset.metadata_name
+    kits_ids, kits_spacing = _read_kits_json(data_dir / metadata, warnings, dataset.metadata_has_spacing)
     if kits_ids is not None:
         folder_ids = {case.case_id for case in cases}
         listed = set(kits_ids)
         without_folder = [case_id for case_id in kits_ids if case_id not in folder_ids]
         without_entry = [case.case_id for case in cases if case.case_id not in listed]
         if without_folder:
-            warnings.append(f"{KITS_JSON_NAME} lists {_summarise(without_folder, 'case')} with no case folder")
+            warnings.append(f"{metadata} lists {_summarise(without_folder, 'case')} with no case folder")
         if without_entry:
-            warnings.append(f"{_summarise(without_entry, 'case folder')} not listed in {KITS_JSON_NAME}")
+            warnings.append(f"{_summarise(without_entry, 'case folder')} not listed in {metadata}")
     for message in warnings:
         logger.warning("%s: %s", data_dir, message)
     return DatasetListing(
@@ -142,6 +175,7 @@ def discover_cases(data_dir: str | os.PathLike) -> DatasetListing:
         kits_json_ids=kits_ids,
         kits_spacing=MappingProxyType(kits_spacing),
         warnings=tuple(warnings),
+        dataset=dataset,
     )
 
 
@@ -202,19 +236,26 @@ def _find_volume(folder: Path, gz_name: str) -> Path | None:
     return None
 
 
-def _no_cases_warning(data_dir: Path) -> str:
-    """Explain that no case folder was found, with a hint when a ``data/`` subfolder has them."""
+def _no_cases_warning(data_dir: Path, dataset: DatasetDefinition = KITS19) -> str:
+    """Explain that no case folder was found, with a hint when a ``data/`` (KiTS19) or ``dataset/``
+    (KiTS23) subfolder has them (the folder named first is the dataset's own)."""
     message = f"no case folders (case_XXXXX) found in {data_dir}"
-    nested = data_dir / "data"
-    if nested.is_dir() and any(is_case_id(entry.name) for entry in nested.iterdir()):
-        message += f"; did you mean {nested}?"
+    folders = dict.fromkeys([dataset.data_folder, *(other.data_folder for other in DATASETS.values())])
+    for folder in folders:
+        nested = data_dir / folder
+        if nested.is_dir() and any(is_case_id(entry.name) for entry in nested.iterdir()):
+            message += f"; did you mean {nested}?"
+            break
     return message
 
 
 def _read_kits_json(
-    path: Path, warnings: list[str]
+    path: Path, warnings: list[str], expect_spacing: bool = True
 ) -> tuple[tuple[str, ...] | None, dict[str, tuple[float, float, float]]]:
-    """Read case ids and ``(z, y, x)`` spacings from ``kits.json``; problems go to ``warnings``."""
+    """Read case ids and ``(z, y, x)`` spacings from the metadata file; problems go to ``warnings``.
+
+    ``expect_spacing=False`` (``kits23.json``, which holds none) reads no spacing and does not warn.
+    """
     if not path.exists():
         return None, {}
     try:
@@ -238,6 +279,8 @@ def _read_kits_json(
             bad_entries += 1
             continue
         ids.append(case_id)
+        if not expect_spacing:
+            continue
         entry_spacing = _entry_spacing(entry.get("voxel_spacing"))
         if entry_spacing is None:
             no_spacing.append(case_id)

@@ -33,6 +33,7 @@ from typing import Any
 import numpy as np
 
 from utils.data.case_discovery import CaseFiles, DatasetListing, discover_cases
+from utils.data.dataset_definitions import KITS19, DatasetDefinition
 from utils.data.kits_layout import IMAGING_NAME, SEGMENTATION_NAME
 from utils.data.nifti_checks import (
     MISSING_IMAGING,
@@ -139,6 +140,7 @@ class DatasetReport:
         ids = self.listing.kits_json_ids
         return {
             "data_dir": str(self.listing.data_dir),
+            "dataset": self.listing.dataset.name,
             "full": self.full,
             "warnings": list(self.listing.warnings),
             "kits_json_case_count": len(ids) if ids is not None else None,
@@ -190,7 +192,8 @@ class LoadedCase:
     spacing: Spacing
 
 
-def validate_case(case: CaseFiles, *, full: bool = False, kits_spacing: Spacing | None = None) -> CaseReport:
+def validate_case(case: CaseFiles, *, full: bool = False, kits_spacing: Spacing | None = None,
+                  dataset: DatasetDefinition = KITS19) -> CaseReport:
     """Check both files of a case and report every problem found.
 
     Args:
@@ -198,6 +201,7 @@ def validate_case(case: CaseFiles, *, full: bool = False, kits_spacing: Spacing 
         full: ``False`` (default) reads headers only; ``True`` also reads every voxel.
         kits_spacing: the ``(z, y, x)`` spacing in mm that ``kits.json`` gives for this case;
             a disagreement with the affine is a warning. ``None`` skips that check.
+        dataset: whose labels are valid (default KiTS19: 0, 1, 2; KiTS23 adds 3).
 
     Returns:
         The case report; nothing is raised for bad files.
@@ -220,7 +224,7 @@ def validate_case(case: CaseFiles, *, full: bool = False, kits_spacing: Spacing 
         if labels is None:
             problems.append(read_problem)
         else:
-            label_problems, label_counts = check_label_voxels(label_check.path, labels)
+            label_problems, label_counts = check_label_voxels(label_check.path, labels, dataset)
             problems.extend(label_problems)
     if kits_spacing is not None and main is not None and main.spacing is not None:
         problems.extend(check_kits_spacing(main.path, main.spacing, kits_spacing))
@@ -238,7 +242,7 @@ def validate_case(case: CaseFiles, *, full: bool = False, kits_spacing: Spacing 
 
 
 def validate_dataset(data_dir: str | os.PathLike, *, full: bool = False, show_progress: bool = True,
-                     workers: int = 1) -> DatasetReport:
+                     workers: int = 1, dataset: DatasetDefinition | str = KITS19) -> DatasetReport:
     """Discover the cases of a data folder and validate each (see :func:`validate_case`).
 
     Args:
@@ -246,12 +250,14 @@ def validate_dataset(data_dir: str | os.PathLike, *, full: bool = False, show_pr
         full: read every voxel (slow on real data) instead of headers only.
         show_progress: show a tqdm progress bar on stderr.
         workers: processes checking cases in parallel (>= 1); worth it with ``full``.
+        dataset: the dataset the folder holds (a definition or its name; default KiTS19).
 
     Raises:
         FileNotFoundError: ``data_dir`` does not exist.
+        DatasetLayoutError: the folder holds another dataset's metadata file.
     """
-    listing = discover_cases(data_dir)
-    jobs = [(case, full, listing.kits_spacing.get(case.case_id)) for case in listing.cases]
+    listing = discover_cases(data_dir, dataset)
+    jobs = [(case, full, listing.kits_spacing.get(case.case_id), listing.dataset) for case in listing.cases]
     reports = tuple(map_with_progress(_validate_job, jobs, workers=workers, description="checking cases",
                                       show_progress=show_progress))
     report = DatasetReport(listing=listing, reports=reports, full=full)
@@ -259,9 +265,9 @@ def validate_dataset(data_dir: str | os.PathLike, *, full: bool = False, show_pr
     return report
 
 
-def _validate_job(job: tuple[CaseFiles, bool, Spacing | None]) -> CaseReport:
-    case, full, kits_spacing = job
-    return validate_case(case, full=full, kits_spacing=kits_spacing)
+def _validate_job(job: tuple[CaseFiles, bool, Spacing | None, DatasetDefinition]) -> CaseReport:
+    case, full, kits_spacing, dataset = job
+    return validate_case(case, full=full, kits_spacing=kits_spacing, dataset=dataset)
 
 
 def select_cases(report: DatasetReport, *, need_segmentation: bool = True, on_bad: str = "error") -> list[CaseFiles]:
@@ -297,13 +303,15 @@ def select_cases(report: DatasetReport, *, need_segmentation: bool = True, on_ba
     return [r.files for r in report.reports if r.case_id not in bad_ids]
 
 
-def load_case(case: CaseFiles, *, need_segmentation: bool = True) -> LoadedCase:
+def load_case(case: CaseFiles, *, need_segmentation: bool = True,
+              dataset: DatasetDefinition = KITS19) -> LoadedCase:
     """Read a case's voxels once, checking them as :func:`validate_case` with ``full=True`` does.
 
     Args:
         case: the case's files.
         need_segmentation: ``True`` makes a missing segmentation an error; with ``False`` the
             segmentation is still read when present, and ``None`` otherwise.
+        dataset: whose labels are valid (default KiTS19).
 
     Returns:
         The image (``(Z, Y, X)`` float32 HU), segmentation (uint8 or ``None``), affine and spacing.
@@ -327,7 +335,8 @@ def load_case(case: CaseFiles, *, need_segmentation: bool = True) -> LoadedCase:
     segmentation = None
     if label_check is not None:
         labels, read_problem = read_labels(label_check.path)
-        _raise_on_errors(case, [read_problem] if labels is None else check_label_voxels(label_check.path, labels)[0])
+        problems = [read_problem] if labels is None else check_label_voxels(label_check.path, labels, dataset)[0]
+        _raise_on_errors(case, problems)
         segmentation = labels.astype(np.uint8, copy=False)
     return LoadedCase(
         case_id=case.case_id,

@@ -33,7 +33,8 @@ from typing import Any
 import nibabel as nib
 import numpy as np
 
-from utils.data.kits_layout import AFFINE_ATOL_MM, AFFINE_RTOL, LABEL_NAMES, VALID_LABELS, spacing_from_affine
+from utils.data.dataset_definitions import KITS19, DatasetDefinition, foreign_labels_hint
+from utils.data.kits_layout import AFFINE_ATOL_MM, AFFINE_RTOL, spacing_from_affine
 from utils.data.nifti_io import NiftiReadError, load_nifti, load_nifti_verified, read_raw_header, read_voxels
 
 MISSING_IMAGING = "missing_imaging"
@@ -512,30 +513,36 @@ def check_image_voxels(path: Path, image: np.ndarray) -> tuple[list[Problem], fl
     return problems, low, high
 
 
-def check_label_voxels(path: Path, labels: np.ndarray) -> tuple[list[Problem], dict[int, int]]:
-    """Count voxels per label; values outside ``{0, 1, 2}`` give a ``bad_labels`` problem.
+def check_label_voxels(path: Path, labels: np.ndarray,
+                       dataset: DatasetDefinition = KITS19) -> tuple[list[Problem], dict[int, int]]:
+    """Count voxels per label; values outside the dataset's labels (KiTS19: ``{0, 1, 2}``) give a
+    ``bad_labels`` problem, which names the dataset that has them where one does (label 3: KiTS23's cyst).
 
     Returns:
-        The problems, and voxels per valid label ``{0: n, 1: n, 2: n}`` (every label present).
+        The problems, and voxels per valid label, e.g. ``{0: n, 1: n, 2: n}`` (every label present).
     """
+    valid = dataset.valid_labels
     if labels.dtype == np.uint8:
-        counts = np.bincount(labels.ravel(), minlength=len(VALID_LABELS))
+        counts = np.bincount(labels.ravel(), minlength=len(valid))
         values, counts = np.flatnonzero(counts), counts[counts > 0]
     else:
         values, counts = np.unique(labels, return_counts=True)
     found = dict(zip(values.tolist(), counts.tolist(), strict=True))
-    label_counts = {label: int(found.get(label, 0)) for label in sorted(VALID_LABELS)}
-    bad = [(value, count) for value, count in found.items() if value not in VALID_LABELS]
+    label_counts = {label: int(found.get(label, 0)) for label in sorted(valid)}
+    bad = [(value, count) for value, count in found.items() if value not in valid]
     if not bad:
         return [], label_counts
     shown = ", ".join(
         f"{value:g} ({count} voxel{'s' if count != 1 else ''})" for value, count in bad[:_MAX_VALUES_SHOWN]
     )
     more = f" and {len(bad) - _MAX_VALUES_SHOWN} more values" if len(bad) > _MAX_VALUES_SHOWN else ""
-    allowed = ", ".join(f"{k} {v}" for k, v in LABEL_NAMES.items())
-    return [
-        Problem(BAD_LABELS, f"label values outside {{0, 1, 2}}: {shown}{more}; allowed are {allowed}", path)
-    ], label_counts
+    allowed = ", ".join(f"{k} {v}" for k, v in dataset.labels.items())
+    message = (f"label values outside {{{', '.join(map(str, sorted(valid)))}}}: {shown}{more}; "
+               f"allowed are {allowed}")
+    hint = foreign_labels_hint([value for value, _ in bad], dataset)
+    return [Problem(BAD_LABELS, message + hint, path)], label_counts
+
+
 
 
 def _fmt(values: Any) -> str:

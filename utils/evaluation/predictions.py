@@ -1,4 +1,8 @@
-"""Scoring a folder of predicted label maps against a KiTS19 data folder, on the original grid.
+"""Scoring a folder of predicted label maps against a KiTS data folder, on the original grid.
+
+The dataset (:mod:`utils.data.dataset_definitions`; KiTS19 by default) sets the valid labels and
+the scored regions: KiTS19's kidney and tumour, or KiTS23's hierarchical evaluation regions
+(kidney and masses, masses, tumour) with the challenge's surface-Dice tolerances.
 
 Predictions are NIfTI label maps named ``case_XXXXX.nii.gz`` or, as in KiTS19 submissions,
 ``prediction_XXXXX.nii.gz`` (``.nii`` also accepted), one per case, on the grid of the case's
@@ -8,7 +12,8 @@ header when a labels-only copy holds no CT). The ground truth is
 spacing comes from the CT's affine (:func:`utils.data.kits_layout.spacing_from_affine`).
 
 A prediction is *refused* (recorded with the reason, naming the case) when its shape or affine
-differs from its CT's, when it holds labels other than 0/1/2, or when it cannot be read.
+differs from its CT's, when it holds labels outside the dataset's (0/1/2 for KiTS19), or when it
+cannot be read.
 A ground-truth case without a prediction is, as in the KiTS19 challenge, a failure by default:
 it is scored :data:`MISSING_PREDICTION_SCORES` (Dice and surface Dice 0, HD95 missing) and
 listed under ``missing_predictions``; ``only_predicted=True`` leaves such cases out instead.
@@ -35,11 +40,12 @@ from typing import Any
 import numpy as np
 
 from utils.data.case_discovery import CaseFiles, discover_cases
-from utils.data.kits_layout import AFFINE_ATOL_MM, AFFINE_RTOL, VALID_LABELS, spacing_from_affine
+from utils.data.dataset_definitions import DATASETS, KITS19, DatasetDefinition, get_dataset
+from utils.data.kits_layout import AFFINE_ATOL_MM, AFFINE_RTOL, spacing_from_affine
 from utils.data.nifti_io import load_nifti, read_voxels, save_json_atomic, write_bytes_atomic
 from utils.data.output_guard import check_output_location, check_overwrite, is_own_json, is_own_text
 from utils.data.progress import progress
-from utils.metrics.scoring import EMPTY_MASK_RULES, METRIC_NAMES, score_case, summarise_scores
+from utils.metrics.scoring import EMPTY_MASK_RULES, METRIC_NAMES, metric_names, score_case, summarise_scores
 from utils.metrics.surface import DEFAULT_TOLERANCE_MM, HAUSDORFF_PERCENTILE
 
 logger = logging.getLogger(__name__)
@@ -58,8 +64,13 @@ MISSING_PREDICTION_SCORES = {"kidney_dice": 0.0, "tumour_dice": 0.0, "kidney_sur
                              "tumour_surface_dice": 0.0, "kidney_hd95": None, "tumour_hd95": None}
 #: Top-level keys of every ``metrics.json``: how an earlier report is recognised before it is replaced.
 METRICS_JSON_KEYS = ("cases", "summary", "settings")
-#: The first line of every ``metrics.csv``.
+#: The first line of every KiTS19 ``metrics.csv``.
 METRICS_CSV_HEADER = ",".join(("case_id", *METRIC_NAMES))
+
+
+def metrics_csv_header(dataset: DatasetDefinition = KITS19) -> str:
+    """The first line of a ``metrics.csv`` of this dataset (:data:`METRICS_CSV_HEADER` for KiTS19)."""
+    return ",".join(("case_id", *metric_names(dataset)))
 
 
 @dataclass(frozen=True)
@@ -112,12 +123,19 @@ def check_metrics_files(out_dir: str | os.PathLike) -> None:
     """
     out = Path(out_dir)
     check_overwrite(out / METRICS_JSON_NAME, is_own_json(METRICS_JSON_KEYS), what="metrics file")
-    check_overwrite(out / METRICS_CSV_NAME, is_own_text(METRICS_CSV_HEADER), what="metrics file")
+    headers = [is_own_text(metrics_csv_header(dataset)) for dataset in DATASETS.values()]
+    check_overwrite(out / METRICS_CSV_NAME, lambda path: any(own(path) for own in headers), what="metrics file")
 
 
-def missing_prediction_case(case_id: str) -> dict[str, Any]:
-    """The scores of a case without a prediction: ``case_id`` and :data:`MISSING_PREDICTION_SCORES`."""
-    return {"case_id": case_id, **MISSING_PREDICTION_SCORES}
+def missing_prediction_scores(dataset: DatasetDefinition = KITS19) -> dict[str, float | None]:
+    """The scores of a case without a prediction (:data:`MISSING_PREDICTION_SCORES` for KiTS19): Dice and
+    surface Dice 0, HD95 missing, for every region."""
+    return {name: None if name.endswith("_hd95") else 0.0 for name in metric_names(dataset)}
+
+
+def missing_prediction_case(case_id: str, dataset: DatasetDefinition = KITS19) -> dict[str, Any]:
+    """The scores of a case without a prediction: ``case_id`` and :func:`missing_prediction_scores`."""
+    return {"case_id": case_id, **missing_prediction_scores(dataset)}
 
 
 def find_predictions(pred_dir: Path) -> tuple[dict[str, Path], dict[str, str], list[str]]:
@@ -147,32 +165,36 @@ def find_predictions(pred_dir: Path) -> tuple[dict[str, Path], dict[str, str], l
     return predictions, ambiguous, warnings
 
 
-def read_label_map(path: Path, what: str) -> np.ndarray:
+def read_label_map(path: Path, what: str, dataset: DatasetDefinition = KITS19) -> np.ndarray:
     """Read a label map and check its values, without a float copy unless the file stores floats.
 
     Args:
         path: a NIfTI label map.
         what: how the volume is named in errors, e.g. ``"case_00003: prediction"``.
+        dataset: whose labels are valid (KiTS19: 0, 1, 2; KiTS23: 0 to 3).
 
     Returns:
-        ``(Z, Y, X)`` uint8 array of labels 0/1/2, in on-disk axis order.
+        ``(Z, Y, X)`` uint8 array of labels, in on-disk axis order.
 
     Raises:
-        ValueError: the file is unreadable or holds values other than 0, 1, 2.
+        ValueError: the file is unreadable or holds values outside the dataset's labels.
     """
+    valid = dataset.valid_labels
     image = load_nifti(path)
     proxy = image.dataobj
     scaled = float(getattr(proxy, "slope", 1.0)) != 1.0 or float(getattr(proxy, "inter", 0.0)) != 0.0
     on_disk = image.get_data_dtype()
     voxels = read_voxels(image, np.float32 if scaled or on_disk.kind == "f" else on_disk.type)
-    low, high = min(VALID_LABELS), max(VALID_LABELS)
+    low, high = min(valid), max(valid)
     if voxels.dtype.kind == "f" or voxels.min() < low or voxels.max() > high:
-        invalid = ~np.isin(voxels, sorted(VALID_LABELS))
+        invalid = ~np.isin(voxels, sorted(valid))
         if invalid.any():
             values = np.unique(voxels[invalid])
             shown = ", ".join(f"{v:g}" for v in values[:5]) + (" ..." if values.size > 5 else "")
-            raise ValueError(f"{what} {path} holds labels outside {{0, 1, 2}}: {int(invalid.sum())} voxels "
-                             f"with values {shown}")
+            raise ValueError(f"{what} {path} holds labels outside {{{', '.join(map(str, sorted(valid)))}}}: "
+                             f"{int(invalid.sum())} voxels with values {shown}"
+                             + (f" ({dataset.title} labels are {dataset.describe_labels()})" if dataset is not KITS19
+                                else ""))
     return voxels.astype(np.uint8, copy=False)
 
 
@@ -192,17 +214,19 @@ def _check_same_grid(path: Path, reference: Path, what: str) -> None:
             "predictions must be on the CT's original grid")
 
 
-def score_prediction(case: CaseFiles, prediction_path: Path, tolerance_mm: float) -> dict[str, Any]:
+def score_prediction(case: CaseFiles, prediction_path: Path, tolerance_mm: float,
+                     dataset: DatasetDefinition = KITS19) -> dict[str, Any]:
     """Check one prediction against its case's CT header and score it against the ground truth.
 
     Args:
         case: the case's files (``segmentation`` must exist); ``imaging`` gives the grid,
             the segmentation's header when there is no CT.
         prediction_path: the predicted label map.
-        tolerance_mm: surface-Dice tolerance in mm.
+        tolerance_mm: surface-Dice tolerance in mm (for regions without an official one).
+        dataset: whose labels and regions.
 
     Returns:
-        ``{"case_id": ..., **score_case(prediction, truth, spacing, tolerance_mm=tolerance_mm)}``.
+        ``{"case_id": ..., **score_case(prediction, truth, spacing, tolerance_mm=..., dataset=...)}``.
 
     Raises:
         ValueError: shape or affine differ from the CT's, labels outside 0/1/2, unreadable file;
@@ -215,13 +239,14 @@ def score_prediction(case: CaseFiles, prediction_path: Path, tolerance_mm: float
     if reference != case.segmentation:
         _check_same_grid(case.segmentation, reference, f"{case.case_id}: ground truth")
     spacing = spacing_from_affine(load_nifti(reference).affine)
-    prediction = read_label_map(prediction_path, f"{case.case_id}: prediction")
-    truth = read_label_map(case.segmentation, f"{case.case_id}: ground truth")
-    return {"case_id": case.case_id, **score_case(prediction, truth, spacing, tolerance_mm=tolerance_mm)}
+    prediction = read_label_map(prediction_path, f"{case.case_id}: prediction", dataset)
+    truth = read_label_map(case.segmentation, f"{case.case_id}: ground truth", dataset)
+    return {"case_id": case.case_id,
+            **score_case(prediction, truth, spacing, tolerance_mm=tolerance_mm, dataset=dataset)}
 
 
 def _match_cases(gt_dir: Path, pred_dir: Path, case_ids: Sequence[str] | None = None, *,
-                 only_predicted: bool = False
+                 only_predicted: bool = False, dataset: DatasetDefinition = KITS19
                  ) -> tuple[list[tuple[CaseFiles, Path]], dict[str, str], list[str], list[str]]:
     """Pair ground-truth cases (only ``case_ids`` when given) with predictions.
 
@@ -230,7 +255,7 @@ def _match_cases(gt_dir: Path, pred_dir: Path, case_ids: Sequence[str] | None = 
         reason per refused case id, the warnings, and the ground-truth cases without a prediction
         (neither paired nor refused), sorted.
     """
-    truth = {case.case_id: case for case in discover_cases(gt_dir).cases if case.segmentation is not None
+    truth = {case.case_id: case for case in discover_cases(gt_dir, dataset).cases if case.segmentation is not None
              and (case_ids is None or case.case_id in case_ids)}
     predictions, refused, warnings = find_predictions(pred_dir)
     without_truth = sorted(set(predictions) - set(truth))
@@ -250,19 +275,22 @@ def _match_cases(gt_dir: Path, pred_dir: Path, case_ids: Sequence[str] | None = 
 def evaluate_predictions(gt_dir: str | os.PathLike, pred_dir: str | os.PathLike, out_dir: str | os.PathLike, *,
                          tolerance_mm: float = DEFAULT_TOLERANCE_MM, show_progress: bool = False,
                          case_ids: Sequence[str] | None = None, only_predicted: bool = False,
-                         allow_inside_input: bool = False) -> EvaluationResult:
+                         allow_inside_input: bool = False,
+                         dataset: DatasetDefinition | str = KITS19) -> EvaluationResult:
     """Score every prediction in ``pred_dir`` against ``gt_dir`` and write ``metrics.json`` and ``metrics.csv``.
 
     Args:
-        gt_dir: KiTS19-layout data folder (``case_XXXXX/segmentation.nii.gz``, ``imaging.nii.gz``).
+        gt_dir: KiTS-layout data folder (``case_XXXXX/segmentation.nii.gz``, ``imaging.nii.gz``).
         pred_dir: folder of ``case_XXXXX.nii.gz`` or ``prediction_XXXXX.nii.gz`` label maps.
         out_dir: output folder (created if needed), outside both input folders.
-        tolerance_mm: surface-Dice tolerance in mm, finite and >= 0.
+        tolerance_mm: surface-Dice tolerance in mm, finite and >= 0, for the regions without an
+            official one (all of KiTS19's; KiTS23's HECs use the challenge's).
         show_progress: progress per case on stderr (a bar on a terminal, lines otherwise).
         case_ids: score only these ground-truth cases (e.g. a run's validation cases); ``None``: all.
         only_predicted: leave ground-truth cases without a prediction out of the scores; by
             default each scores :data:`MISSING_PREDICTION_SCORES` (a failure, as in KiTS19).
         allow_inside_input: allow ``out_dir`` inside an input folder (never onto an input file).
+        dataset: whose labels and scored regions (a definition or its name; default KiTS19).
 
     Returns:
         The scored cases, summary, refusals, warnings (also logged) and cases without a
@@ -273,6 +301,7 @@ def evaluate_predictions(gt_dir: str | os.PathLike, pred_dir: str | os.PathLike,
         ValueError: ``tolerance_mm`` is invalid; ``OutputGuardError`` (a ``ValueError``):
             ``out_dir`` lies inside an input folder, or holds metrics files an evaluation did not write.
     """
+    dataset = get_dataset(dataset)
     gt, pred = Path(gt_dir), Path(pred_dir)
     for role, folder in (("gt_dir (ground truth)", gt), ("pred_dir (predictions)", pred)):
         if not folder.is_dir():
@@ -282,35 +311,53 @@ def evaluate_predictions(gt_dir: str | os.PathLike, pred_dir: str | os.PathLike,
     out = check_output_dir(out_dir, gt, pred, allow_inside_input=allow_inside_input)
     check_metrics_files(out)
     pairs, refused, warnings, missing = _match_cases(gt, pred, None if case_ids is None else set(case_ids),
-                                                     only_predicted=only_predicted)
+                                                     only_predicted=only_predicted, dataset=dataset)
     for message in warnings:
         logger.warning("%s", message)
     cases = []
     for case, prediction_path in progress(pairs, desc="evaluate", unit="case", disable=not show_progress):
         try:
-            cases.append(score_prediction(case, prediction_path, tolerance_mm))
+            cases.append(score_prediction(case, prediction_path, tolerance_mm, dataset))
         except (ValueError, FileNotFoundError) as error:  # NiftiReadError is a ValueError
             reason = str(error)
             refused[case.case_id] = reason if reason.startswith(case.case_id) else f"{case.case_id}: {reason}"
     for _case_id, reason in sorted(refused.items()):
         logger.error("refused %s", reason)
     if not only_predicted:
-        cases = sorted(cases + [missing_prediction_case(case_id) for case_id in missing],
+        cases = sorted(cases + [missing_prediction_case(case_id, dataset) for case_id in missing],
                        key=lambda case: case["case_id"])
-    summary = summarise_scores(cases, metrics=METRIC_NAMES)
+    summary = summarise_scores(cases, metrics=metric_names(dataset), dataset=dataset)
     settings = {"tolerance_mm": float(tolerance_mm), "hd_percentile": HAUSDORFF_PERCENTILE,
                 "gt": str(gt.resolve()), "pred": str(pred.resolve()), "empty_mask_rules": EMPTY_MASK_RULES,
-                "missing_predictions": "left out" if only_predicted else "scored as failures"}
+                "missing_predictions": "left out" if only_predicted else "scored as failures",
+                **dataset_settings(dataset, tolerance_mm)}
     refusals = tuple({"case_id": case_id, "reason": reason} for case_id, reason in sorted(refused.items()))
-    json_path, csv_path = save_metrics(out, cases, summary, settings, refusals, warnings, missing)
+    json_path, csv_path = save_metrics(out, cases, summary, settings, refusals, warnings, missing, dataset)
     return EvaluationResult(tuple(cases), summary, refusals, tuple(warnings), json_path, csv_path, tuple(missing),
                             only_predicted)
+
+
+def dataset_settings(dataset: DatasetDefinition, tolerance_mm: float) -> dict[str, Any]:
+    """What a ``metrics.json`` records of the dataset: nothing for KiTS19 (its reports are as they always
+    were), else its name, regions with their labels and surface-Dice tolerances, and how they are built."""
+    if dataset is KITS19:
+        return {}
+    return {"dataset": dataset.name, "region_rule": dataset.region_rule,
+            "regions": {region.name: {"labels": sorted(region.labels),
+                                      "tolerance_mm": region.tolerance_mm if region.tolerance_mm is not None
+                                      else float(tolerance_mm)} for region in dataset.regions}}
+
+
+def dataset_of_settings(settings: dict[str, Any]) -> DatasetDefinition:
+    """The dataset a ``metrics.json`` was scored on (KiTS19 when it does not say)."""
+    return get_dataset(settings.get("dataset", KITS19.name))
 
 
 def save_metrics(out_dir: Path, cases: list[dict[str, Any]], summary: dict, settings: dict,
                  refused: tuple[dict[str, str], ...] = (),
                  warnings: list[str] | tuple[str, ...] = (),
-                 missing: list[str] | tuple[str, ...] = ()) -> tuple[Path, Path]:
+                 missing: list[str] | tuple[str, ...] = (),
+                 dataset: DatasetDefinition = KITS19) -> tuple[Path, Path]:
     """Write ``metrics.json`` (cases, summary, settings, refused, warnings, missing_predictions) and
     ``metrics.csv`` atomically.
 
@@ -322,9 +369,10 @@ def save_metrics(out_dir: Path, cases: list[dict[str, Any]], summary: dict, sett
     json_path = save_json_atomic(out_dir / METRICS_JSON_NAME, report)
     table = io.StringIO()
     writer = csv.writer(table, lineterminator="\n")
-    writer.writerow(["case_id", *METRIC_NAMES])
+    names = metric_names(dataset)
+    writer.writerow(["case_id", *names])
     for case in cases:
-        writer.writerow([case["case_id"], *("" if case[m] is None else repr(float(case[m])) for m in METRIC_NAMES)])
+        writer.writerow([case["case_id"], *("" if case[m] is None else repr(float(case[m])) for m in names)])
     csv_path = out_dir / METRICS_CSV_NAME
     write_bytes_atomic(csv_path, table.getvalue().encode("utf-8"))
     return json_path, csv_path

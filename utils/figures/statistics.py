@@ -4,7 +4,9 @@ axial slices (:mod:`utils.analysis.slice_statistics`), and a gallery of sampled 
 Every function builds a new :class:`~matplotlib.figure.Figure` without pyplot, so nothing is
 shown, registered or changed globally (no rcParams, no random state); display it in a notebook
 by making it a cell's value, save it with :func:`utils.figures.drawing.save_figure`. Kidney and
-tumour take their colours from :data:`utils.figures.drawing.LABEL_COLOURS`.
+tumour take their colours from :data:`utils.figures.drawing.LABEL_COLOURS`; the cyst (KiTS23's label 3)
+takes ``CYST_COLOUR``. Figures of case statistics show cyst series only for cases of a dataset with a
+cyst label (KiTS23); KiTS19 figures have none.
 """
 
 from __future__ import annotations
@@ -19,17 +21,24 @@ from matplotlib.figure import Figure
 from matplotlib.lines import Line2D
 
 from utils.analysis.dataset_statistics import (
-    CLASS_NAMES,
+    CYST_NAME,
     HU_HISTOGRAM_RANGE,
     CaseStatistics,
+    class_names,
     compute_histogram_percentile,
 )
 from utils.analysis.slice_statistics import SLICE_CLASS_NAMES, SamplingShares, SliceAreas, classify_slices
-from utils.data.kits_layout import KIDNEY_LABEL, TUMOUR_LABEL
+from utils.data.dataset_definitions import CYST_LABEL, KITS19, DatasetDefinition, get_dataset
+from utils.data.kits_layout import BACKGROUND_LABEL, KIDNEY_LABEL, TUMOUR_LABEL
 from utils.figures.drawing import LABEL_COLOURS
 
 #: Background is not a label colour in LABEL_COLOURS; it is drawn in neutral grey.
 BACKGROUND_COLOUR = "0.45"
+#: Colour of the cyst (label 3 of KiTS23): LABEL_COLOURS' where it has one, else a purple far from
+#: the kidney's green and the tumour's red.
+CYST_COLOUR = LABEL_COLOURS.get(CYST_LABEL, "#9467bd")
+#: Colours of the KiTS19 classes (background, kidney, tumour), also of the slice classes
+#: (background only, kidney without tumour, contains tumour).
 CLASS_COLOURS = (BACKGROUND_COLOUR, LABEL_COLOURS[KIDNEY_LABEL], LABEL_COLOURS[TUMOUR_LABEL])
 #: Largest number of histogram bins drawn for a per-case quantity.
 MAX_BINS = 30
@@ -41,11 +50,28 @@ def _new_figure(columns: int = 1, width: float = 5.0, height: float = 3.4) -> tu
     return figure, list(figure.subplots(1, columns, squeeze=False)[0])
 
 
+def class_colours(dataset: str | DatasetDefinition = KITS19) -> tuple[str, ...]:
+    """Colour of every class of a dataset in label order: grey background, then the label colours (cyst purple)."""
+    dataset = get_dataset(dataset)
+    colours = {BACKGROUND_LABEL: BACKGROUND_COLOUR, **LABEL_COLOURS}
+    if dataset.has_label(CYST_NAME):
+        colours.setdefault(dataset.label(CYST_NAME), CYST_COLOUR)
+    return tuple(colours[label] for label in sorted(dataset.labels))
+
+
 def _cases(statistics: Iterable[CaseStatistics]) -> list[CaseStatistics]:
     cases = list(statistics)
     if not cases:
         raise ValueError("statistics must hold at least one case, got none")
+    datasets = sorted({case.dataset for case in cases})
+    if len(datasets) > 1:
+        raise ValueError(f"statistics must all be of one dataset, got cases of {', '.join(datasets)}")
     return cases
+
+
+def _with_cyst(cases: Sequence[CaseStatistics]) -> bool:
+    """Whether the cases (all of one dataset, see :func:`_cases`) have cyst statistics."""
+    return cases[0].has_cyst_label
 
 
 def _bins(values: Sequence[float]) -> int:
@@ -80,76 +106,131 @@ def plot_spacing_distributions(statistics: Iterable[CaseStatistics]) -> Figure:
 
 
 def plot_class_proportions(statistics: Iterable[CaseStatistics]) -> Figure:
-    """Per case, the share of voxels that are kidney and tumour, in %, as stacked bars (one axis)."""
+    """Per case, the share of voxels that are kidney and tumour (and cyst, KiTS23), in %, as stacked bars (one axis)."""
     cases = _cases(statistics)
-    kidney = np.array([100 * case.class_proportions[KIDNEY_LABEL] for case in cases])
-    tumour = np.array([100 * case.class_proportions[TUMOUR_LABEL] for case in cases])
+    series = [("kidney (label 1)", KIDNEY_LABEL, LABEL_COLOURS[KIDNEY_LABEL]),
+              ("tumour (label 2)", TUMOUR_LABEL, LABEL_COLOURS[TUMOUR_LABEL])]
+    if _with_cyst(cases):
+        cyst_label = cases[0].definition.label(CYST_NAME)
+        series.append((f"cyst (label {cyst_label})", cyst_label, CYST_COLOUR))
     figure, (ax,) = _new_figure(width=max(5.0, min(14.0, 0.08 * len(cases))))
-    positions = np.arange(len(cases))
-    ax.bar(positions, kidney, width=0.9, color=LABEL_COLOURS[KIDNEY_LABEL],
-           label=f"kidney (label 1), median {np.median(kidney):.2f} %")
-    ax.bar(positions, tumour, width=0.9, bottom=kidney, color=LABEL_COLOURS[TUMOUR_LABEL],
-           label=f"tumour (label 2), median {np.median(tumour):.2f} %")
+    positions, bottom = np.arange(len(cases)), np.zeros(len(cases))
+    for name, label, colour in series:
+        shares = np.array([100 * case.class_proportions[label] for case in cases])
+        ax.bar(positions, shares, width=0.9, bottom=bottom, color=colour,
+               label=f"{name}, median {np.median(shares):.2f} %")
+        bottom += shares
     if len(cases) <= 20:
         ax.set_xticks(positions, [case.case_id.removeprefix("case_") for case in cases], rotation=90)
-    ax.set(xlabel="case", ylabel="% of the case's voxels", title="kidney and tumour share of the voxels")
+    names = "kidney, tumour and cyst" if _with_cyst(cases) else "kidney and tumour"
+    ax.set(xlabel="case", ylabel="% of the case's voxels", title=f"{names} share of the voxels")
     figure.legend(frameon=False, loc="outside lower center")
     return figure
 
 
 def plot_volume_distributions(statistics: Iterable[CaseStatistics]) -> Figure:
-    """Histograms of kidney (label 1, and label > 0 as a line) and tumour (label 2) volumes in ml (two axes)."""
+    """Histograms of kidney (label 1, and the composite as a line) and tumour (label 2) volumes in ml (two axes).
+
+    The composite is label > 0: kidney + tumour in KiTS19, kidney and masses (labels 1, 2, 3) in
+    KiTS23. With a cyst label a third axis shows the cyst volume of the cases that have a cyst.
+    """
     cases = _cases(statistics)
-    figure, (ax_kidney, ax_tumour) = _new_figure(2)
-    kidney, composite = [case.kidney_ml for case in cases], [case.kidney_tumour_ml for case in cases]
+    with_cyst = _with_cyst(cases)
+    figure, axes = _new_figure(3 if with_cyst else 2)
+    ax_kidney, ax_tumour = axes[:2]
+    kidney = [case.kidney_ml for case in cases]
+    if with_cyst:
+        composite = [float(case.kidney_and_masses_ml) for case in cases]  # type: ignore[arg-type]
+        composite_name = "kidney and masses (labels 1, 2, 3)"
+    else:
+        composite, composite_name = [case.kidney_tumour_ml for case in cases], "kidney + tumour (label > 0)"
     edges = np.histogram_bin_edges(kidney + composite, bins=_bins(kidney + composite))
     ax_kidney.hist(kidney, bins=edges, color=LABEL_COLOURS[KIDNEY_LABEL], alpha=0.7, label="kidney (label 1)")
-    ax_kidney.hist(composite, bins=edges, histtype="step", color="black", label="kidney + tumour (label > 0)")
+    ax_kidney.hist(composite, bins=edges, histtype="step", color="black", label=composite_name)
     ax_kidney.set(xlabel="volume (ml)", ylabel="cases", title=f"kidney, median {np.median(kidney):.0f} ml")
     ax_kidney.legend(frameon=False)
     tumour = [case.tumour_ml for case in cases]
     ax_tumour.hist(tumour, bins=_bins(tumour), color=LABEL_COLOURS[TUMOUR_LABEL], alpha=0.7)
     ax_tumour.set(xlabel="volume (ml)", ylabel="cases", title=f"tumour (label 2), median {np.median(tumour):.1f} ml")
+    if with_cyst:
+        cyst = [float(case.cyst_ml) for case in cases if case.cysts]  # type: ignore[arg-type]
+        _plot_cyst_volumes(axes[2], cyst, len(cases), cases[0].definition.label(CYST_NAME))
     return figure
 
 
+def _plot_cyst_volumes(ax: Axes, volumes: list[float], n_cases: int, label: int) -> None:
+    """Histogram of the cyst volumes (ml) of the cases that have a cyst, or a note when none has."""
+    if volumes:
+        ax.hist(volumes, bins=_bins(volumes), color=CYST_COLOUR, alpha=0.7)
+        title = f"cyst (label {label}): {len(volumes)} of {n_cases} cases, median {np.median(volumes):.1f} ml"
+    else:
+        ax.text(0.5, 0.5, "no case has a cyst", ha="center", va="center", transform=ax.transAxes)
+        title = f"cyst (label {label}): none in {n_cases} cases"
+    ax.set(xlabel="volume (ml)", ylabel="cases with a cyst", title=title)
+
+
 def plot_tumours_per_case(statistics: Iterable[CaseStatistics]) -> Figure:
-    """Bar chart of how many cases have 0, 1, 2, ... tumours (26-connected components of label 2; one axis)."""
-    counts = np.bincount([case.tumours for case in _cases(statistics)])
-    figure, (ax,) = _new_figure()
-    ax.bar(np.arange(counts.size), counts, color=LABEL_COLOURS[TUMOUR_LABEL])
-    ax.set_xticks(np.arange(counts.size))
-    ax.set(xlabel="tumours per case (connected components of label 2)", ylabel="cases", title="tumours per case")
+    """Bar chart of how many cases have 0, 1, 2, ... tumours (26-connected components of label 2; one axis).
+
+    With a cyst label (KiTS23) a second axis counts cysts (26-connected components of label 3) the same way.
+    """
+    cases = _cases(statistics)
+    series = [("tumours", TUMOUR_LABEL, LABEL_COLOURS[TUMOUR_LABEL], [case.tumours for case in cases])]
+    if _with_cyst(cases):
+        series.append(("cysts", cases[0].definition.label(CYST_NAME), CYST_COLOUR, [case.cysts for case in cases]))
+    figure, axes = _new_figure(len(series))
+    for ax, (name, label, colour, values) in zip(axes, series, strict=True):
+        counts = np.bincount(values)
+        ax.bar(np.arange(counts.size), counts, color=colour)
+        ax.set_xticks(np.arange(counts.size))
+        ax.set(xlabel=f"{name} per case (connected components of label {label})", ylabel="cases",
+               title=f"{name} per case")
     return figure
 
 
 def plot_slice_shares(statistics: Iterable[CaseStatistics]) -> Figure:
-    """Histograms of the share of a case's axial slices holding kidney (label > 0) and tumour (label 2), in %."""
+    """Histograms of the share of a case's axial slices holding kidney (label > 0) and tumour (label 2), in %.
+
+    With a cyst label (KiTS23) the cyst (label 3) is a third series.
+    """
     cases = _cases(statistics)
     figure, (ax,) = _new_figure()
     bins = np.linspace(0, 100, 21)
-    for name, label, shares in (("kidney (label > 0)", KIDNEY_LABEL, [c.kidney_slice_share for c in cases]),
-                                ("tumour (label 2)", TUMOUR_LABEL, [c.tumour_slice_share for c in cases])):
-        ax.hist(100 * np.asarray(shares), bins=bins, color=LABEL_COLOURS[label], alpha=0.6, label=name)
-    ax.set(xlabel="% of the case's axial slices", ylabel="cases", title="slices holding kidney and tumour")
+    series = [("kidney (label > 0)", LABEL_COLOURS[KIDNEY_LABEL], [c.kidney_slice_share for c in cases]),
+              ("tumour (label 2)", LABEL_COLOURS[TUMOUR_LABEL], [c.tumour_slice_share for c in cases])]
+    if _with_cyst(cases):
+        series.append((f"cyst (label {cases[0].definition.label(CYST_NAME)})", CYST_COLOUR,
+                       [c.cyst_slice_share for c in cases]))
+    for name, colour, shares in series:
+        ax.hist(100 * np.asarray(shares), bins=bins, color=colour, alpha=0.6, label=name)
+    names = "kidney, tumour and cyst" if _with_cyst(cases) else "kidney and tumour"
+    ax.set(xlabel="% of the case's axial slices", ylabel="cases", title=f"slices holding {names}")
     ax.legend(frameon=False)
     return figure
 
 
 def plot_hu_histograms(histograms: np.ndarray, *, bin_width: int = 5,
-                       clip_percentiles: tuple[float, float] = (0.05, 99.95)) -> Figure:
-    """Distribution of HU per class (background, kidney, tumour), each normalised to sum 1, log y (one axis).
+                       clip_percentiles: tuple[float, float] = (0.05, 99.95),
+                       dataset: str | DatasetDefinition = KITS19) -> Figure:
+    """Distribution of HU per class (background, kidney, tumour; KiTS23 also cyst), each normalised to sum 1, log y.
+
+    One axis; a class without voxels is left out.
 
     Args:
-        histograms: ``(3, 4096)`` voxel counts per class and integer HU, bin ``i`` holding
-            ``HU_HISTOGRAM_RANGE[0] + i`` (from :func:`~utils.analysis.dataset_statistics.accumulate_hu_histograms`).
+        histograms: ``(classes, 4096)`` voxel counts per class of ``dataset`` and integer HU, bin
+            ``i`` holding ``HU_HISTOGRAM_RANGE[0] + i`` (from
+            :func:`~utils.analysis.dataset_statistics.accumulate_hu_histograms`).
         bin_width: HU per drawn bin (1 to 64); counts of neighbouring integer HU are summed.
         clip_percentiles: the HU axis spans these percentiles of every class that has voxels.
+        dataset: the dataset definition (or its name) whose classes the rows are.
     """
+    dataset = get_dataset(dataset)
     histograms = np.asarray(histograms)
-    expected = (len(CLASS_NAMES), HU_HISTOGRAM_RANGE[1] - HU_HISTOGRAM_RANGE[0])
+    expected = (dataset.num_classes, HU_HISTOGRAM_RANGE[1] - HU_HISTOGRAM_RANGE[0])
     if histograms.shape != expected or (histograms < 0).any():
-        raise ValueError(f"histograms must be {expected} counts >= 0, got shape {histograms.shape}")
+        raise ValueError(f"histograms must be {expected} counts >= 0, got shape {histograms.shape}; one row per "
+                         f"{dataset.title} class ({dataset.describe_labels()}): pass the dataset the statistics "
+                         f"were computed with as dataset=")
     if not histograms.any():
         raise ValueError("histograms hold no voxels; compute statistics on cases with imaging first")
     if not 1 <= bin_width <= 64:
@@ -157,7 +238,7 @@ def plot_hu_histograms(histograms: np.ndarray, *, bin_width: int = 5,
     figure, (ax,) = _new_figure(width=8.5)
     starts = np.arange(*HU_HISTOGRAM_RANGE, bin_width)
     limits = []
-    for name, colour, counts in zip(CLASS_NAMES, CLASS_COLOURS, histograms, strict=False):
+    for name, colour, counts in zip(class_names(dataset), class_colours(dataset), histograms, strict=True):
         if counts.sum() == 0:
             continue
         binned = np.add.reduceat(counts, np.arange(0, counts.size, bin_width))
@@ -265,6 +346,8 @@ def plot_slice_gallery(items: Sequence[Mapping[str, Any]], *, columns: int = 4,
                        window: tuple[float, float] | None = None) -> Figure:
     """Sampled training slices in grey with kidney (label > 0) and tumour (label 2) contours, one panel per item.
 
+    Cyst (label 3, KiTS23) gets its own contour and legend entry when an item holds it.
+
     Args:
         items: at least one dataset item (as from a ``SliceDataset``): ``image`` ``(1, S, S)``
             float (normalised), ``label`` ``(1, S, S)`` integer, ``case_id``, ``slice_index``,
@@ -292,9 +375,11 @@ def plot_slice_gallery(items: Sequence[Mapping[str, Any]], *, columns: int = 4,
     axes = figure.subplots(rows, columns, squeeze=False).ravel()
     for ax in axes:
         ax.set_axis_off()
+    contour_colours = {**LABEL_COLOURS}
+    contour_colours.setdefault(CYST_LABEL, CYST_COLOUR)
     for ax, item, image, label in zip(axes, items, images, labels, strict=False):
         ax.imshow(image[0], cmap="gray", vmin=window[0], vmax=window[1], interpolation="nearest")
-        for value, colour in LABEL_COLOURS.items():
+        for value, colour in contour_colours.items():
             mask = label[0] >= value if value == KIDNEY_LABEL else label[0] == value
             if mask.any():
                 ax.contour(mask.astype(np.float32), levels=[0.5], colors=[colour], linewidths=1.0)
@@ -302,7 +387,9 @@ def plot_slice_gallery(items: Sequence[Mapping[str, Any]], *, columns: int = 4,
         ax.set_title(f"{item['case_id']}, slice {item['slice_index']}\n{slice_class}", fontsize=8)
     handles = [Line2D([], [], color=LABEL_COLOURS[KIDNEY_LABEL], label="kidney (label > 0)"),
                Line2D([], [], color=LABEL_COLOURS[TUMOUR_LABEL], label="tumour (label 2)")]
-    figure.legend(handles=handles, loc="outside lower center", ncols=2, frameon=False)
+    if any((label == CYST_LABEL).any() for label in labels):
+        handles.append(Line2D([], [], color=contour_colours[CYST_LABEL], label=f"cyst (label {CYST_LABEL})"))
+    figure.legend(handles=handles, loc="outside lower center", ncols=len(handles), frameon=False)
     return figure
 
 

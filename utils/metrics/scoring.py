@@ -1,8 +1,13 @@
-"""The KiTS19 scores of one case and their summary over cases: the one scorer of training, benchmarks and evaluation.
+"""The KiTS scores of one case and their summary over cases: the one scorer of training, benchmarks and evaluation.
 
-Label maps hold ``0`` background, ``1`` kidney, ``2`` tumour. As in the KiTS19 challenge, two
-structures are scored: the composite kidney ``label > 0`` (kidney and tumour together) and the
-tumour ``label == 2``.
+The scored structures are the dataset's evaluation regions
+(:mod:`utils.data.dataset_definitions`). KiTS19 (the default): label maps hold ``0``
+background, ``1`` kidney, ``2`` tumour, and as in the KiTS19 challenge two structures are
+scored, the composite kidney ``label > 0`` (kidney and tumour together) and the tumour
+``label == 2``. KiTS23 adds ``3`` cyst and scores its hierarchical evaluation regions
+(kidney and masses {1, 2, 3}, masses {2, 3}, tumour {2}), each with the challenge's own
+surface-Dice tolerance; score keys are ``<region>_dice``, ``<region>_surface_dice`` and
+``<region>_hd95``.
 
 * :func:`score_case` without a spacing: kidney and tumour Dice on whatever grid the two label
   maps share (the preprocessing cache's grid in training validation); numpy arrays or torch
@@ -11,8 +16,8 @@ tumour ``label == 2``.
   ``(Z, Y, X)`` grid of that spacing (each CT's original grid in evaluation); see
   :mod:`utils.metrics.surface` for the surface convention.
 * :func:`summarise_scores`: mean, standard deviation, median, count and missing count of every
-  score over cases, plus ``mean_dice`` (mean of kidney and tumour Dice, the model-selection
-  criterion) and ``cases``.
+  score over cases, plus ``mean_dice`` (mean of the regions' Dice, for KiTS19 of kidney and
+  tumour Dice: the model-selection criterion) and ``cases``.
 
 Empty masks (:data:`EMPTY_MASK_RULES`): both prediction and truth empty gives Dice 1, surface
 Dice 1 and HD95 0 mm (nothing to find, nothing found); exactly one empty gives Dice 0, surface
@@ -30,7 +35,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from utils.data.kits_layout import TUMOUR_LABEL
+from utils.data.dataset_definitions import KITS19, DatasetDefinition, EvaluationRegion
 from utils.metrics.dice import Array, dice
 from utils.metrics.surface import (
     DEFAULT_TOLERANCE_MM,
@@ -41,12 +46,12 @@ from utils.metrics.surface import (
     measure_surface_distances,
 )
 
-#: The scored structures: name, and the mask of a label map.
-STRUCTURES: tuple[tuple[str, Callable[[Array], Array]], ...] = (
-    ("kidney", lambda labels: labels > 0), ("tumour", lambda labels: labels == TUMOUR_LABEL))
-#: The Dice scores whose mean is ``mean_dice``, the model-selection criterion.
+#: KiTS19's scored structures: name, and the mask of a label map (its evaluation regions, as functions).
+STRUCTURES: tuple[tuple[str, Callable[[Array], Array]], ...] = tuple((region.name, region.mask)
+                                                                    for region in KITS19.regions)
+#: KiTS19's Dice scores whose mean is ``mean_dice``, the model-selection criterion.
 DICE_NAMES = ("kidney_dice", "tumour_dice")
-#: Per-case scores on a grid with a spacing, in table order (the keys of metrics.json and metrics.csv).
+#: KiTS19's per-case scores on a grid with a spacing, in table order (the keys of metrics.json and metrics.csv).
 METRIC_NAMES = ("kidney_dice", "tumour_dice", "kidney_surface_dice", "tumour_surface_dice", "kidney_hd95",
                 "tumour_hd95")
 #: Keys :func:`summarise_scores` adds next to the per-score statistics.
@@ -58,14 +63,25 @@ EMPTY_MASK_RULES = (
 )
 
 
-def _check_label_map(labels: Array, name: str) -> None:
-    """``ValueError`` unless ``labels`` is non-empty and every label is in ``[0, TUMOUR_LABEL]``."""
+def metric_names(dataset: DatasetDefinition = KITS19) -> tuple[str, ...]:
+    """Per-case score keys of a dataset on a grid with a spacing, in table order: every region's Dice,
+    then surface Dice, then HD95 (:data:`METRIC_NAMES` for KiTS19)."""
+    return tuple(f"{region.name}_{kind}" for kind in ("dice", "surface_dice", "hd95") for region in dataset.regions)
+
+
+def dice_names(dataset: DatasetDefinition = KITS19) -> tuple[str, ...]:
+    """The Dice keys whose mean is ``mean_dice`` (:data:`DICE_NAMES` for KiTS19)."""
+    return tuple(f"{region.name}_dice" for region in dataset.regions)
+
+
+def _check_label_map(labels: Array, name: str, dataset: DatasetDefinition = KITS19) -> None:
+    """``ValueError`` unless ``labels`` is non-empty and every label is one of the dataset's."""
     size = labels.numel() if isinstance(labels, torch.Tensor) else labels.size
     if size == 0:
         raise ValueError(f"{name} must not be empty, got shape {tuple(labels.shape)}")
     low, high = float(labels.min()), float(labels.max())
-    if low < 0 or high > TUMOUR_LABEL:
-        raise ValueError(f"{name} must hold labels 0 (background), 1 (kidney), 2 (tumour), "
+    if low < 0 or high > dataset.max_label:
+        raise ValueError(f"{name} must hold labels {dataset.describe_labels()} ({dataset.title}), "
                          f"got values from {low:g} to {high:g}")
 
 
@@ -92,9 +108,21 @@ def score_structure(prediction_mask: np.ndarray, truth_mask: np.ndarray, spacing
     return overlap, measure_surface_dice(*distances, tolerance_mm), measure_hd95(*distances)
 
 
+def _region_mask(region: EvaluationRegion, labels: Array, dataset: DatasetDefinition) -> Array:
+    """A region's voxels of a checked label map: ``labels > 0`` for the union of all foreground labels
+    (the KiTS19 kidney), ``labels == k`` for one label."""
+    if region.labels == frozenset(dataset.foreground_labels):
+        return labels > 0
+    if len(region.labels) == 1:
+        return labels == next(iter(region.labels))
+    return region.mask(labels)
+
+
 def score_case(prediction: Array, truth: Array, spacing: Sequence[float] | None = None, *,
-               tolerance_mm: float = DEFAULT_TOLERANCE_MM) -> dict[str, float | None]:
-    """KiTS19 scores of one case: kidney (``label > 0``) and tumour (``label == 2``).
+               tolerance_mm: float = DEFAULT_TOLERANCE_MM,
+               dataset: DatasetDefinition = KITS19) -> dict[str, float | None]:
+    """KiTS scores of one case: for KiTS19 kidney (``label > 0``) and tumour (``label == 2``); for
+    another dataset its evaluation regions.
 
     Args:
         prediction, truth: label maps of equal shape, values 0/1/2, any integer, bool or float
@@ -104,24 +132,28 @@ def score_case(prediction: Array, truth: Array, spacing: Sequence[float] | None 
             ``(Z, Y, X)`` label maps (e.g. from :func:`utils.data.kits_layout.spacing_from_affine`;
             anisotropic spacing is honoured), adding surface Dice and HD95.
         tolerance_mm: surface-Dice tolerance in mm (default 2 mm), finite and >= 0; used only
-            with a spacing.
+            with a spacing, and only for regions without a tolerance of their own (all of
+            KiTS19's; KiTS23's HECs have the challenge's).
+        dataset: whose labels and evaluation regions (default KiTS19).
 
     Returns:
-        Without a spacing ``{"kidney_dice", "tumour_dice"}``; with one, the keys of
-        :data:`METRIC_NAMES` in that order. Empty masks: both empty scores Dice 1, surface Dice
-        1, HD95 0 mm; exactly one empty scores Dice 0, surface Dice 0, HD95 ``None`` (missing).
+        Without a spacing ``{"<region>_dice", ...}`` (KiTS19: ``kidney_dice``, ``tumour_dice``);
+        with one, the keys of :func:`metric_names` in that order (:data:`METRIC_NAMES` for
+        KiTS19). Empty masks: both empty scores Dice 1, surface Dice 1, HD95 0 mm; exactly one
+        empty scores Dice 0, surface Dice 0, HD95 ``None`` (missing).
 
     Raises:
-        ValueError: shapes differ, an empty map, labels outside 0/1/2, or (with a spacing) maps
-            that are not 3-D, an invalid spacing or tolerance.
+        ValueError: shapes differ, an empty map, labels outside the dataset's, or (with a spacing)
+            maps that are not 3-D, an invalid spacing or tolerance.
     """
     if tuple(prediction.shape) != tuple(truth.shape):
         raise ValueError(f"prediction and truth must have the same shape, got prediction {tuple(prediction.shape)} "
                          f"and truth {tuple(truth.shape)}")
-    _check_label_map(prediction, "prediction")
-    _check_label_map(truth, "truth")
+    _check_label_map(prediction, "prediction", dataset)
+    _check_label_map(truth, "truth", dataset)
     if spacing is None:
-        return {f"{name}_dice": dice(select(prediction), select(truth)) for name, select in STRUCTURES}
+        return {f"{region.name}_dice": dice(*(_region_mask(region, x, dataset) for x in (prediction, truth)))
+                for region in dataset.regions}
     prediction, truth = (x.detach().cpu().numpy() if isinstance(x, torch.Tensor) else np.asarray(x)
                          for x in (prediction, truth))
     if prediction.ndim != 3:
@@ -132,10 +164,13 @@ def score_case(prediction: Array, truth: Array, spacing: Sequence[float] | None 
     if box is not None:  # every mask lies inside the kidney box: crop once
         prediction, truth = prediction[box], truth[box]
     scores: dict[str, float | None] = {}
-    for name, select in STRUCTURES:
-        overlap, surface_dice, hd95 = score_structure(select(prediction), select(truth), spacing, tolerance_mm)
+    for region in dataset.regions:
+        tolerance = tolerance_mm if region.tolerance_mm is None else region.tolerance_mm
+        masks = (_region_mask(region, x, dataset) for x in (prediction, truth))
+        overlap, surface_dice, hd95 = score_structure(*masks, spacing, tolerance)
+        name = region.name
         scores.update({f"{name}_dice": overlap, f"{name}_surface_dice": surface_dice, f"{name}_hd95": hd95})
-    return {key: scores[key] for key in METRIC_NAMES}
+    return {key: scores[key] for key in metric_names(dataset)}
 
 
 def _is_score(value: Any) -> bool:
@@ -147,15 +182,17 @@ def _is_missing(value: float | None) -> bool:
     return value is None or math.isnan(value)
 
 
-def _score_keys(records: Sequence[Mapping[str, Any]], metrics: Sequence[str] | None) -> list[str]:
+def _score_keys(records: Sequence[Mapping[str, Any]], metrics: Sequence[str] | None,
+                dataset: DatasetDefinition) -> list[str]:
     """The keys to summarise, checked to be scores present in every record."""
     if metrics is None:
         if not records:
             raise ValueError("records must hold at least one case's scores when metrics is None, got an empty list")
         keys = list(dict.fromkeys(key for record in records for key, value in record.items() if _is_score(value)))
-        missing = [name for name in DICE_NAMES if name not in keys]
+        required = dice_names(dataset)
+        missing = [name for name in required if name not in keys]
         if missing:
-            raise ValueError(f"records must include {' and '.join(DICE_NAMES)} (their mean is mean_dice, the "
+            raise ValueError(f"records must include {' and '.join(required)} (their mean is mean_dice, the "
                              f"model-selection criterion), missing {missing}")
     else:
         keys = list(metrics)
@@ -173,8 +210,8 @@ def _score_keys(records: Sequence[Mapping[str, Any]], metrics: Sequence[str] | N
     return keys
 
 
-def summarise_scores(records: Sequence[Mapping[str, Any]], *,
-                     metrics: Sequence[str] | None = None) -> dict[str, Any]:
+def summarise_scores(records: Sequence[Mapping[str, Any]], *, metrics: Sequence[str] | None = None,
+                     dataset: DatasetDefinition = KITS19) -> dict[str, Any]:
     """Summarise per-case scores over cases: statistics per score, ``mean_dice`` and ``cases``.
 
     Args:
@@ -183,17 +220,19 @@ def summarise_scores(records: Sequence[Mapping[str, Any]], *,
             not numbers (such as ``case_id``) are ignored.
         metrics: the score keys to summarise, each present in every record (``records`` may
             then be empty). ``None``: every number (or ``None``) key of the records, which must
-            include ``kidney_dice`` and ``tumour_dice`` and hold at least one case.
+            include the dataset's Dice keys (KiTS19: ``kidney_dice`` and ``tumour_dice``) and hold
+            at least one case.
+        dataset: whose Dice keys make ``mean_dice`` (default KiTS19).
 
     Returns:
         ``{score: {"mean", "std", "median", "n", "missing"}, ..., "mean_dice", "cases"}``:
         statistics over the ``n`` present values (``std`` the population standard deviation,
         ``ddof=0``), ``missing`` the number of cases without a value, the statistics ``None``
-        when ``n`` is 0; ``mean_dice`` the mean of the kidney and tumour Dice means (``None``
-        when either is not summarised or has no value); ``cases`` the number of records (int).
+        when ``n`` is 0; ``mean_dice`` the mean of the regions' Dice means (KiTS19: kidney and
+        tumour; ``None`` when one is not summarised or has no value); ``cases`` the number of records (int).
     """
     summary: dict[str, Any] = {}
-    for key in _score_keys(records, metrics):
+    for key in _score_keys(records, metrics, dataset):
         values = np.array([float(r[key]) for r in records if not _is_missing(r[key])], dtype=np.float64)
         present = values.size > 0
         summary[key] = {
@@ -203,7 +242,7 @@ def summarise_scores(records: Sequence[Mapping[str, Any]], *,
             "n": int(values.size),
             "missing": len(records) - int(values.size),
         }
-    dice_means = [summary[name]["mean"] if name in summary else None for name in DICE_NAMES]
+    dice_means = [summary[name]["mean"] if name in summary else None for name in dice_names(dataset)]
     summary["mean_dice"] = None if None in dice_means else sum(dice_means) / len(dice_means)
     summary["cases"] = len(records)
     return summary

@@ -1,10 +1,13 @@
-"""Synthetic abdominal anatomy: where the body, spine and kidneys are, and the kidney/tumour masks.
+"""Synthetic abdominal anatomy: where the body, spine and kidneys are, and the kidney/tumour/cyst masks.
 
-Two ways to obtain a :class:`BodyLayout` and a KiTS19 label map ``(Z, Y, X)`` uint8 (0 background,
-1 kidney, 2 tumour) in the KiTS19 orientation (axis 0 inferior, 1 posterior, 2 patient-left):
+Two ways to obtain a :class:`BodyLayout` and a label map ``(Z, Y, X)`` uint8 in the KiTS19
+orientation (axis 0 inferior, 1 posterior, 2 patient-left): KiTS19's labels (0 background,
+1 kidney, 2 tumour) or KiTS23's (the same plus 3 cyst):
 
 * :func:`build_procedural_case` draws both kidneys (bean-shaped, with a renal sinus at the hilum)
-  either side of the spine and 1–3 tumours of 1–8 cm, exophytic or endophytic;
+  either side of the spine, 1–3 tumours of 1–8 cm, exophytic or endophytic, and simple renal
+  cysts in about half the patients (labelled kidney for KiTS19, which did not label cysts, and
+  cyst for KiTS23);
 * :func:`layout_from_labels` places the body and spine around the kidneys of a real mask.
 
 The surrounding organs are painted by :mod:`utils.synthetic.tissues`; intensities come from
@@ -18,6 +21,7 @@ from dataclasses import dataclass
 import numpy as np
 from scipy import ndimage
 
+from utils.data.dataset_definitions import CYST_LABEL, KITS19, DatasetDefinition, get_dataset
 from utils.data.kits_layout import KIDNEY_LABEL, TUMOUR_LABEL
 from utils.synthetic.shapes import Grid, Vector, ellipsoid_level, rotation_matrix, smooth_noise, surface_voxels
 
@@ -25,6 +29,11 @@ from utils.synthetic.shapes import Grid, Vector, ellipsoid_level, rotation_matri
 KIDNEY_SEMI_AXES_MM = ((54.0, 64.0), (30.0, 36.0), (23.0, 28.0))
 #: Tumour diameter range in cm.
 TUMOUR_DIAMETER_CM = (1.0, 8.0)
+#: Labelled simple cysts (KiTS23): median diameter (mm), log-normal spread, and the range drawn from.
+#: Measured on KiTS23 cases 400–499: half hold a cyst, most 1–3 (up to 17), of 0.1–75 ml (median ~2 ml).
+LABELLED_CYST_DIAMETER_MM = (15.0, 0.7, (5.0, 60.0))
+#: Largest number of labelled cysts per patient.
+MAX_LABELLED_CYSTS = 8
 
 
 @dataclass(frozen=True)
@@ -62,8 +71,9 @@ class BodyLayout:
 
 @dataclass(frozen=True)
 class ProceduralAnatomy:
-    """A drawn patient: KiTS19 ``labels`` ``(Z, Y, X)`` uint8, renal ``sinus`` fat and simple renal
-    ``cysts`` (bool volumes; cysts are labelled kidney, as in KiTS19), and the body ``layout``."""
+    """A drawn patient: ``labels`` ``(Z, Y, X)`` uint8, renal ``sinus`` fat and simple renal
+    ``cysts`` (bool volumes; cysts are labelled kidney for KiTS19, as in KiTS19, and cyst (3) for
+    KiTS23, where ``cysts`` is exactly ``labels == 3``), and the body ``layout``."""
 
     labels: np.ndarray
     sinus: np.ndarray
@@ -173,6 +183,57 @@ def _paint_cysts(labels: np.ndarray, cysts: np.ndarray, grid: Grid, rng: np.rand
             cysts[box] |= inside
 
 
+def _draw_labelled_cyst_count(rng: np.random.Generator) -> int:
+    """How many labelled simple cysts a patient has: none for about half, else 1–8 (mostly 1–3)."""
+    return 0 if rng.random() >= 0.5 else min(int(rng.geometric(0.4)), MAX_LABELLED_CYSTS)
+
+
+def _draw_labelled_cyst_radius(rng: np.random.Generator) -> float:
+    """Radius (mm) of one labelled simple cyst: log-normal diameter, 5–60 mm."""
+    median, spread, (low, high) = LABELLED_CYST_DIAMETER_MM
+    return 0.5 * float(np.clip(np.exp(rng.normal(np.log(median), spread)), low, high))
+
+
+def _paint_labelled_cysts(labels: np.ndarray, grid: Grid, rng: np.random.Generator,
+                          parenchyma: list[np.ndarray], attempts: int = 8) -> None:
+    """Simple renal cysts labelled cyst (KiTS23), painted after the tumours and never touching one.
+
+    Like Bosniak I–II cysts they are round with a smooth wall and grow from the cortex: centred
+    on the kidney's surface and pushed out (exophytic, most), straddling the cortex, or a little
+    inwards. A cyst that would overlap a tumour or touch it (6-neighbourhood) is drawn again, up
+    to ``attempts`` times, then left out.
+    """
+    for _ in range(_draw_labelled_cyst_count(rng)):
+        which = int(rng.integers(len(parenchyma)))
+        radius = _draw_labelled_cyst_radius(rng)
+        kidney = parenchyma[which] & (labels == KIDNEY_LABEL)
+        objects = ndimage.find_objects(kidney.astype(np.int8))
+        if not objects:
+            continue
+        region = objects[0]
+        offset = np.array([s.start for s in region])
+        surface = surface_voxels(kidney[region]) + offset
+        kidney_centre = np.asarray(ndimage.center_of_mass(kidney[region])) + offset
+        for _ in range(attempts):
+            point = surface[rng.integers(len(surface))]
+            normal = (point - kidney_centre) * np.asarray(grid.spacing)
+            normal /= max(float(np.linalg.norm(normal)), 1e-6)
+            growth = rng.choice(["exophytic", "cortical", "deep"], p=[0.55, 0.3, 0.15])
+            shift = {"exophytic": rng.uniform(0.2, 0.7), "cortical": rng.uniform(-0.2, 0.2),
+                     "deep": rng.uniform(-0.6, -0.3)}[growth]
+            centre = tuple(point * np.asarray(grid.spacing) + normal * shift * radius)
+            semi = tuple(radius * rng.uniform(0.88, 1.12, size=3))
+            found = ellipsoid_level(grid, centre, semi, rotation_matrix(tuple(rng.uniform(0, 180, 3))), margin=1.2)
+            if found is None:
+                continue
+            box, level = found
+            inside = level <= 1.0
+            near_tumour = ndimage.binary_dilation(labels[box] == TUMOUR_LABEL)
+            if inside.any() and not (inside & near_tumour).any():
+                labels[box][inside] = CYST_LABEL
+                break
+
+
 def _paint_tumours(labels: np.ndarray, grid: Grid, rng: np.random.Generator,
                    kidneys: tuple[KidneyPlacement, ...], parenchyma: list[np.ndarray]) -> None:
     """Paint 1–3 lobulated tumours (label 2) on one or both kidneys."""
@@ -186,17 +247,22 @@ def _paint_tumours(labels: np.ndarray, grid: Grid, rng: np.random.Generator,
             labels[box][inside] = TUMOUR_LABEL
 
 
-def build_procedural_case(rng: np.random.Generator, grid: Grid) -> ProceduralAnatomy:
-    """Draw a patient: kidneys either side of the spine, tumours, and the body layout.
+def build_procedural_case(rng: np.random.Generator, grid: Grid,
+                          dataset: DatasetDefinition | str = KITS19) -> ProceduralAnatomy:
+    """Draw a patient: kidneys either side of the spine, tumours, simple cysts, and the body layout.
 
     Args:
         rng: the case's random generator (all draws come from it, in a fixed order).
         grid: the volume's shape and spacing; must span at least about 260 mm in-plane.
+        dataset: whose labels to draw (a definition or its name). KiTS19 (default): cysts are
+            labelled kidney; a dataset with a cyst label (KiTS23): cysts are labelled 3, drawn
+            after the tumours so that none overlaps or touches a tumour.
 
     Returns:
-        The :class:`ProceduralAnatomy`: labels in {0, 1, 2}, sinus (outside the kidney label)
-        and cyst masks, and the :class:`BodyLayout`.
+        The :class:`ProceduralAnatomy`: labels in the dataset's ids ({0, 1, 2}, KiTS23 also 3),
+        sinus (outside the foreground labels) and cyst masks, and the :class:`BodyLayout`.
     """
+    label_cysts = get_dataset(dataset).has_label("cyst")
     extent_z, extent_y, extent_x = grid.extent_mm
     midline_x = extent_x / 2 + float(rng.uniform(-12, 12))
     spine_y = extent_y / 2 + float(rng.uniform(10, 35))
@@ -210,11 +276,16 @@ def build_procedural_case(rng: np.random.Generator, grid: Grid) -> ProceduralAna
         hilum, mask = _paint_kidney(labels, sinus, grid, rng, centre, lateral)
         kidneys.append(KidneyPlacement(side, centre, hilum))
         parenchyma.append(mask)
-    cysts = np.zeros(grid.shape, dtype=bool)
-    _paint_cysts(labels, cysts, grid, rng, tuple(kidneys), parenchyma)
-    _paint_tumours(labels, grid, rng, tuple(kidneys), parenchyma)
+    if label_cysts:
+        _paint_tumours(labels, grid, rng, tuple(kidneys), parenchyma)
+        _paint_labelled_cysts(labels, grid, rng, parenchyma)
+        cysts = labels == CYST_LABEL
+    else:
+        cysts = np.zeros(grid.shape, dtype=bool)
+        _paint_cysts(labels, cysts, grid, rng, tuple(kidneys), parenchyma)
+        _paint_tumours(labels, grid, rng, tuple(kidneys), parenchyma)
+        cysts &= labels == KIDNEY_LABEL
     sinus &= labels == 0
-    cysts &= labels == KIDNEY_LABEL
     half_width, half_depth, centre_y = sample_body(rng, grid, midline_x, spine_y)
     layout = BodyLayout(midline_x, centre_y, half_width, half_depth, spine_y, tuple(kidneys))
     return ProceduralAnatomy(labels, sinus, cysts, layout)
@@ -255,8 +326,10 @@ def layout_from_labels(rng: np.random.Generator, labels: np.ndarray, grid: Grid)
 def draw_cysts_within(rng: np.random.Generator, labels: np.ndarray, grid: Grid) -> np.ndarray:
     """Simple cysts inside the kidney label of a given mask (about half the cases, 1–3 of 1–5 cm).
 
-    Used around real masks, whose labels must not change: a cyst is the part of a sphere, centred
-    just under the kidney's surface, that lies in the kidney label (KiTS19 labels cysts kidney).
+    Used around real KiTS19 masks, whose labels must not change: a cyst is the part of a sphere,
+    centred just under the kidney's surface, that lies in the kidney label (KiTS19 labels cysts
+    kidney). Not for KiTS23 masks, whose cysts are labelled 3 (a water-density lesion labelled
+    kidney would contradict them).
 
     Returns:
         ``(Z, Y, X)`` bool mask.

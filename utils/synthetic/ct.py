@@ -3,8 +3,11 @@
 Per case, a contrast phase (corticomedullary to nephrographic) and an enhancement level set the
 mean HU of every tissue; renal cortex, medulla and each tumour get their own texture; tumours
 are drawn from KiTS19-like subtypes (clear-cell, papillary, oncocytic, fat-containing), some with
-a necrotic core. Scanner effects: in-plane blur and a slice-sensitivity profile, then correlated
-noise of 8–25 HU. Output is ``(Z, Y, X)`` int16 HU clipped to [-1024, 3071].
+a necrotic core. Simple renal cysts (the ``cysts`` mask, and label 3 of a KiTS23 label map) are
+water density, 0–20 HU, homogeneous and unenhanced, with a sharp wall: unlike the tumours, which
+all enhance (the lowest, papillary, at 35–80 HU) or hold fat. Scanner effects: in-plane blur and a
+slice-sensitivity profile, then correlated noise of 8–25 HU. Output is ``(Z, Y, X)`` int16 HU
+clipped to [-1024, 3071].
 """
 
 from __future__ import annotations
@@ -14,11 +17,16 @@ from dataclasses import dataclass
 import numpy as np
 from scipy import ndimage
 
+from utils.data.dataset_definitions import CYST_LABEL
 from utils.data.kits_layout import HU_RANGE, KIDNEY_LABEL, TUMOUR_LABEL
 from utils.synthetic.shapes import Grid, smooth_noise
 from utils.synthetic.tissues import Tissue
 
 NOISE_SD_HU = (8.0, 25.0)
+#: Range of the mean HU of a case's simple cysts (water density), before blur and noise.
+CYST_HU = (0.0, 20.0)
+#: Texture (HU, standard deviation, uncorrelated) inside a simple cyst, before blur and noise.
+CYST_TEXTURE_HU = 4.0
 
 
 @dataclass(frozen=True)
@@ -113,10 +121,15 @@ def _tumour_values(tumour: np.ndarray, grid: Grid, e: Enhancement, rng: np.rando
 
 def paint_kidneys_and_tumours(image: np.ndarray, labels: np.ndarray, grid: Grid, e: Enhancement,
                               rng: np.random.Generator) -> None:
-    """Write kidney and tumour intensities into ``image`` over the labelled voxels, in place."""
+    """Write kidney and tumour intensities into ``image`` over the labelled voxels, in place.
+
+    Cyst voxels (label 3) count as kidney here, so that the cortex follows the kidney's outline
+    around them as for KiTS19's unlabelled cysts; :func:`render_ct` then paints them water.
+    """
     components, _ = ndimage.label(labels > 0)
     for region in ndimage.find_objects(components):
         kidney = labels[region] == KIDNEY_LABEL
+        kidney |= labels[region] == CYST_LABEL
         if kidney.any():
             _paint_kidney_parenchyma(image[region], kidney, grid, e, rng)
         tumours, _ = ndimage.label(labels[region] == TUMOUR_LABEL)
@@ -139,14 +152,16 @@ def apply_scanner_effects(image: np.ndarray, grid: Grid, e: Enhancement, rng: np
 
 def render_ct(grid: Grid, tissue: np.ndarray, labels: np.ndarray, e: Enhancement,
               rng: np.random.Generator, cysts: np.ndarray | None = None) -> np.ndarray:
-    """Render a CT volume from a tissue map and KiTS19 labels.
+    """Render a CT volume from a tissue map and KiTS19 or KiTS23 labels.
 
     Args:
         grid: shape ``(Z, Y, X)`` and spacing in mm.
         tissue: ``(Z, Y, X)`` uint8 :class:`Tissue` ids.
-        labels: ``(Z, Y, X)`` uint8 in {0, 1, 2}; kidney and tumour voxels get their own values.
+        labels: ``(Z, Y, X)`` uint8 in {0, 1, 2} (KiTS19) or {0, 1, 2, 3} (KiTS23); kidney and
+            tumour voxels get their own values, cyst voxels (label 3) are rendered as simple cysts.
         e: the case's enhancement and scanner parameters.
-        cysts: optional ``(Z, Y, X)`` bool mask of simple cysts (water density, 0–20 HU).
+        cysts: optional ``(Z, Y, X)`` bool mask of further simple cysts (KiTS19's, labelled
+            kidney). All cysts of a case share one water density drawn from :data:`CYST_HU`.
 
     Returns:
         ``(Z, Y, X)`` int16 CT in HU.
@@ -155,9 +170,11 @@ def render_ct(grid: Grid, tissue: np.ndarray, labels: np.ndarray, e: Enhancement
     image = means[tissue]
     image += texture[tissue] * smooth_noise(rng, grid.shape, grid.spacing, 10.0, order=1)
     paint_kidneys_and_tumours(image, labels, grid, e, rng)
-    if cysts is not None and cysts.any():
-        image[cysts] = (np.float32(rng.uniform(0.0, 20.0))
-                        + 4.0 * rng.standard_normal(int(cysts.sum()), dtype=np.float32))
+    labelled = labels == CYST_LABEL
+    cysts = labelled if cysts is None else cysts | labelled
+    if cysts.any():
+        image[cysts] = (np.float32(rng.uniform(*CYST_HU))
+                        + CYST_TEXTURE_HU * rng.standard_normal(int(cysts.sum()), dtype=np.float32))
     image = apply_scanner_effects(image, grid, e, rng)
     np.rint(image, out=image)
     np.clip(image, *HU_RANGE, out=image)

@@ -1,10 +1,19 @@
-"""Generate synthetic KiTS19-style datasets on disk, procedurally or around real segmentations.
+"""Generate synthetic KiTS19- or KiTS23-style datasets on disk, procedurally or around real segmentations.
 
 The output is exactly the KiTS19 layout: ``OUT/case_XXXXX/imaging.nii.gz`` (int16 HU),
 ``OUT/case_XXXXX/segmentation.nii.gz`` (uint8 0/1/2), both with the KiTS19 affine, and
 ``OUT/kits.json`` with ``case_id`` and ``voxel_spacing`` per case. Case ``i`` depends only on
 ``(seed, i)``: the same seed gives the same voxels and headers whatever the number of workers.
 Every case folder is written to a temporary folder and renamed into place.
+
+With ``dataset="kits23"`` the cases are KiTS23's: labels 0/1/2/3, simple renal cysts labelled 3
+(water density, never touching a tumour), and ``OUT/kits23.json`` (``case_id`` per case; KiTS23's
+metadata holds no spacing) instead of ``kits.json``; the case folders sit directly in ``OUT``, as
+for KiTS19. Around real masks (:func:`generate_from_masks`) the masks are copied unchanged:
+KiTS23 masks (``dataset="kits23"``) have their label-3 voxels rendered as cysts; KiTS19 masks
+read as KiTS23 get no cysts at all (a cyst drawn into their kidney label would be a lesion
+labelled kidney, which KiTS23 labels cyst); with KiTS19 (the default) they get unlabelled cysts
+inside the kidney label, as KiTS19 itself has them.
 """
 
 from __future__ import annotations
@@ -19,13 +28,15 @@ from pathlib import Path
 import nibabel as nib
 import numpy as np
 
+from utils.data.case_discovery import check_layout
+from utils.data.dataset_definitions import DATASETS, KITS19, DatasetDefinition, foreign_labels_hint, get_dataset
 from utils.data.kits_layout import (
     IMAGING_NAME,
+    KIDNEY_LABEL,
     KITS_AXCODES,
     KITS_JSON_NAME,
     SEGMENTATION_NAME,
     TUMOUR_LABEL,
-    VALID_LABELS,
     build_kits_affine,
     case_id_for_index,
     is_case_id,
@@ -55,13 +66,18 @@ class SyntheticOptions:
             field of view kept, so the pixel size grows).
         spacing: fixed ``(z, y, x)`` voxel size in mm, or None to draw it from KiTS19's ranges.
         coverage_mm: range of the scan's cranio-caudal length in mm.
+        dataset: whose labels and layout to write: ``"kits19"`` (labels 0/1/2, ``kits.json``) or
+            ``"kits23"`` (also 3 for simple renal cysts, ``kits23.json``); a
+            :class:`~utils.data.dataset_definitions.DatasetDefinition` is stored by its name.
     """
 
     matrix: int = 512
     spacing: tuple[float, float, float] | None = None
     coverage_mm: tuple[float, float] = (200.0, 420.0)
+    dataset: str = KITS19.name
 
     def __post_init__(self) -> None:
+        object.__setattr__(self, "dataset", get_dataset(self.dataset).name)
         if not 64 <= self.matrix <= 1024:
             raise ValueError(f"matrix must be between 64 and 1024 voxels, got {self.matrix}")
         if self.spacing is not None and (len(self.spacing) != 3 or min(self.spacing) <= 0):
@@ -70,13 +86,18 @@ class SyntheticOptions:
 
 @dataclass(frozen=True)
 class CaseSummary:
-    """What was written for one case: id, shape, spacing (mm) and label volumes (ml)."""
+    """What was written for one case: id, shape, spacing (mm) and label volumes (ml).
+
+    ``kidney_ml`` is label 1, ``tumour_ml`` label 2 and ``cyst_ml`` label 3 (KiTS23); ``cyst_ml``
+    is ``None`` for a dataset without a cyst label (KiTS19, whose cysts are labelled kidney).
+    """
 
     case_id: str
     shape: tuple[int, int, int]
     spacing: tuple[float, float, float]
     kidney_ml: float
     tumour_ml: float
+    cyst_ml: float | None = None
 
 
 def sample_grid(rng: np.random.Generator, options: SyntheticOptions) -> Grid:
@@ -97,19 +118,29 @@ def generate_case(index: int, seed: int, options: SyntheticOptions) -> tuple[np.
     """Generate one procedural case.
 
     Returns:
-        ``image`` ``(Z, Y, X)`` int16 HU, ``labels`` ``(Z, Y, X)`` uint8 {0, 1, 2} and the
-        KiTS19-convention ``(4, 4)`` affine.
+        ``image`` ``(Z, Y, X)`` int16 HU, ``labels`` ``(Z, Y, X)`` uint8 ({0, 1, 2}; KiTS23 also
+        3) and the KiTS19-convention ``(4, 4)`` affine.
     """
     rng = np.random.default_rng([seed, index])
     grid = sample_grid(rng, options)
-    anatomy = build_procedural_case(rng, grid)
+    anatomy = build_procedural_case(rng, grid, options.dataset)
     tissue = paint_tissues(grid, anatomy.layout, anatomy.labels, anatomy.sinus, rng)
     image = render_ct(grid, tissue, anatomy.labels, sample_enhancement(rng), rng, cysts=anatomy.cysts)
     return image, anatomy.labels, build_kits_affine(grid.spacing)
 
 
-def synthesise_image_for_mask(labels: np.ndarray, affine: np.ndarray, rng: np.random.Generator) -> np.ndarray:
-    """Synthesise a CT (int16 HU, same shape and orientation) around a real KiTS19 label map."""
+def synthesise_image_for_mask(labels: np.ndarray, affine: np.ndarray, rng: np.random.Generator,
+                              dataset: DatasetDefinition | str = KITS19) -> np.ndarray:
+    """Synthesise a CT (int16 HU, same shape and orientation) around a real label map.
+
+    Args:
+        labels: the mask, in the dataset's labels; label 3 (KiTS23) is rendered as simple cysts.
+        affine: the mask's voxel-to-world matrix (any orientation).
+        rng: the case's random generator.
+        dataset: whose labels ``labels`` holds (a definition or its name). KiTS19 (default): about
+            half the cases get unlabelled cysts inside the kidney label; a dataset with a cyst
+            label gets no cysts but its own.
+    """
     source = nib.orientations.io_orientation(affine)
     target = nib.orientations.axcodes2ornt(KITS_AXCODES)
     to_kits = nib.orientations.ornt_transform(source, target)
@@ -119,18 +150,25 @@ def synthesise_image_for_mask(labels: np.ndarray, affine: np.ndarray, rng: np.ra
     canonical = np.ascontiguousarray(canonical)
     layout = layout_from_labels(rng, canonical, grid)
     tissue = paint_tissues(grid, layout, canonical, None, rng)
-    cysts = draw_cysts_within(rng, canonical, grid)
+    cysts = None if get_dataset(dataset).has_label("cyst") else draw_cysts_within(rng, canonical, grid)
     image = render_ct(grid, tissue, canonical, sample_enhancement(rng), rng, cysts=cysts)
     back = nib.orientations.ornt_transform(target, source)
     return np.ascontiguousarray(nib.orientations.apply_orientation(image, back))
 
 
-def _summarise(case_id: str, labels: np.ndarray, affine: np.ndarray) -> CaseSummary:
+def _summarise(case_id: str, labels: np.ndarray, affine: np.ndarray,
+               dataset: DatasetDefinition = KITS19) -> CaseSummary:
     spacing = spacing_from_affine(affine)
     voxel_ml = float(np.prod(spacing)) / 1000.0
     tumour = int(np.count_nonzero(labels == TUMOUR_LABEL))
-    kidney = int(np.count_nonzero(labels)) - tumour
-    return CaseSummary(case_id, tuple(labels.shape), spacing, round(kidney * voxel_ml, 2), round(tumour * voxel_ml, 2))
+    if not dataset.has_label("cyst"):
+        kidney = int(np.count_nonzero(labels)) - tumour
+        return CaseSummary(case_id, tuple(labels.shape), spacing, round(kidney * voxel_ml, 2),
+                           round(tumour * voxel_ml, 2))
+    kidney = int(np.count_nonzero(labels == KIDNEY_LABEL))
+    cyst = int(np.count_nonzero(labels == dataset.label("cyst")))
+    return CaseSummary(case_id, tuple(labels.shape), spacing, round(kidney * voxel_ml, 2),
+                       round(tumour * voxel_ml, 2), round(cyst * voxel_ml, 2))
 
 
 def _write_case_folder(out_dir: Path, case_id: str, writer) -> None:
@@ -148,29 +186,57 @@ def _procedural_job(args: tuple[Path, int, int, SyntheticOptions]) -> CaseSummar
         save_nifti(labels, affine, folder / SEGMENTATION_NAME)
 
     _write_case_folder(out_dir, case_id, write)
-    return _summarise(case_id, labels, affine)
+    return _summarise(case_id, labels, affine, get_dataset(options.dataset))
 
 
-def _from_mask_job(args: tuple[Path, Path, int]) -> CaseSummary:
-    out_dir, mask_path, seed = args
-    case_id = mask_path.parent.name
-    image_file = load_nifti_verified(mask_path)  # a corrupt mask must not be copied into the output
+def _read_mask(mask_path: Path, dataset: DatasetDefinition) -> tuple[np.ndarray, np.ndarray]:
+    """Read a mask verified (a corrupt one must not be copied into the output) and check its labels.
+
+    Returns:
+        The labels (uint8) and the mask's affine.
+
+    Raises:
+        ValueError: not 3D, or label values outside the dataset's; the message names the file,
+            and the dataset and setting to choose when another dataset has those labels.
+    """
+    image_file = load_nifti_verified(mask_path)
     labels = read_voxels(image_file, np.uint8)
     if labels.ndim != 3:
         raise ValueError(f"{mask_path}: segmentation must be 3D, got shape {labels.shape}")
-    unexpected = sorted(set(np.unique(labels).tolist()) - VALID_LABELS)
+    valid = sorted(dataset.valid_labels)
+    unexpected = sorted(set(np.unique(labels).tolist()) - set(valid))
     if unexpected:
-        raise ValueError(f"{mask_path}: label values must be in {sorted(VALID_LABELS)}, found {unexpected}")
+        raise ValueError(f"{mask_path}: label values must be in {valid}, found {unexpected}"
+                         f"{foreign_labels_hint(unexpected, dataset)}")
+    return labels, np.asarray(image_file.affine)
+
+
+def _check_mask_job(args: tuple[Path, str]) -> str | None:
+    """The reason a mask cannot be used (see :func:`_read_mask`), or ``None``; the dataset by name
+    (a definition does not pickle into worker processes)."""
+    mask_path, dataset = args
+    try:
+        _read_mask(mask_path, get_dataset(dataset))
+    except ValueError as error:
+        return str(error)
+    return None
+
+
+def _from_mask_job(args: tuple[Path, Path, int, str]) -> CaseSummary:
+    out_dir, mask_path, seed, dataset_name = args
+    dataset = get_dataset(dataset_name)
+    case_id = mask_path.parent.name
+    labels, affine = _read_mask(mask_path, dataset)
     rng = np.random.default_rng([seed, int(case_id.split("_")[1])])
-    image = synthesise_image_for_mask(labels, image_file.affine, rng)
+    image = synthesise_image_for_mask(labels, affine, rng, dataset)
     mask_bytes = mask_path.read_bytes()
 
     def write(folder: Path) -> None:
-        save_nifti(image, image_file.affine, folder / IMAGING_NAME)
+        save_nifti(image, affine, folder / IMAGING_NAME)
         write_bytes_atomic(folder / SEGMENTATION_NAME, mask_bytes)
 
     _write_case_folder(out_dir, case_id, write)
-    return _summarise(case_id, labels, image_file.affine)
+    return _summarise(case_id, labels, affine, dataset)
 
 
 def write_kits_json(out_dir: Path, summaries: list[CaseSummary]) -> Path:
@@ -183,50 +249,118 @@ def write_kits_json(out_dir: Path, summaries: list[CaseSummary]) -> Path:
     return path
 
 
+def write_metadata(out_dir: Path, summaries: list[CaseSummary], dataset: DatasetDefinition | str = KITS19) -> Path:
+    """Write the dataset's metadata file atomically: ``kits.json`` (see :func:`write_kits_json`) for
+    KiTS19, else the dataset's own (``kits23.json``: a list of ``{"case_id": ...}``, no spacing,
+    as KiTS23's holds none)."""
+    dataset = get_dataset(dataset)
+    if dataset.metadata_has_spacing:
+        return write_kits_json(out_dir, summaries)
+    entries = [{"case_id": s.case_id} for s in sorted(summaries, key=lambda s: s.case_id)]
+    path = out_dir / dataset.metadata_name
+    write_bytes_atomic(path, (json.dumps(entries, indent=2) + "\n").encode())
+    return path
+
+
+def _refuse_other_layout(out: Path, dataset: DatasetDefinition) -> None:
+    """Refuse to write into a folder that holds another dataset's metadata file (a mixed folder
+    would be read as either dataset)."""
+    for other in DATASETS.values():
+        path = out / other.metadata_name
+        if other.metadata_name != dataset.metadata_name and path.exists():
+            raise ValueError(f"{path} exists: {out} holds {other.title} cases, and {dataset.title} cases "
+                             f"(with {dataset.metadata_name}) must not be mixed with them; write to an empty "
+                             f"folder or delete {out} first")
+
+
 def generate_dataset(out_dir: str | os.PathLike, cases: int, *, seed: int = 0,
                      options: SyntheticOptions = SyntheticOptions(), workers: int = 1,
                      show_progress: bool = True) -> list[CaseSummary]:
-    """Write ``cases`` procedural cases (``case_00000`` …) and ``kits.json`` into ``out_dir``.
+    """Write ``cases`` procedural cases (``case_00000`` …) and ``kits.json`` (KiTS23: ``kits23.json``) into ``out_dir``.
 
     Args:
         out_dir: destination folder (created if missing).
         cases: number of cases, >= 1.
         seed: master seed; case ``i`` depends only on ``(seed, i)``.
-        options: grid sampling options.
+        options: grid sampling options and the dataset (KiTS23 writes ``kits23.json`` instead).
         workers: processes generating cases in parallel (>= 1).
+
+    Raises:
+        ValueError: ``cases`` < 1, or ``out_dir`` holds another dataset's metadata file.
     """
     if cases < 1:
         raise ValueError(f"cases must be >= 1, got {cases}")
+    dataset = get_dataset(options.dataset)
     out = Path(out_dir)
+    _refuse_other_layout(out, dataset)
     out.mkdir(parents=True, exist_ok=True)
     jobs = [(out, index, seed, options) for index in range(cases)]
     summaries = map_with_progress(_procedural_job, jobs, workers=workers, description="synthetic cases",
                                   show_progress=show_progress)
-    write_kits_json(out, summaries)
-    _warn_about_stale_cases(out, summaries)
+    write_metadata(out, summaries, dataset)
+    _warn_about_stale_cases(out, summaries, dataset)
     return summaries
 
 
-def _warn_about_stale_cases(out: Path, summaries: list[CaseSummary]) -> None:
-    """Warn when ``out`` holds case folders from an earlier run that kits.json no longer lists."""
+def _warn_about_stale_cases(out: Path, summaries: list[CaseSummary], dataset: DatasetDefinition = KITS19) -> None:
+    """Warn when ``out`` holds case folders from an earlier run that the metadata file no longer lists."""
     written = {s.case_id for s in summaries}
     stale = sorted(p.name for p in out.iterdir() if is_case_id(p.name) and p.name not in written)
     if stale:
-        logger.warning("%s holds %d case folder(s) from an earlier run (%s%s) that kits.json no longer lists; "
+        logger.warning("%s holds %d case folder(s) from an earlier run (%s%s) that %s no longer lists; "
                        "delete them or write to an empty folder", out, len(stale), ", ".join(stale[:5]),
-                       " …" if len(stale) > 5 else "")
+                       " …" if len(stale) > 5 else "", dataset.metadata_name)
 
 
-def find_masks(masks_dir: str | os.PathLike) -> list[Path]:
-    """Segmentations in a KiTS19-layout folder (``case_XXXXX/segmentation.nii.gz``), sorted by case."""
+def find_masks(masks_dir: str | os.PathLike, dataset: DatasetDefinition | str = KITS19) -> list[Path]:
+    """Segmentations in a KiTS-layout folder (``case_XXXXX/segmentation.nii.gz``), sorted by case.
+
+    Raises:
+        FileNotFoundError: no such folder, or no mask in it (the message points at the dataset's
+            ``data/`` or ``dataset/`` subfolder when that holds cases).
+    """
+    dataset = get_dataset(dataset)
     folder = Path(masks_dir)
     if not folder.is_dir():
         raise FileNotFoundError(f"{folder}: mask folder not found")
     masks = sorted(p / SEGMENTATION_NAME for p in folder.iterdir()
                    if is_case_id(p.name) and (p / SEGMENTATION_NAME).is_file())
     if not masks:
-        raise FileNotFoundError(f"{folder}: no case_XXXXX/{SEGMENTATION_NAME} found (expected the KiTS19 layout)")
+        nested = folder / dataset.data_folder
+        hint = (f"; did you mean {nested}?"
+                if nested.is_dir() and any((p / SEGMENTATION_NAME).is_file() for p in nested.iterdir()
+                                           if is_case_id(p.name)) else "")
+        raise FileNotFoundError(f"{folder}: no case_XXXXX/{SEGMENTATION_NAME} found "
+                                f"(expected the {dataset.title} layout){hint}")
     return masks
+
+
+def _check_masks_layout(folder: Path, dataset: DatasetDefinition) -> None:
+    """Refuse a mask folder laid out for a dataset with labels this one lacks (``kits23.json`` read as
+    KiTS19: :class:`~utils.data.dataset_definitions.DatasetLayoutError`, naming the setting); KiTS19
+    masks (``kits.json``) read as KiTS23 are fine, their labels being KiTS23's too."""
+    wider = [other for other in DATASETS.values()
+             if (folder / other.metadata_name).exists() and not other.valid_labels <= dataset.valid_labels]
+    if wider:
+        check_layout(folder, dataset)
+
+
+def check_masks(masks: Sequence[Path], dataset: DatasetDefinition | str = KITS19, *, workers: int = 1,
+                show_progress: bool = True) -> None:
+    """Read every mask (verified) and check that it is 3D and holds only the dataset's labels.
+
+    Raises:
+        ValueError: naming every mask that fails and why; KiTS23 masks (label 3) read as KiTS19
+            are told to pass ``--dataset kits23``.
+    """
+    dataset = get_dataset(dataset)
+    reasons = map_with_progress(_check_mask_job, [(mask, dataset.name) for mask in masks], workers=workers,
+                                description="checking masks", show_progress=show_progress)
+    bad = [reason for reason in reasons if reason is not None]
+    if bad:
+        shown = "\n  ".join(bad[:10]) + (f"\n  … and {len(bad) - 10} more" if len(bad) > 10 else "")
+        raise ValueError(f"{len(bad)} of {len(masks)} masks cannot be read as {dataset.title} (labels "
+                         f"{dataset.describe_labels()}); no case was written:\n  {shown}")
 
 
 def select_masks(masks: Sequence[Path], case_ids: Sequence[str], masks_dir: str | os.PathLike) -> list[Path]:
@@ -253,22 +387,33 @@ def select_masks(masks: Sequence[Path], case_ids: Sequence[str], masks_dir: str 
 
 def generate_from_masks(masks_dir: str | os.PathLike, out_dir: str | os.PathLike, *, cases: int | None = None,
                         case_ids: Sequence[str] | None = None, seed: int = 0, workers: int = 1,
-                        show_progress: bool = True) -> list[CaseSummary]:
+                        show_progress: bool = True, dataset: DatasetDefinition | str = KITS19) -> list[CaseSummary]:
     """Synthesise ``imaging.nii.gz`` around real segmentations; the masks are copied unchanged.
 
+    Every selected mask is read and its labels checked before any case is written.
+
     Args:
-        masks_dir: KiTS19-layout folder with ``case_XXXXX/segmentation.nii.gz`` (read only).
+        masks_dir: KiTS-layout folder with ``case_XXXXX/segmentation.nii.gz`` (read only).
         out_dir: destination folder; must differ from ``masks_dir``.
         cases: take only the first ``cases`` masks (default: all).
         case_ids: take exactly the masks of these cases, e.g. ``["case_00150", "case_00151"]``
             (default: all); not together with ``cases``.
+        dataset: whose masks these are and what to write (a definition or its name): KiTS19
+            (default; ``kits.json``) or KiTS23 (label 3 rendered as cysts; ``kits23.json``).
+            KiTS19 masks may be read as KiTS23: their cases simply have no cyst.
 
     Raises:
         FileNotFoundError: no mask folder, or no mask in it.
         ValueError: ``out_dir`` is ``masks_dir``; ``cases`` < 1; ``cases`` and ``case_ids`` both
-            given; ``case_ids`` empty, repeated, or naming a case without a mask in ``masks_dir``.
+            given; ``case_ids`` empty, repeated, or naming a case without a mask in ``masks_dir``;
+            a mask that is not 3D or holds labels outside the dataset's (KiTS23 masks read as
+            KiTS19); ``out_dir`` holds another dataset's metadata file.
+        DatasetLayoutError: ``masks_dir`` holds another dataset's metadata file and not this
+            one's (``kits23.json`` read as KiTS19); a ``ValueError``.
     """
-    masks = find_masks(masks_dir)
+    dataset = get_dataset(dataset)
+    masks = find_masks(masks_dir, dataset)
+    _check_masks_layout(Path(masks_dir), dataset)
     out = Path(out_dir)
     if out.resolve() == Path(masks_dir).resolve():
         raise ValueError(f"--out must differ from --from-masks ({out}): the input data are never modified")
@@ -281,12 +426,14 @@ def generate_from_masks(masks_dir: str | os.PathLike, out_dir: str | os.PathLike
         masks = masks[:cases]
     if case_ids is not None:
         masks = select_masks(masks, case_ids, masks_dir)
+    _refuse_other_layout(out, dataset)
+    check_masks(masks, dataset, workers=workers, show_progress=show_progress)
     out.mkdir(parents=True, exist_ok=True)
-    jobs = [(out, mask, seed) for mask in masks]
+    jobs = [(out, mask, seed, dataset.name) for mask in masks]
     summaries = map_with_progress(_from_mask_job, jobs, workers=workers, description="cases from masks",
                                   show_progress=show_progress)
-    write_kits_json(out, summaries)
-    _warn_about_stale_cases(out, summaries)
+    write_metadata(out, summaries, dataset)
+    _warn_about_stale_cases(out, summaries, dataset)
     return summaries
 
 

@@ -27,7 +27,7 @@ from accelerate import Accelerator
 from accelerate.utils import broadcast_object_list, set_seed
 from torch.utils.data import DataLoader
 
-from utils.config.experiment import ExperimentConfig
+from utils.config.experiment import ExperimentConfig, check_trainable_dataset
 from utils.config.loading import config_as_dict
 from utils.datasets.augmentation import SampleAugmenter
 from utils.datasets.patches import (
@@ -187,10 +187,11 @@ def start_run(config: ExperimentConfig, *, resume: str | Path | None) -> RunStar
     loaded), removes leftovers of killed writes and attaches ``train.log``: all before any data work.
 
     Raises:
-        ValueError: an input size the model cannot take.
+        ValueError: an input size the model cannot take; a dataset other than KiTS19.
         RuntimeError: the launched processes did not form one group.
         FileNotFoundError: ``resume`` is not a folder. OSError: the run folder is not writable.
     """
+    check_trainable_dataset(config)
     training = config.training
     input_size = model_input_size(config)
     check_input_size(config.model, input_size)
