@@ -2,7 +2,7 @@
 
 Usage::
 
-    python scripts/benchmark_quality.py [--masks ../shared/kits19] [--train-cases 30] [--test-cases 20]
+    python scripts/benchmark_quality.py [--masks ../shared/kits19] [--train-cases 60] [--test-cases 20]
                                         [--out reports/quality] [--work data/quality] [--models 3d,2d]
                                         [--config3d configs/resunet3d_quick.yaml]
                                         [--config2d configs/unetr2d_quick.yaml]

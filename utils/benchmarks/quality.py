@@ -103,7 +103,7 @@ class QualityPlan:
     out_dir: Path = Path("reports/quality")
     work_dir: Path = Path("data/quality")
     masks_dir: Path = DEFAULT_MASKS_DIR
-    train_cases: int = 30
+    train_cases: int = 60
     test_cases: int = len(TEST_CASE_IDS)
     models: tuple[str, ...] = ("3d", "2d")
     config_3d: Path = REPO / "configs" / "resunet3d_quick.yaml"
