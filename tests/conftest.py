@@ -27,6 +27,21 @@ def real_kits19_dir() -> Path:
     return folder
 
 
+def _real_kits23_dir() -> Path:
+    configured = os.environ.get("KITS23_LABELS_DIR")
+    return Path(configured) if configured else REPO_ROOT.parent / "shared" / "kits23"
+
+
+@pytest.fixture(scope="session")
+def real_kits23_dir() -> Path:
+    """The folder of real KiTS23 segmentations (labels only, case_00400 ... case_00499); skips the test when
+    absent (``KITS23_LABELS_DIR`` names another folder)."""
+    folder = _real_kits23_dir()
+    if not (folder / "case_00400" / "segmentation.nii.gz").is_file():
+        pytest.skip(f"real KiTS23 segmentations not found at {folder} (set KITS23_LABELS_DIR to their folder)")
+    return folder
+
+
 @pytest.fixture(scope="session")
 def tiny_cache(tmp_path_factory):
     """A preprocessed cache of four small synthetic cases (4 mm voxels), shared by the dataset tests."""

@@ -10,6 +10,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+from test_dataset_definitions import _kits23_case
 
 from utils.data.dataset_definitions import CYST_LABEL, KITS23
 from utils.data.kits_layout import build_kits_affine
@@ -21,21 +22,13 @@ REPO = Path(__file__).resolve().parents[1]
 SPACING = (3.0, 0.8, 0.8)
 
 
-def _labels() -> np.ndarray:
-    labels = np.zeros((8, 24, 24), np.uint8)
-    labels[2:6, 4:20, 4:12] = 1
-    labels[3:5, 6:10, 6:10] = 2
-    labels[3:5, 14:18, 6:10] = CYST_LABEL
-    return labels
-
-
 @pytest.fixture
 def folders(tmp_path) -> tuple[Path, Path]:
     """Ground truth for three KiTS23 cases; predictions: one perfect, one with cyst and tumour swapped, one missing."""
     gt, pred = tmp_path / "dataset", tmp_path / "predictions"
     pred.mkdir()
     affine = build_kits_affine(SPACING)
-    truth = _labels()
+    truth = _kits23_case()
     for case_id in ("case_00400", "case_00401", "case_00402"):
         (gt / case_id).mkdir(parents=True)
         save_nifti(np.where(truth > 0, 150, -1000).astype(np.int16), affine, gt / case_id / "imaging.nii.gz")
@@ -86,8 +79,8 @@ def test_a_kits23_prediction_against_kits19_truth_is_refused_naming_the_label(tm
     (gt / "case_00000").mkdir(parents=True)
     pred.mkdir()
     affine = build_kits_affine(SPACING)
-    truth = np.minimum(_labels(), 2)
+    truth = np.minimum(_kits23_case(), 2)
     save_nifti(truth, affine, gt / "case_00000" / "segmentation.nii.gz")
-    save_nifti(_labels(), affine, pred / "case_00000.nii.gz")
+    save_nifti(_kits23_case(), affine, pred / "case_00000.nii.gz")
     result = evaluate_predictions(gt, pred, tmp_path / "report")
     assert result.refused and "labels outside {0, 1, 2}" in result.refused[0]["reason"]

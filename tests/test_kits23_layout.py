@@ -18,7 +18,6 @@ from utils.data.kits_layout import build_kits_affine
 from utils.data.nifti_io import save_nifti
 
 REPO = Path(__file__).resolve().parents[1]
-SHARED_KITS23 = REPO.parent / "shared" / "kits23"
 SPACING = (3.0, 0.8, 0.8)
 
 
@@ -111,10 +110,8 @@ def test_check_data_takes_the_dataset_and_refuses_the_other_layout(kits23_folder
     assert "2 cases in" in checked.stdout and "2 ok" in checked.stdout
 
 
-def test_the_real_kits23_masks_validate(tmp_path):
-    if not (SHARED_KITS23 / "case_00400" / "segmentation.nii.gz").is_file():
-        pytest.skip(f"real KiTS23 segmentations not found at {SHARED_KITS23}")
-    report = validate_dataset(SHARED_KITS23, full=True, show_progress=False, dataset="kits23", workers=2)
+def test_the_real_kits23_masks_validate(real_kits23_dir):
+    report = validate_dataset(real_kits23_dir, full=True, show_progress=False, dataset="kits23", workers=2)
     assert len(report.reports) == 100
     # Labels only: every case lacks its CT, and nothing else is wrong with any of them.
     assert {p.code for r in report.reports for p in r.errors} == {"missing_imaging"}

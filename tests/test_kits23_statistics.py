@@ -1,6 +1,5 @@
 """Dataset statistics of KiTS23 label maps (cyst, label 3): hand-made NIfTI files and the real KiTS23 masks."""
 
-import os
 from pathlib import Path
 
 import nibabel as nib
@@ -51,20 +50,6 @@ KITS19_CSV_HEADER = (
     "tumours,kidney_components,kidney_slice_share,tumour_slice_share,"
     + ",".join(f"hu_{name}_{key}" for name in ("background", "kidney", "tumour")
                for key in ("mean", "std", "p0_5", "p99_5")))
-
-
-def _real_kits23_dir() -> Path:
-    configured = os.environ.get("KITS23_LABELS_DIR")
-    return Path(configured) if configured else Path(__file__).resolve().parents[2] / "shared" / "kits23"
-
-
-@pytest.fixture(scope="module")
-def real_kits23_dir() -> Path:
-    """The folder of real KiTS23 segmentations (labels only, case_00400 ... case_00499); skips when absent."""
-    folder = _real_kits23_dir()
-    if not (folder / "case_00400" / "segmentation.nii.gz").is_file():
-        pytest.skip(f"real KiTS23 segmentations not found at {folder} (set KITS23_LABELS_DIR to their folder)")
-    return folder
 
 
 def _kits23_labels() -> np.ndarray:

@@ -28,20 +28,13 @@ REAL_WITH_CYSTS = ("case_00470", "case_00473")
 REAL_WITHOUT_CYST = "case_00497"
 
 
-def _real_kits23_dir() -> Path:
-    configured = os.environ.get("KITS23_LABELS_DIR")
-    return Path(configured) if configured else REPO.parent / "shared" / "kits23"
-
-
 @pytest.fixture(scope="module")
-def real_kits23_dir() -> Path:
-    """The folder of real KiTS23 segmentations (labels only); skips the test when absent."""
-    folder = _real_kits23_dir()
+def real_cases(real_kits23_dir) -> Path:
+    """The real KiTS23 folder, skipping the test unless it holds the cases these tests use."""
     needed = (*REAL_WITH_CYSTS, REAL_WITHOUT_CYST)
-    if not all((folder / case_id / "segmentation.nii.gz").is_file() for case_id in needed):
-        pytest.skip(f"real KiTS23 segmentations {', '.join(needed)} not found in {folder} "
-                    "(set KITS23_LABELS_DIR to their folder)")
-    return folder
+    if not all((real_kits23_dir / case_id / "segmentation.nii.gz").is_file() for case_id in needed):
+        pytest.skip(f"real KiTS23 segmentations {', '.join(needed)} not found in {real_kits23_dir}")
+    return real_kits23_dir
 
 
 @pytest.fixture(scope="module")
@@ -187,8 +180,8 @@ def test_from_hand_made_masks_of_either_dataset(tmp_path):
     assert sorted(p.name for p in (tmp_path / "out19").iterdir()) == ["case_00004", "kits23.json"]
 
 
-def test_from_real_kits23_masks_keeps_the_cysts(real_kits23_dir, tmp_path):
-    masks = _mask_folder(tmp_path, real_kits23_dir, REAL_WITH_CYSTS, metadata=True)
+def test_from_real_kits23_masks_keeps_the_cysts(real_cases, tmp_path):
+    masks = _mask_folder(tmp_path, real_cases, REAL_WITH_CYSTS, metadata=True)
     out = tmp_path / "out"
     run = _run_script("--out", str(out), "--from-masks", str(masks), "--dataset", "kits23", "--workers", "2")
     assert run.returncode == 0, run.stderr
@@ -196,7 +189,7 @@ def test_from_real_kits23_masks_keeps_the_cysts(real_kits23_dir, tmp_path):
     assert sorted(p.name for p in out.iterdir()) == [*REAL_WITH_CYSTS, "kits23.json"]
     assert json.loads((out / "kits23.json").read_text()) == [{"case_id": case_id} for case_id in REAL_WITH_CYSTS]
     for case_id in REAL_WITH_CYSTS:
-        source = real_kits23_dir / case_id / "segmentation.nii.gz"
+        source = real_cases / case_id / "segmentation.nii.gz"
         written = out / case_id / "segmentation.nii.gz"
         assert written.read_bytes() == source.read_bytes()  # copied, never resampled
         labels = _labels(written)
@@ -212,8 +205,8 @@ def test_from_real_kits23_masks_keeps_the_cysts(real_kits23_dir, tmp_path):
     assert report.counts["ok"] == 2 and not report.listing.warnings
 
 
-def test_real_kits23_masks_are_refused_as_kits19_before_any_case_is_written(real_kits23_dir, tmp_path):
-    masks = _mask_folder(tmp_path, real_kits23_dir, (REAL_WITHOUT_CYST, REAL_WITH_CYSTS[0]), metadata=True)
+def test_real_kits23_masks_are_refused_as_kits19_before_any_case_is_written(real_cases, tmp_path):
+    masks = _mask_folder(tmp_path, real_cases, (REAL_WITHOUT_CYST, REAL_WITH_CYSTS[0]), metadata=True)
     out = tmp_path / "out"
     run = _run_script("--out", str(out), "--from-masks", str(masks))  # --dataset defaults to kits19
     assert run.returncode == 2
