@@ -157,7 +157,10 @@ def test_the_experiment_config_selects_the_dataset_and_checks_channels_and_weigh
     import sys
     from pathlib import Path
 
-    from utils.config.experiment import check_trainable_dataset, load_experiment_config
+    from utils.config.experiment import DATASET_LABEL_COUNTS, check_trainable_dataset, load_experiment_config
+    from utils.data.dataset_definitions import DATASETS
+
+    assert DATASET_LABEL_COUNTS == {name: definition.num_classes for name, definition in DATASETS.items()}
 
     repo = Path(__file__).resolve().parents[1]
     quick = repo / "configs" / "resunet3d_quick.yaml"

@@ -27,7 +27,6 @@ from utils.config.data import (
     SplitConfig,
 )
 from utils.config.loading import check_choice, check_positive, load_config
-from utils.data.dataset_definitions import get_dataset
 
 MODEL_NAMES = ("resunet3d", "unetr2d")
 LOSS_NAMES = ("dice_focal", "dice_ce")
@@ -289,19 +288,23 @@ class WandbConfig:
         check_choice("mode", self.mode, WANDB_MODES)
 
 
+#: Labels (background included) of each dataset an experiment may name; the definitions themselves
+#: (label names, evaluation regions, layout) are in :mod:`utils.data.dataset_definitions`.
+DATASET_LABEL_COUNTS = {"kits19": 3, "kits23": 4}
+
+
 @dataclass(frozen=True)
 class ExperimentConfig:
     """Everything one training run needs, in one file.
 
     Attributes:
+        data_dir: raw KiTS-layout folder (``--data`` or ``KITS19_DATA`` override it); the
+            cache is built or updated from it before training.
         dataset: which challenge's labels, evaluation regions and layout
             (:mod:`utils.data.dataset_definitions`): ``kits19`` (default) or ``kits23``.
             ``model.out_channels`` and ``loss.class_weights`` must have one entry per label.
-        data_dir: raw KiTS-layout folder (``--data`` or ``KITS19_DATA`` override it); the
-            cache is built or updated from it before training.
     """
 
-    dataset: str = "kits19"
     data_dir: str | None = None
     preprocessing: PreprocessingConfig = field(default_factory=PreprocessingConfig)
     split: SplitConfig = field(default_factory=SplitConfig)
@@ -316,19 +319,23 @@ class ExperimentConfig:
     training: TrainingConfig = field(default_factory=TrainingConfig)
     performance: PerformanceConfig = field(default_factory=PerformanceConfig)
     wandb: WandbConfig = field(default_factory=WandbConfig)
+    dataset: str = "kits19"
 
     def __post_init__(self) -> None:
         """Refuse input sizes the model cannot take, before any data or training work starts."""
         model = self.model
-        definition = get_dataset(self.dataset)
+        if self.dataset not in DATASET_LABEL_COUNTS:
+            raise ValueError(f"unknown dataset {self.dataset!r}; choose one of {', '.join(DATASET_LABEL_COUNTS)} "
+                             f"(the experiment config's 'dataset:' key)")
+        labels = DATASET_LABEL_COUNTS[self.dataset]
         for key, count, what in (("model.out_channels", model.out_channels, f"is {model.out_channels}"),
                                  ("loss.class_weights", len(self.loss.class_weights),
                                   f"has {len(self.loss.class_weights)} entries")):
-            if count != definition.num_classes:
+            if count != labels:
                 raise ValueError(
-                    f"{key} {what}, but dataset {definition.name} has {definition.num_classes} labels "
-                    f"({definition.describe_labels()}): the model needs one output channel and the loss one "
-                    f"class weight per label")
+                    f"{key} {what}, but dataset {self.dataset} has {labels} labels, background included: the "
+                    f"model needs one output channel and the loss one class weight per label (a list of "
+                    f"{labels} values)")
         if model.name == "resunet3d":
             total = math.prod(model.strides)
             for key, size in (("patches.patch_size", self.patches.patch_size),
