@@ -30,11 +30,6 @@ def _env(**extra: str) -> dict[str, str]:
 
 
 @pytest.fixture
-def tiny_data(tiny_cache) -> Path:
-    return Path(tiny_cache.plan["source_data"])
-
-
-@pytest.fixture
 def tmux_socket():
     name = f"kits19-search-{os.getpid()}-{uuid.uuid4().hex[:8]}"
     yield name

@@ -45,7 +45,7 @@ from utils.data.kits_layout import AFFINE_ATOL_MM, AFFINE_RTOL, spacing_from_aff
 from utils.data.nifti_io import load_nifti, read_voxels, save_json_atomic, write_bytes_atomic
 from utils.data.output_guard import check_output_location, check_overwrite, is_own_json, is_own_text
 from utils.data.progress import progress
-from utils.metrics.scoring import EMPTY_MASK_RULES, METRIC_NAMES, metric_names, score_case, summarise_scores
+from utils.metrics.scoring import EMPTY_MASK_RULES, metric_names, score_case, summarise_scores
 from utils.metrics.surface import DEFAULT_TOLERANCE_MM, HAUSDORFF_PERCENTILE
 
 logger = logging.getLogger(__name__)
@@ -58,19 +58,17 @@ PREDICTION_NAME_PATTERN = re.compile(r"^(?:case|prediction)_(\d{5})\.nii(?:\.gz)
 SEGMENTATION_RUN_NAME = "segmentation_run.json"
 #: Files of a prediction folder that are not predictions but belong there.
 PREDICTION_FOLDER_COMPANIONS = frozenset({SEGMENTATION_RUN_NAME})
-#: The scores of a ground-truth case without a prediction: a failure, as an empty prediction of
-#: a present structure scores (Dice 0, surface Dice 0, HD95 missing, counted as missing).
-MISSING_PREDICTION_SCORES = {"kidney_dice": 0.0, "tumour_dice": 0.0, "kidney_surface_dice": 0.0,
-                             "tumour_surface_dice": 0.0, "kidney_hd95": None, "tumour_hd95": None}
 #: Top-level keys of every ``metrics.json``: how an earlier report is recognised before it is replaced.
 METRICS_JSON_KEYS = ("cases", "summary", "settings")
-#: The first line of every KiTS19 ``metrics.csv``.
-METRICS_CSV_HEADER = ",".join(("case_id", *METRIC_NAMES))
 
 
 def metrics_csv_header(dataset: DatasetDefinition = KITS19) -> str:
     """The first line of a ``metrics.csv`` of this dataset (:data:`METRICS_CSV_HEADER` for KiTS19)."""
     return ",".join(("case_id", *metric_names(dataset)))
+
+
+#: The first line of every KiTS19 ``metrics.csv``.
+METRICS_CSV_HEADER = metrics_csv_header(KITS19)
 
 
 @dataclass(frozen=True)
@@ -131,6 +129,11 @@ def missing_prediction_scores(dataset: DatasetDefinition = KITS19) -> dict[str, 
     """The scores of a case without a prediction (:data:`MISSING_PREDICTION_SCORES` for KiTS19): Dice and
     surface Dice 0, HD95 missing, for every region."""
     return {name: None if name.endswith("_hd95") else 0.0 for name in metric_names(dataset)}
+
+
+#: The scores of a KiTS19 ground-truth case without a prediction: a failure, as an empty prediction of
+#: a present structure scores (Dice 0, surface Dice 0, HD95 missing, counted as missing).
+MISSING_PREDICTION_SCORES = missing_prediction_scores(KITS19)
 
 
 def missing_prediction_case(case_id: str, dataset: DatasetDefinition = KITS19) -> dict[str, Any]:
