@@ -179,7 +179,8 @@ def test_split_of_the_real_kits19_masks(real_kits19_dir, tmp_path):
     split = plan_data_split(plan)
     assert split == prepared.split and split.source == "kits19_masks" and split.warning is None
     assert split.test_ids == tuple(f"case_{i:05d}" for i in range(150, 170))
-    assert split.train_ids == tuple(f"case_{i:05d}" for i in range(30))
+    assert plan.train_cases == 60  # the default: the first 60 cases train
+    assert split.train_ids == tuple(f"case_{i:05d}" for i in range(60))
     assert not set(split.train_ids) & set(split.test_ids) and split.train_dir != split.test_dir
     own = {key: load_experiment_config(path).training.epochs
            for key, path in (("3d", plan.config_3d), ("2d", plan.config_2d))}
