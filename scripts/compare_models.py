@@ -13,7 +13,10 @@ or cross-validated experiment folders (``cross_validation.json``), whose out-of-
 are then paired on every case, each case scored with the prediction of the fold that held it out,
 and the report says the predictions are out-of-fold and gives k.
 Writes ``comparison.md``, ``comparison.html`` (self-contained), ``comparison.json`` and the
-figures ``boxplots.png`` and ``dice_scatter.png`` into ``--out``. Differences are B - A.
+figures ``boxplots.png`` and ``dice_scatter.png`` into ``--out``. Differences are B - A. Both runs
+must have been scored on the same dataset: two KiTS23 runs are compared on KiTS23's hierarchical
+evaluation regions (named in words in the tables, with the regions' rule and tolerances stated
+once); a KiTS19 run and a KiTS23 run are refused (exit status 1), the message naming both.
 ``--out`` may not be, or lie inside, either run's folder or report folder (unless
 ``--allow-inside-input``), and an existing report there is only replaced when an earlier
 comparison wrote it; both are checked before anything is read.

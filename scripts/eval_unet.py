@@ -1,4 +1,7 @@
-"""Evaluate a trained 3D Residual U-Net (model key ``resunet3d``) in each CT's original grid with the KiTS19 metrics.
+"""Evaluate a trained 3D Residual U-Net (model key ``resunet3d``) in each CT's original grid with the KiTS metrics.
+
+The metrics are those of the model's dataset (its config's ``dataset``): KiTS19 kidney and tumour, or
+KiTS23's hierarchical evaluation regions (kidney and masses, masses, tumour).
 
 The 3D model predicts whole volumes with sliding windows (Gaussian blending). ``--run`` takes a
 run folder, or a cross-validated experiment folder, evaluated out of fold (every case segmented

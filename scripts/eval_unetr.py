@@ -1,4 +1,7 @@
-"""Evaluate a trained 2D UNETR (model key ``unetr2d``) in each CT's original grid with the KiTS19 metrics.
+"""Evaluate a trained 2D UNETR (model key ``unetr2d``) in each CT's original grid with the KiTS metrics.
+
+The metrics are those of the model's dataset (its config's ``dataset``): KiTS19 kidney and tumour, or
+KiTS23's hierarchical evaluation regions (kidney and masses, masses, tumour).
 
 The 2D model predicts every axial slice; the slices are stacked back into a volume before scoring,
 so its scores are per case, like the 3D model's. ``--run`` takes a run folder, or a

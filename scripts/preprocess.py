@@ -1,10 +1,12 @@
-"""Build or update the preprocessing cache of a KiTS19 data folder.
+"""Build or update the preprocessing cache of a KiTS19 (or KiTS23) data folder.
 
 Usage::
 
     python scripts/preprocess.py --data DIR --out CACHE [--config configs/preprocessing.yaml]
-                                 [--workers K] [--set section.key=value ...] [--allow-inside-input]
+                                 [--dataset kits19|kits23] [--workers K] [--set section.key=value ...]
+                                 [--allow-inside-input]
     python scripts/preprocess.py --config configs/resunet3d_quick.yaml [--data DIR]
+    python scripts/preprocess.py --config configs/resunet3d_kits23_quick.yaml [--data DIR]
 
 ``DIR`` holds the ``case_XXXXX`` folders (default: the ``KITS19_DATA`` environment variable) and
 is only read. ``CACHE`` is the cache root (default: ``preprocessing.cache_dir`` of the config); the
@@ -12,8 +14,11 @@ cache of these settings is written to the plan folder ``CACHE/spacing_<z>x<y>x<x
 The ``preprocessing`` and ``split`` sections are read from the config. With an experiment config
 (one with a ``model`` or ``training`` section, e.g. ``configs/resunet3d_quick.yaml``) the whole
 config is validated as training validates it, ``--data`` defaults to its ``data_dir`` (then to
-``KITS19_DATA``), and the cache built is exactly the one training with that config reads (the
-summary says so). Cases already up to date are skipped, so re-running is cheap.
+``KITS19_DATA``), its ``dataset`` (``kits19`` or ``kits23``) says what the folder holds, and the
+cache built is exactly the one training with that config reads (the summary says so). With a
+preprocessing-only config the folder is read as ``--dataset`` (default ``kits19``). A folder of
+the other dataset (``kits23.json`` read as KiTS19, ``kits.json`` read as KiTS23) is refused.
+Cases already up to date are skipped, so re-running is cheap.
 
 A cache root inside the data folder is refused before any work (the raw data is never written
 to) unless ``--allow-inside-input`` is given. Input anomalies of the CTs (see
@@ -36,9 +41,10 @@ from pathlib import Path
 import yaml
 
 from utils.config.data import PreprocessingConfig, SplitConfig
-from utils.config.experiment import ExperimentConfig, check_trainable_dataset, load_experiment_config
+from utils.config.experiment import ExperimentConfig, load_experiment_config
 from utils.config.loading import load_config_sections
 from utils.data.case_discovery import resolve_data_dir
+from utils.data.dataset_definitions import DATASETS, KITS19
 from utils.data.output_guard import add_guard_argument, check_output_location
 from utils.preprocessing.preprocess import NO_SEGMENTATION, PreprocessingResult, plan_folder, preprocess_dataset
 
@@ -59,6 +65,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--out", type=Path, default=None,
                         help="cache root (default: preprocessing.cache_dir of the config); never inside --data")
     parser.add_argument("--config", default=DEFAULT_CONFIG, help=f"YAML config (default {DEFAULT_CONFIG})")
+    parser.add_argument("--dataset", choices=sorted(DATASETS), default=None,
+                        help="what the folder holds (default: the experiment config's dataset, else kits19); "
+                             "with an experiment config it must agree with the config's dataset")
     parser.add_argument("--workers", type=int, default=1, help="processes preprocessing cases in parallel (default 1)")
     parser.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
                         help="override a config value, e.g. --set preprocessing.target_spacing=[4,2,2] (repeatable)")
@@ -118,14 +127,28 @@ def is_experiment_config(path: str | Path) -> bool:
 
 
 def load_settings(args: argparse.Namespace) -> tuple[PreprocessingConfig, SplitConfig, ExperimentConfig | None]:
-    """The preprocessing and split settings of ``--config`` (and the experiment, for an experiment config)."""
+    """The preprocessing and split settings of ``--config`` (and the experiment, for an experiment config).
+
+    Raises:
+        ValueError: an invalid config, or ``--dataset`` differing from an experiment config's ``dataset``.
+    """
     if is_experiment_config(args.config):
         experiment = load_experiment_config(args.config, args.set)
-        check_trainable_dataset(experiment)
+        if args.dataset is not None and args.dataset != experiment.dataset:
+            raise ValueError(f"--dataset is {args.dataset} but {args.config} trains on dataset {experiment.dataset}; "
+                             f"drop --dataset, or use a config for {args.dataset} (its 'dataset:' key, model."
+                             f"out_channels and loss.class_weights follow the dataset's labels)")
         return experiment.preprocessing, experiment.split, experiment
     sections = load_config_sections(args.config, {"preprocessing": PreprocessingConfig, "split": SplitConfig},
                                     args.set)
     return sections["preprocessing"], sections["split"], None
+
+
+def selected_dataset(args: argparse.Namespace, experiment: ExperimentConfig | None) -> str:
+    """The dataset the data folder is read as: the experiment config's, else ``--dataset``, else ``kits19``."""
+    if experiment is not None:
+        return experiment.dataset
+    return args.dataset or KITS19.name
 
 
 def _ids(case_ids: list[str]) -> str:
@@ -161,7 +184,7 @@ def format_summary(result: PreprocessingResult) -> str:
 
 def training_note(experiment: ExperimentConfig, folder: Path, config_path: str) -> str:
     """Say whether training with the experiment config reads the plan folder just built."""
-    trained_from = plan_folder(experiment.preprocessing)
+    trained_from = plan_folder(experiment.preprocessing, dataset=experiment.dataset)
     if trained_from.resolve() == folder.resolve():
         return f"training with {config_path} reads this plan folder"
     return (f"warning: training with {config_path} reads {trained_from}, not this plan folder (--out differs from "
@@ -186,8 +209,9 @@ def main(argv: list[str] | None = None) -> int:
         print(f"preprocess.py: error: {error}", file=sys.stderr)
         return EXIT_USAGE
     try:
-        result = preprocess_dataset(data_dir, config, split, workers=args.workers, show_progress=True)
-    except ValueError as error:  # no usable case, or too few for the split
+        result = preprocess_dataset(data_dir, config, split, workers=args.workers, show_progress=True,
+                                    dataset=selected_dataset(args, experiment))
+    except ValueError as error:  # another dataset's folder, no usable case, or too few for the split
         print(f"preprocess.py: error: {error}", file=sys.stderr)
         return EXIT_UNUSABLE
     print(format_summary(result))

@@ -14,10 +14,14 @@ and their softmax averaged (a fold ensemble; the folds must share the model and 
 the summary says how many models were used. ``--input`` is one
 ``.nii``/``.nii.gz`` CT in HU, a KiTS19-layout folder (``case_XXXXX/imaging.nii.gz`` gives
 ``OUT_DIR/case_XXXXX.nii.gz``) or a flat folder of ``.nii.gz``/``.nii`` files (same names in
-``OUT_DIR``). Each prediction is a uint8 label map (0 background, 1 kidney, 2 tumour) with its
-CT's shape and affine, written atomically; the input is never written to. A folder output also
-gets ``segmentation_run.json``: the checkpoint (and every checkpoint file used, one per model),
-the options and each case's outcome.
+``OUT_DIR``; a KiTS23-layout folder, with ``kits23.json``, is read the same way). Each prediction
+is a uint8 label map of the model's dataset (the ``dataset`` of its experiment config: KiTS19
+0 background, 1 kidney, 2 tumour; KiTS23 adds 3 cyst) with its CT's shape and affine, written
+atomically; the input is never written to. ``--postprocess`` keeps the largest kidneys (label > 0,
+cysts included) and only the masses (tumour; for KiTS23 tumour and cyst) that touch kidney. A
+folder output also gets ``segmentation_run.json``: the checkpoint (and every checkpoint file used,
+one per model), the options, each case's outcome and, for a model of another dataset than KiTS19,
+its ``dataset``.
 
 Before the model is loaded, the outputs are checked (:mod:`utils.data.output_guard`): the output
 may not be, or lie inside, the input folder (for one CT, the folder holding it, such as its
@@ -40,6 +44,7 @@ from pathlib import Path
 import torch
 
 from utils.data.case_discovery import discover_cases
+from utils.data.dataset_definitions import DATASETS, KITS19
 from utils.data.kits_layout import IMAGING_NAME, is_case_id
 from utils.data.nifti_io import save_json_atomic
 from utils.data.output_guard import (
@@ -74,7 +79,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--device", choices=("cpu", "cuda"), default=None, help="default: cuda when available")
     parser.add_argument("--tta", action="store_true", help="average over mirrored inputs (8x slower for 3D models)")
     parser.add_argument("--postprocess", action="store_true",
-                        help="keep the 2 largest kidney components and only tumour touching kidney")
+                        help="keep the 2 largest kidney components and only tumour (KiTS23: and cyst) "
+                             "touching kidney")
     parser.add_argument("--min-component-ml", type=float, default=DEFAULT_MIN_COMPONENT_ML,
                         help="with --postprocess: smallest kidney component kept, in ml "
                              f"(default {DEFAULT_MIN_COMPONENT_ML:g})")
@@ -87,10 +93,12 @@ def _is_nifti_name(path: Path) -> bool:
 
 
 def _folder_jobs(folder: Path, output: Path) -> list[tuple[str, Path, Path]]:
-    """(name, CT, prediction) of a KiTS19-layout folder, else of a flat folder of NIfTI files."""
+    """(name, CT, prediction) of a KiTS-layout folder (read as the dataset whose metadata file it holds,
+    KiTS19 when none), else of a flat folder of NIfTI files."""
     if any(p.is_dir() and is_case_id(p.name) for p in folder.iterdir()):
+        layout = next((d for d in DATASETS.values() if (folder / d.metadata_name).is_file()), KITS19)
         return [(case.case_id, case.imaging or case.folder / IMAGING_NAME, output / f"{case.case_id}.nii.gz")
-                for case in discover_cases(folder).cases]
+                for case in discover_cases(folder, layout).cases]
     files = sorted(p for p in folder.iterdir() if _is_nifti_name(p) and not p.is_dir())
     return [(p.name, p, output / p.name) for p in files]
 
@@ -186,6 +194,12 @@ def _models_used(segmenter: SegmentationModel) -> str:
     return "1 model" if count == 1 else f"ensemble of {count} models"
 
 
+def _labels_used(segmenter: SegmentationModel) -> str:
+    """``""`` for a KiTS19 model, else e.g. ``", KiTS23 labels 0 (background), 1 (kidney), 2 (tumour), 3 (cyst)"``."""
+    dataset = segmenter.dataset
+    return "" if dataset is KITS19 else f", {dataset.title} labels {dataset.describe_labels()}"
+
+
 def format_summary(outcomes: dict[str, str], segmenter: SegmentationModel, output: Path, seconds: float,
                    args: argparse.Namespace) -> str:
     """A few lines: how many CTs were segmented, with what, where, and each failure with its reason."""
@@ -193,7 +207,7 @@ def format_summary(outcomes: dict[str, str], segmenter: SegmentationModel, outpu
     lines = [f"segmented {len(outcomes) - len(failed)} of {len(outcomes)} CT(s) in {seconds:.1f} s with "
              f"{segmenter.run_name} ({segmenter.config.model.name}, {segmenter.device}, tta "
              f"{'on' if args.tta else 'off'}, postprocessing {'on' if args.postprocess else 'off'}, "
-             f"{_models_used(segmenter)}) -> {output}"]
+             f"{_models_used(segmenter)}{_labels_used(segmenter)}) -> {output}"]
     lines += [f"failed: {name}: {reason}" for name, reason in failed.items()]
     return "\n".join(lines)
 
@@ -224,7 +238,8 @@ def main(argv: list[str] | None = None) -> int:
             "checkpoints": [str(path.resolve()) for path in segmenter.checkpoints],
             "device": str(segmenter.device), "tta": args.tta,
             "postprocess": args.postprocess, "min_component_ml": args.min_component_ml,
-            "input": str(args.input.resolve()), "cases": outcomes})
+            "input": str(args.input.resolve()), "cases": outcomes,
+            **({} if segmenter.dataset is KITS19 else {"dataset": segmenter.dataset.name})})
     print(format_summary(outcomes, segmenter, args.output, time.perf_counter() - started, args))
     return EXIT_OK if all(reason == "written" for reason in outcomes.values()) else EXIT_FAILED
 

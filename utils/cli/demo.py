@@ -46,7 +46,8 @@ from utils.config.experiment import load_experiment_config
 from utils.config.loading import config_as_dict
 from utils.data.case_discovery import discover_cases
 from utils.data.case_validation import DatasetReport, load_case, select_cases, validate_dataset
-from utils.data.kits_layout import KITS_JSON_NAME, is_case_id
+from utils.data.dataset_definitions import DATASETS, KITS19, DatasetDefinition, get_dataset
+from utils.data.kits_layout import is_case_id
 from utils.data.nifti_io import load_nifti, read_voxels, write_bytes_atomic
 from utils.data.output_guard import ALLOW_FLAG, OutputGuardError, check_output_location, check_overwrite, is_own_text
 from utils.datasets.patches import build_patch_datasets
@@ -60,7 +61,7 @@ from utils.figures.slice_animation import save_slice_animation
 from utils.figures.slice_viewer import plot_slice_viewer
 from utils.figures.statistics import plot_training_samples
 from utils.figures.training_curves import plot_training_progress, plot_training_runs
-from utils.metrics.scoring import METRIC_NAMES
+from utils.metrics.scoring import dice_names, metric_names
 from utils.preprocessing.cache import open_cache
 from utils.preprocessing.preprocess import PreprocessingResult, preprocess_dataset
 from utils.synthetic.dataset import CaseSummary, SyntheticOptions, generate_dataset
@@ -78,12 +79,13 @@ logger = logging.getLogger(__name__)
 
 @dataclass(frozen=True)
 class TrainedModel:
-    """One model the demo trained: its key, the engine's result, wall time and curve figure."""
+    """One model the demo trained: its key, the engine's result, wall time, curve figure and dataset."""
 
     name: str
     result: TrainingResult
     seconds: float
     figure_path: Path
+    dataset: DatasetDefinition = KITS19
 
     @property
     def best_record(self) -> dict | None:
@@ -148,6 +150,7 @@ class DemoResult:
     folds: tuple[tuple[list[str], list[str]], ...] = ()
     results_path: Path | None = None
     results_markdown: str | None = None
+    dataset: DatasetDefinition = KITS19
 
 
 def _holds_cases(folder: Path) -> bool:
@@ -160,13 +163,19 @@ def _holds_cases(folder: Path) -> bool:
 
 def is_synthetic_data_folder(folder: Path) -> bool:
     """Whether ``folder`` holds data the synthetic generator wrote: its ``kits.json`` lists each case
-    with exactly ``case_id`` and ``voxel_spacing`` (KiTS19's own file holds clinical fields too)."""
+    with exactly ``case_id`` and ``voxel_spacing``, or its ``kits23.json`` with exactly ``case_id``
+    (the challenges' own files hold clinical fields too)."""
+    return any(_is_generated_metadata(folder, dataset) for dataset in DATASETS.values())
+
+
+def _is_generated_metadata(folder: Path, dataset: DatasetDefinition) -> bool:
+    """Whether ``folder`` holds the dataset's metadata file as the synthetic generator writes it."""
     try:
-        entries = json.loads((folder / KITS_JSON_NAME).read_text(encoding="utf-8"))
+        entries = json.loads((folder / dataset.metadata_name).read_text(encoding="utf-8"))
     except (OSError, UnicodeDecodeError, ValueError):
         return False
-    return (isinstance(entries, list) and bool(entries)
-            and all(isinstance(e, dict) and set(e) == {"case_id", "voxel_spacing"} for e in entries))
+    keys = {"case_id", "voxel_spacing"} if dataset.metadata_has_spacing else {"case_id"}
+    return isinstance(entries, list) and bool(entries) and all(isinstance(e, dict) and set(e) == keys for e in entries)
 
 
 def _demo_output_folders(config: DemoConfig) -> dict[str, Path]:
@@ -192,6 +201,20 @@ def train_overrides(config: DemoConfig) -> tuple[str, ...]:
             *config.train_overrides)
 
 
+def check_demo_datasets(config: DemoConfig) -> None:
+    """Refuse an experiment of ``train_configs`` made for another dataset than the demo's.
+
+    Raises:
+        ValueError: naming the experiment file, its dataset and the demo's.
+    """
+    for path in config.train_configs:
+        experiment = load_experiment_config(path, train_overrides(config))
+        if experiment.dataset != config.dataset:
+            raise ValueError(f"{path}: the experiment trains on dataset {experiment.dataset}, but the demo generates "
+                             f"{config.dataset} data (the demo config's 'dataset:'); list experiments of "
+                             f"{config.dataset} in train_configs")
+
+
 def check_demo_outputs(config: DemoConfig, *, allow_inside_input: bool = False) -> None:
     """Refuse demo outputs that would land in, or over, data the demo did not generate.
 
@@ -207,7 +230,8 @@ def check_demo_outputs(config: DemoConfig, *, allow_inside_input: bool = False) 
     """
     data = Path(config.synthetic.out_dir).expanduser().resolve()
     if _holds_cases(data) and not is_synthetic_data_folder(data):
-        raise OutputGuardError(data, data, f"synthetic.out_dir {data} holds KiTS19 cases the demo did not generate; "
+        title = get_dataset(config.dataset).title
+        raise OutputGuardError(data, data, f"synthetic.out_dir {data} holds {title} cases the demo did not generate; "
                                            "the demo rewrites its data folder, so choose an empty or new folder")
     for ancestor in data.parents:
         if _holds_cases(ancestor):
@@ -239,19 +263,21 @@ def run_demo(config: DemoConfig, show_progress: bool = True, *, allow_inside_inp
         UnusableCaseError: a generated case failed validation (the message names it).
     """
     check_demo_outputs(config, allow_inside_input=allow_inside_input)
+    check_demo_datasets(config)
     started = time.perf_counter()
     synthetic = config.synthetic
-    options = SyntheticOptions(matrix=synthetic.matrix, spacing=synthetic.spacing)
+    dataset = get_dataset(config.dataset)
+    options = SyntheticOptions(matrix=synthetic.matrix, spacing=synthetic.spacing, dataset=dataset.name)
     summaries = generate_dataset(synthetic.out_dir, synthetic.cases, seed=synthetic.seed, options=options,
                                  workers=synthetic.workers, show_progress=show_progress)
-    report = validate_dataset(synthetic.out_dir, full=True, show_progress=show_progress)
-    cases = [load_case(files) for files in select_cases(report, on_bad="error")]
+    report = validate_dataset(synthetic.out_dir, full=True, show_progress=show_progress, dataset=dataset)
+    cases = [load_case(files, dataset=dataset) for files in select_cases(report, on_bad="error")]
     pooled, _ = measure_separability((case.image, case.segmentation) for case in cases)
     reports_dir = Path(config.reports_dir)
-    gallery = plot_case_gallery([(c.case_id, c.image, c.segmentation, c.spacing) for c in cases])
+    gallery = plot_case_gallery([(c.case_id, c.image, c.segmentation, c.spacing) for c in cases], dataset=dataset)
     gallery_path = save_figure(gallery, reports_dir / "synthetic_cases.png")
     prepared = preprocess_dataset(synthetic.out_dir, config.preprocessing, config.split, workers=synthetic.workers,
-                                  show_progress=show_progress)
+                                  show_progress=show_progress, dataset=dataset)
     samples_path, split = _save_training_samples(config, prepared.folder, reports_dir / "training_samples.png")
     summary = {
         "config": config_as_dict(config),
@@ -291,7 +317,7 @@ def run_demo(config: DemoConfig, show_progress: bool = True, *, allow_inside_inp
     if config.readme is not None and trained:
         _update_readme(config.readme, summary)
     return DemoResult(summaries, report, pooled, prepared, split, gallery_path, samples_path, summary_path, trained,
-                      evaluations, comparison, visuals)
+                      evaluations, comparison, visuals, dataset=dataset)
 
 
 def _run_cross_validated(config: DemoConfig, summary: dict, reports_dir: Path, started: float, show_progress: bool,
@@ -395,7 +421,7 @@ def _train(config: DemoConfig, experiment_path: str, reports_dir: Path, show_pro
     seconds = time.perf_counter() - started
     figure_path = save_figure(plot_training_progress(result.records, title=result.run_folder.name),
                               reports_dir / f"training_progress_{experiment.model.name}.png")
-    return TrainedModel(experiment.model.name, result, seconds, figure_path)
+    return TrainedModel(experiment.model.name, result, seconds, figure_path, get_dataset(experiment.dataset))
 
 
 def _evaluate_and_compare(config: DemoConfig, trained: tuple[TrainedModel, ...], reports_dir: Path,
@@ -420,13 +446,15 @@ def _save_case_visuals(config: DemoConfig, evaluation: RunEvaluation, reports_di
 def _save_report_visuals(config: DemoConfig, report_folder: Path, model: str, case_id: str,
                          reports_dir: Path) -> tuple[Path, ...]:
     """For one case of a report folder: 3D meshes (HTML), a slice viewer (HTML) and a sagittal sweep (GIF)."""
-    case = load_case(next(c for c in discover_cases(config.synthetic.out_dir).cases if c.case_id == case_id))
+    dataset = get_dataset(config.dataset)
+    case = load_case(next(c for c in discover_cases(config.synthetic.out_dir, dataset).cases if c.case_id == case_id),
+                     dataset=dataset)
     prediction = read_voxels(load_nifti(report_folder / "predictions" / f"{case_id}.nii.gz"), np.uint8)
     name = f"{case_id}_{model}"
     plot_meshes(case.segmentation, prediction, case.spacing, path=reports_dir / f"3d_{name}.html",
-                title=f"{case_id}: ground truth | {model}")
+                title=f"{case_id}: ground truth | {model}", dataset=dataset)
     plot_slice_viewer(case.image, case.segmentation, case.spacing, prediction=prediction,
-                      path=reports_dir / f"viewer_{name}.html")
+                      path=reports_dir / f"viewer_{name}.html", dataset=dataset)
     animation = save_slice_animation(case.image, case.segmentation, case.spacing,
                                      reports_dir / f"sagittal_{name}.gif", prediction=prediction)
     return reports_dir / f"3d_{name}.html", reports_dir / f"viewer_{name}.html", animation
@@ -457,7 +485,7 @@ def _training_summary(model: TrainedModel) -> dict:
     """What ``dataset_summary.json`` records of one trained model."""
     best = model.best_record or {}
     return {"run_folder": model.result.run_folder, "seconds": model.seconds, "best_epoch": model.result.best_epoch,
-            "kidney_dice": best.get("kidney_dice"), "tumour_dice": best.get("tumour_dice"),
+            **{key: best.get(key) for key in dice_names(model.dataset)},
             "per_case": best.get("per_case"), "validation_space": best.get("validation_space")}
 
 
@@ -474,13 +502,14 @@ def _save_training_samples(config: DemoConfig, cache_folder: Path,
 
 def format_demo_result(result: DemoResult) -> str:
     """The demo's summary as text: a per-case table, validation counts and the intensity floor."""
+    cyst = result.dataset.has_label("cyst")
     lines = [f"{'case':<12} {'status':<15} {'shape (Z,Y,X)':<17} {'spacing mm (Z,Y,X)':<21} "
-             f"{'kidney ml':>9} {'tumour ml':>9}"]
+             f"{'kidney ml':>9} {'tumour ml':>9}" + (f" {'cyst ml':>9}" if cyst else "")]
     status = {r.case_id: r.status for r in result.validation.reports}
     for s in result.summaries:
         spacing = " x ".join(f"{v:.2f}" for v in s.spacing)
         lines.append(f"{s.case_id:<12} {status.get(s.case_id, '?'):<15} {str(s.shape):<17} {spacing:<21} "
-                     f"{s.kidney_ml:>9.1f} {s.tumour_ml:>9.1f}")
+                     f"{s.kidney_ml:>9.1f} {s.tumour_ml:>9.1f}" + (f" {s.cyst_ml or 0.0:>9.1f}" if cyst else ""))
     counts = ", ".join(f"{k}: {v}" for k, v in result.validation.counts.items())
     floor = result.separability
     prepared = result.preprocessing
@@ -502,7 +531,7 @@ def format_demo_result(result: DemoResult) -> str:
     if result.trained:
         lines += format_validation_table(result.trained)
     if result.evaluations:
-        lines += format_evaluation_table(result.evaluations)
+        lines += format_evaluation_table(result.evaluations, result.dataset)
     if result.cross_validated:
         lines += _format_cross_validation(result)
     if result.comparison is not None:
@@ -547,51 +576,71 @@ def _format_cross_validation(result: DemoResult) -> list[str]:
     return lines
 
 
-def format_evaluation_table(evaluations: tuple[RunEvaluation, ...]) -> list[str]:
+def format_evaluation_table(evaluations: tuple[RunEvaluation, ...], dataset: DatasetDefinition = KITS19) -> list[str]:
     """Each evaluated model's mean metrics in the CTs' original grids (missing HD95 counted)."""
     return _evaluation_table("evaluation in each CT's original grid (validation cases; mean, HD95 in mm, missing "
-                             "counted):", [(e.inference["model"], e.evaluation.summary) for e in evaluations])
+                             "counted):", [(e.inference["model"], e.evaluation.summary) for e in evaluations], dataset)
 
 
-def _evaluation_table(title: str, summaries: list[tuple[str, dict]]) -> list[str]:
-    """``title``, then one row of mean metrics per ``(model, summary)``."""
-    lines = [title, f"{'model':<12}" + "".join(f" {name:>20}" for name in METRIC_NAMES)]
+def _evaluation_table(title: str, summaries: list[tuple[str, dict]], dataset: DatasetDefinition = KITS19) -> list[str]:
+    """``title``, then one row of mean metrics per ``(model, summary)``: the dataset's :func:`metric_names`."""
+    names = metric_names(dataset)
+    width = max(20, *(len(name) for name in names))
+    lines = [title, f"{'model':<12}" + "".join(f" {name:>{width}}" for name in names)]
     for model, summary in summaries:
         cells = []
-        for name in METRIC_NAMES:
+        for name in names:
             stats = summary[name]
             text = "-" if stats["mean"] is None else f"{stats['mean']:.3f}"
             if stats["missing"]:
                 text += f" ({stats['missing']} missing)"
-            cells.append(f" {text:>20}")
+            cells.append(f" {text:>{width}}")
         lines.append(f"{model:<12}" + "".join(cells))
     return lines
 
 
+def _dice_rule(dataset: DatasetDefinition) -> str:
+    """How the validation Dice columns are built from the labels, for a table title."""
+    if dataset is KITS19:
+        return "KiTS19: kidney = label > 0, tumour = label 2"
+    return f"{dataset.title}: {dataset.region_rule}"
+
+
 def format_validation_table(trained: tuple[TrainedModel, ...]) -> list[str]:
     """The models' per-case validation Dice side by side (best epoch of each run), and their means."""
+    dataset = trained[0].dataset if trained else KITS19
+    keys = dice_names(dataset)
     return _validation_table(
-        "validation Dice per case (KiTS19: kidney = label > 0, tumour = label 2; cache grid, best epoch):",
+        f"validation Dice per case ({_dice_rule(dataset)}; cache grid, best epoch):",
         [(m.name, (m.best_record or {}).get("per_case") or [],
-          ((m.best_record or {}).get("kidney_dice"), (m.best_record or {}).get("tumour_dice"))) for m in trained])
+          tuple((m.best_record or {}).get(key) for key in keys)) for m in trained], dataset)
 
 
-def _validation_table(title: str, models: list[tuple[str, list[dict], tuple[float | None, float | None]]]) -> list[str]:
-    """``title``, a header, one row per case (each model's kidney and tumour Dice) and the models' means."""
-    header = f"{'validation case':<16}" + "".join(f" {name + ' kidney':>17} {'tumour':>7}" for name, _, _ in models)
+def _validation_table(title: str, models: list[tuple[str, list[dict], tuple[float | None, ...]]],
+                      dataset: DatasetDefinition = KITS19) -> list[str]:
+    """``title``, a header, one row per case (each model's Dice of every region) and the models' means."""
+    keys = dice_names(dataset)
+    regions = [key.removesuffix("_dice").replace("_", " ") for key in keys]
+    widths = [[max(17, len(f"{name} {regions[0]}")), *(max(7, len(region)) for region in regions[1:])]
+              for name, _, _ in models]
+    header = f"{'validation case':<16}" + "".join(
+        f" {name + ' ' + regions[0]:>{w[0]}}" + "".join(f" {region:>{width}}" for region, width in
+                                                           zip(regions[1:], w[1:], strict=True))
+        for (name, _, _), w in zip(models, widths, strict=True))
     per_model = [{case["case_id"]: case for case in per_case} for _, per_case, _ in models]
     lines = [title, header]
     for case_id in sorted(set().union(*per_model)):
-        cells = [(scores[case_id]["kidney_dice"], scores[case_id]["tumour_dice"]) if case_id in scores else None
+        cells = [tuple(scores[case_id].get(key) for key in keys) if case_id in scores else None
                  for scores in per_model]
-        lines.append(f"{case_id:<16}" + "".join(_dice_cells(c) for c in cells))
-    lines.append(f"{'mean':<16}" + "".join(_dice_cells(means) for _, _, means in models))
+        lines.append(f"{case_id:<16}" + "".join(_dice_cells(c, w) for c, w in zip(cells, widths, strict=True)))
+    lines.append(f"{'mean':<16}" + "".join(_dice_cells(means, w)
+                                           for (_, _, means), w in zip(models, widths, strict=True)))
     return lines
 
 
-def _dice_cells(pair: tuple[float | None, float | None] | None) -> str:
-    kidney, tumour = pair if pair is not None else (None, None)
-    return "".join(f" {'-' if v is None else f'{v:.3f}':>{w}}" for v, w in ((kidney, 17), (tumour, 7)))
+def _dice_cells(values: tuple[float | None, ...] | None, widths: list[int]) -> str:
+    values = values if values is not None else (None,) * len(widths)
+    return "".join(f" {'-' if v is None else f'{v:.3f}':>{w}}" for v, w in zip(values, widths, strict=True))
 
 
 def _jsonable(value: object) -> object:

@@ -7,6 +7,11 @@ cross-validated experiment folder (holding ``cross_validation.json``) is evaluat
 instead (:func:`utils.evaluation.cross_validation.evaluate_cross_validation`); one of its
 ``fold_<k>`` folders is a run like any other.
 
+The scores are those of the model's dataset (its experiment config's ``dataset``): KiTS19's kidney
+and tumour, printed by key (``kidney_dice``); KiTS23's hierarchical evaluation regions, printed by
+region in words (``kidney and masses Dice``) after one line stating how the regions are built
+and their surface-Dice tolerances.
+
 Exit status: 0 when every case was scored, 1 when a case was refused or the evaluation
 failed (the message says why), 2 on usage errors.
 """
@@ -19,14 +24,16 @@ import sys
 from pathlib import Path
 
 from utils.config.experiment import load_experiment_config
+from utils.data.dataset_definitions import KITS19
 from utils.data.output_guard import add_guard_argument
 from utils.evaluation.cross_validation import (
     CrossValidationEvaluation,
     evaluate_cross_validation,
     is_cross_validation_folder,
 )
+from utils.evaluation.predictions import describe_metric, describe_regions
 from utils.evaluation.run import CASE_SELECTIONS, EVALUATION_SCRIPTS, RunEvaluation, evaluate_run
-from utils.metrics.scoring import METRIC_NAMES
+from utils.metrics.scoring import dice_names, metric_names
 from utils.metrics.surface import DEFAULT_TOLERANCE_MM
 from utils.networks.checkpoints import CheckpointError
 from utils.training.cross_validation import load_cross_validation
@@ -41,7 +48,8 @@ EVALUATION_USAGE = """Usage::
 
 Segments the run's validation cases (or every labelled case of ``--data``) from their raw CTs
 with ``best.pt``, writes ``reports/<run>/predictions/``, ``metrics.json``, ``metrics.csv``,
-``inference.json`` and ``case_scores.png``, and prints the mean and median of every metric.
+``inference.json`` and ``case_scores.png``, and prints the mean and median of every metric
+(those of the model's dataset: KiTS19 kidney and tumour, KiTS23 its evaluation regions).
 For a cross-validated experiment folder (``cross_validation.json``, every fold finished) every
 case is segmented by the fold that held it out (out-of-fold) into one report,
 ``reports/<experiment>/``, which also gives each case's fold and the means per fold.
@@ -61,8 +69,9 @@ def parse_evaluation_args(argv: list[str] | None, description: str) -> argparse.
                                      epilog="\n".join(lines[2:]))
     parser.add_argument("--run", type=Path, required=True, metavar="RUN_DIR",
                         help="training run folder (or a .pt), or a cross-validated experiment folder")
-    parser.add_argument("--data", default=None, help="KiTS19-layout folder with CTs and segmentations "
-                                                     "(default: data_dir of the run's config, then $KITS19_DATA)")
+    parser.add_argument("--data", default=None, help="KiTS-layout folder with CTs and segmentations of the "
+                                                     "model's dataset (default: data_dir of the run's config, "
+                                                     "then $KITS19_DATA)")
     parser.add_argument("--cases", choices=CASE_SELECTIONS, default="validation",
                         help="the run's validation split (default; for an experiment: every case, out of fold) "
                              "or every labelled case of --data")
@@ -70,7 +79,8 @@ def parse_evaluation_args(argv: list[str] | None, description: str) -> argparse.
     parser.add_argument("--out", type=Path, default=None, help="report folder (default REPORTS/<run-name>)")
     parser.add_argument("--device", choices=("cpu", "cuda"), default=None, help="default: cuda when available")
     parser.add_argument("--tta", action="store_true", help="average over mirrored inputs")
-    parser.add_argument("--postprocess", action="store_true", help="largest kidneys, tumour touching kidney only")
+    parser.add_argument("--postprocess", action="store_true",
+                        help="largest kidneys, tumour (KiTS23: and cyst) touching kidney only")
     parser.add_argument("--tolerance-mm", type=float, default=DEFAULT_TOLERANCE_MM,
                         help=f"surface-Dice tolerance in mm (default {DEFAULT_TOLERANCE_MM})")
     add_guard_argument(parser)
@@ -94,21 +104,33 @@ def check_run_model(run: Path, model_name: str) -> None:
 
 def format_evaluation(result: RunEvaluation | CrossValidationEvaluation) -> str:
     """The report folder, per-metric mean, median and missing counts, any refused case and, for an
-    out-of-fold evaluation, the number of cases and mean Dice of each fold."""
+    out-of-fold evaluation, the number of cases and mean Dice of each fold.
+
+    The metrics are those of the result's dataset: KiTS19's by key (as always), another dataset's
+    by region in words (:func:`utils.evaluation.predictions.describe_metric`), after a line on how
+    its regions are built and their tolerances (:func:`utils.evaluation.predictions.describe_regions`).
+    """
     summary = result.evaluation.summary
+    dataset = result.dataset
     kind = "original grid"
     if isinstance(result, CrossValidationEvaluation):
         kind = f"out-of-fold, {len(result.fold_summaries)} folds, original grid"
     lines = [f"report: {result.report_folder} ({len(result.evaluation.cases)} case(s), {kind})"]
-    for name in METRIC_NAMES:
+    names = metric_names(dataset)
+    width = 20 if dataset is KITS19 else max(len(describe_metric(name, dataset)) for name in names)
+    if dataset is not KITS19:
+        lines.append(f"  {describe_regions(dataset)}")
+    for name in names:
         stats = summary[name]
         mean = "-" if stats["mean"] is None else f"{stats['mean']:.3f}"
         median = "-" if stats["median"] is None else f"{stats['median']:.3f}"
-        lines.append(f"  {name:<20} mean {mean:>8}  median {median:>8}  missing {stats['missing']}")
+        lines.append(f"  {describe_metric(name, dataset):<{width}} mean {mean:>8}  median {median:>8}  "
+                     f"missing {stats['missing']}")
     if isinstance(result, CrossValidationEvaluation):
         for fold in result.fold_summaries:
-            means = "  ".join(f"{name} {'-' if fold['mean'][name] is None else format(fold['mean'][name], '.3f')}"
-                              for name in ("kidney_dice", "tumour_dice"))
+            means = "  ".join(f"{describe_metric(name, dataset)} "
+                              f"{'-' if fold['mean'][name] is None else format(fold['mean'][name], '.3f')}"
+                              for name in dice_names(dataset))
             lines.append(f"  fold {fold['fold']}: {fold['n_cases']} case(s)  {means}")
     lines += [f"refused {r['case_id']}: {r['reason']}" for r in result.evaluation.refused]
     return "\n".join(lines)

@@ -24,7 +24,7 @@ from pathlib import Path
 from utils.config.experiment import ExperimentConfig, load_experiment_config
 from utils.data.output_guard import OutputGuardError, add_guard_argument, check_output_location
 from utils.networks.checkpoints import CheckpointError
-from utils.training.engine import NonFiniteLossError, TrainingInterrupted, train
+from utils.training.engine import NonFiniteLossError, TrainingInterrupted, describe_selection_score, train
 from utils.training.resume import RESUMABLE_KEYS, ResumeRefused, auto_resume_folder, recorded_data_dir
 from utils.training.run_folder import CONSOLE_LOG
 from utils.training.setup import was_logged
@@ -71,8 +71,8 @@ def parse_training_args(argv: list[str] | None, *, description: str, example_con
                                      epilog="\n".join(lines[2:]))
     parser.add_argument("--config", type=Path, default=None,
                         help=f"experiment YAML (e.g. {example_config}); not needed with --resume")
-    parser.add_argument("--data", default=None, help="raw KiTS19-layout folder (default: data_dir of the config, "
-                                                     "then $KITS19_DATA)")
+    parser.add_argument("--data", default=None, help="raw KiTS-layout folder of the config's dataset (default: "
+                                                     "data_dir of the config, then $KITS19_DATA)")
     parser.add_argument("--resume", type=Path, default=None, metavar="RUN_DIR",
                         help="continue the run in this folder from its last.pt (from scratch when it has none "
                              "yet), with its saved config.yaml and the data recorded in its data.json")
@@ -165,7 +165,7 @@ def run_training_command(argv: list[str] | None, *, model_name: str, description
         return EXIT_FAILED
     if result.is_main_process:
         print(f"run folder: {result.run_folder}; best epoch {result.best_epoch} "
-              f"(mean of kidney and tumour Dice on the cache grid: {result.best_score})")
+              f"({describe_selection_score(config.dataset)} on the cache grid: {result.best_score})")
     return EXIT_OK
 
 

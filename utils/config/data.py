@@ -166,8 +166,11 @@ class PatchDatasetConfig:
     Attributes:
         patch_size: ``[Z, Y, X]`` voxels, slice axis first.
         tumour_share, kidney_share, anywhere_share: shares of patches centred on a tumour voxel,
-            on a kidney voxel, and anywhere; they add up to 1. A case without the drawn class
-            falls back to the other class, then to anywhere.
+            on a kidney voxel, and anywhere. A case without the drawn class falls back to the
+            other class (tumour to kidney, kidney to tumour), then to anywhere.
+        cyst_share: share of patches centred on a cyst voxel (label 3; KiTS23 only, default 0).
+            A case without cyst falls back as a tumour-free case does for ``tumour_share``: to
+            kidney, then anywhere. The four shares add up to 1.
         samples_per_epoch: patches per epoch (an epoch is a number of samples, not a pass over cases).
     """
 
@@ -176,12 +179,13 @@ class PatchDatasetConfig:
     kidney_share: float = 0.33
     anywhere_share: float = 0.34
     samples_per_epoch: int = 500
+    cyst_share: float = 0.0
 
     def __post_init__(self) -> None:
         check_positive("patch_size", self.patch_size)
         check_positive("samples_per_epoch", self.samples_per_epoch)
         _check_shares({"tumour_share": self.tumour_share, "kidney_share": self.kidney_share,
-                       "anywhere_share": self.anywhere_share})
+                       "cyst_share": self.cyst_share, "anywhere_share": self.anywhere_share})
 
 
 
@@ -195,7 +199,10 @@ class SliceDatasetConfig:
             kept) and pads the shorter; ``"pad"`` keeps the cache's pixel size and pads (or
             centre-crops a larger slice).
         tumour_share, kidney_share, background_share: shares of sampled slices containing
-            tumour, kidney without tumour, and neither; they add up to 1.
+            tumour, kidney without tumour, and neither.
+        cyst_share: share of sampled slices containing cyst (label 3, whatever else they hold;
+            KiTS23 only, default 0). The four shares add up to 1; a class with no slice in the
+            training cases is never drawn (its share goes to the others).
         samples_per_epoch: slices per epoch.
     """
 
@@ -205,11 +212,12 @@ class SliceDatasetConfig:
     kidney_share: float = 0.4
     background_share: float = 0.2
     samples_per_epoch: int = 2000
+    cyst_share: float = 0.0
 
     def __post_init__(self) -> None:
         check_positive("image_size", self.image_size)
         check_positive("samples_per_epoch", self.samples_per_epoch)
         check_choice("fit", self.fit, ("resize", "pad"))
         _check_shares({"tumour_share": self.tumour_share, "kidney_share": self.kidney_share,
-                       "background_share": self.background_share})
+                       "cyst_share": self.cyst_share, "background_share": self.background_share})
 

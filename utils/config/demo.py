@@ -12,6 +12,7 @@ from utils.config.data import (
     SplitConfig,
     SyntheticDataConfig,
 )
+from utils.config.experiment import DATASET_LABEL_COUNTS
 
 
 @dataclass(frozen=True)
@@ -29,8 +30,11 @@ class DemoConfig:
             changes applied to each.
         bootstrap_resamples: resamples of the comparison report's confidence intervals.
         readme: a README whose demo results block (see :mod:`utils.cli.demo_results`) the demo
-            rewrites with its own figures (``None``: leave every README alone). Holdout demo only:
-            the cross-validated demo writes its results to ``<reports_dir>/results.md``.
+            rewrites with its own figures (``None``: leave every README alone). Holdout KiTS19 demo
+            only: the cross-validated demo writes its results to ``<reports_dir>/results.md``.
+        dataset: which challenge's data the demo generates and trains on: ``kits19`` (``make
+            demo``) or ``kits23`` (``configs/demo_kits23.yaml``: KiTS23-style cases with labelled
+            cysts, scored by evaluation region); every experiment of ``train_configs`` must name it.
     """
 
     synthetic: SyntheticDataConfig = field(default_factory=SyntheticDataConfig)
@@ -45,8 +49,20 @@ class DemoConfig:
     train_overrides: tuple[str, ...] = ()
     bootstrap_resamples: int = 10000
     readme: str | None = None
+    dataset: str = "kits19"
 
     def __post_init__(self) -> None:
+        if self.dataset not in DATASET_LABEL_COUNTS:
+            raise ValueError(f"unknown dataset {self.dataset!r}; choose one of {', '.join(DATASET_LABEL_COUNTS)} "
+                             f"(the demo config's 'dataset:' key)")
+        if self.dataset != "kits19" and self.cross_validation:
+            raise ValueError(f"split.scheme: kfold: the cross-validated demo runs on KiTS19 only; for {self.dataset} "
+                             "use the holdout demo (configs/demo_kits23.yaml) or scripts/cross_validate.py on "
+                             "the demo's data")
+        if self.dataset != "kits19" and self.readme is not None:
+            raise ValueError(f"readme: the README's results block holds the KiTS19 demo's figures; a {self.dataset} "
+                             "demo prints its figures and writes <reports_dir>/dataset_summary.json instead, so set "
+                             "readme: null")
         if self.cross_validation and self.readme is not None:
             raise ValueError("readme: the README's results block holds the holdout demo's figures; the "
                              "cross-validated demo (split.scheme: kfold) writes <reports_dir>/results.md "

@@ -45,7 +45,8 @@ class ModelConfig:
 
     Attributes:
         name: ``"resunet3d"`` (MONAI ``UNet``, 3D, residual units) or ``"unetr2d"``.
-        in_channels, out_channels: 1 CT channel; 3 classes (background, kidney, tumour).
+        in_channels, out_channels: 1 CT channel; one output channel per label of the dataset,
+            background included (KiTS19: 3, background, kidney, tumour; KiTS23: 4, adding cyst).
         channels, strides, num_res_units, act: ``resunet3d`` architecture (MONAI ``UNet``
             arguments; ``act`` is a MONAI layer name).
         norm, dropout: both models (MONAI normalisation name; dropout probability).
@@ -291,6 +292,8 @@ class WandbConfig:
 #: Labels (background included) of each dataset an experiment may name; the definitions themselves
 #: (label names, evaluation regions, layout) are in :mod:`utils.data.dataset_definitions`.
 DATASET_LABEL_COUNTS = {"kits19": 3, "kits23": 4}
+#: The datasets among them that label renal cysts (so ``patches.cyst_share`` and ``slices.cyst_share`` may be > 0).
+DATASETS_WITH_CYST = frozenset({"kits23"})
 
 
 @dataclass(frozen=True)
@@ -302,7 +305,9 @@ class ExperimentConfig:
             cache is built or updated from it before training.
         dataset: which challenge's labels, evaluation regions and layout
             (:mod:`utils.data.dataset_definitions`): ``kits19`` (default) or ``kits23``.
-            ``model.out_channels`` and ``loss.class_weights`` must have one entry per label.
+            ``model.out_channels`` and ``loss.class_weights`` must have one entry per label;
+            ``patches.cyst_share`` and ``slices.cyst_share`` may be > 0 only for a dataset with
+            a cyst label (:data:`DATASETS_WITH_CYST`).
     """
 
     data_dir: str | None = None
@@ -336,6 +341,7 @@ class ExperimentConfig:
                     f"{key} {what}, but dataset {self.dataset} has {labels} labels, background included: the "
                     f"model needs one output channel and the loss one class weight per label (a list of "
                     f"{labels} values)")
+        self._check_cyst_shares()
         if model.name == "resunet3d":
             total = math.prod(model.strides)
             for key, size in (("patches.patch_size", self.patches.patch_size),
@@ -352,18 +358,17 @@ class ExperimentConfig:
                              f"transformer cuts a slice into {patch} x {patch} patches); e.g. "
                              f"{max(patch, math.ceil(size / patch) * patch)}")
 
-
-def check_trainable_dataset(config: ExperimentConfig) -> None:
-    """Refuse a dataset the preprocessing and training do not read yet (everything but KiTS19).
-
-    Raises:
-        ValueError: naming what does take that dataset today.
-    """
-    if config.dataset != "kits19":
-        raise ValueError(
-            f"dataset {config.dataset}: preprocessing and training read KiTS19 data only for now; KiTS23 folders "
-            f"can be checked (scripts/check_data.py --dataset {config.dataset}) and KiTS23 predictions scored by "
-            f"region (scripts/evaluate.py --dataset {config.dataset})")
+    def _check_cyst_shares(self) -> None:
+        """Refuse cyst-centred sampling on a dataset without a cyst label."""
+        if self.dataset in DATASETS_WITH_CYST:
+            return
+        for key, share in (("patches.cyst_share", self.patches.cyst_share),
+                           ("slices.cyst_share", self.slices.cyst_share)):
+            if share > 0:
+                raise ValueError(
+                    f"{key} is {share}, but dataset {self.dataset} has no cyst label (cysts are labelled in "
+                    f"{', '.join(sorted(DATASETS_WITH_CYST))}): set {key} to 0 and give its share to the other "
+                    f"classes, or set 'dataset:' to a dataset with cysts")
 
 
 def load_experiment_config(path: str | os.PathLike, overrides: typing.Sequence[str] = ()) -> ExperimentConfig:

@@ -1,7 +1,7 @@
 """3D training patches and whole validation volumes, read from the memory-mapped cache.
 
 A training sample is drawn in four steps: pick a case, pick the class the patch is centred on
-(tumour / kidney / anywhere, with the configured shares), read just the region the augmentation
+(tumour / kidney / cyst (KiTS23) / anywhere, with the configured shares), read just the region the augmentation
 needs around that centre from the memory map, augment it (:mod:`utils.datasets.augmentation`). Sample
 ``i`` of epoch ``e`` depends only on ``(seed, e, i)``: the same on any number of loader
 workers, and reproduced exactly after a resume. Epochs reach the workers through the index
@@ -36,7 +36,9 @@ from utils.preprocessing.preprocess import Normalisation
 
 logger = logging.getLogger(__name__)
 
-CENTRE_CLASSES = ("tumour", "kidney", "anywhere")
+CENTRE_CLASSES = ("tumour", "kidney", "cyst", "anywhere")
+#: Where a patch is centred when its drawn class is absent from the case, in order (then anywhere).
+CENTRE_FALLBACKS = {"tumour": ("tumour", "kidney"), "kidney": ("kidney", "tumour"), "cyst": ("cyst", "kidney")}
 #: Smallest share of a patch a case must be able to fill (the rest is padding); below it the patch is refused.
 MIN_PATCH_FILL = 0.125
 
@@ -212,13 +214,16 @@ class PatchDataset(SampledDataset):
 
     Args:
         cases: the training cases (e.g. ``cache.cases(train_ids)``).
-        config: patch size, centring shares, samples per epoch.
+        config: patch size, centring shares, samples per epoch. A drawn class absent from the
+            case falls back as :data:`CENTRE_FALLBACKS` says (cyst to kidney, as tumour), then anywhere.
         augmentation: settings, or ``None`` for plain patches.
         seed: the training seed; every sample's generator derives from ``(seed, epoch, i)``.
         pad_value: image value outside the volume (see :func:`background_value`).
 
     Raises:
         PatchGeometryError: the patch is far larger than a case (see :func:`check_patch_geometry`).
+        ValueError: ``config.cyst_share`` > 0 but a case's cache stores no cyst locations (a
+            dataset without a cyst label, e.g. KiTS19).
 
     Items (index ``epoch * len(self) + i``; plain ``i`` is epoch 0) are dicts:
     ``image`` ``(1, Z, Y, X)`` float32, ``label`` ``(1, Z, Y, X)`` uint8, ``case_id`` str,
@@ -230,6 +235,8 @@ class PatchDataset(SampledDataset):
         augmenter = SampleAugmenter(augmentation, 3) if augmentation is not None else None
         super().__init__(cases, config.samples_per_epoch, augmenter, seed=seed, pad_value=pad_value)
         check_patch_geometry(self.cases, config.patch_size)
+        if config.cyst_share > 0:
+            check_cyst_locations(self.cases, "patches.cyst_share", config.cyst_share)
         self.config = config
 
     def __getitem__(self, index: int) -> dict[str, Any]:
@@ -244,15 +251,17 @@ class PatchDataset(SampledDataset):
         return self.finish_sample(image, label, draw, rng, case_id=case.case_id, centre_class=centre_class)
 
     def _draw_centre(self, case: CachedCase, rng: np.random.Generator) -> tuple[tuple[int, ...], str]:
-        """A voxel of the drawn class (falling back to the other class, then anywhere)."""
+        """A voxel of the drawn class (falling back as :data:`CENTRE_FALLBACKS` says, then anywhere)."""
         u = rng.random()
         config = self.config
-        if u < config.tumour_share:
-            order = ("tumour", "kidney")
-        elif u < config.tumour_share + config.kidney_share:
-            order = ("kidney", "tumour")
-        else:
-            order = ()
+        order: tuple[str, ...] = ()
+        bound = 0.0
+        for name, share in (("tumour", config.tumour_share), ("kidney", config.kidney_share),
+                            ("cyst", config.cyst_share)):
+            bound += share
+            if u < bound:
+                order = CENTRE_FALLBACKS[name]
+                break
         for name in order:
             locations = case.locations(name)
             if len(locations):
@@ -266,6 +275,23 @@ class PatchDataset(SampledDataset):
             low, high = p // 2, n - (p - p // 2)
             centre.append(int(rng.integers(low, high + 1)) if high >= low else n // 2)
         return tuple(centre)
+
+
+def check_cyst_locations(cases: Sequence[CachedCase], key: str, share: float) -> None:
+    """Refuse a positive cyst share on cases whose cache stores no cyst locations.
+
+    Args:
+        cases: the training cases. key, share: the setting and its value, for the message.
+
+    Raises:
+        ValueError: a case of a dataset without a cyst label (e.g. KiTS19), naming the setting,
+            the case and its dataset.
+    """
+    for case in cases:
+        if "cyst" not in case.location_names:
+            raise ValueError(f"{key} is {share}, but {case.case_id} comes from a {case.dataset.title} cache, "
+                             f"which has no cyst label (its location classes are {list(case.location_names)}): "
+                             f"set {key} to 0, or train on a KiTS23 cache ('dataset: kits23')")
 
 
 class VolumeDataset(Dataset):

@@ -8,8 +8,8 @@ so its longer side fills the square (``fit="resize"``) or kept at its pixel size
 there, through the case's grid mapping, on the original CT.
 
 Training slices are drawn with the configured shares of tumour, kidney-only and
-background-only slices and augmented like the 3D patches (:mod:`utils.datasets.augmentation`), with the
-same ``(seed, epoch, index)`` reproducibility.
+background-only slices (and, for KiTS23, of slices holding cyst) and augmented like the 3D
+patches (:mod:`utils.datasets.augmentation`), with the same ``(seed, epoch, index)`` reproducibility.
 """
 
 from __future__ import annotations
@@ -33,10 +33,14 @@ from utils.data.nifti_io import write_bytes_atomic
 from utils.data.output_guard import OutputGuardError, check_output_location, check_overwrite, is_own_text
 from utils.data.progress import progress
 from utils.datasets.augmentation import SampleAugmenter
-from utils.datasets.patches import SampledDataset, VolumeDataset, background_value, read_region
+from utils.datasets.patches import SampledDataset, VolumeDataset, background_value, check_cyst_locations, read_region
 from utils.preprocessing.cache import CachedCase, PreprocessedCache
 
 logger = logging.getLogger(__name__)
+
+#: The sampling class of slices holding cyst (label 3, KiTS23), drawn with ``slices.cyst_share``; the
+#: cache's slice classes are 0, 1 and 2 (``utils.analysis.slice_statistics.SLICE_CLASS_NAMES``).
+SLICE_CYST = 3
 
 
 @dataclass(frozen=True)
@@ -119,8 +123,14 @@ class SliceDataset(SampledDataset):
 
     Items (index ``epoch * len(self) + i``) are dicts: ``image`` ``(1, S, S)`` float32,
     ``label`` ``(1, S, S)`` uint8, ``case_id``, ``slice_index`` (z in the cache), ``slice_class``
-    (0 background, 1 kidney, 2 tumour). A class with no slice in ``cases`` is never drawn
-    (its share goes to the others).
+    (0 background, 1 kidney, 2 tumour; :data:`SLICE_CYST` for a slice drawn as holding cyst). A
+    class with no slice in ``cases`` is never drawn (its share goes to the others). The cyst
+    class exists only with ``config.cyst_share > 0`` (``slices`` and ``class_probabilities``
+    then have a fourth entry).
+
+    Raises:
+        ValueError: no slice of any class with a share > 0; ``config.cyst_share > 0`` on cases of
+            a dataset without a cyst label.
     """
 
     def __init__(self, cases: Sequence[CachedCase], config: SliceDatasetConfig,
@@ -128,18 +138,23 @@ class SliceDataset(SampledDataset):
         augmenter = SampleAugmenter(augmentation, 2) if augmentation is not None else None
         super().__init__(cases, config.samples_per_epoch, augmenter, seed=seed, pad_value=pad_value)
         self.config = config
-        self.slices = {c: np.asarray([(i, z) for i, case in enumerate(self.cases)
-                                      for z in np.flatnonzero(case.slice_classes == c)], dtype=np.int64).reshape(-1, 2)
+        self.slices = {c: _pairs([np.flatnonzero(case.slice_classes == c) for case in self.cases])
                        for c in (SLICE_TUMOUR, SLICE_KIDNEY, SLICE_BACKGROUND)}
-        shares = np.array([config.tumour_share, config.kidney_share, config.background_share])
-        shares[[len(self.slices[c]) == 0 for c in (SLICE_TUMOUR, SLICE_KIDNEY, SLICE_BACKGROUND)]] = 0
+        shares = [config.tumour_share, config.kidney_share, config.background_share]
+        if config.cyst_share > 0:
+            check_cyst_locations(self.cases, "slices.cyst_share", config.cyst_share)
+            self.slices[SLICE_CYST] = _pairs([np.unique(case.locations("cyst")[:, 0]) for case in self.cases])
+            shares.append(config.cyst_share)
+        self.classes = tuple(self.slices)
+        shares = np.array(shares)
+        shares[[len(self.slices[c]) == 0 for c in self.classes]] = 0
         if shares.sum() == 0:
             raise ValueError("no slice of any class with a share > 0 in the given cases")
         self.class_probabilities = shares / shares.sum()
 
     def __getitem__(self, index: int) -> dict[str, Any]:
         rng = self.sample_generator(index)
-        slice_class = (SLICE_TUMOUR, SLICE_KIDNEY, SLICE_BACKGROUND)[rng.choice(3, p=self.class_probabilities)]
+        slice_class = self.classes[rng.choice(len(self.classes), p=self.class_probabilities)]
         case_index, z = self.slices[slice_class][int(rng.integers(len(self.slices[slice_class])))]
         case = self.cases[int(case_index)]
         geometry = SliceGeometry.fit(case.shape[1:], self.config.image_size, self.config.fit)
@@ -156,6 +171,12 @@ class SliceDataset(SampledDataset):
                 label = torch.from_numpy(read_region(label[0].numpy(), centre, draw.region_size, 0, np.uint8))[None]
         return self.finish_sample(image, label, draw, rng, case_id=case.case_id, slice_index=int(z),
                                   slice_class=int(slice_class))
+
+
+def _pairs(slices_per_case: list[np.ndarray]) -> np.ndarray:
+    """``(K, 2)`` int64 ``(case index, z)`` of the given slice indices of each case."""
+    return np.asarray([(i, int(z)) for i, slices in enumerate(slices_per_case) for z in slices],
+                      dtype=np.int64).reshape(-1, 2)
 
 
 def build_slice_dataset(cache: PreprocessedCache, config: SliceDatasetConfig, augmentation: AugmentationConfig | None,

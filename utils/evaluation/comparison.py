@@ -1,8 +1,10 @@
 """Comparing two evaluated runs: loading their reports, paired statistics per metric, inference cost.
 
 An evaluated run leaves a report folder holding ``metrics.json`` (:func:`utils.evaluation.predictions.save_metrics`:
-metrics :data:`utils.metrics.scoring.METRIC_NAMES`, Dice in [0, 1], HD95 in mm, ``null`` when
-missing) and ``inference.json`` (run name, model key, parameter count, checkpoint, inference
+the metrics of its dataset, :func:`utils.metrics.scoring.metric_names` of the dataset its
+``settings`` name (:func:`utils.evaluation.predictions.dataset_of_settings`; KiTS19's
+:data:`utils.metrics.scoring.METRIC_NAMES` when they name none), Dice in [0, 1], HD95 in mm,
+``null`` when missing) and ``inference.json`` (run name, model key, parameter count, checkpoint, inference
 seconds per case). Statistics use only the cases both runs were scored on. Per metric, the
 paired differences ``B - A`` over the cases where both values are present give the mean
 difference, a percentile bootstrap confidence interval of that mean (a fresh
@@ -14,6 +16,10 @@ A cross-validated experiment is compared through its out-of-fold report
 (:mod:`utils.evaluation.cross_validation`): every case scored with the prediction of the fold that
 held it out, so two experiments on the same cases are paired on every case; the comparison
 records each side's ``predictions`` (``"out-of-fold, k = K"`` or ``"one model"``) and each case's fold.
+
+Two reports are compared only when they were scored on the same dataset: a KiTS19 report (kidney
+and tumour) and a KiTS23 report (hierarchical evaluation regions) have no metric in common, and
+:func:`compare_reports` refuses them, naming both folders and datasets.
 """
 
 from __future__ import annotations
@@ -32,9 +38,10 @@ import yaml
 from scipy import stats
 
 from utils.config.experiment import MODEL_NAMES
-from utils.evaluation.predictions import METRICS_JSON_NAME
+from utils.data.dataset_definitions import KITS19, DatasetDefinition, get_dataset
+from utils.evaluation.predictions import METRICS_JSON_NAME, dataset_of_settings
 from utils.evaluation.run import EVALUATION_SCRIPTS, INFERENCE_JSON
-from utils.metrics.scoring import EMPTY_MASK_RULES, METRIC_NAMES, summarise_scores
+from utils.metrics.scoring import EMPTY_MASK_RULES, metric_names, summarise_scores
 from utils.training.cross_validation import MANIFEST
 from utils.training.run_folder import CONFIG_FILE
 
@@ -55,8 +62,10 @@ class EvaluationReport:
         run_name: ``inference.json``'s ``run_name``, else the folder's name.
         model, checkpoint, device: from ``inference.json`` (``None`` when it is absent).
         parameters: number of trainable parameters (``None`` when unknown).
-        cases: ``{case_id: {metric: value or None}}`` (Dice in [0, 1], HD95 in mm).
-        settings: ``metrics.json``'s ``settings`` (surface-Dice tolerance in mm, empty-mask rules...).
+        cases: ``{case_id: {metric: value or None}}`` over the metrics of :attr:`dataset` (Dice in
+            [0, 1], HD95 in mm).
+        settings: ``metrics.json``'s ``settings`` (surface-Dice tolerance in mm, empty-mask rules,
+            and for a dataset other than KiTS19 its name, regions and their tolerances).
         seconds: ``{case_id: inference wall time in s}`` (empty when ``inference.json`` is absent).
         experiment: ``metrics.json``'s ``experiment`` for the out-of-fold evaluation of a
             cross-validated experiment (``predictions: "out-of-fold"``, ``k``, model, split seed,
@@ -75,6 +84,11 @@ class EvaluationReport:
     seconds: dict[str, float]
     experiment: dict[str, Any] | None = None
     folds: dict[str, int] = field(default_factory=dict)
+
+    @property
+    def dataset(self) -> DatasetDefinition:
+        """The dataset the run was scored on (its ``settings``' ``dataset``; KiTS19 when they name none)."""
+        return dataset_of_settings(self.settings)
 
 
 def _read_json(path: Path) -> Any:
@@ -142,18 +156,28 @@ def resolve_report_folder(run_or_report: str | os.PathLike, reports_dir: str | o
                             f"evaluate the run first with {script}")
 
 
+def _read_dataset(path: Path, data: Any) -> DatasetDefinition:
+    """The dataset ``metrics.json`` was scored on; ``ValueError`` naming the file for an unknown one."""
+    settings = data.get("settings") if isinstance(data, dict) else None
+    try:
+        return dataset_of_settings(settings if isinstance(settings, dict) else {})
+    except ValueError as error:
+        raise ValueError(f"{path}: settings.dataset: {error}") from None
+
+
 def _read_cases(path: Path, data: Any) -> dict[str, dict[str, float | None]]:
     if not isinstance(data, dict) or not isinstance(data.get("cases"), list):
         raise ValueError(f"{path} must hold a 'cases' list (as written by utils.evaluation.predictions.save_metrics)")
+    names = metric_names(_read_dataset(path, data))
     cases: dict[str, dict[str, float | None]] = {}
     for record in data["cases"]:
-        absent = [key for key in ("case_id", *METRIC_NAMES) if not isinstance(record, dict) or key not in record]
+        absent = [key for key in ("case_id", *names) if not isinstance(record, dict) or key not in record]
         if absent:
-            raise ValueError(f"every case in {path} must hold case_id and {list(METRIC_NAMES)}; "
+            raise ValueError(f"every case in {path} must hold case_id and {list(names)}; "
                              f"a case lacks {absent}: {record!r}")
         if record["case_id"] in cases:
             raise ValueError(f"{path} lists case {record['case_id']!r} twice")
-        values = {m: None if record[m] is None else float(record[m]) for m in METRIC_NAMES}
+        values = {m: None if record[m] is None else float(record[m]) for m in names}
         cases[record["case_id"]] = {m: v if v is None or math.isfinite(v) else None for m, v in values.items()}
     return cases
 
@@ -283,21 +307,51 @@ def describe_run(report: EvaluationReport) -> dict[str, Any]:
             "folds": dict(report.folds)}
 
 
+def dataset_of_comparison(comparison: Mapping[str, Any]) -> DatasetDefinition:
+    """The dataset of a :func:`compare_reports` result (its ``dataset``; KiTS19 when it names none)."""
+    return get_dataset(comparison.get("dataset") or KITS19.name)
+
+
+def check_same_dataset(report_a: EvaluationReport, report_b: EvaluationReport) -> DatasetDefinition:
+    """The dataset both reports were scored on.
+
+    Raises:
+        ValueError: the reports were scored on different datasets (say KiTS19's kidney and tumour
+            and KiTS23's hierarchical evaluation regions: no metric in common); the message names
+            both folders and datasets.
+    """
+    dataset_a, dataset_b = report_a.dataset, report_b.dataset
+    if dataset_a is not dataset_b:
+        raise ValueError(f"cannot compare {report_a.folder} ({dataset_a.title}, scored on "
+                         f"{', '.join(dataset_a.region_names)}) with {report_b.folder} ({dataset_b.title}, scored on "
+                         f"{', '.join(dataset_b.region_names)}): the two runs were scored on different datasets; "
+                         f"compare runs of the same dataset")
+    return dataset_a
+
+
 def compare_reports(report_a: EvaluationReport, report_b: EvaluationReport, n_resamples: int = 10000,
                     seed: int = 0) -> dict[str, Any]:
     """Compare two runs on the cases both were evaluated on; the result is what ``comparison.json`` holds.
+
+    The metrics are those of the reports' dataset (:attr:`EvaluationReport.dataset`; KiTS19: kidney
+    and tumour; KiTS23: its hierarchical evaluation regions), which both must share.
 
     Returns:
         ``{"runs": {"a", "b"}, "shared_cases", "only_a", "only_b", "warnings", "summary": {"a", "b"}
         (:func:`utils.metrics.scoring.summarise_scores` on the shared cases), "paired": {metric:
         :func:`compare_metric`}, "inference": {"a", "b"} (:func:`summarise_seconds`), "per_case":
-        {case_id: {"a", "b"}}, "bootstrap": {"n_resamples", "seed", "confidence"}, "empty_mask_rules"}``.
+        {case_id: {"a", "b"}}, "bootstrap": {"n_resamples", "seed", "confidence"}, "empty_mask_rules"}``,
+        and ``"dataset"`` (its name) when the reports' dataset is not KiTS19 (KiTS19 comparisons are as
+        they always were).
 
     Raises:
-        ValueError: the runs share no case, or ``n_resamples`` < 1.
+        ValueError: the runs share no case, were scored on different datasets
+            (:func:`check_same_dataset`), or ``n_resamples`` < 1.
     """
     if n_resamples < 1:
         raise ValueError(f"n_resamples must be >= 1, got {n_resamples}")
+    dataset = check_same_dataset(report_a, report_b)
+    names = metric_names(dataset)
     shared = sorted(set(report_a.cases) & set(report_b.cases))
     if not shared:
         raise ValueError(f"{report_a.folder} and {report_b.folder} share no evaluated case; nothing to compare")
@@ -313,20 +367,22 @@ def compare_reports(report_a: EvaluationReport, report_b: EvaluationReport, n_re
         warnings.append(f"A's predictions are {kinds[0]}, B's {kinds[1]}: the paired cases were segmented "
                         "by different kinds of model (a fold model never trained on its case, or a single run)")
     tolerances = {r.settings.get("tolerance_mm") for r in (report_a, report_b)}
-    if len(tolerances) > 1:
+    own_tolerances = all(region.tolerance_mm is not None for region in dataset.regions)  # KiTS23: the challenge's
+    if len(tolerances) > 1 and not own_tolerances:
         warnings.append(f"surface-Dice tolerances differ: A {report_a.settings.get('tolerance_mm')} mm, "
                         f"B {report_b.settings.get('tolerance_mm')} mm; surface Dice is not comparable")
     for warning in warnings:
         logger.warning(warning)
     records = {side: [r.cases[c] for c in shared] for side, r in (("a", report_a), ("b", report_b))}
     paired = {m: compare_metric([x[m] for x in records["a"]], [x[m] for x in records["b"]], n_resamples, seed)
-              for m in METRIC_NAMES}
+              for m in names}
     return {"runs": {"a": describe_run(report_a), "b": describe_run(report_b)}, "shared_cases": shared,
             "only_a": only_a, "only_b": only_b, "warnings": warnings,
-            "summary": {side: summarise_scores(records[side], metrics=METRIC_NAMES) for side in ("a", "b")},
+            "summary": {side: summarise_scores(records[side], metrics=names, dataset=dataset) for side in ("a", "b")},
             "paired": paired,
             "inference": {"a": summarise_seconds(report_a.seconds, shared),
                           "b": summarise_seconds(report_b.seconds, shared)},
             "per_case": {c: {"a": report_a.cases[c], "b": report_b.cases[c]} for c in shared},
             "bootstrap": {"n_resamples": n_resamples, "seed": seed, "confidence": CONFIDENCE},
-            "empty_mask_rules": report_a.settings.get("empty_mask_rules", EMPTY_MASK_RULES)}
+            "empty_mask_rules": report_a.settings.get("empty_mask_rules", EMPTY_MASK_RULES),
+            **({} if dataset is KITS19 else {"dataset": dataset.name})}

@@ -3,9 +3,10 @@
 A k-fold experiment (:mod:`utils.training.cross_validation`) trains k models; the validation sets
 of its folds partition the cases, so each case has exactly one model that never trained on it.
 :func:`evaluate_cross_validation` segments every case from its raw CT with that fold's
-``best.pt``, back in the CT's original grid, scores all cases together with the KiTS19 metrics
-(:func:`utils.evaluation.predictions.evaluate_predictions`; a case without a prediction scores as
-a failure) and writes ONE report folder, by default ``<reports_dir>/<experiment folder name>/``,
+``best.pt``, back in the CT's original grid, scores all cases together with the metrics of the
+experiment's dataset (its config's ``dataset``: KiTS19 kidney and tumour, or KiTS23's hierarchical
+evaluation regions; :func:`utils.evaluation.predictions.evaluate_predictions`; a case without a
+prediction scores as a failure) and writes ONE report folder, by default ``<reports_dir>/<experiment folder name>/``,
 in the format of a single run's evaluation (:func:`utils.evaluation.run.evaluate_run`, through the
 same :func:`~utils.evaluation.run.segment_cases` and :func:`~utils.evaluation.run.score_report`):
 ``predictions/``, ``metrics.json``, ``metrics.csv``, ``inference.json``, ``case_scores.png`` and
@@ -25,7 +26,8 @@ and a message saying what is wrong: a folder that is no experiment, a missing fo
 trained with another config, split or data (all by
 :func:`~utils.training.cross_validation.load_cross_validation`); a fold that is not finished
 (each unfinished fold is named); a case held out by two folds or by none; a fold checkpoint whose
-own split does not hold out the fold's cases. The report folder is checked before any model is
+own split does not hold out the fold's cases, or whose model predicts another dataset's labels
+than the experiment's. The report folder is checked before any model is
 loaded (:func:`utils.evaluation.run.check_report_folder`).
 """
 
@@ -41,13 +43,20 @@ from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
-from utils.data.case_discovery import discover_cases, resolve_data_dir
+from utils.data.case_discovery import resolve_data_dir
+from utils.data.dataset_definitions import KITS19, DatasetDefinition, get_dataset
 from utils.data.nifti_io import save_json_atomic, write_bytes_atomic
 from utils.data.splits import make_splits
 from utils.evaluation.predictions import METRICS_CSV_NAME, METRICS_JSON_NAME, EvaluationResult
-from utils.evaluation.run import check_report_folder, inference_record, score_report, segment_cases
+from utils.evaluation.run import (
+    check_report_folder,
+    discover_model_cases,
+    inference_record,
+    score_report,
+    segment_cases,
+)
 from utils.inference.segment import load_segmentation_model
-from utils.metrics.scoring import METRIC_NAMES, summarise_scores
+from utils.metrics.scoring import metric_names, summarise_scores
 from utils.metrics.surface import DEFAULT_TOLERANCE_MM
 from utils.training.cross_validation import MANIFEST, CrossValidation, CrossValidationError, load_cross_validation
 
@@ -71,6 +80,7 @@ class CrossValidationEvaluation:
             (its ``cases`` with ``fold`` added; refusals and warnings).
         inference: what ``inference.json`` holds.
         figure_path: ``case_scores.png`` (``None`` without figures).
+        dataset: the dataset the experiment was scored on (its config's ``dataset``).
     """
 
     report_folder: Path
@@ -81,6 +91,7 @@ class CrossValidationEvaluation:
     evaluation: EvaluationResult | None = None
     inference: dict[str, Any] | None = None
     figure_path: Path | None = None
+    dataset: DatasetDefinition = KITS19
 
 
 def is_cross_validation_folder(folder: str | os.PathLike) -> bool:
@@ -137,6 +148,20 @@ def _check_all_finished(experiment: CrossValidation) -> None:
                                    "scripts/cross_validate.py (the same command continues it)")
 
 
+def experiment_dataset(experiment: CrossValidation) -> DatasetDefinition:
+    """The dataset of a cross-validated experiment: its config's ``dataset`` (KiTS19 when it does not say)."""
+    return get_dataset(experiment.config.get("dataset") or KITS19.name)
+
+
+def _check_fold_dataset(segmenter, fold, dataset: DatasetDefinition) -> None:
+    """Refuse a fold checkpoint whose model predicts another dataset's labels than the experiment's."""
+    if segmenter.dataset is not dataset:
+        raise CrossValidationError(f"{fold.best_checkpoint} is a {segmenter.dataset.title} model (its config's "
+                                   f"'dataset: {segmenter.dataset.name}'), but the experiment's config says "
+                                   f"'dataset: {dataset.name}': the checkpoint does not belong to this experiment; "
+                                   "retrain that fold")
+
+
 def _check_fold_holds_out(segmenter, fold) -> None:
     """Refuse a fold checkpoint whose own split does not hold out exactly the fold's validation cases."""
     if not segmenter.training_case_ids:
@@ -148,16 +173,19 @@ def _check_fold_holds_out(segmenter, fold) -> None:
                                    "checkpoint does not belong to this experiment; retrain that fold")
 
 
-def fold_summaries(cases: Sequence[Mapping[str, Any]], experiment: CrossValidation) -> tuple[dict[str, Any], ...]:
-    """Per fold: ``fold``, ``run_folder``, ``checkpoint``, ``n_cases``, ``case_ids``, ``mean`` and ``summary``."""
+def fold_summaries(cases: Sequence[Mapping[str, Any]], experiment: CrossValidation,
+                   dataset: DatasetDefinition = KITS19) -> tuple[dict[str, Any], ...]:
+    """Per fold: ``fold``, ``run_folder``, ``checkpoint``, ``n_cases``, ``case_ids``, ``mean`` and ``summary``,
+    over the metrics of ``dataset`` (:func:`utils.metrics.scoring.metric_names`; default KiTS19)."""
+    names = metric_names(dataset)
     summaries = []
     for fold in experiment.folds:
         rows = [case for case in cases if case["fold"] == fold.fold]
-        summary = summarise_scores(rows, metrics=METRIC_NAMES)
+        summary = summarise_scores(rows, metrics=names, dataset=dataset)
         summaries.append({"fold": fold.fold, "run_folder": str(fold.run_folder.resolve()),
                           "checkpoint": str(fold.best_checkpoint.resolve()), "n_cases": len(rows),
                           "case_ids": [case["case_id"] for case in rows],
-                          "mean": {metric: summary[metric]["mean"] for metric in METRIC_NAMES},
+                          "mean": {metric: summary[metric]["mean"] for metric in names},
                           "summary": summary})
     return tuple(summaries)
 
@@ -167,16 +195,17 @@ def _report_before_loading(experiment: Path, reports_dir: str | os.PathLike, out
 
 
 def _write_fold_columns(report: Path, cases: Sequence[Mapping[str, Any]], folds: Sequence[Mapping[str, Any]],
-                        described: Mapping[str, Any]) -> None:
+                        described: Mapping[str, Any], dataset: DatasetDefinition = KITS19) -> None:
     """Add each case's ``fold``, the per-fold summaries and the experiment to ``metrics.json`` and ``metrics.csv``."""
     metrics = json.loads((report / METRICS_JSON_NAME).read_text(encoding="utf-8"))
     metrics.update(cases=list(cases), folds=list(folds), experiment=dict(described))
     save_json_atomic(report / METRICS_JSON_NAME, metrics)
     table = io.StringIO()
     writer = csv.writer(table, lineterminator="\n")
-    writer.writerow(["case_id", *METRIC_NAMES, "fold"])
+    names = metric_names(dataset)
+    writer.writerow(["case_id", *names, "fold"])
     for case in cases:
-        writer.writerow([case["case_id"], *("" if case[m] is None else repr(float(case[m])) for m in METRIC_NAMES),
+        writer.writerow([case["case_id"], *("" if case[m] is None else repr(float(case[m])) for m in names),
                          case["fold"]])
     write_bytes_atomic(report / METRICS_CSV_NAME, table.getvalue().encode("utf-8"))
 
@@ -190,8 +219,9 @@ def evaluate_cross_validation(experiment: str | os.PathLike, *, data_dir: str | 
 
     Args:
         experiment: the experiment folder (``cross_validation.json``, ``fold_<k>/``); every fold finished.
-        data_dir: KiTS19-layout folder with the CTs and segmentations (default: the experiment's
-            recorded ``data_dir``, then ``KITS19_DATA``); it must hold every case of the split.
+        data_dir: KiTS-layout folder with the CTs and segmentations of the experiment's dataset
+            (default: the experiment's recorded ``data_dir``, then ``KITS19_DATA``); it must hold
+            every case of the split.
         reports_dir: root of report folders; the report goes to ``reports_dir/<experiment name>``
             unless ``out_dir`` is given.
         device: ``"cpu"``, ``"cuda"`` or ``None`` (CUDA when available).
@@ -208,7 +238,8 @@ def evaluate_cross_validation(experiment: str | os.PathLike, *, data_dir: str | 
     Raises:
         CrossValidationError: (a ``ValueError``) see the module docstring. FileNotFoundError: no
         data folder or a fold checkpoint is missing. ValueError: cases of the split are absent
-        from the data folder; ``OutputGuardError`` (a ``ValueError``): the report folder lies
+        from the data folder, or it is laid out for another dataset than the experiment's;
+        ``OutputGuardError`` (a ``ValueError``): the report folder lies
         inside the data folder or holds files an evaluation did not write.
     """
     folder = Path(experiment)
@@ -218,7 +249,8 @@ def evaluate_cross_validation(experiment: str | os.PathLike, *, data_dir: str | 
     report = _report_before_loading(folder, reports_dir, out_dir)
     configured = data_dir if data_dir is not None and str(data_dir) else loaded.data_dir
     data = resolve_data_dir(configured)
-    labelled = {case.case_id for case in discover_cases(data).cases
+    dataset = experiment_dataset(loaded)
+    labelled = {case.case_id for case in discover_model_cases(data, dataset, f"experiment {folder.name}").cases
                 if case.segmentation is not None and case.imaging is not None}
     absent = sorted(set(assignment) - labelled)
     if absent:
@@ -233,6 +265,7 @@ def evaluate_cross_validation(experiment: str | os.PathLike, *, data_dir: str | 
     for fold in loaded.folds:
         case_ids = [case_id for case_id, index in assignment.items() if index == fold.fold]
         segmenter = load_segmentation_model(fold.best_checkpoint, device)
+        _check_fold_dataset(segmenter, fold, dataset)
         _check_fold_holds_out(segmenter, fold)
         record = record or inference_record(segmenter, data, tta=tta, postprocess=postprocess)
         logger.info("fold %d: segmenting its %d held-out case(s) with %s", fold.fold, len(case_ids),
@@ -247,11 +280,12 @@ def evaluate_cross_validation(experiment: str | os.PathLike, *, data_dir: str | 
     evaluated = score_report(data, report, chosen, inference,
                              title=f"{folder.resolve().name}: out-of-fold ({len(loaded.folds)} folds), original grid",
                              tolerance_mm=tolerance_mm, show_progress=show_progress,
-                             allow_inside_input=allow_inside_input, figures=figures)
+                             allow_inside_input=allow_inside_input, figures=figures, dataset=dataset)
     cases = tuple({**case, "fold": assignment[case["case_id"]]} for case in evaluated.evaluation.cases)
-    summaries = fold_summaries(cases, loaded)
-    _write_fold_columns(report, cases, summaries, described)
+    summaries = fold_summaries(cases, loaded, dataset)
+    _write_fold_columns(report, cases, summaries, described, dataset)
     logger.info("out-of-fold evaluation of %s: %d case(s) from %d fold(s) into %s", folder, len(cases),
                 len(loaded.folds), report)
     return CrossValidationEvaluation(report, evaluated.evaluation.summary, summaries, cases, loaded,
-                                     replace(evaluated.evaluation, cases=cases), inference, evaluated.figure_path)
+                                     replace(evaluated.evaluation, cases=cases), inference, evaluated.figure_path,
+                                     dataset)

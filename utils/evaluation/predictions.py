@@ -356,6 +356,48 @@ def dataset_of_settings(settings: dict[str, Any]) -> DatasetDefinition:
     return get_dataset(settings.get("dataset", KITS19.name))
 
 
+#: How reports name each kind of score of a region (for datasets other than KiTS19).
+SCORE_KIND_NAMES = {"dice": "Dice", "surface_dice": "surface Dice", "hd95": "HD95 (mm)"}
+
+
+def describe_metric(metric: str, dataset: DatasetDefinition = KITS19) -> str:
+    """How a report's table names a score key.
+
+    KiTS19: the key itself (``kidney_dice``), as its reports always did. Another dataset: the
+    region in words and the score (KiTS23 ``kidney_and_masses_surface_dice`` -> ``"kidney and
+    masses surface Dice"``, ``tumour_hd95`` -> ``"tumour HD95 (mm)"``); a key that is no score of
+    the dataset is returned as it is.
+    """
+    if dataset is KITS19:
+        return metric
+    for region in dataset.regions:
+        for kind, name in SCORE_KIND_NAMES.items():
+            if metric == f"{region.name}_{kind}":
+                return f"{region.name.replace('_', ' ')} {name}"
+    return metric
+
+
+def describe_regions(dataset: DatasetDefinition, tolerance_mm: float | None = None) -> str:
+    """One sentence for a report on how the dataset's regions are built and their surface-Dice tolerances.
+
+    Args:
+        dataset: whose regions (``region_rule``, each region's ``tolerance_mm``).
+        tolerance_mm: the evaluation's tolerance, for regions without one of their own (``None``:
+            not stated).
+
+    Returns:
+        e.g. ``"Scored regions (KiTS23): hierarchical evaluation regions of the KiTS23 challenge: ...;
+        surface-Dice tolerance: kidney and masses 1.033 mm, masses 1.133 mm, tumour 1.150 mm."``
+    """
+    tolerances = []
+    for region in dataset.regions:
+        value = region.tolerance_mm if region.tolerance_mm is not None else tolerance_mm
+        if value is not None:
+            tolerances.append(f"{region.name.replace('_', ' ')} {float(value):.3f} mm")
+    stated = f"; surface-Dice tolerance: {', '.join(tolerances)}" if tolerances else ""
+    return f"Scored regions ({dataset.title}): {dataset.region_rule}{stated}."
+
+
 def save_metrics(out_dir: Path, cases: list[dict[str, Any]], summary: dict, settings: dict,
                  refused: tuple[dict[str, str], ...] = (),
                  warnings: list[str] | tuple[str, ...] = (),

@@ -4,6 +4,10 @@ self-contained HTML (figures embedded as base64 PNG), so both say the same, plus
 The numbers come from :func:`utils.evaluation.comparison.compare_reports`; the figures from
 :mod:`utils.figures.comparison`. A side whose report is the out-of-fold evaluation of a
 cross-validated experiment is said to be so, with its k, in the table and in a sentence below it.
+The tables list the metrics of the runs' dataset: KiTS19's by their keys (``kidney_dice``, as
+always); another dataset's by region in words (KiTS23: ``kidney and masses Dice``, ``masses
+surface Dice``, ``tumour HD95 (mm)``), with how the regions are built and their surface-Dice
+tolerances stated once, below the table of runs.
 """
 
 from __future__ import annotations
@@ -16,11 +20,18 @@ from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
+from utils.data.dataset_definitions import KITS19
 from utils.data.nifti_io import save_json_atomic, write_bytes_atomic
 from utils.data.output_guard import check_output_location, check_overwrite, is_own_json, is_own_text
-from utils.evaluation.comparison import MIN_WILCOXON_PAIRS, compare_reports, load_evaluation_report
+from utils.evaluation.comparison import (
+    MIN_WILCOXON_PAIRS,
+    compare_reports,
+    dataset_of_comparison,
+    load_evaluation_report,
+)
+from utils.evaluation.predictions import describe_metric, describe_regions
 from utils.figures.comparison import plot_metric_boxplots, plot_paired_scatter
-from utils.metrics.scoring import METRIC_NAMES
+from utils.metrics.scoring import dice_names, metric_names
 
 logger = logging.getLogger(__name__)
 
@@ -34,9 +45,16 @@ READING_NOTES = (
     "The confidence interval is a percentile bootstrap of the mean difference over cases; an interval that "
     "excludes 0 suggests the difference is not an accident of which cases were drawn.",
     "The Wilcoxon signed-rank test asks whether the paired differences are centred on 0 (two-sided; zero "
-    "differences dropped); it is not computed with fewer than {min_pairs} non-zero differences. Tests of six "
-    "metrics are not corrected for multiple comparisons.",
+    "differences dropped); it is not computed with fewer than {min_pairs} non-zero differences. Tests of "
+    "{metric_count} metrics are not corrected for multiple comparisons.",
 )
+#: How many metrics the reading notes say were tested, in words.
+_COUNT_WORDS = {6: "six", 9: "nine"}
+
+
+def _count_word(count: int) -> str:
+    """``6`` -> ``"six"``, ``9`` -> ``"nine"``; other counts as digits."""
+    return _COUNT_WORDS.get(count, str(count))
 
 
 def _format_number(value: float | int | None, digits: int = 3) -> str:
@@ -57,9 +75,10 @@ def _run_table(comparison: Mapping[str, Any]) -> Block:
 
 
 def _summary_table(comparison: Mapping[str, Any]) -> Block:
+    dataset = dataset_of_comparison(comparison)
     rows = []
-    for metric in METRIC_NAMES:
-        row = [metric]
+    for metric in metric_names(dataset):
+        row = [describe_metric(metric, dataset)]
         for side in ("a", "b"):
             s = comparison["summary"][side][metric]
             row += [f"{_format_number(s['mean'])} ± {_format_number(s['std'])}", _format_number(s["median"]),
@@ -70,13 +89,14 @@ def _summary_table(comparison: Mapping[str, Any]) -> Block:
 
 
 def _paired_table(comparison: Mapping[str, Any]) -> Block:
+    dataset = dataset_of_comparison(comparison)
     rows = []
-    for metric in METRIC_NAMES:
+    for metric in metric_names(dataset):
         p = comparison["paired"][metric]
         interval = "-" if p["ci_low"] is None else f"[{_format_number(p['ci_low'])}, {_format_number(p['ci_high'])}]"
         p_value = f"{p['p_value']:.3g}" if p["p_value"] is not None else f"not computed: {p['p_value_reason']}"
-        rows.append([metric, str(p["n_pairs"]), str(p["excluded"]), _format_number(p["mean_difference"]), interval,
-                     p_value])
+        rows.append([describe_metric(metric, dataset), str(p["n_pairs"]), str(p["excluded"]),
+                     _format_number(p["mean_difference"]), interval, p_value])
     level = f"{comparison['bootstrap']['confidence']:.0%}"
     return ("table", ["metric", "pairs", "excluded (missing)", "mean B - A", f"{level} CI", "Wilcoxon p"], rows)
 
@@ -109,12 +129,17 @@ def build_report_blocks(comparison: Mapping[str, Any], figures: Mapping[str, Pat
     a, b = comparison["runs"]["a"], comparison["runs"]["b"]
     settings = a["settings"]
     boot = comparison["bootstrap"]
+    dataset = dataset_of_comparison(comparison)
+    if dataset is KITS19:
+        scored = f"Surface-Dice tolerance {settings.get('tolerance_mm', '-')} mm; "
+    else:
+        scored = f"{describe_regions(dataset, settings.get('tolerance_mm'))} "
     blocks: list[Block] = [
         ("heading", 1, f"Model comparison: {a['run_name']} (A) vs {b['run_name']} (B)"),
         ("heading", 2, "What was compared"), _run_table(comparison),
         ("paragraph", f"{len(comparison['shared_cases'])} cases evaluated by both runs are compared "
                       f"({len(comparison['only_a'])} only in A, {len(comparison['only_b'])} only in B, left out). "
-                      f"Surface-Dice tolerance {settings.get('tolerance_mm', '-')} mm; "
+                      f"{scored}"
                       f"HD{settings.get('hd_percentile', 95):g} in mm. "
                       f"Bootstrap: {boot['n_resamples']} resamples, seed {boot['seed']}.")]
     out_of_fold = _out_of_fold_note(comparison)
@@ -129,7 +154,8 @@ def build_report_blocks(comparison: Mapping[str, Any], figures: Mapping[str, Pat
                ("heading", 2, "Inference cost"), _inference_table(comparison),
                ("heading", 2, "Figures"), *(("figure", caption, path) for caption, path in figures.items()),
                ("heading", 2, "How to read this"),
-               ("list", [note.format(min_pairs=MIN_WILCOXON_PAIRS) for note in READING_NOTES]),
+               ("list", [note.format(min_pairs=MIN_WILCOXON_PAIRS, metric_count=_count_word(len(metric_names(dataset))))
+                         for note in READING_NOTES]),
                ("paragraph", f"Empty masks: {comparison['empty_mask_rules']}.")]
     return blocks
 
@@ -240,7 +266,8 @@ def write_comparison_report(folder_a: str | os.PathLike, folder_b: str | os.Path
         ``{"markdown", "html", "json"}`` paths, plus ``"boxplots"`` and ``"scatter"`` figures.
 
     Raises:
-        ValueError: an invalid report, or no shared case; ``OutputGuardError`` (a
+        ValueError: an invalid report, reports of two datasets (a KiTS19 and a KiTS23 run; the message
+            names both folders and datasets), or no shared case; ``OutputGuardError`` (a
             ``ValueError``): ``out_dir`` is refused by :func:`check_comparison_folder`.
         FileNotFoundError: a report file is missing.
     """
@@ -248,14 +275,15 @@ def write_comparison_report(folder_a: str | os.PathLike, folder_b: str | os.Path
     check_comparison_folder(out, (folder_a, folder_b), allow_inside_input=allow_inside_input)
     report_a, report_b = (load_evaluation_report(folder) for folder in (folder_a, folder_b))
     comparison = compare_reports(report_a, report_b, n_resamples=n_resamples, seed=seed)
+    dataset = dataset_of_comparison(comparison)
     # short axis labels: the run names are in the report's table
     labels = [f"A: {report_a.model or report_a.run_name}", f"B: {report_b.model or report_b.run_name}"]
     records_a = [comparison["per_case"][c]["a"] for c in comparison["shared_cases"]]
     records_b = [comparison["per_case"][c]["b"] for c in comparison["shared_cases"]]
     out.mkdir(parents=True, exist_ok=True)
     boxes, scatter = out / "boxplots.png", out / "dice_scatter.png"
-    plot_metric_boxplots(records_a, records_b, labels, path=boxes)
-    plot_paired_scatter(records_a, records_b, labels, path=scatter)
+    plot_metric_boxplots(records_a, records_b, labels, metrics=metric_names(dataset), path=boxes)
+    plot_paired_scatter(records_a, records_b, labels, metrics=dice_names(dataset), path=scatter)
     figures = {"Metrics per case, A and B": boxes, "Dice per case, A against B (above the line: B higher)": scatter}
     paths = save_comparison_report(out, comparison, figures)
     logger.info("%d shared cases compared; %d warning(s)", len(comparison["shared_cases"]), len(comparison["warnings"]))

@@ -1,5 +1,11 @@
 """Evaluating a trained run: segment its validation cases (or any data folder) in each CT's
-original grid, score them with the KiTS19 metrics and write the report folder.
+original grid, score them with the metrics of the model's dataset and write the report folder.
+
+The dataset is the model's (its experiment config's ``dataset``,
+:attr:`utils.inference.segment.SegmentationModel.dataset`): a KiTS19 model is scored on kidney
+and tumour, a KiTS23 model on KiTS23's hierarchical evaluation regions (kidney and masses,
+masses, tumour), with that dataset's labels read from the ground truth and its layout expected
+in the data folder (``kits23.json``); a data folder laid out for another dataset is refused.
 
 :func:`evaluate_run` is what ``scripts/eval_unet.py``, ``scripts/eval_unetr.py`` and their
 notebooks call. It writes into ``reports/<run-name>/``:
@@ -8,7 +14,8 @@ notebooks call. It writes into ``reports/<run-name>/``:
   (exactly what ``scripts/segment.py`` writes for the same checkpoint);
 * ``metrics.json`` / ``metrics.csv``: :func:`utils.evaluation.predictions.evaluate_predictions` on those files;
 * ``inference.json``: run name, model, parameter count, device, checkpoint and the wall time of
-  each case from reading its CT to writing its prediction;
+  each case from reading its CT to writing its prediction (and, for a model of another dataset
+  than KiTS19, its ``dataset``);
 * ``case_scores.png``: per-case Dice and HD95;
 * ``figures/<case>_overlay.png`` and ``figures/<case>_errors.png``: for every case, the CT with
   truth and prediction side by side and the per-class error map (true positives, false
@@ -40,8 +47,9 @@ import numpy as np
 import torch
 
 from utils.config.experiment import load_experiment_config
-from utils.data.case_discovery import CaseFiles, discover_cases, resolve_data_dir
+from utils.data.case_discovery import CaseFiles, DatasetListing, discover_cases, resolve_data_dir
 from utils.data.case_validation import load_case
+from utils.data.dataset_definitions import DATASETS, KITS19, DatasetDefinition, DatasetLayoutError
 from utils.data.nifti_io import load_nifti, read_voxels, save_json_atomic
 from utils.data.output_guard import check_output_location, check_overwrite, is_own_json, is_own_prediction
 from utils.data.progress import progress
@@ -69,23 +77,46 @@ INFERENCE_KEYS = ("run_name", "model", "checkpoint", "cases")
 
 @dataclass(frozen=True)
 class RunEvaluation:
-    """What :func:`evaluate_run` wrote: the report folder, the scores and the inference record."""
+    """What :func:`evaluate_run` wrote: the report folder, the scores, the inference record, the
+    ``case_scores.png`` figure and the dataset the run was scored on (the model's)."""
 
     report_folder: Path
     evaluation: EvaluationResult
     inference: dict
     figure_path: Path | None
+    dataset: DatasetDefinition = KITS19
+
+
+def discover_model_cases(data_dir: Path, dataset: DatasetDefinition, run_name: str) -> DatasetListing:
+    """The cases of ``data_dir`` read as the model's dataset (:func:`utils.data.case_discovery.discover_cases`).
+
+    Raises:
+        DatasetLayoutError: (a ``ValueError``) the folder holds another dataset's metadata file;
+            the message names the folder, the run and both datasets.
+    """
+    try:
+        return discover_cases(data_dir, dataset)
+    except DatasetLayoutError:
+        found = next(d for d in DATASETS.values() if d is not dataset and (data_dir / d.metadata_name).exists())
+        raise DatasetLayoutError(
+            f"{data_dir} holds {found.metadata_name}, the {found.title} layout, but {run_name} is a {dataset.title} "
+            f"model (its config's 'dataset: {dataset.name}', labels {dataset.describe_labels()}); evaluate it on "
+            f"{dataset.title} data, or evaluate a {found.title} model on this folder") from None
 
 
 def select_run_cases(segmenter: SegmentationModel, data_dir: Path, cases: str) -> list[str]:
     """Case ids to evaluate: the run's validation split (``"validation"``) or every case with labels (``"all"``).
 
+    ``data_dir`` is read as the model's dataset (:attr:`SegmentationModel.dataset`).
+
     Raises:
-        ValueError: unknown selection; validation cases missing from ``data_dir``; no case.
+        ValueError: unknown selection; validation cases missing from ``data_dir``; no case; a
+            data folder laid out for another dataset than the model's.
     """
     if cases not in CASE_SELECTIONS:
         raise ValueError(f"cases must be one of {list(CASE_SELECTIONS)}, got {cases!r}")
-    labelled = sorted(case.case_id for case in discover_cases(data_dir).cases
+    listing = discover_model_cases(data_dir, segmenter.dataset, segmenter.run_name)
+    labelled = sorted(case.case_id for case in listing.cases
                       if case.segmentation is not None and case.imaging is not None)
     if cases == "all":
         chosen = labelled
@@ -157,10 +188,14 @@ def evaluate_run(run: str | os.PathLike, *, data_dir: str | os.PathLike | None =
                  allow_inside_input: bool = False) -> RunEvaluation:
     """Segment the run's evaluation cases from their raw CTs and score them in the original grid.
 
+    Scores are those of the model's dataset (its config's ``dataset``): KiTS19 kidney and
+    tumour, or KiTS23's hierarchical evaluation regions; ``metrics.json`` then records the
+    dataset in its ``settings``.
+
     Args:
         run: a run folder (``best.pt``, else ``last.pt``) or a checkpoint file.
-        data_dir: KiTS19-layout folder with CTs and segmentations (default: the run's
-            ``data_dir``, then ``KITS19_DATA``).
+        data_dir: KiTS-layout folder with CTs and segmentations of the model's dataset (default:
+            the run's ``data_dir``, then ``KITS19_DATA``).
         cases: ``"validation"`` (the run's validation split) or ``"all"`` (every labelled case).
         reports_dir: root of report folders; the report goes to ``reports_dir/<run-name>``
             (``<experiment>_ensemble`` for the fold ensemble of an experiment, whose plain name
@@ -172,7 +207,8 @@ def evaluate_run(run: str | os.PathLike, *, data_dir: str | os.PathLike | None =
         allow_inside_input: allow a report folder inside the data folder (never onto its files).
 
     Raises:
-        FileNotFoundError: no checkpoint or data folder. ValueError: bad arguments or cases (a
+        FileNotFoundError: no checkpoint or data folder. ValueError: bad arguments or cases, a data
+        folder laid out for another dataset than the model's (a
         cross-validated experiment folder with ``cases="validation"``: its out-of-fold evaluation is
         :func:`utils.evaluation.cross_validation.evaluate_cross_validation`);
         ``OutputGuardError`` (a ``ValueError``): the report folder lies inside the data folder or
@@ -199,26 +235,29 @@ def evaluate_run(run: str | os.PathLike, *, data_dir: str | os.PathLike | None =
                  "cases": timings}
     return score_report(data, report, chosen, inference, title=f"{segmenter.run_name}: {cases} cases, original grid",
                         tolerance_mm=tolerance_mm, show_progress=show_progress,
-                        allow_inside_input=allow_inside_input)
+                        allow_inside_input=allow_inside_input, dataset=segmenter.dataset)
 
 
 def inference_record(segmenter: SegmentationModel, data: Path, *, tta: bool, postprocess: bool) -> dict:
-    """What ``inference.json`` says of the model: run name, model key, parameters, device, checkpoint, data, options."""
+    """What ``inference.json`` says of the model: run name, model key, parameters, device, checkpoint, data,
+    options, and the model's dataset unless it is KiTS19 (whose records are as they always were)."""
+    dataset = segmenter.dataset
     return {"run_name": segmenter.run_name, "model": segmenter.config.model.name,
             "parameters": count_parameters(segmenter.model), "device": str(segmenter.device),
             "checkpoint": str(segmenter.checkpoint.resolve()), "data_dir": str(data.resolve()),
-            "tta": tta, "postprocess": postprocess}
+            "tta": tta, "postprocess": postprocess, **({} if dataset is KITS19 else {"dataset": dataset.name})}
 
 
 def segment_cases(segmenter: SegmentationModel, case_ids: Sequence[str], data: Path, report: Path, *,
                   tta: bool = False, postprocess: bool = False, show_progress: bool = True) -> list[dict]:
-    """Segment each case's raw CT into ``report/predictions/<case>.nii.gz`` (its original grid).
+    """Segment each case's raw CT into ``report/predictions/<case>.nii.gz`` (its original grid), in the
+    labels of the model's dataset; ``data`` is read as that dataset.
 
     Returns:
         ``{"case_id", "seconds"}`` per case, in order: the wall time from reading its CT to
         writing its prediction.
     """
-    by_id = {case.case_id: case for case in discover_cases(data).cases}
+    by_id = {case.case_id: case for case in discover_model_cases(data, segmenter.dataset, segmenter.run_name).cases}
     predictions = report / PREDICTIONS
     timings = []
     for case_id in progress(list(case_ids), desc=f"segment ({segmenter.run_name})", unit="case",
@@ -234,42 +273,47 @@ def segment_cases(segmenter: SegmentationModel, case_ids: Sequence[str], data: P
 
 def score_report(data: Path, report: Path, case_ids: Sequence[str], inference: dict, *, title: str,
                  tolerance_mm: float = DEFAULT_TOLERANCE_MM, show_progress: bool = True,
-                 allow_inside_input: bool = False, figures: bool = True) -> RunEvaluation:
+                 allow_inside_input: bool = False, figures: bool = True,
+                 dataset: DatasetDefinition = KITS19) -> RunEvaluation:
     """Write ``inference.json``, score ``report/predictions/`` on ``case_ids`` and draw the report's figures.
 
     The second half of every evaluation (:func:`evaluate_run`, and the out-of-fold evaluation of
     a cross-validated experiment): ``metrics.json`` and ``metrics.csv`` from
     :func:`utils.evaluation.predictions.evaluate_predictions` (a case without a prediction scores
     as a failure), then ``case_scores.png`` (titled ``title``) and each case's overlay and error
-    figures under ``figures/`` unless ``figures`` is false.
+    figures under ``figures/`` unless ``figures`` is false. ``dataset`` is the model's: whose labels
+    the ground truth and predictions hold, and which regions are scored and drawn (default KiTS19).
     """
     save_json_atomic(report / INFERENCE_JSON, inference)
     evaluation = evaluate_predictions(data, report / PREDICTIONS, report, tolerance_mm=tolerance_mm,
                                       case_ids=list(case_ids), show_progress=show_progress,
-                                      allow_inside_input=allow_inside_input)
+                                      allow_inside_input=allow_inside_input, dataset=dataset)
     figure_path = None
     if figures:
-        by_id = {case.case_id: case for case in discover_cases(data).cases}
-        figure_path = save_figure(plot_case_scores(evaluation.cases, title=title), report / "case_scores.png")
+        by_id = {case.case_id: case for case in discover_cases(data, dataset).cases}
+        figure_path = save_figure(plot_case_scores(evaluation.cases, title=title, dataset=dataset),
+                                  report / "case_scores.png")
         for case in evaluation.cases:
             prediction = report / PREDICTIONS / f"{case['case_id']}.nii.gz"
             if prediction.is_file():  # a case without a prediction is scored, but has nothing to draw
-                save_case_figures(by_id[case["case_id"]], prediction, report / FIGURES)
+                save_case_figures(by_id[case["case_id"]], prediction, report / FIGURES, dataset)
     logger.info("evaluated %d case(s) of %s into %s", len(evaluation.cases), inference.get("run_name"), report)
-    return RunEvaluation(report, evaluation, inference, figure_path)
+    return RunEvaluation(report, evaluation, inference, figure_path, dataset)
 
 
-def save_case_figures(case: CaseFiles, prediction_path: Path, folder: Path) -> tuple[Path, Path]:
+def save_case_figures(case: CaseFiles, prediction_path: Path, folder: Path,
+                      dataset: DatasetDefinition = KITS19) -> tuple[Path, Path]:
     """Save ``<case>_overlay.png`` (truth and prediction over the CT) and ``<case>_errors.png`` into ``folder``.
 
-    The axial slice through the true tumour's centre (else the kidneys', else the middle) is shown.
+    The axial slice through the true tumour's centre (else the masses', else the kidneys', else the
+    middle) is shown; labels and error-map columns are those of ``dataset`` (default KiTS19).
     """
-    loaded = load_case(case)
+    loaded = load_case(case, dataset=dataset)
     prediction = read_voxels(load_nifti(prediction_path), np.uint8)
     overlay = plot_overlay(loaded.image, loaded.segmentation, prediction, spacing=loaded.spacing,
-                           path=folder / f"{case.case_id}_overlay.png")
+                           path=folder / f"{case.case_id}_overlay.png", dataset=dataset)
     errors = plot_error_map(loaded.image, loaded.segmentation, prediction, loaded.spacing,
-                            path=folder / f"{case.case_id}_errors.png")
+                            path=folder / f"{case.case_id}_errors.png", dataset=dataset)
     for figure in (overlay, errors):
         figure.clear()
     return folder / f"{case.case_id}_overlay.png", folder / f"{case.case_id}_errors.png"

@@ -2,7 +2,9 @@
 
 Inputs are two lists of per-case metric records over the *same* cases in the same order (as in
 :func:`utils.evaluation.comparison.compare_reports`'s ``per_case``); a value of ``None`` or NaN is missing
-and left out of the plot (the count is given in the axis title). Every function builds a new
+and left out of the plot (the count is given in the axis title). The default metrics are those of
+the records' dataset (:func:`utils.figures.evaluation.dataset_of_records`): KiTS19's kidney and
+tumour scores, or KiTS23's per hierarchical evaluation region. Every function builds a new
 :class:`~matplotlib.figure.Figure` without pyplot, so nothing is shown, registered or changed
 globally; points are spread sideways by fixed offsets, not random jitter. Given ``path``, a
 function also saves the figure atomically (:func:`utils.figures.drawing.save_figure`).
@@ -17,8 +19,10 @@ from collections.abc import Mapping, Sequence
 import numpy as np
 from matplotlib.figure import Figure
 
+from utils.data.dataset_definitions import KITS19, DatasetDefinition
 from utils.figures.drawing import save_figure
-from utils.metrics.scoring import DICE_NAMES, METRIC_NAMES
+from utils.figures.evaluation import dataset_of_records
+from utils.metrics.scoring import METRIC_NAMES, dice_names, metric_names
 
 Records = Sequence[Mapping[str, float | None]]
 #: Colours of run A and run B.
@@ -42,22 +46,33 @@ def _check_inputs(records_a: Records, records_b: Records, labels: Sequence[str],
         raise ValueError(f"metrics must be keys of every record, e.g. {list(METRIC_NAMES)}; got {list(metrics)}")
 
 
+def _records_dataset(records_a: Records, records_b: Records) -> DatasetDefinition:
+    """The dataset of both runs' records, KiTS19 when they fit none (:func:`_check_inputs` then says what is wrong)."""
+    try:
+        return dataset_of_records([*records_a, *records_b])
+    except ValueError:
+        return KITS19
+
+
 def _spread(count: int) -> np.ndarray:
     """Fixed sideways offsets in [-SPREAD, SPREAD] for ``count`` points."""
     return np.linspace(-SPREAD, SPREAD, count) if count > 1 else np.zeros(count)
 
 
 def plot_metric_boxplots(records_a: Records, records_b: Records, labels: Sequence[str],
-                         metrics: Sequence[str] = METRIC_NAMES, path: str | os.PathLike | None = None) -> Figure:
+                         metrics: Sequence[str] | None = None, path: str | os.PathLike | None = None) -> Figure:
     """Box plots of each metric for runs A and B, with every case drawn as a point.
 
     Args:
         records_a, records_b: per-case metrics of the same cases in the same order (Dice in [0, 1],
             HD95 in mm); missing values are skipped.
         labels: the names of runs A and B.
-        metrics: one axis per metric, three axes a row.
+        metrics: one axis per metric, three axes a row; ``None`` (default): every metric of the
+            records' dataset (KiTS19 :data:`utils.metrics.scoring.METRIC_NAMES`).
         path: where to save the figure (PNG, PDF or SVG by suffix); ``None`` saves nothing.
     """
+    if metrics is None:
+        metrics = metric_names(_records_dataset(records_a, records_b))
     _check_inputs(records_a, records_b, labels, metrics)
     columns = min(3, len(metrics))
     rows = math.ceil(len(metrics) / columns)
@@ -84,7 +99,7 @@ def plot_metric_boxplots(records_a: Records, records_b: Records, labels: Sequenc
 
 
 def plot_paired_scatter(records_a: Records, records_b: Records, labels: Sequence[str],
-                        metrics: Sequence[str] = DICE_NAMES, path: str | os.PathLike | None = None) -> Figure:
+                        metrics: Sequence[str] | None = None, path: str | os.PathLike | None = None) -> Figure:
     """Per-case scatter of run A (x) against run B (y) for each metric, with the identity line.
 
     Points above the line are cases where B scores higher. Cases with a missing value on either
@@ -93,9 +108,12 @@ def plot_paired_scatter(records_a: Records, records_b: Records, labels: Sequence
     Args:
         records_a, records_b: per-case metrics of the same cases in the same order.
         labels: the names of runs A and B.
-        metrics: one axis per metric (default the two Dice scores).
+        metrics: one axis per metric; ``None`` (default): the Dice score of every region of the
+            records' dataset (KiTS19: kidney and tumour Dice).
         path: where to save the figure; ``None`` saves nothing.
     """
+    if metrics is None:
+        metrics = dice_names(_records_dataset(records_a, records_b))
     _check_inputs(records_a, records_b, labels, metrics)
     figure = Figure(figsize=(4.0 * len(metrics), 4.0), layout="constrained")
     axes = figure.subplots(1, len(metrics), squeeze=False)[0]

@@ -1,4 +1,5 @@
-"""Figures of one evaluation: per-case KiTS19 scores of a trained run on the original grid."""
+"""Figures of one evaluation: per-case scores of a trained run on the original grid, per scored region
+of its dataset (KiTS19: kidney and tumour; KiTS23: kidney and masses, masses, tumour)."""
 
 from __future__ import annotations
 
@@ -8,35 +9,72 @@ from typing import Any
 import numpy as np
 from matplotlib.figure import Figure
 
-from utils.data.kits_layout import KIDNEY_LABEL, TUMOUR_LABEL
-from utils.figures.drawing import LABEL_COLOURS
+from utils.data.dataset_definitions import DATASETS, KITS19, DatasetDefinition, get_dataset
+from utils.figures.drawing import region_colours
+from utils.metrics.scoring import dice_names
+
+#: Width of the group of bars of one case (its regions side by side).
+_GROUP_WIDTH = 0.8
 
 
-def plot_case_scores(cases: Sequence[Mapping[str, Any]], title: str = "") -> Figure:
-    """Per-case kidney and tumour Dice (bars) and HD95 in mm, missing HD95 marked, as one figure.
+def dataset_of_records(records: Sequence[Mapping[str, Any]]) -> DatasetDefinition:
+    """The dataset whose Dice keys every record holds: KiTS19 (``kidney_dice``, ``tumour_dice``), else the
+    first other dataset that fits (KiTS23: ``kidney_and_masses_dice``, ...); KiTS19 for no records.
+
+    Raises:
+        ValueError: no dataset's Dice keys are in every record; the message names the keys of each.
+    """
+    if not records:
+        return KITS19
+    for dataset in DATASETS.values():
+        if all(all(name in record for name in dice_names(dataset)) for record in records):
+            return dataset
+    known = "; ".join(f"{d.title}: {', '.join(dice_names(d))}" for d in DATASETS.values())
+    raise ValueError(f"records must hold the Dice keys of one dataset ({known}), got keys {sorted(records[0])}")
+
+
+def _region_label(dataset: DatasetDefinition, name: str) -> str:
+    """``"kidney (label > 0)"``, ``"tumour (label 2)"``; KiTS23 ``"kidney and masses (labels 1, 2, 3)"``."""
+    if dataset is KITS19:
+        return f"{name} (label {'> 0' if name == 'kidney' else '2'})"
+    labels = sorted(dataset.region(name).labels)
+    which = f"label {labels[0]}" if len(labels) == 1 else f"labels {', '.join(map(str, labels))}"
+    return f"{name.replace('_', ' ')} ({which})"
+
+
+def plot_case_scores(cases: Sequence[Mapping[str, Any]], title: str = "", *,
+                     dataset: DatasetDefinition | str | None = None) -> Figure:
+    """Per-case Dice (bars) and HD95 in mm of every scored region, missing HD95 marked, as one figure.
 
     Args:
-        cases: records of ``metrics.json`` (``case_id``, ``kidney_dice``, ``tumour_dice``,
-            ``kidney_hd95``, ``tumour_hd95``; HD95 ``None`` when exactly one mask is empty).
+        cases: records of ``metrics.json`` (``case_id`` and, per region, ``<region>_dice`` and
+            ``<region>_hd95``; HD95 ``None`` when exactly one mask is empty). KiTS19: ``kidney_dice``,
+            ``tumour_dice``, ``kidney_hd95``, ``tumour_hd95``.
         title: the figure's title (e.g. the run name).
+        dataset: whose regions to draw, in their colours (:func:`utils.figures.drawing.region_colours`);
+            ``None`` (default): the dataset whose Dice keys the records hold (:func:`dataset_of_records`).
 
     Returns:
         The figure (not shown, not saved).
     """
+    dataset = dataset_of_records(cases) if dataset is None else get_dataset(dataset)
     figure = Figure(figsize=(max(6.0, 0.7 * len(cases) + 3), 6.5), layout="constrained")
     dice_ax, hd_ax = figure.subplots(2, 1, sharex=True)
     ids = [str(case["case_id"]) for case in cases]
     x = np.arange(len(cases))
-    colours = {"kidney": LABEL_COLOURS[KIDNEY_LABEL], "tumour": LABEL_COLOURS[TUMOUR_LABEL]}
-    for offset, (name, colour) in zip((-0.2, 0.2), colours.items(), strict=False):
-        dice_ax.bar(x + offset, [case[f"{name}_dice"] for case in cases], width=0.4, color=colour,
-                    label=f"{name} (label {'> 0' if name == 'kidney' else '2'})")
+    colours = region_colours(dataset)
+    width = _GROUP_WIDTH / len(colours)
+    offsets = (np.arange(len(colours)) - (len(colours) - 1) / 2) * width
+    for offset, (name, colour) in zip(offsets, colours.items(), strict=True):
+        dice_ax.bar(x + offset, [case[f"{name}_dice"] for case in cases], width=width, color=colour,
+                    label=_region_label(dataset, name))
         distances = [case[f"{name}_hd95"] for case in cases]
         present = [i for i, d in enumerate(distances) if d is not None]
-        hd_ax.bar(x[present] + offset, [distances[i] for i in present], width=0.4, color=colour)
+        hd_ax.bar(x[present] + offset, [distances[i] for i in present], width=width, color=colour)
         missing = [i for i, d in enumerate(distances) if d is None]
+        shown = name if dataset is KITS19 else name.replace("_", " ")
         hd_ax.scatter(x[missing] + offset, np.zeros(len(missing)), marker="x", color=colour, s=60, zorder=3,
-                      label=f"{name}: HD95 missing (one mask empty)" if missing else None)
+                      label=f"{shown}: HD95 missing (one mask empty)" if missing else None)
     dice_ax.set(ylabel="Dice", ylim=(0, 1.05), title=title or None)
     dice_ax.legend(loc="lower right", fontsize="small")
     hd_ax.set(ylabel="HD95 (mm)", xticks=x)

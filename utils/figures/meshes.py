@@ -1,10 +1,12 @@
-"""Figures: interactive 3D surface meshes of kidney and tumour (plotly, self-contained HTML).
+"""Figures: interactive 3D surface meshes of kidney and tumour, and KiTS23's cyst (plotly, self-contained HTML).
 
 :func:`build_surface_mesh` turns a binary ``(Z, Y, X)`` mask into a triangle mesh in mm with
 marching cubes, stepping over voxels so the mesh stays under a face budget (that keeps the HTML
 small and the browser responsive). :func:`plot_meshes` draws ground truth and prediction side by
 side or in one scene with toggle buttons, and returns the figure; colours come from
-:data:`utils.figures.drawing.LABEL_COLOURS`. Nothing global is changed and nothing is shown.
+:data:`utils.figures.drawing.LABEL_COLOURS` (the cyst's from
+:data:`utils.figures.drawing.CYST_COLOUR`). A cyst mesh is drawn for a dataset with a cyst
+(KiTS23) or a label map holding label 3. Nothing global is changed and nothing is shown.
 """
 
 from __future__ import annotations
@@ -20,9 +22,10 @@ import plotly.graph_objects as go
 from plotly.subplots import make_subplots
 from skimage.measure import marching_cubes
 
+from utils.data.dataset_definitions import CYST_LABEL, KITS19, DatasetDefinition
 from utils.data.kits_layout import KIDNEY_LABEL, TUMOUR_LABEL
 from utils.data.nifti_io import write_bytes_atomic
-from utils.figures.drawing import LABEL_COLOURS
+from utils.figures.drawing import ALL_LABEL_COLOURS, shows_cyst
 
 logger = logging.getLogger(__name__)
 
@@ -32,6 +35,8 @@ DEFAULT_MAX_FACES = 100_000
 LAYOUTS = ("side_by_side", "toggle")
 #: (label, structure name, opacity); kidney structure is label > 0, tumour is label == 2.
 _STRUCTURES = ((KIDNEY_LABEL, "kidney", 0.35), (TUMOUR_LABEL, "tumour", 1.0))
+#: The cyst's structure (label == 3), drawn after the tumour for a dataset with a cyst.
+_CYST_STRUCTURE = (CYST_LABEL, "cyst", 1.0)
 
 
 def _validate_spacing(spacing: Sequence[float]) -> tuple[float, float, float]:
@@ -112,19 +117,20 @@ def _march(volume: np.ndarray, spacing: tuple[float, float, float], step: int) -
 
 
 def _mesh_traces(labels: np.ndarray, spacing: tuple[float, float, float], source: str, max_faces: int,
-                 legendgroup: str) -> list[go.Mesh3d]:
-    """Kidney (label > 0, semi-transparent) and tumour (label == 2, opaque) meshes of one label map."""
+                 legendgroup: str, structures: tuple[tuple[int, str, float], ...] = _STRUCTURES) -> list[go.Mesh3d]:
+    """Kidney (label > 0, semi-transparent) and tumour (label == 2, opaque) meshes of one label map, and
+    the cyst's (label == 3, opaque) when ``structures`` has it."""
     box = _bounding_box(labels)
     offset = np.zeros(3, np.float32) if box is None else np.array([b.start for b in box], np.float32)
     cropped = labels if box is None else labels[box]
     traces = []
-    for label, name, opacity in _STRUCTURES:
+    for label, name, opacity in structures:
         mask = cropped > 0 if label == KIDNEY_LABEL else cropped == label
         vertices, faces = build_surface_mesh(mask, spacing, max_faces=max_faces)
         vertices = vertices + offset * np.array(spacing, np.float32)
         traces.append(go.Mesh3d(
             x=vertices[:, 2], y=vertices[:, 1], z=vertices[:, 0], i=faces[:, 0], j=faces[:, 1], k=faces[:, 2],
-            color=LABEL_COLOURS[label], opacity=opacity, name=f"{source} {name}", showlegend=True,
+            color=ALL_LABEL_COLOURS[label], opacity=opacity, name=f"{source} {name}", showlegend=True,
             legendgroup=legendgroup, flatshading=False, hoverinfo="name"))
     return traces
 
@@ -135,11 +141,11 @@ def _axis_layout() -> dict:
 
 def plot_meshes(truth: np.ndarray, prediction: np.ndarray | None = None, spacing: Sequence[float] = (1.0, 1.0, 1.0),
                 *, layout: str = "side_by_side", path: str | os.PathLike | None = None, title: str = "",
-                max_faces: int = DEFAULT_MAX_FACES) -> go.Figure:
-    """Interactive 3D kidney and tumour surfaces of a ground truth and, optionally, a prediction.
+                max_faces: int = DEFAULT_MAX_FACES, dataset: DatasetDefinition | str = KITS19) -> go.Figure:
+    """Interactive 3D kidney and tumour (and cyst) surfaces of a ground truth and, optionally, a prediction.
 
     Args:
-        truth: ``(Z, Y, X)`` label map {0 background, 1 kidney, 2 tumour}.
+        truth: ``(Z, Y, X)`` label map {0 background, 1 kidney, 2 tumour} (KiTS23: also 3 cyst).
         prediction: label map of the same shape, or None to draw the ground truth alone.
         spacing: ``(z, y, x)`` voxel size in mm; axes are in mm with ``aspectmode="data"``.
         layout: ``"side_by_side"`` (two 3D scenes) or ``"toggle"`` (one scene, buttons to show
@@ -148,9 +154,12 @@ def plot_meshes(truth: np.ndarray, prediction: np.ndarray | None = None, spacing
             embedded, viewable offline).
         title: figure title.
         max_faces: face budget per mesh, see :func:`build_surface_mesh`.
+        dataset: whose labels (default KiTS19); a cyst mesh follows each tumour mesh when the
+            dataset has a cyst (KiTS23) or a label map holds label 3.
 
     Returns:
-        The figure: traces ``[truth kidney, truth tumour, (prediction kidney, prediction tumour)]``.
+        The figure: traces ``[truth kidney, truth tumour, (prediction kidney, prediction tumour)]``
+        (with a cyst: ``truth cyst`` after ``truth tumour``, ``prediction cyst`` last).
     """
     spacing = _validate_spacing(spacing)
     if layout not in LAYOUTS:
@@ -160,7 +169,9 @@ def plot_meshes(truth: np.ndarray, prediction: np.ndarray | None = None, spacing
     if prediction is not None and prediction.shape != truth.shape:
         raise ValueError(f"prediction shape {prediction.shape} differs from truth shape {truth.shape}")
     sources = [("ground truth", truth)] + ([("prediction", prediction)] if prediction is not None else [])
-    traces = [_mesh_traces(labels, spacing, name, max_faces, legendgroup=name) for name, labels in sources]
+    structures = _STRUCTURES + ((_CYST_STRUCTURE,) if shows_cyst(dataset, truth, prediction) else ())
+    traces = [_mesh_traces(labels, spacing, name, max_faces, legendgroup=name, structures=structures)
+              for name, labels in sources]
     if layout == "side_by_side" and len(traces) == 2:
         figure = make_subplots(rows=1, cols=2, specs=[[{"type": "scene"}] * 2],
                                subplot_titles=[name for name, _ in sources], horizontal_spacing=0.02)
@@ -172,7 +183,7 @@ def plot_meshes(truth: np.ndarray, prediction: np.ndarray | None = None, spacing
         figure = go.Figure(data=[trace for group in traces for trace in group])
         figure.update_layout(scene=_axis_layout())
         if len(traces) == 2:
-            figure.update_layout(updatemenus=[_toggle_menu()])
+            figure.update_layout(updatemenus=[_toggle_menu(len(structures))])
     figure.update_layout(title=title, margin=dict(l=0, r=0, t=60 if title else 30, b=0),
                          legend=dict(orientation="h", y=0))
     if path is not None:
@@ -180,9 +191,10 @@ def plot_meshes(truth: np.ndarray, prediction: np.ndarray | None = None, spacing
     return figure
 
 
-def _toggle_menu() -> dict:
-    choices = [("both", [True] * 4), ("ground truth", [True, True, False, False]),
-               ("prediction", [False, False, True, True])]
+def _toggle_menu(structures: int = len(_STRUCTURES)) -> dict:
+    """Buttons showing both label maps' meshes, the ground truth's or the prediction's (``structures`` each)."""
+    choices = [("both", [True] * 2 * structures), ("ground truth", [True] * structures + [False] * structures),
+               ("prediction", [False] * structures + [True] * structures)]
     return dict(type="buttons", direction="right", x=0.0, y=1.0, xanchor="left", yanchor="bottom",
                 buttons=[dict(label=label, method="restyle", args=[{"visible": visible}])
                          for label, visible in choices])

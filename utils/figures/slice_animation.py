@@ -1,7 +1,8 @@
-"""Animations sweeping through the slices of one plane, CT with kidney and tumour overlay.
+"""Animations sweeping through the slices of one plane, CT with kidney and tumour (and KiTS23 cyst) overlay.
 
 Frames come from :func:`utils.figures.slice_viewer.compose_plane_frame` (same window, colours and
-physical aspect as the interactive viewer). GIF is written with Pillow; ``.mp4`` needs an
+physical aspect as the interactive viewer; KiTS23's cyst, label 3, in
+:data:`utils.figures.drawing.CYST_COLOUR`). GIF is written with Pillow; ``.mp4`` needs an
 ``ffmpeg`` executable on ``PATH``. Files are written atomically.
 """
 
@@ -60,7 +61,8 @@ def save_slice_animation(image: np.ndarray, labels: np.ndarray, spacing: Sequenc
     """Write a GIF (or ``.mp4``) sweeping through the slices of ``plane`` with the label overlay.
 
     Args:
-        image: ``(Z, Y, X)`` float32 CT in HU. labels: ``(Z, Y, X)`` uint8 {0, 1, 2}.
+        image: ``(Z, Y, X)`` float32 CT in HU. labels: ``(Z, Y, X)`` uint8 {0, 1, 2} (KiTS23: also 3,
+            the cyst).
         spacing: ``(z, y, x)`` mm; frames are resampled to square pixels, so 5 mm slices
             are not squashed in coronal or sagittal sweeps.
         path: ``.gif`` (Pillow) or ``.mp4`` (needs ``ffmpeg`` on ``PATH``).

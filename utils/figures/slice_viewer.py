@@ -1,7 +1,8 @@
-"""Interactive slice viewer: CT with kidney and tumour overlay, one slider step per slice.
+"""Interactive slice viewer: CT with kidney and tumour (and KiTS23 cyst) overlay, one slider step per slice.
 
 Each displayed slice is pre-composed here as an RGB ``uint8`` image (soft-tissue window in grey,
-labels blended in their fixed colours) and resampled to square display pixels, so every plane
+labels blended in their fixed colours, the cyst, label 3, in ``CYST_COLOUR`` wherever it occurs)
+and resampled to square display pixels, so every plane
 keeps its physical aspect. :func:`compose_plane_frame` is shared with
 :mod:`utils.figures.slice_animation`. Axis conventions follow KiTS19 ``(Z, Y, X)`` = (inferior,
 posterior, patient-left): row 0 is superior (coronal, sagittal) or anterior (axial), column 0
@@ -21,9 +22,10 @@ import plotly.graph_objects as go
 from PIL import Image
 from plotly.subplots import make_subplots
 
+from utils.data.dataset_definitions import CYST_LABEL, KITS19, DatasetDefinition
 from utils.data.kits_layout import KIDNEY_LABEL, TUMOUR_LABEL
 from utils.data.nifti_io import write_bytes_atomic
-from utils.figures.drawing import LABEL_COLOURS
+from utils.figures.drawing import CYST_COLOUR, LABEL_COLOURS, shows_cyst
 from utils.figures.slices import blend_masks, window_to_rgb
 
 #: Planes: array axis swept by the slider, and the ``(row, column)`` spacing axes of a frame.
@@ -54,7 +56,8 @@ def compose_slice_rgb(image_slice: np.ndarray, label_slice: np.ndarray,
     """Window a 2-D CT slice to grey and blend the label colours over it.
 
     Args:
-        image_slice: ``(H, W)`` HU. label_slice: ``(H, W)`` {0 background, 1 kidney, 2 tumour}.
+        image_slice: ``(H, W)`` HU. label_slice: ``(H, W)`` {0 background, 1 kidney, 2 tumour},
+            KiTS23 also 3 cyst (``CYST_COLOUR``).
         alpha: label opacity in [0, 1].
 
     Returns:
@@ -62,8 +65,11 @@ def compose_slice_rgb(image_slice: np.ndarray, label_slice: np.ndarray,
         ``(1 - alpha) * grey + alpha * LABEL_COLOURS[label]``.
     """
     labels = np.asarray(label_slice)
-    rgb = blend_masks(window_to_rgb(image_slice), [(labels == label, LABEL_COLOURS[label])
-                                                  for label in (KIDNEY_LABEL, TUMOUR_LABEL)], alpha)
+    masks = [(labels == label, LABEL_COLOURS[label]) for label in (KIDNEY_LABEL, TUMOUR_LABEL)]
+    cyst = labels == CYST_LABEL
+    if cyst.any():
+        masks.append((cyst, CYST_COLOUR))
+    rgb = blend_masks(window_to_rgb(image_slice), masks, alpha)
     return np.rint(rgb * 255.0).astype(np.uint8)
 
 
@@ -90,7 +96,7 @@ def compose_plane_frame(image: np.ndarray, labels: np.ndarray, spacing: Sequence
     """Slice ``index`` of ``plane`` as an RGB frame with the physical aspect.
 
     Args:
-        image: ``(Z, Y, X)`` HU. labels: ``(Z, Y, X)`` {0, 1, 2}. spacing: ``(z, y, x)`` mm.
+        image: ``(Z, Y, X)`` HU. labels: ``(Z, Y, X)`` {0, 1, 2} (KiTS23: also 3). spacing: ``(z, y, x)`` mm.
         plane: ``"axial"`` (Y x X), ``"coronal"`` (Z x X) or ``"sagittal"`` (Z x Y).
         max_size: longest frame side in pixels after resampling.
 
@@ -121,11 +127,13 @@ def _png_data_uri(rgb: np.ndarray) -> str:
 
 def plot_slice_viewer(image: np.ndarray, labels: np.ndarray, spacing: Sequence[float], *,
                       prediction: np.ndarray | None = None, plane: str = "axial", max_slices: int = 64,
-                      max_size: int = 256, path: str | os.PathLike | None = None) -> go.Figure:
+                      max_size: int = 256, path: str | os.PathLike | None = None,
+                      dataset: DatasetDefinition | str = KITS19) -> go.Figure:
     """Plotly figure with a slider over the slices of one plane, CT plus label overlay.
 
     Args:
-        image: ``(Z, Y, X)`` float32 CT in HU. labels: ``(Z, Y, X)`` uint8 ground truth {0, 1, 2}.
+        image: ``(Z, Y, X)`` float32 CT in HU. labels: ``(Z, Y, X)`` uint8 ground truth {0, 1, 2}
+            (KiTS23: also 3, the cyst).
         spacing: ``(z, y, x)`` voxel size in mm; frames are resampled to square pixels of
             ``display mm`` and the axes are in mm (``dx``/``dy`` plus ``scaleanchor``).
         prediction: optional ``(Z, Y, X)`` labels, shown to the right of the ground truth.
@@ -133,6 +141,8 @@ def plot_slice_viewer(image: np.ndarray, labels: np.ndarray, spacing: Sequence[f
         max_slices: at most this many evenly spaced slices become frames (default 64).
         max_size: longest in-plane side of a frame in pixels (default 256; larger is downsampled).
         path: if given, the figure is also written atomically as self-contained HTML.
+        dataset: whose labels (default KiTS19); the title names the cyst's colour when the
+            dataset has a cyst (KiTS23) or a label map holds label 3.
 
     Size budget: frames are embedded as lossless PNG, at most ``max_slices`` x panels x
     ``max_size``² pixels, about 70 KB per 256² panel for CT-like noise. With the defaults a
@@ -158,18 +168,20 @@ def plot_slice_viewer(image: np.ndarray, labels: np.ndarray, spacing: Sequence[f
         frames.append(go.Frame(data=traces, name=str(index), traces=list(range(len(volumes)))))
     figure.add_traces(list(frames[0].data), rows=1, cols=list(range(1, len(volumes) + 1)))
     figure.frames = frames
-    _lay_out_viewer(figure, [int(i) for i in indices], len(volumes), plane)
+    _lay_out_viewer(figure, [int(i) for i in indices], len(volumes), plane,
+                    shows_cyst(dataset, labels, prediction))
     if path is not None:
         save_viewer_html(figure, path)
     return figure
 
 
-def _lay_out_viewer(figure: go.Figure, indices: list[int], panels: int, plane: str) -> None:
+def _lay_out_viewer(figure: go.Figure, indices: list[int], panels: int, plane: str, cyst: bool = False) -> None:
     steps = [{"method": "animate", "label": str(i),
               "args": [[str(i)], {"mode": "immediate", "frame": {"duration": 0, "redraw": True},
                                   "transition": {"duration": 0}}]} for i in indices]
+    colours = f"kidney {LABEL_COLOURS[KIDNEY_LABEL]}, tumour {LABEL_COLOURS[TUMOUR_LABEL]}"
     figure.update_layout(
-        title=f"{plane} slices (kidney {LABEL_COLOURS[KIDNEY_LABEL]}, tumour {LABEL_COLOURS[TUMOUR_LABEL]})",
+        title=f"{plane} slices ({colours}{f', cyst {CYST_COLOUR}' if cyst else ''})",
         sliders=[{"active": 0, "steps": steps, "currentvalue": {"prefix": f"{plane} slice "}, "pad": {"t": 30}}],
         height=520, width=420 * panels + 80, margin={"l": 40, "r": 20, "t": 70, "b": 20}, plot_bgcolor="black")
     for column in range(1, panels + 1):

@@ -1,7 +1,10 @@
 """Static slice figures of one case in any plane: label overlays and per-class error maps.
 
 Arrays are as the toolkit loads them: CT ``(Z, Y, X)`` in HU, label maps ``(Z, Y, X)`` with
-{0 background, 1 kidney, 2 tumour}, spacing ``(z, y, x)`` in mm. Each panel is drawn at its
+{0 background, 1 kidney, 2 tumour} (KiTS23 adds 3 cyst, drawn in
+:data:`utils.figures.drawing.CYST_COLOUR`), spacing ``(z, y, x)`` in mm. Error maps have one
+column per scored structure of the dataset (:func:`error_map_structures`): KiTS19's kidney and
+tumour; KiTS23's hierarchical evaluation regions and the cyst. Each panel is drawn at its
 physical aspect ratio (a 5 mm slice thickness does not squash a coronal view). Orientation follows
 the KiTS19 axes (axis 0 runs inferior, 1 posterior, 2 to the patient's left), shown without
 flips: axial has anterior at the top and the patient's left on the right (radiological);
@@ -12,7 +15,7 @@ shown, global matplotlib state is never touched, and a figure is saved only when
 from __future__ import annotations
 
 import os
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from typing import Final
 
 import numpy as np
@@ -22,8 +25,16 @@ from matplotlib.figure import Figure
 from matplotlib.lines import Line2D
 from matplotlib.patches import Patch
 
+from utils.data.dataset_definitions import CYST_LABEL, KITS19, DatasetDefinition, get_dataset
 from utils.data.kits_layout import KIDNEY_LABEL, TUMOUR_LABEL
-from utils.figures.drawing import DISPLAY_WINDOW_HU, LABEL_COLOURS, save_figure
+from utils.figures.drawing import (
+    ALL_LABEL_COLOURS,
+    CYST_COLOUR,
+    DISPLAY_WINDOW_HU,
+    LABEL_COLOURS,
+    save_figure,
+    shows_cyst,
+)
 
 #: Volume axis held fixed by each plane; the two remaining axes are (rows, columns) of a panel.
 PLANE_AXES: Final = {"axial": 0, "coronal": 1, "sagittal": 2}
@@ -38,6 +49,26 @@ _CLASS_MASKS: Final = {"kidney": lambda labels: labels >= KIDNEY_LABEL,
                        "tumour": lambda labels: labels == TUMOUR_LABEL}
 
 SliceSpec = None | str | int | Sequence[int]
+
+
+def error_map_structures(dataset: DatasetDefinition | str = KITS19) -> dict[str, Callable[[np.ndarray], np.ndarray]]:
+    """The structures an error map shows, one column each, by name: the mask of a label map.
+
+    KiTS19: ``kidney`` (label > 0) and ``tumour`` (label 2), its scored structures. Another
+    dataset: its evaluation regions, named in words (KiTS23: ``kidney and masses`` {1, 2, 3},
+    ``masses`` {2, 3}, ``tumour`` {2}), then each label no region scores alone (KiTS23:
+    ``cyst``, label 3), so a cyst taken for a tumour shows as its own error.
+    """
+    dataset = get_dataset(dataset)
+    if dataset is KITS19:
+        return dict(_CLASS_MASKS)
+    structures: dict[str, Callable[[np.ndarray], np.ndarray]] = {
+        region.name.replace("_", " "): region.mask for region in dataset.regions}
+    alone = {next(iter(region.labels)) for region in dataset.regions if len(region.labels) == 1}
+    for label in dataset.foreground_labels:
+        if label not in alone and label != KIDNEY_LABEL:
+            structures[dataset.labels[label]] = lambda labels, label=label: np.asarray(labels) == label
+    return structures
 
 
 def _check_plane(plane: str) -> int:
@@ -70,11 +101,12 @@ def choose_slices(labels: np.ndarray, plane: str = "axial", mode: SliceSpec = "c
     """Indices of the slices to show along ``plane``'s fixed axis.
 
     Args:
-        labels: ``(Z, Y, X)`` label map {0, 1, 2}.
+        labels: ``(Z, Y, X)`` label map {0, 1, 2} (KiTS23: also 3, cyst).
         plane: ``"axial"`` (fixes Z), ``"coronal"`` (fixes Y) or ``"sagittal"`` (fixes X).
-        mode: ``"centre"`` (default; one slice through the tumour's centre, else the kidneys',
-            else the middle), ``"tumour"`` (``n`` evenly spaced across the tumour's extent, else
-            the kidneys', else the whole axis), ``"labelled"`` (``n`` evenly spaced across the
+        mode: ``"centre"`` (default; one slice through the tumour's centre, else the masses'
+            (tumour or cyst, label >= 2), else the kidneys', else the middle), ``"tumour"`` (``n``
+            evenly spaced across the tumour's extent, else the masses', else the kidneys', else
+            the whole axis), ``"labelled"`` (``n`` evenly spaced across the
             extent of label > 0, else the whole axis), an ``int`` or a sequence of ints (used as
             given after validation; negative indices are rejected).
         n: number of slices for the evenly spaced modes (>= 1); fewer are returned when the
@@ -94,8 +126,8 @@ def choose_slices(labels: np.ndarray, plane: str = "axial", mode: SliceSpec = "c
         if isinstance(n, bool) or not isinstance(n, (int, np.integer)) or n < 1:
             raise ValueError(f"n must be an integer >= 1, got {n!r}")
         other = tuple(a for a in range(3) if a != axis)
-        masks = {"centre": (labels == TUMOUR_LABEL, labels > 0), "tumour": (labels == TUMOUR_LABEL, labels > 0),
-                 "labelled": (labels > 0,)}[mode]
+        tumour_first = (labels == TUMOUR_LABEL, labels >= TUMOUR_LABEL, labels > 0)
+        masks = {"centre": tumour_first, "tumour": tumour_first, "labelled": (labels > 0,)}[mode]
         for mask in masks:
             along = mask.any(axis=other)
             if along.any():
@@ -143,15 +175,28 @@ def blend_masks(rgb: np.ndarray, masks: Sequence[tuple[np.ndarray, str]], alpha:
 
 
 def compose_overlay(ct_slice: np.ndarray, label_slice: np.ndarray) -> np.ndarray:
-    """``(H, W, 3)`` RGB of a windowed CT slice with kidney then tumour filled in ``LABEL_COLOURS``."""
-    return blend_masks(window_to_rgb(ct_slice), [(label_slice == label, LABEL_COLOURS[label])
-                                                 for label in (KIDNEY_LABEL, TUMOUR_LABEL)])
+    """``(H, W, 3)`` RGB of a windowed CT slice with kidney then tumour filled in ``LABEL_COLOURS``, and the
+    cyst (label 3, KiTS23) in ``CYST_COLOUR`` where it occurs."""
+    masks = [(label_slice == label, LABEL_COLOURS[label]) for label in (KIDNEY_LABEL, TUMOUR_LABEL)]
+    cyst = label_slice == CYST_LABEL
+    if cyst.any():
+        masks.append((cyst, CYST_COLOUR))
+    return blend_masks(window_to_rgb(ct_slice), masks)
 
 
 def compose_error_map(ct_slice: np.ndarray, truth_slice: np.ndarray, prediction_slice: np.ndarray,
-                      structure: str) -> np.ndarray:
-    """``(H, W, 3)`` RGB of a windowed CT slice with TP, FP and FN of ``structure`` in ``ERROR_COLOURS``."""
-    truth, predicted = _CLASS_MASKS[structure](truth_slice), _CLASS_MASKS[structure](prediction_slice)
+                      structure: str, *, dataset: DatasetDefinition | str = KITS19) -> np.ndarray:
+    """``(H, W, 3)`` RGB of a windowed CT slice with TP, FP and FN of ``structure`` in ``ERROR_COLOURS``.
+
+    ``structure`` is a name of :func:`error_map_structures` of ``dataset`` (default KiTS19:
+    ``"kidney"`` or ``"tumour"``).
+    """
+    structures = error_map_structures(dataset)
+    if structure not in structures:
+        raise ValueError(f"structure must be one of {list(structures)} ({get_dataset(dataset).title}), "
+                         f"got {structure!r}")
+    mask = structures[structure]
+    truth, predicted = mask(truth_slice), mask(prediction_slice)
     masks = [(truth & predicted, ERROR_COLOURS["true positive"]),
              (~truth & predicted, ERROR_COLOURS["false positive"]),
              (truth & ~predicted, ERROR_COLOURS["false negative"])]
@@ -165,7 +210,7 @@ def _draw_panel(ax: Axes, rgb: np.ndarray, aspect: float, title: str) -> None:
 
 
 def _draw_contours(ax: Axes, label_slice: np.ndarray) -> None:
-    for label, colour in LABEL_COLOURS.items():
+    for label, colour in ALL_LABEL_COLOURS.items():
         mask = label_slice >= label if label == KIDNEY_LABEL else label_slice == label
         if mask.any():
             ax.contour(mask.astype(np.float32), levels=[0.5], colors=[colour], linewidths=1.2)
@@ -189,12 +234,14 @@ def _finish(figure: Figure, handles: list, path: str | os.PathLike | None) -> Fi
 
 def plot_overlay(image: np.ndarray, truth: np.ndarray, prediction: np.ndarray | None = None, *,
                  spacing: Sequence[float], plane: str = "axial", slices: SliceSpec = None,
-                 n_slices: int = 3, style: str = "fill", path: str | os.PathLike | None = None) -> Figure:
+                 n_slices: int = 3, style: str = "fill", path: str | os.PathLike | None = None,
+                 dataset: DatasetDefinition | str = KITS19) -> Figure:
     """CT slices with ground truth and (optionally) prediction side by side, one row per slice.
 
     Args:
         image: ``(Z, Y, X)`` CT in HU, shown under ``DISPLAY_WINDOW_HU``.
-        truth: ``(Z, Y, X)`` label map {0, 1, 2}. prediction: same shape, or ``None`` (one column).
+        truth: ``(Z, Y, X)`` label map {0, 1, 2} (KiTS23: also 3, cyst, in ``CYST_COLOUR``).
+            prediction: same shape, or ``None`` (one column).
         spacing: ``(z, y, x)`` voxel size in mm (keyword, required); sets each panel's aspect ratio.
         plane: ``"axial"``, ``"coronal"`` or ``"sagittal"``.
         slices: ``None`` (the slice through the tumour's centre), a :func:`choose_slices` mode
@@ -204,6 +251,8 @@ def plot_overlay(image: np.ndarray, truth: np.ndarray, prediction: np.ndarray | 
         style: ``"fill"`` (labels blended at ``FILL_ALPHA``) or ``"contour"`` (outlines; kidney
             outline around label > 0, tumour around label 2).
         path: if given, the figure is also saved there atomically (PNG, PDF or SVG by suffix).
+        dataset: whose labels (default KiTS19); the legend names the cyst when the dataset has
+            one (KiTS23) or a label map holds label 3.
 
     Returns:
         The figure (never shown).
@@ -229,16 +278,21 @@ def plot_overlay(image: np.ndarray, truth: np.ndarray, prediction: np.ndarray | 
         (lambda c, text: Line2D([], [], color=c, label=text))
     handles = [make(LABEL_COLOURS[KIDNEY_LABEL], "kidney (label 1)" if style == "fill" else "kidney (label > 0)"),
                make(LABEL_COLOURS[TUMOUR_LABEL], "tumour (label 2)")]
+    if shows_cyst(dataset, truth, prediction):
+        handles.append(make(CYST_COLOUR, f"cyst (label {CYST_LABEL})"))
     return _finish(figure, handles, path)
 
 
 def plot_error_map(image: np.ndarray, truth: np.ndarray, prediction: np.ndarray,
                    spacing: Sequence[float], *, plane: str = "axial", slices: SliceSpec = None,
-                   n_slices: int = 3, path: str | os.PathLike | None = None) -> Figure:
-    """Per-class true positives, false positives and false negatives, one row per slice.
+                   n_slices: int = 3, path: str | os.PathLike | None = None,
+                   dataset: DatasetDefinition | str = KITS19) -> Figure:
+    """Per-structure true positives, false positives and false negatives, one row per slice.
 
-    Columns are kidney (label > 0) and tumour (label 2); colours are ``ERROR_COLOURS`` blended
-    at ``FILL_ALPHA`` over the windowed CT. Arguments are as in :func:`plot_overlay`.
+    Columns are the structures of :func:`error_map_structures` of ``dataset``: for KiTS19
+    (default) kidney (label > 0) and tumour (label 2); for KiTS23 kidney and masses, masses,
+    tumour and cyst. Colours are ``ERROR_COLOURS`` blended at ``FILL_ALPHA`` over the windowed
+    CT. Arguments are as in :func:`plot_overlay`.
 
     Returns:
         The figure (never shown).
@@ -248,12 +302,13 @@ def plot_error_map(image: np.ndarray, truth: np.ndarray, prediction: np.ndarray,
         raise ValueError("plot_error_map needs a prediction, got None")
     indices = choose_slices(truth, plane, "centre" if slices is None else slices, n_slices)
     aspect = plane_aspect(spacing, plane)
-    figure, axes = _new_figure(len(indices), len(_CLASS_MASKS), aspect, take_slice(image, plane, 0).shape)
+    structures = error_map_structures(dataset)
+    figure, axes = _new_figure(len(indices), len(structures), aspect, take_slice(image, plane, 0).shape)
     for row, index in enumerate(indices):
         ct_slice = take_slice(image, plane, index)
         truth_slice, prediction_slice = take_slice(truth, plane, index), take_slice(prediction, plane, index)
-        for column, structure in enumerate(_CLASS_MASKS):
-            rgb = compose_error_map(ct_slice, truth_slice, prediction_slice, structure)
+        for column, structure in enumerate(structures):
+            rgb = compose_error_map(ct_slice, truth_slice, prediction_slice, structure, dataset=dataset)
             _draw_panel(axes[row, column], rgb, aspect, f"{structure}, {plane} {index}")
     handles = [Patch(facecolor=colour, alpha=FILL_ALPHA, label=name) for name, colour in ERROR_COLOURS.items()]
     return _finish(figure, handles, path)

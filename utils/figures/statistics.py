@@ -30,13 +30,10 @@ from utils.analysis.dataset_statistics import (
 from utils.analysis.slice_statistics import SLICE_CLASS_NAMES, SamplingShares, SliceAreas, classify_slices
 from utils.data.dataset_definitions import CYST_LABEL, KITS19, DatasetDefinition, get_dataset
 from utils.data.kits_layout import BACKGROUND_LABEL, KIDNEY_LABEL, TUMOUR_LABEL
-from utils.figures.drawing import LABEL_COLOURS
+from utils.figures.drawing import CYST_COLOUR, LABEL_COLOURS
 
 #: Background is not a label colour in LABEL_COLOURS; it is drawn in neutral grey.
 BACKGROUND_COLOUR = "0.45"
-#: Colour of the cyst (label 3 of KiTS23): LABEL_COLOURS' where it has one, else a purple far from
-#: the kidney's green and the tumour's red.
-CYST_COLOUR = LABEL_COLOURS.get(CYST_LABEL, "#9467bd")
 #: Colours of the KiTS19 classes (background, kidney, tumour), also of the slice classes
 #: (background only, kidney without tumour, contains tumour).
 CLASS_COLOURS = (BACKGROUND_COLOUR, LABEL_COLOURS[KIDNEY_LABEL], LABEL_COLOURS[TUMOUR_LABEL])

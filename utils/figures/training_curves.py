@@ -10,8 +10,14 @@ from typing import Any
 
 from matplotlib.figure import Figure
 
+from utils.data.dataset_definitions import CYST_LABEL, DATASETS, EvaluationRegion
 from utils.data.kits_layout import KIDNEY_LABEL, TUMOUR_LABEL
 from utils.figures.drawing import LABEL_COLOURS
+
+#: Line colour of each label's curves (a region takes one label's colour, see :func:`_region_style`);
+#: the drawing colours of kidney and tumour, and a cyst colour for KiTS23.
+_CURVE_COLOURS = {KIDNEY_LABEL: LABEL_COLOURS[KIDNEY_LABEL], TUMOUR_LABEL: LABEL_COLOURS[TUMOUR_LABEL],
+                  CYST_LABEL: LABEL_COLOURS.get(CYST_LABEL, "#1f77b4")}
 
 
 def load_training_progress(path: str | os.PathLike) -> list[dict[str, Any]]:
@@ -36,7 +42,9 @@ def plot_training_progress(records: Sequence[Mapping[str, Any]], title: str = ""
 
     Args:
         records: per-epoch dicts with ``epoch``, ``train_loss``, ``learning_rate``,
-            ``epoch_seconds`` and, on validated epochs, ``val_loss``, ``kidney_dice``, ``tumour_dice``.
+            ``epoch_seconds`` and, on validated epochs, ``val_loss`` and the region Dice keys
+            (KiTS19 ``kidney_dice``, ``tumour_dice``; KiTS23 ``kidney_and_masses_dice``,
+            ``masses_dice``, ``tumour_dice``): one Dice curve per region key present.
         title: figure title (e.g. the run name).
     """
     return plot_training_runs({"": records}, title=title)
@@ -76,19 +84,57 @@ def plot_training_runs(runs: Mapping[str, Sequence[Mapping[str, Any]]], title: s
     return figure
 
 
+def _region_dice_keys(records: Sequence[Mapping[str, Any]]) -> list[str]:
+    """The region Dice keys (``<region>_dice``, ``mean_dice`` left out) that some record holds a number for."""
+    keys = dict.fromkeys(key for record in records for key, value in record.items()
+                         if key.endswith("_dice") and key != "mean_dice" and isinstance(value, (int, float)))
+    return list(keys)
+
+
+def _find_region(name: str) -> tuple[EvaluationRegion, tuple[int, ...]] | None:
+    """The first known dataset's evaluation region called ``name``, with that dataset's foreground labels."""
+    for dataset in DATASETS.values():
+        for region in dataset.regions:
+            if region.name == name:
+                return region, dataset.foreground_labels
+    return None
+
+
+def _region_style(key: str) -> tuple[str, str]:
+    """Legend text and colour of a region Dice key: ``("kidney (label > 0)", kidney green)``.
+
+    The text names the region's labels (``label > 0`` when it is every foreground label); the
+    colour is its label's for one label, the kidney's for a region holding the kidney, else
+    that of its highest label (KiTS23 masses: the cyst's); an unknown key gets its name and grey.
+    """
+    name = key.removesuffix("_dice")
+    found = _find_region(name)
+    if found is None:
+        return name.replace("_", " "), "0.5"
+    region, foreground = found
+    labels = sorted(region.labels)
+    if labels == sorted(foreground):
+        which = "label > 0"
+    else:
+        which = f"label{'s' if len(labels) > 1 else ''} {', '.join(str(label) for label in labels)}"
+    colour_label = labels[0] if len(labels) == 1 or KIDNEY_LABEL in labels else labels[-1]
+    return f"{name.replace('_', ' ')} ({which})", _CURVE_COLOURS.get(colour_label, "0.5")
+
+
 def _plot_run(records: Sequence[Mapping[str, Any]], prefix: str, style: str, axes: Sequence[Any]) -> None:
     """Draw one run's lines into the four panels."""
     loss_ax, dice_ax, lr_ax, time_ax = axes
     epochs = [r["epoch"] for r in records]
     loss_ax.plot(epochs, [r.get("train_loss") for r in records], style, label=f"{prefix}train loss", color="0.3")
-    validated = [r for r in records if r.get("kidney_dice") is not None]
+    keys = _region_dice_keys(records)
+    validated = [r for r in records if any(r.get(key) is not None for key in keys)]
     if validated:
         val_epochs = [r["epoch"] for r in validated]
         loss_ax.plot(val_epochs, [r.get("val_loss") for r in validated], style, marker="o",
                      label=f"{prefix}validation loss", color="0.6")
-        dice_ax.plot(val_epochs, [r["kidney_dice"] for r in validated], style, marker="o",
-                     label=f"{prefix}kidney (label > 0)", color=LABEL_COLOURS[KIDNEY_LABEL])
-        dice_ax.plot(val_epochs, [r["tumour_dice"] for r in validated], style, marker="o",
-                     label=f"{prefix}tumour (label 2)", color=LABEL_COLOURS[TUMOUR_LABEL])
+        for key in keys:
+            text, colour = _region_style(key)
+            dice_ax.plot(val_epochs, [r.get(key) for r in validated], style, marker="o", label=f"{prefix}{text}",
+                         color=colour)
     lr_ax.plot(epochs, [r.get("learning_rate") for r in records], style, color="0.3", label=prefix.rstrip(": "))
     time_ax.plot(epochs, [r.get("epoch_seconds") for r in records], style, color="0.3", label=prefix.rstrip(": "))

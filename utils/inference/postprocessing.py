@@ -1,14 +1,17 @@
-"""Optional clean-up of a predicted label map: keep the kidneys, drop tumour that touches no kidney.
+"""Optional clean-up of a predicted label map: keep the kidneys, drop masses that touch no kidney.
 
-Two steps, both off unless asked for (``scripts/segment.py --postprocess``):
+Two steps, both off unless asked for (``scripts/segment.py --postprocess``), for the labels of
+the model's dataset (:mod:`utils.data.dataset_definitions`; KiTS19 by default):
 
-1. :func:`keep_largest_kidneys`: the connected components of the foreground (label > 0, kidney
-   and tumour together) are ranked by volume; at most ``max_components`` (2: a person has at
-   most two kidneys) are kept, and only those of at least ``min_component_ml`` millilitres. The
-   threshold is a physical volume, converted to voxels with the spacing, so it means the same
-   on a 0.5 mm and a 5 mm grid.
-2. :func:`remove_detached_tumour`: tumour (label 2) components that do not touch kidney
-   (label 1) are set to background.
+1. :func:`keep_largest_kidneys`: the connected components of the foreground (label > 0: kidney
+   and tumour together, and for KiTS23 the cyst too) are ranked by volume; at most
+   ``max_components`` (2: a person has at most two kidneys) are kept, and only those of at
+   least ``min_component_ml`` millilitres. The threshold is a physical volume, converted to
+   voxels with the spacing, so it means the same on a 0.5 mm and a 5 mm grid.
+2. :func:`remove_detached_tumour`: the components of the masses (label 2 tumour; for KiTS23
+   labels 2 tumour and 3 cyst, taken together) that do not touch kidney (label 1) are set to
+   background. For KiTS19 that is every tumour component touching no kidney; for KiTS23 a cyst
+   or tumour is kept when it, or a mass it touches, touches kidney.
 
 Components are 26-connected (voxels sharing a face, an edge or a corner).
 """
@@ -21,6 +24,7 @@ from collections.abc import Sequence
 import numpy as np
 from scipy import ndimage
 
+from utils.data.dataset_definitions import KITS19, DatasetDefinition, get_dataset
 from utils.data.kits_layout import BACKGROUND_LABEL, KIDNEY_LABEL, TUMOUR_LABEL
 
 logger = logging.getLogger(__name__)
@@ -33,29 +37,46 @@ _CONNECTIVITY = ndimage.generate_binary_structure(3, 3)
 _MM3_PER_ML = 1000.0
 
 
-def _check_labels(labels: np.ndarray, spacing_mm: Sequence[float] | None = None) -> None:
+def _check_labels(labels: np.ndarray, spacing_mm: Sequence[float] | None = None,
+                  dataset: DatasetDefinition = KITS19) -> None:
     if not isinstance(labels, np.ndarray) or labels.ndim != 3 or not np.issubdtype(labels.dtype, np.integer):
         description = f"{labels.shape} {labels.dtype}" if isinstance(labels, np.ndarray) else type(labels).__name__
         raise ValueError(f"labels must be a 3D integer numpy array, got {description}")
     if spacing_mm is not None and (len(spacing_mm) != 3 or min(float(s) for s in spacing_mm) <= 0):
         raise ValueError(f"spacing_mm must be three voxel sizes > 0 mm, one per array axis, got {tuple(spacing_mm)}")
+    if labels.size and (int(labels.min()) < BACKGROUND_LABEL or int(labels.max()) > dataset.max_label):
+        raise ValueError(f"labels must hold {dataset.title} labels {dataset.describe_labels()}, got values from "
+                         f"{int(labels.min())} to {int(labels.max())}")
+
+
+def mass_labels(dataset: DatasetDefinition | str = KITS19) -> tuple[int, ...]:
+    """The labels that make a mass of ``dataset``, which must touch kidney to be kept: every foreground
+    label but the kidney's (KiTS19: ``(2,)`` tumour; KiTS23: ``(2, 3)`` tumour and cyst)."""
+    return tuple(label for label in get_dataset(dataset).foreground_labels if label != KIDNEY_LABEL)
 
 
 def keep_largest_kidneys(labels: np.ndarray, spacing_mm: Sequence[float], *,
                          min_component_ml: float = DEFAULT_MIN_COMPONENT_ML,
-                         max_components: int = DEFAULT_MAX_COMPONENTS) -> np.ndarray:
+                         max_components: int = DEFAULT_MAX_COMPONENTS,
+                         dataset: DatasetDefinition | str = KITS19) -> np.ndarray:
     """Keep the ``max_components`` largest foreground components of at least ``min_component_ml``.
 
     Args:
-        labels: ``(Z, Y, X)`` integer labels (0 background, 1 kidney, 2 tumour); not modified.
+        labels: ``(Z, Y, X)`` integer labels of ``dataset`` (KiTS19: 0 background, 1 kidney,
+            2 tumour; KiTS23 adds 3 cyst); not modified. The foreground is label > 0.
         spacing_mm: voxel size along each array axis, in mm, in the array's axis order.
         min_component_ml: smallest component volume kept, in ml (>= 0; 0 keeps any size).
         max_components: most components kept (>= 1), the largest first.
+        dataset: whose labels (a definition or its name; default KiTS19).
 
     Returns:
         A new array of the same shape and dtype; removed components are background.
+
+    Raises:
+        ValueError: not a 3D integer array, a bad spacing or threshold, or labels outside the dataset's.
     """
-    _check_labels(labels, spacing_mm)
+    dataset = get_dataset(dataset)
+    _check_labels(labels, spacing_mm, dataset)
     if min_component_ml < 0:
         raise ValueError(f"min_component_ml must be >= 0 ml, got {min_component_ml}")
     if max_components < 1:
@@ -71,38 +92,52 @@ def keep_largest_kidneys(labels: np.ndarray, spacing_mm: Sequence[float], *,
     return out
 
 
-def remove_detached_tumour(labels: np.ndarray) -> np.ndarray:
-    """Set to background every tumour component (label 2) that touches no kidney voxel (label 1).
+def remove_detached_tumour(labels: np.ndarray, dataset: DatasetDefinition | str = KITS19) -> np.ndarray:
+    """Set to background every mass component that touches no kidney voxel (label 1).
+
+    The masses are :func:`mass_labels`: the tumour (label 2) for KiTS19; tumour and cyst
+    (labels 2 and 3, one component where they touch) for KiTS23.
 
     Args:
-        labels: ``(Z, Y, X)`` integer labels; not modified.
+        labels: ``(Z, Y, X)`` integer labels of ``dataset``; not modified.
+        dataset: whose labels (a definition or its name; default KiTS19).
 
     Returns:
         A new array of the same shape and dtype.
+
+    Raises:
+        ValueError: not a 3D integer array, or labels outside the dataset's.
     """
-    _check_labels(labels)
-    tumours, count = ndimage.label(labels == TUMOUR_LABEL, structure=_CONNECTIVITY)
+    dataset = get_dataset(dataset)
+    _check_labels(labels, dataset=dataset)
+    masses = mass_labels(dataset)
+    mask = labels == TUMOUR_LABEL if masses == (TUMOUR_LABEL,) else np.isin(labels, masses)
+    components, count = ndimage.label(mask, structure=_CONNECTIVITY)
     out = labels.copy()
     if count == 0:
         return out
     near_kidney = ndimage.binary_dilation(labels == KIDNEY_LABEL, structure=_CONNECTIVITY)
-    touching = np.unique(tumours[near_kidney & (tumours > 0)])
-    out[(tumours > 0) & ~np.isin(tumours, touching)] = BACKGROUND_LABEL
+    touching = np.unique(components[near_kidney & (components > 0)])
+    out[(components > 0) & ~np.isin(components, touching)] = BACKGROUND_LABEL
     return out
 
 
 def postprocess_labels(labels: np.ndarray, spacing_mm: Sequence[float], *,
                        min_component_ml: float = DEFAULT_MIN_COMPONENT_ML,
-                       max_components: int = DEFAULT_MAX_COMPONENTS) -> np.ndarray:
+                       max_components: int = DEFAULT_MAX_COMPONENTS,
+                       dataset: DatasetDefinition | str = KITS19) -> np.ndarray:
     """:func:`keep_largest_kidneys`, then :func:`remove_detached_tumour`.
 
     Args:
-        labels: ``(Z, Y, X)`` integer labels; not modified.
+        labels: ``(Z, Y, X)`` integer labels of ``dataset``; not modified.
         spacing_mm: voxel size per array axis in mm. min_component_ml, max_components: as in
             :func:`keep_largest_kidneys`.
+        dataset: whose labels (a definition or its name; default KiTS19): a segmenter's is
+            :attr:`utils.inference.segment.SegmentationModel.dataset`.
 
     Returns:
         The cleaned labels, same shape and dtype.
     """
-    kept = keep_largest_kidneys(labels, spacing_mm, min_component_ml=min_component_ml, max_components=max_components)
-    return remove_detached_tumour(kept)
+    kept = keep_largest_kidneys(labels, spacing_mm, min_component_ml=min_component_ml, max_components=max_components,
+                                dataset=dataset)
+    return remove_detached_tumour(kept, dataset)

@@ -6,7 +6,9 @@ runs the training preprocessing (:func:`utils.preprocessing.preprocess.preproces
 the preprocessed grid (sliding windows for 3D models, every axial slice for 2D ones, see
 :func:`utils.inference.predict.predict_volume_logits`), takes the argmax and maps it back with
 :func:`utils.preprocessing.resampling.restore_labels`: uint8 labels of the input's exact shape, for the
-input's affine. :func:`segment_file` does the same from one NIfTI file to another.
+input's affine, holding the labels of the model's dataset (its experiment config's ``dataset``,
+:attr:`SegmentationModel.dataset`: KiTS19 0 background, 1 kidney, 2 tumour; KiTS23 adds 3
+cyst). :func:`segment_file` does the same from one NIfTI file to another.
 
 **Fold ensembles.** Given the folder of a k-fold cross-validated experiment (``fold_<k>/``
 subfolders, each a run folder with ``best.pt`` or ``last.pt``), :func:`load_segmentation_model`
@@ -46,6 +48,7 @@ import torch
 from utils.config.data import PreprocessingConfig
 from utils.config.experiment import ExperimentConfig
 from utils.config.loading import build_config, config_as_dict
+from utils.data.dataset_definitions import DatasetDefinition, get_dataset
 from utils.data.nifti_checks import find_ct_anomalies, not_a_file_reason
 from utils.data.nifti_io import load_nifti_verified, read_voxels, save_nifti
 from utils.data.output_guard import OWN_NIFTI_DESCRIPTION
@@ -111,6 +114,12 @@ class SegmentationModel:
             raise ValueError("models must start with model")
         if len(self.checkpoints) != len(self.models):
             raise ValueError(f"{len(self.models)} model(s) but {len(self.checkpoints)} checkpoint(s)")
+
+    @property
+    def dataset(self) -> DatasetDefinition:
+        """The dataset the model was trained on (its config's ``dataset``): the labels it predicts,
+        ``dataset.num_classes`` of them (``config.model.out_channels``), and how it is scored."""
+        return get_dataset(self.config.dataset)
 
     @property
     def model_count(self) -> int:
@@ -225,6 +234,7 @@ def _ensemble_settings(segmenter: SegmentationModel) -> dict[str, object]:
     config = config_as_dict(segmenter.config)
     for section in ENSEMBLE_CONFIG_SECTIONS:
         settings.update({f"config.{section}.{key}": value for key, value in config[section].items()})
+    settings["config.dataset"] = segmenter.config.dataset
     preprocessing = config_as_dict(segmenter.preprocessing)
     preprocessing.pop("cache_dir", None)  # where the cache lies does not change how a CT is preprocessed
     settings.update({f"preprocessing_plan.preprocessing.{key}": value for key, value in preprocessing.items()})
@@ -394,7 +404,8 @@ def predict_preprocessed_labels(segmenter: SegmentationModel, image: np.ndarray,
             3D models, 4 for 2D ones, per model), each prediction flipped back before averaging.
 
     Returns:
-        ``(Z, Y, X)`` uint8 labels (0 background, 1 kidney, 2 tumour) on the CPU.
+        ``(Z, Y, X)`` uint8 labels of the model's dataset (:attr:`SegmentationModel.dataset`:
+        KiTS19 0 background, 1 kidney, 2 tumour; KiTS23 also 3 cyst) on the CPU.
     """
     device = segmenter.device
     tensor, flips = _prepared_input(segmenter, image, tta)
@@ -419,8 +430,10 @@ def segment_ct(image_hu: np.ndarray, affine: np.ndarray, segmenter: Segmentation
         affine: the file's ``(4, 4)`` voxel-to-world matrix (any orientation; mm).
         segmenter: from :func:`load_segmentation_model`.
         tta: mirroring test-time augmentation (see :func:`predict_preprocessed_labels`).
-        postprocess: apply :func:`utils.inference.postprocessing.postprocess_labels` on the preprocessed
-            grid (its spacing converts ``min_component_ml`` to voxels).
+        postprocess: apply :func:`utils.inference.postprocessing.postprocess_labels` with the model's
+            dataset on the preprocessed grid (its spacing converts ``min_component_ml`` to voxels).
+            For KiTS23 the cyst counts as kidney foreground and, like the tumour, as a mass that
+            must touch kidney.
         min_component_ml: smallest kidney component kept by the post-processing, in ml.
         overwrite_input: let the preprocessing use ``image_hu`` as scratch space when it is
             float32 (saves a copy of a long CT; ``image_hu`` is then garbage).
@@ -428,7 +441,8 @@ def segment_ct(image_hu: np.ndarray, affine: np.ndarray, segmenter: Segmentation
             ``restore``; post-processing counts in ``restore``).
 
     Returns:
-        ``(I, J, K)`` uint8 labels (0 background, 1 kidney, 2 tumour), to be saved with ``affine``.
+        ``(I, J, K)`` uint8 labels of the model's dataset (KiTS19 0 background, 1 kidney,
+        2 tumour; KiTS23 also 3 cyst), to be saved with ``affine``.
 
     Raises:
         ValueError: ``image_hu`` is not 3D or ``affine`` is not a finite, invertible 4 x 4 matrix.
@@ -451,7 +465,8 @@ def segment_ct(image_hu: np.ndarray, affine: np.ndarray, segmenter: Segmentation
     del preprocessed
     clock.lap("predict")
     if postprocess:
-        labels = postprocess_labels(labels, mapping.resampled_spacing, min_component_ml=min_component_ml)
+        labels = postprocess_labels(labels, mapping.resampled_spacing, min_component_ml=min_component_ml,
+                                    dataset=segmenter.dataset)
     restored = restore_labels(labels, mapping)
     clock.lap("restore")
     return restored
@@ -475,6 +490,8 @@ def segment_file(input_path: str | os.PathLike, output_path: str | os.PathLike, 
                  tta: bool = False, postprocess: bool = False,
                  min_component_ml: float = DEFAULT_MIN_COMPONENT_ML, timings: dict[str, float] | None = None) -> Path:
     """Segment one NIfTI CT into a uint8 label NIfTI of the same shape and affine, written atomically.
+
+    The labels are the model's dataset's (see :func:`segment_ct`).
 
     Args:
         input_path: ``.nii`` / ``.nii.gz`` CT in HU (only read; its gzip CRC and length are checked).

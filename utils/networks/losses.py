@@ -3,12 +3,14 @@
 Every loss here is called as ``loss(logits, labels)``:
 
 * ``logits``: ``(B, C, *spatial)`` float (any float dtype; no softmax applied), ``C`` classes
-  in label order (0 background, 1 kidney, 2 tumour);
+  in label order, one per label of the dataset (KiTS19: 0 background, 1 kidney, 2 tumour;
+  KiTS23 adds 3 cyst), ``C == len(class_weights)``;
 * ``labels``: ``(B, 1, *spatial)`` integer or bool class ids (``uint8`` from the cache is
   fine; converted to ``int64`` inside), values in ``[0, C)``;
 * returns a scalar float tensor.
 
-How ``class_weights`` ``w = (w_0, w_1, w_2)`` act (MONAI 1.6.1, checked in its source):
+How ``class_weights`` ``w = (w_0, ..., w_{C-1})`` act (MONAI 1.6.1, checked in its source; the
+examples name KiTS19's classes, KiTS23's cyst channel behaves as the tumour's):
 
 * Dice term (both losses): MONAI ``DiceLoss`` on softmax probabilities and one-hot labels
   computes ``1 - Dice`` per sample and class, multiplies class ``c`` by ``w_c`` and averages
@@ -116,9 +118,9 @@ def build_loss(config: LossConfig) -> torch.nn.Module:
     """Build the loss named by ``config.name`` (``"dice_focal"`` or ``"dice_ce"``).
 
     Args:
-        config: the loss section: name, ``class_weights`` (background, kidney, tumour; used by
-            both terms), ``dice_weight`` and ``other_weight`` (the focal or cross-entropy term's
-            factor), ``focal_gamma``.
+        config: the loss section: name, ``class_weights`` (one per label: background, kidney,
+            tumour, and for KiTS23 cyst; used by both terms), ``dice_weight`` and
+            ``other_weight`` (the focal or cross-entropy term's factor), ``focal_gamma``.
 
     Returns:
         A module called as ``loss(logits, labels)``: logits ``(B, C, *spatial)`` float, labels

@@ -10,11 +10,14 @@ Layout of a cache root (``preprocessing.cache_dir``)::
         splits.json                       # the case-level split (see utils.data.splits)
         cases/case_00000/
           image.npy                       # (Z, Y, X) float16/float32, clipped and z-scored
-          label.npy                       # (Z, Y, X) uint8 labels 0/1/2
+          label.npy                       # (Z, Y, X) uint8 labels 0/1/2 (KiTS23: 0/1/2/3)
           locations.npz                   # voxel coordinates (K, 3) of "kidney" (1) and "tumour" (2)
+                                          # (KiTS23 also "cyst" (3))
           meta.json                       # grid mapping back to the original CT, source, plan hash
 
-A case folder appears only complete: it is written under a temporary name and renamed.
+A case folder appears only complete: it is written under a temporary name and renamed. The
+dataset the cache holds (``plan.json``'s ``dataset``; a plan without one is KiTS19's, as every
+cache was before KiTS23) decides which location classes its cases store (:func:`location_classes`).
 """
 
 from __future__ import annotations
@@ -29,6 +32,7 @@ from typing import Any
 
 import numpy as np
 
+from utils.data.dataset_definitions import KITS19, DatasetDefinition, get_dataset
 from utils.data.nifti_io import write_folder_atomic
 from utils.data.splits import load_split
 from utils.preprocessing.fingerprint import DatasetFingerprint, load_fingerprint
@@ -44,8 +48,24 @@ IMAGE_FILE = "image.npy"
 LABEL_FILE = "label.npy"
 LOCATIONS_FILE = "locations.npz"
 META_FILE = "meta.json"
-#: Classes whose voxel coordinates are stored for class-balanced patch centring.
-LOCATION_CLASSES = {"kidney": 1, "tumour": 2}
+
+
+def location_classes(dataset: DatasetDefinition | str = KITS19) -> dict[str, int]:
+    """Classes whose voxel coordinates a dataset's cache stores, for class-balanced centring.
+
+    Args:
+        dataset: a definition or its name (default KiTS19).
+
+    Returns:
+        Label name -> label id of every foreground label, in label order: ``{"kidney": 1,
+        "tumour": 2}`` for KiTS19, with ``"cyst": 3`` added for KiTS23.
+    """
+    dataset = get_dataset(dataset)
+    return {dataset.labels[label]: label for label in dataset.foreground_labels}
+
+
+#: KiTS19's location classes (``{"kidney": 1, "tumour": 2}``); other datasets': :func:`location_classes`.
+LOCATION_CLASSES = location_classes(KITS19)
 
 
 class CachedCase:
@@ -53,15 +73,21 @@ class CachedCase:
 
     Attributes:
         case_id: e.g. ``"case_00007"``. folder: its cache folder. meta: its ``meta.json``.
+        dataset: the dataset of its cache (default KiTS19): which location classes it stores.
     """
 
-    def __init__(self, folder: Path, meta: dict[str, Any]):
+    def __init__(self, folder: Path, meta: dict[str, Any], dataset: DatasetDefinition | str = KITS19):
         self.folder = folder
         self.meta = meta
         self.case_id: str = meta["case_id"]
+        self.dataset = get_dataset(dataset)
 
     def __getstate__(self) -> dict[str, Any]:  # memory maps are reopened, not pickled, in worker processes
-        return {"folder": self.folder, "meta": self.meta, "case_id": self.case_id}
+        return {"folder": self.folder, "meta": self.meta, "case_id": self.case_id, "dataset": self.dataset}
+
+    def __setstate__(self, state: dict[str, Any]) -> None:
+        state.setdefault("dataset", KITS19)
+        self.__dict__.update(state)
 
     @cached_property
     def image(self) -> np.ndarray:
@@ -93,16 +119,30 @@ class CachedCase:
         """``(Z,)`` int8 class of every axial slice (see :func:`utils.analysis.slice_statistics.classify_slices`)."""
         return np.asarray(self.meta["slice_classes"], dtype=np.int8)
 
+    @property
+    def location_names(self) -> tuple[str, ...]:
+        """The classes whose locations the case stores (``("kidney", "tumour")``; KiTS23 adds ``"cyst"``)."""
+        return tuple(location_classes(self.dataset))
+
     def locations(self, name: str) -> np.ndarray:
-        """``(K, 3)`` int voxel coordinates ``(z, y, x)`` of every voxel of class ``name``."""
-        if name not in LOCATION_CLASSES:
-            raise ValueError(f"name must be one of {sorted(LOCATION_CLASSES)}, got {name!r}")
+        """``(K, 3)`` int voxel coordinates ``(z, y, x)`` of every voxel of class ``name``.
+
+        Raises:
+            ValueError: ``name`` is not one of :attr:`location_names` (e.g. ``"cyst"`` in a KiTS19 cache).
+        """
+        if name not in self.location_names:
+            raise ValueError(f"name must be one of {sorted(self.location_names)} (the {self.dataset.title} "
+                             f"location classes of {self.case_id}), got {name!r}")
         return self._locations[name]
 
     @cached_property
     def _locations(self) -> dict[str, np.ndarray]:
         with np.load(self.folder / LOCATIONS_FILE) as stored:
-            return {name: stored[name] for name in LOCATION_CLASSES}
+            missing = [name for name in self.location_names if name not in stored.files]
+            if missing:
+                raise ValueError(f"{self.folder / LOCATIONS_FILE} lacks the locations of {missing} that a "
+                                 f"{self.dataset.title} cache stores; re-run scripts/preprocess.py")
+            return {name: stored[name] for name in self.location_names}
 
 
 class PreprocessedCache:
@@ -120,6 +160,11 @@ class PreprocessedCache:
                                     "run scripts/preprocess.py --data DIR --out CACHE --config CFG")
         self.plan: dict[str, Any] = json.loads(plan_path.read_text())
         self.case_ids: list[str] = list(self.plan["case_ids"])
+
+    @cached_property
+    def dataset(self) -> DatasetDefinition:
+        """The dataset the cache holds: ``plan.json``'s ``dataset`` (KiTS19 when the plan names none)."""
+        return get_dataset(self.plan.get("dataset", KITS19.name))
 
     @cached_property
     def fingerprint(self) -> DatasetFingerprint:
@@ -148,7 +193,7 @@ class PreprocessedCache:
         if meta.get("plan_hash") != self.plan["plan_hash"]:
             raise ValueError(f"{folder} was preprocessed with other parameters than {self.folder / PLAN_NAME}; "
                              "re-run scripts/preprocess.py to finish updating the cache")
-        return CachedCase(folder, meta)
+        return CachedCase(folder, meta, self.dataset)
 
     def cases(self, case_ids: list[str] | None = None) -> list[CachedCase]:
         """Open several cases (all cases of the plan by default)."""

@@ -2,10 +2,11 @@
 
 Computed from the data, never hard-coded, in two steps so that re-running is cheap:
 
-* :func:`compute_case_fingerprint` reads one case and keeps, for its foreground (label > 0) voxels
-  in the original grid, the count, sum and sum of squares of HU (exact mean and standard
-  deviation) and a histogram in 1 HU bins (percentiles exact to 1 HU for integer-valued CT,
-  which KiTS19 is); these per-case records are cached as small JSON files;
+* :func:`compute_case_fingerprint` reads one case and keeps, for its foreground (label > 0:
+  kidney and tumour, and in KiTS23 cysts too) voxels in the original grid, the count, sum and
+  sum of squares of HU (exact mean and standard deviation) and a histogram in 1 HU bins
+  (percentiles exact to 1 HU for integer-valued CT, which KiTS19 is); these per-case records
+  are cached as small JSON files;
 * :func:`build_fingerprint` pools them into the dataset fingerprint: the clipping percentiles
   (default 0.5 and 99.5) and the mean and standard deviation used for z-normalisation, as
   nnU-Net does for CT.

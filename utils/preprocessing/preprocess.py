@@ -1,4 +1,4 @@
-"""Preprocessing: raw KiTS19 cases into the memory-mapped cache both models train from.
+"""Preprocessing: raw KiTS cases (KiTS19 or KiTS23) into the memory-mapped cache both models train from.
 
 Per case (:func:`preprocess_volume`, also used at inference on a new CT): reorient to the
 canonical orientation, resample (image trilinear with anti-aliasing, labels nearest) to the
@@ -13,6 +13,13 @@ when the data's identity (case ids, and the plan hash that its fingerprint fixes
 the folder's, that data gets its own folder ``spacing_..._<hash>_data-<identity>`` beside it
 (:func:`choose_plan_folder`). A case made with other parameters is refused when read, never
 mixed in silently.
+
+The dataset (:mod:`utils.data.dataset_definitions`; KiTS19 by default) decides how the folder is
+validated (its layout and labels: a KiTS19 folder read as KiTS23, or the reverse, is refused with
+:class:`~utils.data.dataset_definitions.DatasetLayoutError`) and which label locations each case
+stores (:func:`utils.preprocessing.cache.location_classes`). ``plan.json`` names it; it enters the
+plan hash and the plan folder's name only for datasets other than KiTS19, so that KiTS19 caches
+made before KiTS23 was supported keep their hashes and folders.
 """
 
 from __future__ import annotations
@@ -43,6 +50,7 @@ from utils.data.case_validation import (
     select_cases,
     validate_dataset,
 )
+from utils.data.dataset_definitions import KITS19, DatasetDefinition, get_dataset
 from utils.data.nifti_io import save_json_atomic
 from utils.data.parallel import map_with_progress
 from utils.data.splits import save_splits
@@ -52,8 +60,8 @@ from utils.preprocessing.cache import (
     FINGERPRINT_NAME,
     IMAGE_FILE,
     LABEL_FILE,
-    LOCATION_CLASSES,
     PLAN_NAME,
+    location_classes,
     read_case_meta,
     remove_unfinished_writes,
     write_case_folder,
@@ -113,15 +121,21 @@ class Normalisation:
         return image
 
 
-def plan_name(config: PreprocessingConfig) -> str:
-    """Folder name of a set of preprocessing parameters, e.g. ``spacing_3.22x1.62x1.62_1a2b3c4d``."""
+def plan_name(config: PreprocessingConfig, dataset: DatasetDefinition | str = KITS19) -> str:
+    """Folder name of a set of preprocessing parameters, e.g. ``spacing_3.22x1.62x1.62_1a2b3c4d``.
+
+    Args:
+        config: the parameters. dataset: the dataset cached (a definition or its name; default
+            KiTS19, whose names do not depend on it; any other dataset changes the hash).
+    """
     spacing = "x".join(f"{s:g}" for s in config.target_spacing)
-    return f"spacing_{spacing}_{_digest(_parameters(config))[:8]}"
+    return f"spacing_{spacing}_{_digest(_parameters(config, dataset))[:8]}"
 
 
-def plan_folder(config: PreprocessingConfig, cache_dir: str | os.PathLike | None = None) -> Path:
-    """Where the cache of these parameters lives: ``<cache_dir>/<plan_name>``."""
-    return Path(cache_dir if cache_dir is not None else config.cache_dir) / plan_name(config)
+def plan_folder(config: PreprocessingConfig, cache_dir: str | os.PathLike | None = None,
+                dataset: DatasetDefinition | str = KITS19) -> Path:
+    """Where the cache of these parameters and this dataset lives: ``<cache_dir>/<plan_name>``."""
+    return Path(cache_dir if cache_dir is not None else config.cache_dir) / plan_name(config, dataset)
 
 
 def preprocess_volume(image_hu: np.ndarray, labels: np.ndarray | None, affine: np.ndarray,
@@ -221,36 +235,42 @@ def _save_split_and_plan(folder: Path, case_ids: list[str], split: SplitConfig, 
 
 def preprocess_dataset(data_dir: str | os.PathLike, config: PreprocessingConfig, split: SplitConfig, *,
                        cache_dir: str | os.PathLike | None = None, workers: int = 1,
-                       show_progress: bool = True) -> PreprocessingResult:
-    """Validate a KiTS19-layout folder, fingerprint it and write (or update) its preprocessing cache.
+                       show_progress: bool = True, dataset: DatasetDefinition | str = KITS19) -> PreprocessingResult:
+    """Validate a KiTS-layout folder, fingerprint it and write (or update) its preprocessing cache.
 
     Args:
         data_dir: the raw data (only read). config: the parameters. split: the split settings.
         cache_dir: cache root (default ``config.cache_dir``); the plan folder is made inside it.
         workers: processes for reading and preprocessing cases.
+        dataset: the dataset the folder holds (a definition or its name, e.g. the experiment
+            config's ``dataset``; default KiTS19): its layout and labels are checked, its label
+            locations stored, and its name recorded in ``plan.json``.
 
     Raises:
-        ValueError: no usable case with a segmentation, or too few for the split.
+        DatasetLayoutError: (a ``ValueError``) the folder holds another dataset's metadata file
+            (``kits.json`` read as KiTS23, ``kits23.json`` read as KiTS19).
+        ValueError: an unknown dataset name, no usable case with a segmentation, or too few for the split.
     """
     started = time.perf_counter()
+    dataset = get_dataset(dataset)
     cases, excluded = _select_trainable_cases(validate_dataset(data_dir, show_progress=show_progress,
-                                                               workers=workers))
+                                                               workers=workers, dataset=dataset))
     root = Path(cache_dir if cache_dir is not None else config.cache_dir)
-    statistics, failed = _gather_statistics(cases, root / CASE_STATISTICS_DIR, workers, show_progress)
+    statistics, failed = _gather_statistics(cases, root / CASE_STATISTICS_DIR, workers, show_progress, dataset)
     usable = [c for c in cases if c.case_id not in failed]
     if not usable:
         raise ValueError(f"{data_dir}: no usable case with a segmentation to preprocess")
     fingerprint = build_fingerprint(statistics, config.clip_percentiles)
     normalisation = Normalisation.from_fingerprint(fingerprint)
-    plan_hash = _digest({**_parameters(config), "normalisation": asdict(normalisation)})
+    plan_hash = _digest({**_parameters(config, dataset), "normalisation": asdict(normalisation)})
     identity = data_identity(plan_hash, [c.case_id for c in usable])
-    folder = choose_plan_folder(root, config, identity)
+    folder = choose_plan_folder(root, config, identity, dataset)
     cases_dir = folder / CASES_DIR
     cases_dir.mkdir(parents=True, exist_ok=True)
     remove_unfinished_writes(cases_dir)
     save_json_atomic(folder / FINGERPRINT_NAME, fingerprint.to_dict())
     up_to_date = {c.case_id for c in usable if _is_up_to_date(cases_dir / c.case_id, plan_hash, source_signature(c))}
-    jobs = [(case, config, normalisation, plan_hash, cases_dir, workers) for case in usable
+    jobs = [(case, config, normalisation, plan_hash, cases_dir, workers, dataset) for case in usable
             if case.case_id not in up_to_date]
     outcomes = [(case_id, "skipped", "") for case_id in sorted(up_to_date)]
     outcomes += map_with_progress(_preprocess_job, jobs, workers=workers, description="preprocess",
@@ -259,7 +279,7 @@ def preprocess_dataset(data_dir: str | os.PathLike, config: PreprocessingConfig,
     failed.update({case_id: error for case_id, status, error in outcomes if status == "failed"})
     done = [case_id for case_id, status, _ in outcomes if status != "failed"]
     split_problem = _save_split_and_plan(folder, done, split, {
-        "version": PLAN_VERSION, "plan_name": folder.name, "plan_hash": plan_hash,
+        "version": PLAN_VERSION, "plan_name": folder.name, "plan_hash": plan_hash, "dataset": dataset.name,
         "preprocessing": config_as_dict(config), "normalisation": asdict(normalisation),
         "canonical_axcodes": list(CANONICAL_AXCODES), "source_data": str(Path(data_dir).resolve()),
         "case_ids": done, "data_identity": identity,
@@ -287,15 +307,17 @@ def recorded_data_identity(folder: str | os.PathLike) -> str | None:
     return plan.get("data_identity") or data_identity(plan["plan_hash"], list(plan["case_ids"]))
 
 
-def choose_plan_folder(cache_dir: str | os.PathLike, config: PreprocessingConfig, identity: str) -> Path:
+def choose_plan_folder(cache_dir: str | os.PathLike, config: PreprocessingConfig, identity: str,
+                       dataset: DatasetDefinition | str = KITS19) -> Path:
     """The plan folder for these parameters and this data; a finished folder of other data is never rebuilt.
 
-    ``<cache_dir>/<plan_name>`` when it is new, unfinished (no ``plan.json``: an interrupted
-    first build) or already holds this data; when it holds other data (other case ids, or
-    cases whose content gave another normalisation), runs trained on it may depend on it, so
-    this data gets its own folder ``<plan_name>_data-<identity[:8]>`` next to it.
+    ``<cache_dir>/<plan_name>`` (the name depends on ``dataset`` for datasets other than KiTS19)
+    when it is new, unfinished (no ``plan.json``: an interrupted first build) or already holds
+    this data; when it holds other data (other case ids, or cases whose content gave another
+    normalisation), runs trained on it may depend on it, so this data gets its own folder
+    ``<plan_name>_data-<identity[:8]>`` next to it.
     """
-    base = plan_folder(config, cache_dir)
+    base = plan_folder(config, cache_dir, dataset)
     recorded = recorded_data_identity(base)
     if recorded is None or recorded == identity:
         return base
@@ -313,9 +335,13 @@ def source_signature(case: CaseFiles) -> dict[str, Any]:
     return signature
 
 
-def _gather_statistics(cases: list[CaseFiles], folder: Path, workers: int,
-                       show_progress: bool) -> tuple[list[CaseFingerprint], dict[str, str]]:
-    """Per-case fingerprint statistics, read from ``folder`` when up to date, else computed and saved."""
+def _gather_statistics(cases: list[CaseFiles], folder: Path, workers: int, show_progress: bool,
+                       dataset: DatasetDefinition = KITS19) -> tuple[list[CaseFingerprint], dict[str, str]]:
+    """Per-case fingerprint statistics, read from ``folder`` when up to date, else computed and saved.
+
+    The statistics are of the foreground (label > 0) whatever the dataset, so one record serves
+    every plan; ``dataset`` decides only which labels a case read for them may hold.
+    """
     folder.mkdir(parents=True, exist_ok=True)
     known: dict[str, CaseFingerprint] = {}
     todo = []
@@ -324,7 +350,7 @@ def _gather_statistics(cases: list[CaseFiles], folder: Path, workers: int,
         if stored is not None and stored.source == source_signature(case):
             known[case.case_id] = stored
         else:
-            todo.append((case, folder, workers))
+            todo.append((case, folder, dataset))
     failed = {}
     for case_id, result in map_with_progress(_statistics_job, todo, workers=workers, description="fingerprint",
                                              show_progress=show_progress):
@@ -335,10 +361,10 @@ def _gather_statistics(cases: list[CaseFiles], folder: Path, workers: int,
     return [known[c.case_id] for c in cases if c.case_id in known], failed
 
 
-def _statistics_job(job: tuple[CaseFiles, Path, int]) -> tuple[str, CaseFingerprint | str]:
-    case, folder, workers = job
+def _statistics_job(job: tuple[CaseFiles, Path, DatasetDefinition]) -> tuple[str, CaseFingerprint | str]:
+    case, folder, dataset = job
     try:
-        loaded = load_case(case)
+        loaded = load_case(case, dataset=dataset)
     except CaseError as error:
         return case.case_id, str(error)
     statistics = compute_case_fingerprint(case.case_id, loaded.image, loaded.segmentation, loaded.spacing,
@@ -347,24 +373,27 @@ def _statistics_job(job: tuple[CaseFiles, Path, int]) -> tuple[str, CaseFingerpr
     return case.case_id, statistics
 
 
-def _preprocess_job(job: tuple[CaseFiles, PreprocessingConfig, Normalisation, str, Path, int]) -> tuple[str, str, str]:
+def _preprocess_job(job: tuple[CaseFiles, PreprocessingConfig, Normalisation, str, Path, int, DatasetDefinition]
+                    ) -> tuple[str, str, str]:
     """Preprocess and write one case unless it is up to date; returns (case id, status, error)."""
-    case, config, normalisation, plan_hash, cases_dir, workers = job
+    case, config, normalisation, plan_hash, cases_dir, workers, dataset = job
     source = source_signature(case)
     _limit_threads(workers)
     try:
-        loaded = load_case(case)
+        loaded = load_case(case, dataset=dataset)
     except CaseError as error:
         return case.case_id, "failed", str(error)
     image, labels, mapping = preprocess_volume(loaded.image, loaded.segmentation, loaded.affine, config,
                                                normalisation, overwrite_input=True)
     del loaded
-    locations = {name: np.argwhere(labels == value).astype(np.int32) for name, value in LOCATION_CLASSES.items()}
+    locations = {name: np.argwhere(labels == value).astype(np.int32)
+                 for name, value in location_classes(dataset).items()}
+    counts = np.bincount(labels.ravel(), minlength=dataset.num_classes)
     meta = {
         "case_id": case.case_id, "plan_hash": plan_hash, "source": source, "shape": list(image.shape),
         "image_dtype": str(image.dtype), "mapping": mapping.to_dict(),
-        "label_voxels": {str(v): int(n) for v, n in enumerate(np.bincount(labels.ravel(), minlength=3))},
-        "slice_classes": classify_slices(labels).tolist(),
+        "label_voxels": {str(v): int(n) for v, n in enumerate(counts)},
+        "slice_classes": classify_slices(labels, dataset=dataset).tolist(),
     }
     write_case_folder(cases_dir, case.case_id, {IMAGE_FILE: image, LABEL_FILE: labels}, locations, meta)
     return case.case_id, "written", ""
@@ -381,11 +410,15 @@ def _limit_threads(workers: int) -> None:
         torch.set_num_threads(max(1, (os.cpu_count() or 1) // workers))
 
 
-def _parameters(config: PreprocessingConfig) -> dict[str, Any]:
-    """The parameters that change the cache's content (not where it is stored)."""
+def _parameters(config: PreprocessingConfig, dataset: DatasetDefinition | str = KITS19) -> dict[str, Any]:
+    """The parameters that change the cache's content (not where it is stored).
+
+    The dataset is one of them except for KiTS19, whose plans predate it: their hashes stay as they were.
+    """
     parameters = config_as_dict(config)
     parameters.pop("cache_dir")
-    return {"plan_version": PLAN_VERSION, **parameters}
+    name = get_dataset(dataset).name
+    return {"plan_version": PLAN_VERSION, **parameters, **({} if name == KITS19.name else {"dataset": name})}
 
 
 def _digest(data: dict[str, Any]) -> str:
@@ -403,9 +436,10 @@ def prepare_training_cache(config: ExperimentConfig, data_dir: str | os.PathLike
     error with ``training.on_bad_case: error``, and a logged warning with ``skip``.
 
     Args:
-        config: the experiment: ``preprocessing``, ``split``, ``training.on_bad_case``,
+        config: the experiment: ``dataset``, ``preprocessing``, ``split``, ``training.on_bad_case``,
             ``training.num_workers`` (preprocessing processes, at most the CPU count) and ``data_dir``.
-        data_dir: raw KiTS19-layout folder (default ``config.data_dir``, then ``KITS19_DATA``).
+        data_dir: raw KiTS-layout folder of ``config.dataset`` (default ``config.data_dir``, then
+            ``KITS19_DATA``).
         show_progress: progress bars.
 
     Returns:
@@ -413,13 +447,14 @@ def prepare_training_cache(config: ExperimentConfig, data_dir: str | os.PathLike
 
     Raises:
         ValueError: no data folder given, or unusable cases with ``on_bad_case: error`` (each named
-            with its reason).
+            with its reason); :class:`~utils.data.dataset_definitions.DatasetLayoutError` when the
+            folder holds another dataset than ``config.dataset``.
         FileNotFoundError: the data folder does not exist.
     """
     source = resolve_data_dir(data_dir if data_dir is not None else config.data_dir)
     workers = max(1, min(config.training.num_workers, os.cpu_count() or 1))
     result = preprocess_dataset(source, config.preprocessing, config.split, workers=workers,
-                                show_progress=show_progress)
+                                show_progress=show_progress, dataset=config.dataset)
     bad = {**result.failed, **{c: r for c, r in result.excluded.items() if r != NO_SEGMENTATION}}
     if bad:
         listing = "; ".join(f"{case}: {reason}" for case, reason in sorted(bad.items()))

@@ -21,7 +21,8 @@ without ``training.fold`` and ``training.run_name``; ``split``: ``scheme``, ``fo
 ``splits.json``); ``data_dir`` and ``plan_hash`` (the data and preprocessing the folds train on);
 ``folds``: one entry per fold with ``fold``, ``run_folder`` (its name), ``status``
 (``pending``, ``running``, ``finished`` or ``failed``), ``best_epoch`` and ``best_score`` (the
-mean of kidney and tumour Dice on the cache grid; set once finished), ``message`` (why it failed
+validation ``mean_dice`` on the cache grid: KiTS19 the mean of kidney and tumour Dice, KiTS23 of
+its three regions' Dice; set once finished), ``message`` (why it failed
 or stopped) and ``updated`` (UTC time).
 
 **Reruns.** Training the experiment again skips finished folds (their files are not touched),
@@ -70,7 +71,7 @@ from utils.data.case_discovery import resolve_data_dir
 from utils.data.nifti_io import save_json_atomic
 from utils.preprocessing.cache import open_cache
 from utils.preprocessing.preprocess import prepare_training_cache
-from utils.training.engine import TrainingInterrupted, train
+from utils.training.engine import TrainingInterrupted, describe_selection_score, train
 from utils.training.resume import (
     BEST_CHECKPOINT,
     DATA_RECORD,
@@ -481,8 +482,8 @@ def _train_fold(config: ExperimentConfig, folder: Path, index: int, data: Path, 
                 logger.error("%s: failed: %s", name, error)
                 raise
             _update_fold(folder, index, "finished", best_epoch=result.best_epoch, best_score=result.best_score)
-            logger.info("%s: finished, best epoch %s (mean of kidney and tumour Dice on the cache grid: %s): %s",
-                        name, result.best_epoch, result.best_score, run)
+            logger.info("%s: finished, best epoch %s (%s on the cache grid: %s): %s", name, result.best_epoch,
+                        describe_selection_score(run_config.dataset), result.best_score, run)
             return FoldOutcome(index, run, "finished", action, result.best_epoch, result.best_score)
     except FoldBusy as error:
         if single:

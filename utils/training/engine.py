@@ -17,9 +17,11 @@ What a run does, in order:
    ``torch.compile`` with a fallback, augmentation on the device, fused AdamW, pinned prefetching.
 3. **Validation** every ``validate_every`` epochs on whole preprocessed validation volumes
    (sliding windows for the 3D model; every axial slice for the 2D one, stacked back into a
-   volume), per case KiTS19 kidney (label > 0) and tumour (label 2) Dice with one function,
-   averaged over cases; ``best.pt`` follows the mean of the two. These figures are computed
-   on the cache's grid (``validation_space`` in the log says so), not the CT's original one.
+   volume), per case the Dice of the dataset's evaluation regions with one function
+   (:func:`utils.metrics.scoring.score_case`), averaged over cases: KiTS19 kidney (label > 0)
+   and tumour (label 2), KiTS23 kidney and masses (labels 1-3), masses (2, 3) and tumour (2);
+   ``best.pt`` follows their mean, ``mean_dice``. These figures are computed on the cache's grid
+   (``validation_space`` in the log says so), not the CT's original one.
 4. **Records**: ``last.pt`` every ``checkpoint_every`` epochs, one line per epoch in
    ``training_progress.json`` and ``train.log``, optional wandb. Only the main process writes.
 
@@ -48,9 +50,10 @@ from accelerate.utils import gather_object
 
 from utils.config.experiment import ExperimentConfig
 from utils.data.case_discovery import resolve_data_dir
+from utils.data.dataset_definitions import DatasetDefinition, get_dataset
 from utils.data.progress import progress
 from utils.inference.predict import predict_volume_logits
-from utils.metrics.scoring import score_case, summarise_scores
+from utils.metrics.scoring import dice_names, score_case, summarise_scores
 from utils.networks.checkpoints import CheckpointError, capture_rng_state, save_checkpoint
 from utils.training.resume import plan_resume
 from utils.training.setup import RunState, mark_logged, prepare_cache, set_up_run, start_run
@@ -101,15 +104,15 @@ def train(config: ExperimentConfig, *, data_dir: str | Path | None = None, resum
             ``scripts/train_3d_unet.py --resume`` does); raising ``training.epochs`` extends a run.
             Only the settings of :data:`utils.training.resume.RESUMABLE_KEYS` may differ from the
             run's; the run folder is changed only once the resume has loaded its checkpoint.
-        data_dir: raw KiTS19-layout folder (default ``config.data_dir``, then ``KITS19_DATA``;
+        data_dir: raw KiTS-layout folder of ``config.dataset`` (default ``config.data_dir``, then ``KITS19_DATA``;
             when resuming, the folder the run recorded in its ``data.json``). The resolved folder
             is what the run's ``config.yaml`` and checkpoints record as ``data_dir``.
         resume: a run folder to continue from its ``last.pt`` (from scratch when it has none yet).
         wandb: force wandb on or off (``None``: ``config.wandb.enabled``).
         show_progress: tqdm bars (main process only).
         epoch_callback: called after every epoch, once its checkpoints and progress line are
-            written, with that epoch's record (``epoch``; ``mean_dice``, ``kidney_dice``,
-            ``tumour_dice`` on validation epochs, else absent); called on every process with the
+            written, with that epoch's record (``epoch``; ``mean_dice`` and the region Dice keys
+            of :func:`validate` on validation epochs, else absent); called on every process with the
             same record. It may raise to stop the run (e.g. ``optuna.TrialPruned``): the
             exception propagates after the run is closed, and the run folder can be resumed.
 
@@ -254,10 +257,34 @@ def _finish_epoch(state: RunState, epoch: int, record: dict[str, Any]) -> None:
     state.accelerator.wait_for_everyone()
 
 
+def describe_selection_score(dataset: DatasetDefinition | str) -> str:
+    """What ``mean_dice`` (the score ``best.pt`` follows) averages, for messages.
+
+    Returns:
+        ``"mean of kidney and tumour Dice"`` for KiTS19, ``"mean of kidney_and_masses, masses
+        and tumour Dice"`` for KiTS23.
+    """
+    names = get_dataset(dataset).region_names
+    listed = names[0] if len(names) == 1 else f"{', '.join(names[:-1])} and {names[-1]}"
+    return f"mean of {listed} Dice"
+
+
 @torch.no_grad()
 def validate(state: RunState) -> dict[str, Any]:
-    """Per-case Dice and loss on whole validation volumes, split over processes, averaged over cases."""
+    """Per-case Dice and loss on whole validation volumes, split over processes, averaged over cases.
+
+    Cases are scored with the run's dataset (``config.dataset``): its evaluation regions' Dice on
+    the cache grid.
+
+    Returns:
+        ``val_loss``; one ``<region>_dice`` per region in the dataset's order (KiTS19
+        ``kidney_dice``, ``tumour_dice``; KiTS23 ``kidney_and_masses_dice``, ``masses_dice``,
+        ``tumour_dice``), each the mean over cases; ``mean_dice`` (their mean, the score
+        ``best.pt`` follows); ``validation_cases``, ``validation_space`` and ``per_case`` (each
+        case's scores, sorted by case id).
+    """
     accelerator = state.accelerator
+    dataset = get_dataset(state.config.dataset)
     model = state.model
     model.eval()
     dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(state.config.training.mixed_precision)
@@ -268,16 +295,16 @@ def validate(state: RunState) -> dict[str, Any]:
         label = item["label"][None].to(accelerator.device)
         logits = predict_volume_logits(model, image, state.config, autocast_dtype=dtype,
                                        pad_value=state.pad_value)
-        scores = score_case(logits.argmax(dim=1)[0].to(torch.uint8).cpu().numpy(), label[0, 0].cpu().numpy())
+        scores = score_case(logits.argmax(dim=1)[0].to(torch.uint8).cpu().numpy(), label[0, 0].cpu().numpy(),
+                            dataset=dataset)
         scores["val_loss"] = float(state.loss(logits, label))
         per_case.append({"case_id": item["case_id"], **scores})
     cases = gather_object(per_case)
     model.train()
-    summary = summarise_scores(cases)  # case_id is not a number: ignored
+    summary = summarise_scores(cases, dataset=dataset)  # case_id is not a number: ignored
     val_loss = summary["val_loss"]["mean"] if not summary["val_loss"]["missing"] else math.nan  # NaN shows, as before
-    return {"val_loss": val_loss, "kidney_dice": summary["kidney_dice"]["mean"],
-            "tumour_dice": summary["tumour_dice"]["mean"], "mean_dice": summary["mean_dice"],
-            "validation_cases": len(cases), "validation_space": VALIDATION_SPACE,
+    return {"val_loss": val_loss, **{name: summary[name]["mean"] for name in dice_names(dataset)},
+            "mean_dice": summary["mean_dice"], "validation_cases": len(cases), "validation_space": VALIDATION_SPACE,
             "per_case": sorted(cases, key=lambda case: case["case_id"])}
 
 
@@ -304,12 +331,24 @@ def _checkpoint_state(state: RunState, epochs_done: int, record: dict[str, Any])
     }
 
 
+def region_dice_keys(record: dict[str, Any]) -> list[str]:
+    """The region Dice keys of an epoch record that hold a value, in record order (``mean_dice`` left out).
+
+    KiTS19: ``["kidney_dice", "tumour_dice"]``; KiTS23: ``["kidney_and_masses_dice", "masses_dice",
+    "tumour_dice"]``; ``[]`` for an epoch without validation.
+    """
+    return [key for key, value in record.items()
+            if key.endswith("_dice") and key != "mean_dice" and isinstance(value, (int, float))]
+
+
 def _summary_line(record: dict[str, Any], epochs: int) -> str:
     """One line per epoch for the text log and the terminal."""
     parts = [f"epoch {record['epoch']}/{epochs}", f"train loss {record['train_loss']:.4f}"]
-    if record.get("kidney_dice") is not None:
-        parts += [f"val loss {record['val_loss']:.4f}", f"kidney Dice {record['kidney_dice']:.3f}",
-                  f"tumour Dice {record['tumour_dice']:.3f} (cache grid)"]
+    keys = region_dice_keys(record)
+    if keys:
+        parts += [f"val loss {record['val_loss']:.4f}"]
+        parts += [f"{key.removesuffix('_dice').replace('_', ' ')} Dice {record[key]:.3f}" for key in keys]
+        parts[-1] += " (cache grid)"
     parts += [f"lr {record['learning_rate']:.2e}", f"{record['epoch_seconds']:.1f} s",
               f"{record['samples_per_second']:.1f} samples/s"]
     if record["skipped_steps"]:

@@ -4,7 +4,7 @@ A search YAML (:class:`~utils.config.search.SearchConfig`) names a base experime
 overrides applied to every trial and to the best config (``experiment_overrides``), overrides
 that make trials short (``trial_overrides``, trials only) and the search space: ``section.key``
 entries with a range or a list of choices. :func:`run_search` maximises the best validation
-``mean_dice`` (mean of per-case kidney and tumour Dice, the score ``best.pt`` follows) with a
+``mean_dice`` (mean of the per-case region Dice, KiTS19 kidney and tumour; the score ``best.pt`` follows) with a
 seeded TPE sampler; a median pruner stops a trial whose validation score at an epoch is below
 the median of earlier trials at that epoch.
 

@@ -27,7 +27,7 @@ from accelerate import Accelerator
 from accelerate.utils import broadcast_object_list, set_seed
 from torch.utils.data import DataLoader
 
-from utils.config.experiment import ExperimentConfig, check_trainable_dataset
+from utils.config.experiment import ExperimentConfig
 from utils.config.loading import config_as_dict
 from utils.datasets.augmentation import SampleAugmenter
 from utils.datasets.patches import (
@@ -187,11 +187,10 @@ def start_run(config: ExperimentConfig, *, resume: str | Path | None) -> RunStar
     loaded), removes leftovers of killed writes and attaches ``train.log``: all before any data work.
 
     Raises:
-        ValueError: an input size the model cannot take; a dataset other than KiTS19.
+        ValueError: an input size the model cannot take.
         RuntimeError: the launched processes did not form one group.
         FileNotFoundError: ``resume`` is not a folder. OSError: the run folder is not writable.
     """
-    check_trainable_dataset(config)
     training = config.training
     input_size = model_input_size(config)
     check_input_size(config.model, input_size)
@@ -298,7 +297,16 @@ def build_training_datasets(config: ExperimentConfig,
     Returns:
         The class-balanced, augmented training samples (items ``image`` ``(1, Z, Y, X)`` or
         ``(1, S, S)`` float32, ``label`` uint8 alike) and the whole validation volumes.
+
+    Raises:
+        ValueError: the cache holds another dataset than ``config.dataset`` (its labels, and so
+            the model's output channels and the scores, would not match).
     """
+    if cache.dataset.name != config.dataset:
+        raise ValueError(f"{cache.folder} caches {cache.dataset.title} data (plan.json's dataset is "
+                         f"{cache.dataset.name!r}) but the config's dataset is {config.dataset!r}: preprocess the "
+                         f"data as {config.dataset} (scripts/preprocess.py with this config) or train on a "
+                         f"{config.dataset} cache")
     training = config.training
     if spatial_dims(config.model) == 2:
         train_set, validation = build_slice_datasets(cache, config.slices, config.augmentation, fold=training.fold,
@@ -349,8 +357,8 @@ def prepare_cache(config: ExperimentConfig, data_dir: str | Path | None, acceler
     preprocessing stage knows nothing of processes: that part stays here, in training.
 
     Args:
-        config: the experiment (``preprocessing``, ``split``, ``training.on_bad_case``, ``data_dir``).
-        data_dir: raw KiTS19-layout folder (default ``config.data_dir``, then ``KITS19_DATA``).
+        config: the experiment (``dataset``, ``preprocessing``, ``split``, ``training.on_bad_case``, ``data_dir``).
+        data_dir: raw KiTS-layout folder of ``config.dataset`` (default ``config.data_dir``, then ``KITS19_DATA``).
         accelerator: the run's (see :func:`start_run`).
 
     Raises:
