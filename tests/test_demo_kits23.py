@@ -10,6 +10,7 @@ from pathlib import Path
 
 import pytest
 
+from tests.test_demo import _tiny_demo_args
 from utils.cli.demo import _validation_table, check_demo_datasets, format_evaluation_table, is_synthetic_data_folder
 from utils.config.demo import DemoConfig
 from utils.config.loading import load_config
@@ -23,15 +24,7 @@ HEC_DICE = ("kidney_and_masses_dice", "masses_dice", "tumour_dice")
 
 def test_kits23_demo_end_to_end(tmp_path):
     command = [sys.executable, "scripts/demo.py", "--config", "configs/demo_kits23.yaml",
-               "--set", "synthetic.cases=2", "--set", "synthetic.matrix=64", "--set", "synthetic.workers=1",
-               "--set", f"synthetic.out_dir={tmp_path / 'data'}", "--set", f"reports_dir={tmp_path / 'reports'}",
-               "--set", f"preprocessing.cache_dir={tmp_path / 'cache'}",
-               "--set", "preprocessing.target_spacing=[4,4,4]",
-               "--set", "patches.patch_size=[8,16,16]", "--set", "slices.image_size=32",
-               "--set", "bootstrap_resamples=200",
-               "--set", f"train_overrides=[training.epochs=1, preprocessing.cache_dir={tmp_path / 'cache'}, "
-                        f"training.output_dir={tmp_path / 'runs'}, patches.samples_per_epoch=8, "
-                        "slices.samples_per_epoch=8]"]
+               *_tiny_demo_args(tmp_path, 2)]
     readme_before = (REPO / "README.md").read_bytes()
     run = subprocess.run(command, capture_output=True, text=True, cwd=REPO, timeout=300)
     assert run.returncode == 0, run.stderr
