@@ -46,6 +46,7 @@ from utils.benchmarks.quality import (
     prepare_quality_benchmark,
     run_quality_benchmark,
 )
+from utils.inference.segment import add_restore_argument
 from utils.networks.checkpoints import CheckpointError
 from utils.training.engine import NonFiniteLossError, TrainingInterrupted
 
@@ -84,6 +85,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--workers", type=int, default=defaults.workers, help="processes generating cases")
     parser.add_argument("--postprocess", action="store_true",
                         help="score post-processed predictions (largest kidneys, tumour touching kidney only)")
+    add_restore_argument(parser)
     parser.add_argument("--bootstrap", type=int, default=defaults.bootstrap_resamples,
                         help=f"bootstrap resamples of the comparison (default {defaults.bootstrap_resamples})")
     return parser.parse_args(argv)
@@ -97,7 +99,8 @@ def build_plan(args: argparse.Namespace, command: str) -> QualityPlan:
                        config_3d=args.config3d, config_2d=args.config2d, epochs_3d=args.epochs3d,
                        epochs_2d=args.epochs2d, overrides_3d=tuple(args.set3d), overrides_2d=tuple(args.set2d),
                        require_masks=args.require_masks, matrix=args.matrix, seed=args.seed, workers=args.workers,
-                       bootstrap_resamples=args.bootstrap, postprocess=args.postprocess, command=command)
+                       bootstrap_resamples=args.bootstrap, postprocess=args.postprocess, restore=args.restore,
+                       command=command)
 
 
 def main(argv: list[str] | None = None) -> int:

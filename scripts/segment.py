@@ -5,6 +5,7 @@ Usage::
     python scripts/segment.py --checkpoint checkpoints/<run> --input CT.nii.gz --output OUT.nii.gz
     python scripts/segment.py --checkpoint RUN_DIR_OR_FILE --input DIR --output OUT_DIR
                               [--device cpu|cuda] [--tta] [--postprocess [--min-component-ml ML]]
+                              [--restore probabilities|labels]
     python scripts/segment.py --checkpoint checkpoints/<experiment> --input CT.nii.gz --output OUT.nii.gz
 
 ``--checkpoint`` is a run folder (its ``best.pt``, else ``last.pt``) or a ``.pt`` file; it holds
@@ -57,7 +58,13 @@ from utils.data.output_guard import (
 )
 from utils.data.progress import progress
 from utils.inference.postprocessing import DEFAULT_MIN_COMPONENT_ML
-from utils.inference.segment import SegmentationModel, load_segmentation_model, segment_file, select_device
+from utils.inference.segment import (
+    SegmentationModel,
+    add_restore_argument,
+    load_segmentation_model,
+    segment_file,
+    select_device,
+)
 from utils.networks.checkpoints import CheckpointError
 
 EXIT_OK, EXIT_FAILED, EXIT_USAGE = 0, 1, 2
@@ -84,6 +91,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--min-component-ml", type=float, default=DEFAULT_MIN_COMPONENT_ML,
                         help="with --postprocess: smallest kidney component kept, in ml "
                              f"(default {DEFAULT_MIN_COMPONENT_ML:g})")
+    add_restore_argument(parser)
     add_guard_argument(parser)
     return parser.parse_args(argv)
 
@@ -177,7 +185,7 @@ def segment_all(jobs: list[tuple[str, Path, Path]], segmenter: SegmentationModel
     for name, source, target in progress(jobs, desc="segment", unit="CT", disable=None):
         try:
             segment_file(source, target, segmenter, tta=args.tta, postprocess=args.postprocess,
-                         min_component_ml=args.min_component_ml)
+                         min_component_ml=args.min_component_ml, restore=args.restore)
             outcomes[name] = "written"
         except (ValueError, OSError, torch.cuda.OutOfMemoryError) as error:  # NiftiReadError is a ValueError
             reason = str(error) if str(source) in str(error) else f"{source}: {error}"
@@ -237,7 +245,7 @@ def main(argv: list[str] | None = None) -> int:
             "model": segmenter.config.model.name, "model_count": segmenter.model_count,
             "checkpoints": [str(path.resolve()) for path in segmenter.checkpoints],
             "device": str(segmenter.device), "tta": args.tta,
-            "postprocess": args.postprocess, "min_component_ml": args.min_component_ml,
+            "postprocess": args.postprocess, "min_component_ml": args.min_component_ml, "restore": args.restore,
             "input": str(args.input.resolve()), "cases": outcomes,
             **({} if segmenter.dataset is KITS19 else {"dataset": segmenter.dataset.name})})
     print(format_summary(outcomes, segmenter, args.output, time.perf_counter() - started, args))

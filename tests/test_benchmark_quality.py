@@ -61,7 +61,8 @@ def _table_rows(markdown: str) -> dict[str, list[str]]:
 def test_end_to_end_on_procedural_fallback(tmp_path, caplog):
     out, work = tmp_path / "out", tmp_path / "work"
     argv = ["--masks", str(tmp_path / "no_masks_here"), "--train-cases", "3", "--test-cases", "2", "--matrix", "64",
-            "--out", str(out), "--work", str(work), "--epochs3d", "1", "--epochs2d", "1", "--bootstrap", "50"]
+            "--out", str(out), "--work", str(work), "--epochs3d", "1", "--epochs2d", "1", "--bootstrap", "50",
+            "--restore", "labels"]
     argv += [f"--set3d={o}" for o in TINY_BOTH + TINY_3D] + [f"--set2d={o}" for o in TINY_BOTH + TINY_2D]
     with caplog.at_level("INFO"):
         status = _load_script("benchmark_quality").main(argv)
@@ -90,7 +91,9 @@ def test_end_to_end_on_procedural_fallback(tmp_path, caplog):
         assert spread["cases"] == 2
         assert [r["epoch"] for r in model["learning_curve"]] == [1]
         assert 0 <= model["learning_curve"][0]["kidney_dice"] <= 1
-        assert "last.pt" in json.loads((out / name / "inference.json").read_text())["checkpoint"]
+        inference = json.loads((out / name / "inference.json").read_text())
+        assert "last.pt" in inference["checkpoint"] and inference["restore"] == "labels"
+    assert "nearest-neighbour copy of the coarse labels" in (out / "quality.md").read_text()
     rows = _table_rows((out / "quality.md").read_text())
     assert sorted(rows) == ["resunet3d", "unetr2d"]
     for cells in rows.values():
@@ -163,6 +166,8 @@ def test_the_split_is_fixed_by_case_id():
         split_case_ids(151)
     with pytest.raises(ValueError, match="test_cases must be between 1 and 20"):
         split_case_ids(3, 21)
+    with pytest.raises(ValueError, match="restore must be one of probabilities, labels"):
+        QualityPlan(restore="nearest")
 
 
 def test_dice_distribution_by_hand():

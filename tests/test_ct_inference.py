@@ -74,9 +74,10 @@ def _reoriented(array: np.ndarray, affine: np.ndarray, axcodes: tuple[str, str, 
     return np.ascontiguousarray(image.dataobj), image.affine
 
 
+@pytest.mark.parametrize("restore", ["probabilities", "labels"])
 @pytest.mark.parametrize("axcodes", [("I", "P", "L"), ("R", "A", "S")])
 def test_a_perfect_predictor_gives_the_truth_back_on_the_original_grid(synthetic_case, segmenter_3d, monkeypatch,
-                                                                        axcodes):
+                                                                        axcodes, restore):
     image_hu, truth, affine, _ = synthetic_case
     assert nib.aff2axcodes(affine) == ("I", "P", "L") and affine[0, 0] == 0  # KiTS19: permuted, not diagonal
     image_hu, affine = _reoriented(image_hu, affine, axcodes)  # RAS: the preprocessing must reorient and back
@@ -92,12 +93,36 @@ def test_a_perfect_predictor_gives_the_truth_back_on_the_original_grid(synthetic
 
     monkeypatch.setattr(ct_inference, "predict_volume_logits", perfect)
     original = image_hu.copy()
-    prediction = segment_ct(image_hu, affine, segmenter_3d)
+    prediction = segment_ct(image_hu, affine, segmenter_3d, restore=restore)
     assert prediction.shape == truth.shape and prediction.dtype == np.uint8
     np.testing.assert_array_equal(image_hu, original)  # the caller's array is not used as scratch
     scores = score_case(prediction, truth)
     assert scores["kidney_dice"] >= 0.9, scores
     assert scores["tumour_dice"] >= 0.8, scores
+
+
+def test_post_processing_removes_a_detached_tumour_in_both_restore_modes(synthetic_case, segmenter_3d, monkeypatch):
+    image_hu, truth, affine, _ = synthetic_case
+    _, cache_labels, _ = preprocess_volume(image_hu.copy(), truth, affine, segmenter_3d.preprocessing,
+                                           segmenter_3d.normalisation)
+    labels = cache_labels.copy()
+    far = tuple(slice(0, 3) for _ in range(3))  # a corner block, far from the kidneys
+    assert not labels[far].any()
+    labels[far] = 2
+
+    def with_blob(model, image, config, **kwargs):
+        one_hot = torch.nn.functional.one_hot(torch.from_numpy(labels).long(), 3)
+        return one_hot.permute(3, 0, 1, 2)[None].float() * 10
+
+    monkeypatch.setattr(ct_inference, "predict_volume_logits", with_blob)
+    for restore in ct_inference.RESTORE_MODES:
+        raw = segment_ct(image_hu.copy(), affine, segmenter_3d, restore=restore)
+        kept = segment_ct(image_hu.copy(), affine, segmenter_3d, restore=restore, postprocess=True)
+        assert (raw == 2).sum() > (truth == 2).sum(), restore  # the blob reaches the original grid
+        assert score_case(kept, truth)["tumour_dice"] > score_case(raw, truth)["tumour_dice"], restore
+        assert score_case(kept, truth)["tumour_dice"] >= 0.8, restore
+    with pytest.raises(ValueError, match="restore must be one of"):
+        segment_ct(image_hu.copy(), affine, segmenter_3d, restore="nearest")
 
 
 def test_segment_file_writes_labels_with_the_input_shape_and_affine(synthetic_case, segmenter_3d, tmp_path):

@@ -8,8 +8,11 @@ import json
 import nibabel as nib
 import numpy as np
 import pytest
+import torch
+import torch.nn.functional as F
 
 from utils.data.kits_layout import build_kits_affine
+from utils.preprocessing import resampling
 from utils.preprocessing.resampling import (
     CANONICAL_AXCODES,
     GridMapping,
@@ -24,6 +27,7 @@ from utils.preprocessing.resampling import (
     resampled_shape,
     restore_labels,
     restore_orientation,
+    restore_probabilities,
 )
 
 SPACING = (2.5, 0.8, 0.6)
@@ -215,6 +219,78 @@ def test_restore_labels_pads_and_upsamples() -> None:
     assert not restored[[0, 3]].any()  # slices outside the crop box
     np.testing.assert_array_equal(restored[1, 0], [0, 0, 1, 1, 2, 2, 0, 0])
 
+
+
+def _trilinear_argmax(probabilities: np.ndarray, mapping: GridMapping) -> np.ndarray:
+    """The definition: pad with background, trilinear interpolation of the whole volume, argmax, reorient."""
+    padded = np.zeros((probabilities.shape[0], *mapping.resampled_shape), dtype=np.float32)
+    padded[0] = 1.0
+    padded[(slice(None), *(slice(a, b) for a, b in mapping.crop_box))] = probabilities
+    resized = F.interpolate(torch.from_numpy(padded)[None], size=mapping.canonical_shape, mode="trilinear",
+                            align_corners=False)[0]
+    return restore_orientation(resized.argmax(dim=0).to(torch.uint8).numpy(), mapping.orientation)
+
+
+@pytest.mark.parametrize("block_bytes", [1, 4096, resampling.RESTORE_BLOCK_BYTES])
+@pytest.mark.parametrize(("canonical", "resampled", "box", "orientation"), [
+    ((20, 25, 13), (7, 9, 11), ((1, 6), (2, 9), (0, 11)), ((0.0, 1.0), (1.0, 1.0), (2.0, 1.0))),
+    ((4, 16, 16), (10, 8, 8), ((0, 10), (0, 8), (3, 8)), ((2.0, -1.0), (1.0, 1.0), (0.0, -1.0))),
+    ((6, 5, 7), (6, 5, 7), ((0, 6), (1, 5), (0, 7)), ((1.0, 1.0), (0.0, -1.0), (2.0, 1.0))),
+])
+def test_restore_probabilities_is_trilinear_interpolation_then_argmax(monkeypatch, block_bytes, canonical, resampled,
+                                                                      box, orientation) -> None:
+    monkeypatch.setattr(resampling, "RESTORE_BLOCK_BYTES", block_bytes)  # one output slice per block, some, all
+    original = [0, 0, 0]
+    for axis, (target, _) in enumerate(orientation):
+        original[axis] = canonical[int(target)]
+    mapping = GridMapping(original_shape=tuple(original), original_affine=tuple(map(tuple, np.eye(4))),
+                          original_axcodes=("I", "P", "L"), orientation=orientation, canonical_spacing=(1, 1, 1),
+                          resampled_shape=resampled, resampled_spacing=(1, 1, 1), crop_box=box)
+    logits = np.random.default_rng(sum(canonical)).normal(size=(3, *mapping.cropped_shape)) * 3
+    sparse = logits.copy()
+    sparse[0] += 8.0  # background nearly everywhere: only the voxels next to a small blob are computed
+    sparse[(0, *(slice(n // 3, n // 3 + 2) for n in mapping.cropped_shape))] -= 16.0
+    for scores in (logits, sparse, sparse + np.array([30.0, 0, 0])[:, None, None, None]):  # the last: none
+        probabilities = torch.softmax(torch.from_numpy(scores).float(), dim=0).numpy()
+        restored = restore_probabilities(probabilities, mapping)
+        assert restored.shape == mapping.original_shape and restored.dtype == np.uint8
+        np.testing.assert_array_equal(restored, _trilinear_argmax(probabilities, mapping))
+    assert restored.max() == 0 and restore_probabilities(torch.softmax(torch.from_numpy(sparse).float(), dim=0).numpy(),
+                                                         mapping).max() > 0
+
+
+def test_restore_probabilities_when_downsampling_skips_the_foreground() -> None:
+    mapping = GridMapping(original_shape=(4, 6, 6), original_affine=tuple(map(tuple, np.eye(4))),
+                          original_axcodes=("I", "P", "L"), orientation=((0.0, 1.0), (1.0, 1.0), (2.0, 1.0)),
+                          canonical_spacing=(2.5, 1, 1), resampled_shape=(10, 6, 6), resampled_spacing=(1, 1, 1),
+                          crop_box=((0, 10), (0, 6), (0, 6)))
+    for z in range(10):  # output slices sit between source slices (0, 1), (3, 4), (5, 6), (8, 9)
+        one_hot = np.zeros((3, 10, 6, 6), dtype=np.float32)
+        one_hot[0] = 1.0
+        one_hot[:, z, 2, 3] = (0.0, 0.0, 1.0)
+        restored = restore_probabilities(one_hot, mapping)
+        np.testing.assert_array_equal(restored, _trilinear_argmax(one_hot, mapping))
+        if z in (2, 7):  # no output slice blends them: nothing to compute
+            assert not restored.any(), z
+        elif z == 1:  # weight 0.75 in the first output slice
+            assert restored[0, 2, 3] == 2
+
+
+def test_restore_probabilities_of_one_hot_labels_keeps_them() -> None:
+    mapping = _mapping()  # in-plane 1.5 mm -> 0.75 mm
+    labels = np.array([[[1, 2, 0]] * 3] * 2, dtype=np.uint8)
+    one_hot = np.eye(3, dtype=np.float32)[labels].transpose(3, 0, 1, 2)
+    restored = restore_probabilities(one_hot, mapping)
+    assert not restored[[0, 3]].any()  # outside the crop box: background
+    # a 2x upsampling: every output voxel is nearer one source centre (weight 0.75), so nearest neighbour agrees
+    np.testing.assert_array_equal(restore_labels(labels, mapping)[1:3], restored[1:3])
+    at_source = GridMapping(**{**mapping.__dict__, "original_shape": (4, 3, 4), "canonical_spacing": (3.0, 1.5, 1.5)})
+    np.testing.assert_array_equal(restore_probabilities(one_hot, at_source), restore_labels(labels, at_source))
+
+
+def test_restore_probabilities_refuses_a_wrong_shape() -> None:
+    with pytest.raises(ValueError, match="crop box"):
+        restore_probabilities(np.zeros((3, 2, 3, 4), dtype=np.float32), _mapping())
 
 @pytest.mark.parametrize("shape", [(31, 47, 40), (55, 47, 120), (12, 20, 83)])
 def test_resampling_on_a_torch_device_equals_the_cache_resampling(shape) -> None:

@@ -70,6 +70,7 @@ def test_a_kits19_folder_gives_one_prediction_per_case(data_dir: Path, run_3d: P
         np.testing.assert_allclose(prediction.affine, ct.affine, atol=1e-5)
     record = json.loads((out / "segmentation_run.json").read_text())
     assert record["cases"] == {c: "written" for c in CASE_IDS} and record["postprocess"] is True
+    assert record["restore"] == "probabilities"
     assert _snapshot(data_dir) == before  # the input is untouched, bytes and modification times
 
 
@@ -84,13 +85,14 @@ def test_bad_files_are_refused_by_name_and_the_good_one_is_written(script: Modul
     before = _snapshot(flat)
     out = tmp_path / "out"
     assert script.main(["--checkpoint", str(run_3d / "best.pt"), "--input", str(flat), "--output", str(out),
-                        "--device", "cpu"]) == script.EXIT_FAILED
+                        "--device", "cpu", "--restore", "labels"]) == script.EXIT_FAILED
     stdout = capsys.readouterr().out
     assert "segmented 1 of 3 CT(s)" in stdout
     assert f"failed: x.nii.gz: {flat / 'x.nii.gz'}:" in stdout
     assert f"failed: flat2d.nii: {flat / 'flat2d.nii'}: not a 3D image: shape (8, 8)" in stdout
     assert sorted(p.name for p in out.iterdir()) == ["good.nii.gz", "segmentation_run.json"]
     assert nib.load(out / "good.nii.gz").shape == nib.load(flat / "good.nii.gz").shape
+    assert json.loads((out / "segmentation_run.json").read_text())["restore"] == "labels"
     assert _snapshot(flat) == before
 
 

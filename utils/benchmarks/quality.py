@@ -50,6 +50,7 @@ from utils.evaluation.run import RunEvaluation, evaluate_run
 from utils.figures.comparison import plot_metric_boxplots
 from utils.figures.drawing import save_figure
 from utils.figures.training_curves import plot_training_runs
+from utils.inference.segment import RESTORE_MODES
 from utils.metrics.scoring import DICE_NAMES, METRIC_NAMES, summarise_scores
 from utils.networks.checkpoints import load_checkpoint
 from utils.preprocessing.preprocess import prepare_training_cache
@@ -97,6 +98,8 @@ class QualityPlan:
         bootstrap_resamples: resamples of the comparison's confidence intervals, >= 1.
         postprocess: score the post-processed predictions (largest kidneys, tumour touching
             kidney only; :mod:`utils.inference.postprocessing`) instead of the raw ones.
+        restore: how predictions go back onto each test CT's grid
+            (:data:`utils.inference.segment.RESTORE_MODES`; see :func:`utils.inference.segment.segment_ct`).
         command: the command line, recorded in the reports.
     """
 
@@ -118,6 +121,7 @@ class QualityPlan:
     workers: int = 1
     bootstrap_resamples: int = 10000
     postprocess: bool = False
+    restore: str = RESTORE_MODES[0]
     command: str = ""
 
     def __post_init__(self) -> None:
@@ -136,6 +140,8 @@ class QualityPlan:
             if getattr(self, name) < 1:
                 raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
         SyntheticOptions(matrix=self.matrix)  # validates the matrix
+        if self.restore not in RESTORE_MODES:
+            raise ValueError(f"restore must be one of {', '.join(RESTORE_MODES)}, got {self.restore!r}")
 
 
 @dataclass(frozen=True)
@@ -419,6 +425,7 @@ def run_quality_benchmark(prepared: PreparedBenchmark, show_progress: bool = Tru
         result, budget = train_model(config, split.train_dir, show_progress)
         evaluation = evaluate_run(result.run_folder / "last.pt", data_dir=split.test_dir, cases="all",
                                   out_dir=out / config.model.name, postprocess=plan.postprocess,
+                                  restore=plan.restore,
                                   show_progress=show_progress)
         cases, failures = score_test_cases(evaluation, split.test_ids)
         models.append(ModelQuality(config.model.name, plan.config_3d if key == "3d" else plan.config_2d,
@@ -486,6 +493,10 @@ def _id_range(ids: tuple[str, ...]) -> str:
     return f"{ids[0]} … {ids[-1]} ({len(ids)} cases)" if len(ids) > 1 else f"{ids[0]} (1 case)"
 
 
+_RESTORE_WORDS = {"probabilities": "by trilinear resampling of the class probabilities, then the argmax",
+                  "labels": "by a nearest-neighbour copy of the coarse labels"}
+
+
 def render_quality_markdown(result: QualityResult) -> str:
     """``quality.md``: what was measured, the table, the training budget in full, the machine and the command."""
     split, plan, machine = result.prepared.split, result.prepared.plan, result.machine
@@ -499,7 +510,9 @@ def render_quality_markdown(result: QualityResult) -> str:
               "(its validation epochs use held-out train cases) and was scored with its final weights (`last.pt`) "
               "on every test case, from the raw CT, in the CT's original grid: kidney = label > 0, tumour = "
               "label 2, surface Dice at 2 mm, HD95 in mm (mean over cases with a value, missing counted). A test "
-              "case without a scored prediction counts as Dice 0.", "", format_quality_table(result.models), "",
+              "case without a scored prediction counts as Dice 0. Predictions went back onto each CT's grid "
+              f"{_RESTORE_WORDS[plan.restore]}{', post-processed' if plan.postprocess else ''}.", "",
+              format_quality_table(result.models), "",
               "| model | config | epochs | samples per epoch | batch | optimiser steps | training (min) | CPU (s) | "
               "tumour Dice >= 0.5 | failed test cases |", "|---|---|---|---|---|---|---|---|---|---|"]
     for m in result.models:

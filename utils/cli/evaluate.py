@@ -33,6 +33,7 @@ from utils.evaluation.cross_validation import (
 )
 from utils.evaluation.predictions import describe_metric, describe_regions
 from utils.evaluation.run import CASE_SELECTIONS, EVALUATION_SCRIPTS, RunEvaluation, evaluate_run
+from utils.inference.segment import add_restore_argument
 from utils.metrics.scoring import dice_names, metric_names
 from utils.metrics.surface import DEFAULT_TOLERANCE_MM
 from utils.networks.checkpoints import CheckpointError
@@ -81,6 +82,7 @@ def parse_evaluation_args(argv: list[str] | None, description: str) -> argparse.
     parser.add_argument("--tta", action="store_true", help="average over mirrored inputs")
     parser.add_argument("--postprocess", action="store_true",
                         help="largest kidneys, tumour (KiTS23: and cyst) touching kidney only")
+    add_restore_argument(parser)
     parser.add_argument("--tolerance-mm", type=float, default=DEFAULT_TOLERANCE_MM,
                         help=f"surface-Dice tolerance in mm (default {DEFAULT_TOLERANCE_MM})")
     add_guard_argument(parser)
@@ -146,12 +148,14 @@ def run_evaluation_command(argv: list[str] | None, *, model_name: str, descripti
         if is_cross_validation_folder(args.run) and args.cases == "validation":
             result = evaluate_cross_validation(args.run, data_dir=args.data, reports_dir=args.reports,
                                                out_dir=args.out, device=args.device, tta=args.tta,
-                                               postprocess=args.postprocess, tolerance_mm=args.tolerance_mm,
+                                               postprocess=args.postprocess, restore=args.restore,
+                                               tolerance_mm=args.tolerance_mm,
                                                allow_inside_input=args.allow_inside_input)
         else:
             result = evaluate_run(args.run, data_dir=args.data, cases=args.cases, reports_dir=args.reports,
                                   out_dir=args.out, device=args.device, tta=args.tta, postprocess=args.postprocess,
-                                  tolerance_mm=args.tolerance_mm, allow_inside_input=args.allow_inside_input)
+                                  restore=args.restore, tolerance_mm=args.tolerance_mm,
+                                  allow_inside_input=args.allow_inside_input)
     except (ValueError, FileNotFoundError, CheckpointError) as error:
         print(f"{program}: error: {error}", file=sys.stderr)
         return EXIT_USAGE

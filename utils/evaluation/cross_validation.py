@@ -213,7 +213,8 @@ def _write_fold_columns(report: Path, cases: Sequence[Mapping[str, Any]], folds:
 def evaluate_cross_validation(experiment: str | os.PathLike, *, data_dir: str | os.PathLike | None = None,
                               reports_dir: str | os.PathLike = "reports", out_dir: str | os.PathLike | None = None,
                               device: str | None = None, tta: bool = False, postprocess: bool = False,
-                              show_progress: bool = True, allow_inside_input: bool = False, figures: bool = True,
+                              restore: str = "probabilities", show_progress: bool = True,
+                              allow_inside_input: bool = False, figures: bool = True,
                               tolerance_mm: float = DEFAULT_TOLERANCE_MM) -> CrossValidationEvaluation:
     """Segment every case of a k-fold experiment with the fold that held it out, score all together, write one report.
 
@@ -225,7 +226,7 @@ def evaluate_cross_validation(experiment: str | os.PathLike, *, data_dir: str | 
         reports_dir: root of report folders; the report goes to ``reports_dir/<experiment name>``
             unless ``out_dir`` is given.
         device: ``"cpu"``, ``"cuda"`` or ``None`` (CUDA when available).
-        tta, postprocess: as in :func:`utils.inference.segment.segment_ct`.
+        tta, postprocess, restore: as in :func:`utils.inference.segment.segment_ct`.
         show_progress: progress over cases.
         allow_inside_input: allow a report folder inside the data folder (never onto its files).
         figures: draw ``case_scores.png`` and each case's overlay and error figures.
@@ -267,12 +268,12 @@ def evaluate_cross_validation(experiment: str | os.PathLike, *, data_dir: str | 
         segmenter = load_segmentation_model(fold.best_checkpoint, device)
         _check_fold_dataset(segmenter, fold, dataset)
         _check_fold_holds_out(segmenter, fold)
-        record = record or inference_record(segmenter, data, tta=tta, postprocess=postprocess)
+        record = record or inference_record(segmenter, data, tta=tta, postprocess=postprocess, restore=restore)
         logger.info("fold %d: segmenting its %d held-out case(s) with %s", fold.fold, len(case_ids),
                     fold.best_checkpoint)
         timings += [{**timing, "fold": fold.fold, "checkpoint": str(fold.best_checkpoint.resolve())}
                     for timing in segment_cases(segmenter, case_ids, data, report, tta=tta, postprocess=postprocess,
-                                                show_progress=show_progress)]
+                                                restore=restore, show_progress=show_progress)]
         del segmenter
     inference = {**record, "run_name": folder.resolve().name, "checkpoint": str(folder.resolve()),
                  "cases_selected": OUT_OF_FOLD, "experiment": described,

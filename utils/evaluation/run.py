@@ -184,8 +184,8 @@ def check_report_folder(report: Path, data: Path | None, case_ids: list[str] | t
 def evaluate_run(run: str | os.PathLike, *, data_dir: str | os.PathLike | None = None, cases: str = "validation",
                  reports_dir: str | os.PathLike = "reports", out_dir: str | os.PathLike | None = None,
                  device: str | None = None, tta: bool = False, postprocess: bool = False,
-                 tolerance_mm: float = DEFAULT_TOLERANCE_MM, show_progress: bool = True,
-                 allow_inside_input: bool = False) -> RunEvaluation:
+                 restore: str = "probabilities", tolerance_mm: float = DEFAULT_TOLERANCE_MM,
+                 show_progress: bool = True, allow_inside_input: bool = False) -> RunEvaluation:
     """Segment the run's evaluation cases from their raw CTs and score them in the original grid.
 
     Scores are those of the model's dataset (its config's ``dataset``): KiTS19 kidney and
@@ -201,7 +201,7 @@ def evaluate_run(run: str | os.PathLike, *, data_dir: str | os.PathLike | None =
             (``<experiment>_ensemble`` for the fold ensemble of an experiment, whose plain name
             is its out-of-fold report's) unless ``out_dir`` is given.
         device: ``"cpu"``, ``"cuda"`` or ``None`` (CUDA when available).
-        tta, postprocess: as in :func:`utils.inference.segment.segment_ct`.
+        tta, postprocess, restore: as in :func:`utils.inference.segment.segment_ct`.
         tolerance_mm: surface-Dice tolerance in mm.
         show_progress: progress over cases (a bar on a terminal, lines otherwise).
         allow_inside_input: allow a report folder inside the data folder (never onto its files).
@@ -229,27 +229,31 @@ def evaluate_run(run: str | os.PathLike, *, data_dir: str | os.PathLike | None =
               else Path(reports_dir) / _report_name(segmenter.run_name, ensemble=segmenter.model_count > 1))
     # Before writing anything: never into the data folder, never over files of others.
     check_report_folder(report, data, chosen, allow_inside_input=allow_inside_input)
-    timings = segment_cases(segmenter, chosen, data, report, tta=tta, postprocess=postprocess,
+    timings = segment_cases(segmenter, chosen, data, report, tta=tta, postprocess=postprocess, restore=restore,
                             show_progress=show_progress)
-    inference = {**inference_record(segmenter, data, tta=tta, postprocess=postprocess), "cases_selected": cases,
-                 "cases": timings}
+    inference = {**inference_record(segmenter, data, tta=tta, postprocess=postprocess, restore=restore),
+                 "cases_selected": cases, "cases": timings}
     return score_report(data, report, chosen, inference, title=f"{segmenter.run_name}: {cases} cases, original grid",
                         tolerance_mm=tolerance_mm, show_progress=show_progress,
                         allow_inside_input=allow_inside_input, dataset=segmenter.dataset)
 
 
-def inference_record(segmenter: SegmentationModel, data: Path, *, tta: bool, postprocess: bool) -> dict:
+def inference_record(segmenter: SegmentationModel, data: Path, *, tta: bool, postprocess: bool,
+                     restore: str = "probabilities") -> dict:
     """What ``inference.json`` says of the model: run name, model key, parameters, device, checkpoint, data,
-    options, and the model's dataset unless it is KiTS19 (whose records are as they always were)."""
+    options (TTA, post-processing, how predictions were restored to the CT's grid), and the model's dataset
+    unless it is KiTS19."""
     dataset = segmenter.dataset
     return {"run_name": segmenter.run_name, "model": segmenter.config.model.name,
             "parameters": count_parameters(segmenter.model), "device": str(segmenter.device),
             "checkpoint": str(segmenter.checkpoint.resolve()), "data_dir": str(data.resolve()),
-            "tta": tta, "postprocess": postprocess, **({} if dataset is KITS19 else {"dataset": dataset.name})}
+            "tta": tta, "postprocess": postprocess, "restore": restore,
+            **({} if dataset is KITS19 else {"dataset": dataset.name})}
 
 
 def segment_cases(segmenter: SegmentationModel, case_ids: Sequence[str], data: Path, report: Path, *,
-                  tta: bool = False, postprocess: bool = False, show_progress: bool = True) -> list[dict]:
+                  tta: bool = False, postprocess: bool = False, restore: str = "probabilities",
+                  show_progress: bool = True) -> list[dict]:
     """Segment each case's raw CT into ``report/predictions/<case>.nii.gz`` (its original grid), in the
     labels of the model's dataset; ``data`` is read as that dataset.
 
@@ -264,7 +268,7 @@ def segment_cases(segmenter: SegmentationModel, case_ids: Sequence[str], data: P
                             disable=not show_progress):
         started = time.perf_counter()
         segment_file(by_id[case_id].imaging, predictions / f"{case_id}.nii.gz", segmenter, tta=tta,
-                     postprocess=postprocess)
+                     postprocess=postprocess, restore=restore)
         if segmenter.device.type == "cuda":
             torch.cuda.synchronize()
         timings.append({"case_id": case_id, "seconds": time.perf_counter() - started})
@@ -293,10 +297,10 @@ def score_report(data: Path, report: Path, case_ids: Sequence[str], inference: d
         by_id = {case.case_id: case for case in discover_cases(data, dataset).cases}
         figure_path = save_figure(plot_case_scores(evaluation.cases, title=title, dataset=dataset),
                                   report / "case_scores.png")
-        for case in evaluation.cases:
-            prediction = report / PREDICTIONS / f"{case['case_id']}.nii.gz"
-            if prediction.is_file():  # a case without a prediction is scored, but has nothing to draw
-                save_case_figures(by_id[case["case_id"]], prediction, report / FIGURES, dataset)
+        drawable = [case["case_id"] for case in evaluation.cases  # a case without a prediction: nothing to draw
+                    if (report / PREDICTIONS / f"{case['case_id']}.nii.gz").is_file()]
+        for case_id in progress(drawable, desc="figures", unit="case", disable=not show_progress):
+            save_case_figures(by_id[case_id], report / PREDICTIONS / f"{case_id}.nii.gz", report / FIGURES, dataset)
     logger.info("evaluated %d case(s) of %s into %s", len(evaluation.cases), inference.get("run_name"), report)
     return RunEvaluation(report, evaluation, inference, figure_path, dataset)
 

@@ -149,8 +149,13 @@ def choose_slices(labels: np.ndarray, plane: str = "axial", mode: SliceSpec = "c
 
 
 def take_slice(volume: np.ndarray, plane: str, index: int) -> np.ndarray:
-    """The 2-D ``(rows, columns)`` slice: axial ``(Y, X)``, coronal ``(Z, X)``, sagittal ``(Z, Y)``."""
-    return np.take(volume, index, axis=_check_plane(plane))
+    """The 2-D ``(rows, columns)`` slice: axial ``(Y, X)``, coronal ``(Z, X)``, sagittal ``(Z, Y)``.
+
+    A contiguous copy of that slice only: ``np.take`` would first copy the whole volume when it
+    is not C-ordered (a NIfTI's voxels are in Fortran order).
+    """
+    axis = _check_plane(plane)
+    return np.ascontiguousarray(volume[(slice(None),) * axis + (index,)])
 
 
 def plane_aspect(spacing: Sequence[float], plane: str) -> float:

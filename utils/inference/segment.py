@@ -4,8 +4,10 @@
 config, preprocessing parameters and normalisation travel inside it). :func:`segment_ct` then
 runs the training preprocessing (:func:`utils.preprocessing.preprocess.preprocess_volume`), predicts on
 the preprocessed grid (sliding windows for 3D models, every axial slice for 2D ones, see
-:func:`utils.inference.predict.predict_volume_logits`), takes the argmax and maps it back with
-:func:`utils.preprocessing.resampling.restore_labels`: uint8 labels of the input's exact shape, for the
+:func:`utils.inference.predict.predict_volume_logits`) and maps the class probabilities back by
+trilinear resampling with :func:`utils.preprocessing.resampling.restore_probabilities`, the argmax
+taken on the CT's own grid (``restore="labels"``: the coarse argmax copied by nearest neighbour,
+:func:`utils.preprocessing.resampling.restore_labels`): uint8 labels of the input's exact shape, for the
 input's affine, holding the labels of the model's dataset (its experiment config's ``dataset``,
 :attr:`SegmentationModel.dataset`: KiTS19 0 background, 1 kidney, 2 tumour; KiTS23 adds 3
 cyst). :func:`segment_file` does the same from one NIfTI file to another.
@@ -34,6 +36,7 @@ GPU memory (only the windows then live on the GPU), and the GPU cache is emptied
 
 from __future__ import annotations
 
+import argparse
 import itertools
 import logging
 import os
@@ -57,9 +60,13 @@ from utils.inference.predict import predict_volume_logits
 from utils.networks.checkpoints import load_checkpoint
 from utils.networks.models import build_model, model_input_size, spatial_dims
 from utils.preprocessing.preprocess import Normalisation, preprocess_volume
-from utils.preprocessing.resampling import restore_labels
+from utils.preprocessing.resampling import restore_labels, restore_probabilities
 
 logger = logging.getLogger(__name__)
+
+#: How :func:`segment_ct` maps a prediction back onto the CT's grid: class probabilities resampled
+#: trilinearly, then the argmax (default), or the coarse labels copied by nearest neighbour.
+RESTORE_MODES: tuple[str, ...] = ("probabilities", "labels")
 
 #: Files looked for, in order, when a run folder is given instead of a checkpoint file.
 CHECKPOINT_NAMES = ("best.pt", "last.pt")
@@ -130,6 +137,13 @@ class SegmentationModel:
     def background_value(self) -> float:
         """Normalised value of air (the lower clip bound after z-scoring), used for padding."""
         return self.normalisation.background_value
+
+
+def add_restore_argument(parser: argparse.ArgumentParser) -> None:
+    """``--restore {probabilities,labels}``: how predictions go back onto the CT's grid (see :func:`segment_ct`)."""
+    parser.add_argument("--restore", choices=RESTORE_MODES, default=RESTORE_MODES[0],
+                        help="back onto the CT's grid: resample the class probabilities trilinearly, then the "
+                             "argmax (default), or copy the coarse labels by nearest neighbour")
 
 
 def find_checkpoint(path: str | os.PathLike) -> Path:
@@ -421,7 +435,8 @@ def predict_preprocessed_labels(segmenter: SegmentationModel, image: np.ndarray,
 
 def segment_ct(image_hu: np.ndarray, affine: np.ndarray, segmenter: SegmentationModel, *, tta: bool = False,
                postprocess: bool = False, min_component_ml: float = DEFAULT_MIN_COMPONENT_ML,
-               overwrite_input: bool = False, timings: dict[str, float] | None = None) -> np.ndarray:
+               restore: str = "probabilities", overwrite_input: bool = False,
+               timings: dict[str, float] | None = None) -> np.ndarray:
     """Segment one CT: training preprocessing, prediction, labels back on the CT's own grid.
 
     Args:
@@ -435,6 +450,12 @@ def segment_ct(image_hu: np.ndarray, affine: np.ndarray, segmenter: Segmentation
             For KiTS23 the cyst counts as kidney foreground and, like the tumour, as a mass that
             must touch kidney.
         min_component_ml: smallest kidney component kept by the post-processing, in ml.
+        restore: how the prediction goes back onto the CT's grid (:data:`RESTORE_MODES`):
+            ``"probabilities"`` (default) resamples the class probabilities trilinearly and takes
+            the argmax on the CT's grid (:func:`utils.preprocessing.resampling.restore_probabilities`;
+            voxels the post-processing changed carry their new label's one-hot); ``"labels"``
+            copies the coarse argmax by nearest neighbour
+            (:func:`utils.preprocessing.resampling.restore_labels`), the stair-stepped boundary.
         overwrite_input: let the preprocessing use ``image_hu`` as scratch space when it is
             float32 (saves a copy of a long CT; ``image_hu`` is then garbage).
         timings: when given, receives the seconds of each stage (``preprocess``, ``predict``,
@@ -453,6 +474,8 @@ def segment_ct(image_hu: np.ndarray, affine: np.ndarray, segmenter: Segmentation
     affine = np.asarray(affine, dtype=np.float64)
     if affine.shape != (4, 4) or not np.isfinite(affine).all() or abs(np.linalg.det(affine[:3, :3])) < 1e-12:
         raise ValueError(f"affine must be a finite, invertible 4 x 4 matrix, got {affine.tolist()}")
+    if restore not in RESTORE_MODES:
+        raise ValueError(f"restore must be one of {', '.join(RESTORE_MODES)}, got {restore!r}")
     clock = _StageClock(timings)
     image = np.asarray(image_hu, dtype=np.float32)
     scratch = overwrite_input or image is not image_hu
@@ -461,13 +484,26 @@ def segment_ct(image_hu: np.ndarray, affine: np.ndarray, segmenter: Segmentation
                                                  segmenter.normalisation, overwrite_input=scratch, device=on_gpu)
     del image
     clock.lap("preprocess")
-    labels = predict_preprocessed_labels(segmenter, preprocessed, tta=tta)
-    del preprocessed
-    clock.lap("predict")
-    if postprocess:
-        labels = postprocess_labels(labels, mapping.resampled_spacing, min_component_ml=min_component_ml,
-                                    dataset=segmenter.dataset)
-    restored = restore_labels(labels, mapping)
+    if restore == "labels":
+        labels = predict_preprocessed_labels(segmenter, preprocessed, tta=tta)
+        del preprocessed
+        clock.lap("predict")
+        if postprocess:
+            labels = postprocess_labels(labels, mapping.resampled_spacing, min_component_ml=min_component_ml,
+                                        dataset=segmenter.dataset)
+        restored = restore_labels(labels, mapping)
+    else:
+        probabilities = predict_preprocessed_probabilities(segmenter, preprocessed, tta=tta)
+        del preprocessed
+        clock.lap("predict")
+        if postprocess:
+            labels = probabilities.argmax(axis=0).astype(np.uint8)
+            kept = postprocess_labels(labels, mapping.resampled_spacing, min_component_ml=min_component_ml,
+                                      dataset=segmenter.dataset)
+            changed = kept != labels
+            probabilities[:, changed] = 0.0
+            probabilities[(kept[changed], *np.nonzero(changed))] = 1.0
+        restored = restore_probabilities(probabilities, mapping)
     clock.lap("restore")
     return restored
 
@@ -488,7 +524,8 @@ class _StageClock:
 
 def segment_file(input_path: str | os.PathLike, output_path: str | os.PathLike, segmenter: SegmentationModel, *,
                  tta: bool = False, postprocess: bool = False,
-                 min_component_ml: float = DEFAULT_MIN_COMPONENT_ML, timings: dict[str, float] | None = None) -> Path:
+                 min_component_ml: float = DEFAULT_MIN_COMPONENT_ML, restore: str = "probabilities",
+                 timings: dict[str, float] | None = None) -> Path:
     """Segment one NIfTI CT into a uint8 label NIfTI of the same shape and affine, written atomically.
 
     The labels are the model's dataset's (see :func:`segment_ct`).
@@ -496,7 +533,7 @@ def segment_file(input_path: str | os.PathLike, output_path: str | os.PathLike, 
     Args:
         input_path: ``.nii`` / ``.nii.gz`` CT in HU (only read; its gzip CRC and length are checked).
         output_path: ``.nii`` / ``.nii.gz`` destination, not the input; its folder is created.
-        segmenter, tta, postprocess, min_component_ml: as in :func:`segment_ct`.
+        segmenter, tta, postprocess, min_component_ml, restore: as in :func:`segment_ct`.
         timings: when given, receives the seconds of each stage: ``read``, those of
             :func:`segment_ct`, and ``write``.
 
@@ -526,7 +563,7 @@ def segment_file(input_path: str | os.PathLike, output_path: str | os.PathLike, 
     check_input_ct(input_path, image_hu, segmenter)
     clock.lap("read")
     labels = segment_ct(image_hu, affine, segmenter, tta=tta, postprocess=postprocess,
-                        min_component_ml=min_component_ml, overwrite_input=True, timings=timings)
+                        min_component_ml=min_component_ml, restore=restore, overwrite_input=True, timings=timings)
     clock.last = time.perf_counter()
     del image_hu
     output_path.parent.mkdir(parents=True, exist_ok=True)

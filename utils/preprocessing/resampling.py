@@ -271,3 +271,110 @@ def restore_labels(labels: np.ndarray, mapping: GridMapping) -> np.ndarray:
     padded = pad_from_box(np.asarray(labels, dtype=np.uint8), mapping.crop_box, mapping.resampled_shape)
     canonical = resample_labels(padded, mapping.canonical_shape)
     return np.ascontiguousarray(restore_orientation(canonical, mapping.orientation))
+
+
+#: Bytes of float32 working memory :func:`restore_probabilities` aims for per block of output slices.
+RESTORE_BLOCK_BYTES = 256 * 2**20
+
+
+def _linear_weights(n_in: int, n_out: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Per output index: the two source indices and the weight of the upper one, as ``F.interpolate``'s
+    linear modes with ``align_corners=False`` (negative positions clamped to 0, the last index repeated)."""
+    positions = np.maximum((np.arange(n_out) + 0.5) * (n_in / n_out) - 0.5, 0.0)
+    lower = np.minimum(np.floor(positions).astype(np.int64), n_in - 1)
+    upper = np.minimum(lower + 1, n_in - 1)
+    return lower, upper, (positions - lower).astype(np.float32)
+
+
+def _blend(array: torch.Tensor, axis: int, lower: np.ndarray, upper: np.ndarray, weight: np.ndarray) -> torch.Tensor:
+    """Linear interpolation of ``array`` along ``axis`` at the given (already offset) indices and weights."""
+    shape = [1] * array.ndim
+    shape[axis] = len(weight)
+    w = torch.from_numpy(weight).view(shape)
+    low = array.index_select(axis, torch.from_numpy(lower))
+    return low.mul_(1 - w).add_(array.index_select(axis, torch.from_numpy(upper)).mul_(w))
+
+
+def _argmax_over_classes(values: torch.Tensor) -> torch.Tensor:
+    """``values.argmax(dim=0)`` as uint8 (the first class on a tie), by running comparisons: several
+    times faster on the CPU than a reduction over the outermost axis."""
+    best = values[0].clone()
+    labels = torch.zeros(values.shape[1:], dtype=torch.uint8)
+    for index in range(1, values.shape[0]):
+        better = values[index] > best
+        labels.masked_fill_(better, index)
+        torch.maximum(best, values[index], out=best)
+    return labels
+
+
+def restore_probabilities(probabilities: np.ndarray, mapping: GridMapping) -> np.ndarray:
+    """Labels on the original CT's grid from class probabilities on the preprocessed grid.
+
+    Each class's probability is resampled trilinearly (half-voxel convention, as
+    :func:`torch.nn.functional.interpolate`'s ``trilinear`` with ``align_corners=False``) onto
+    the original grid and the argmax taken there, so boundaries fall between the coarse voxels
+    where the classes cross instead of on the steps of a nearest-neighbour copy of the coarse
+    labels (:func:`restore_labels`). Outside the crop box the probabilities are background's
+    (class 0, probability 1).
+
+    Only the original-grid voxels next to a coarse voxel whose argmax is not background are
+    computed: where background wins at all eight neighbours it wins in every blend of them (a
+    convex combination keeps each inequality). The interpolation is separable (slices, rows, then
+    columns) and goes in blocks of output slices of about :data:`RESTORE_BLOCK_BYTES`, so time
+    and memory follow the foreground, not the CT's length.
+
+    Args:
+        probabilities: ``(C, *mapping.cropped_shape)`` class probabilities (or any scores whose
+            argmax is the label; one-hot labels give a smoothed copy of them), class 0 background.
+        mapping: the case's grid mapping.
+
+    Returns:
+        uint8 labels of exactly ``mapping.original_shape``, in the file's axis order, to be saved
+        with ``mapping.original_affine``.
+    """
+    probabilities = np.asarray(probabilities, dtype=np.float32)
+    if probabilities.ndim != 4 or tuple(probabilities.shape[1:]) != mapping.cropped_shape:
+        raise ValueError(f"probabilities of shape {probabilities.shape} do not match the crop box "
+                         f"{mapping.crop_box} (expected (C, *{mapping.cropped_shape}))")
+    target = mapping.canonical_shape
+    canonical = np.zeros(target, dtype=np.uint8)
+    foreground = probabilities.argmax(axis=0) != 0
+    if foreground.any():
+        classes = probabilities.shape[0]
+        box = bounding_box(foreground)
+        weights, outputs, sources = [], [], []
+        for axis in range(3):
+            lower, upper, weight = _linear_weights(mapping.resampled_shape[axis], target[axis])
+            offset = mapping.crop_box[axis][0]
+            first, last = box[axis][0] + offset, box[axis][1] - 1 + offset  # foreground, resampled grid
+            out_start = int(np.searchsorted(upper, first, side="left"))
+            out_stop = int(np.searchsorted(lower, last, side="right"))
+            if out_start >= out_stop:  # downsampling skips every foreground index of this axis
+                return np.ascontiguousarray(restore_orientation(canonical, mapping.orientation))
+            source = (int(lower[out_start]), int(upper[out_stop - 1]) + 1)
+            weights.append((lower[out_start:out_stop] - source[0], upper[out_start:out_stop] - source[0],
+                            weight[out_start:out_stop]))
+            outputs.append((out_start, out_stop))
+            sources.append(source)
+        # the source sub-box, background one-hot outside the crop box
+        sub = np.zeros((classes, *(stop - start for start, stop in sources)), dtype=np.float32)
+        sub[0] = 1.0
+        inside = [(max(s0, c0), min(s1, c1)) for (s0, s1), (c0, c1) in zip(sources, mapping.crop_box, strict=True)]
+        if all(start < stop for start, stop in inside):
+            sub[(slice(None), *(slice(a - s0, b - s0) for (a, b), (s0, _) in zip(inside, sources, strict=True)))] = \
+                probabilities[(slice(None), *(slice(a - c0, b - c0)
+                                              for (a, b), (c0, _) in zip(inside, mapping.crop_box, strict=True)))]
+        tensor = torch.from_numpy(sub)
+        rows, columns = (outputs[1][1] - outputs[1][0]), (outputs[2][1] - outputs[2][0])
+        block = max(1, int(RESTORE_BLOCK_BYTES / (12 * classes * rows * columns)))
+        z_lower, z_upper, z_weight = weights[0]
+        with torch.no_grad():
+            for start in range(0, len(z_weight), block):
+                part = slice(start, start + block)
+                values = _blend(tensor, 1, z_lower[part], z_upper[part], z_weight[part])
+                values = _blend(values, 2, *weights[1])
+                values = _blend(values, 3, *weights[2])
+                z0 = outputs[0][0] + start
+                canonical[z0:z0 + values.shape[1], outputs[1][0]:outputs[1][1], outputs[2][0]:outputs[2][1]] = \
+                    _argmax_over_classes(values).numpy()
+    return np.ascontiguousarray(restore_orientation(canonical, mapping.orientation))
