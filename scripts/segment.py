@@ -84,7 +84,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                         help="CT .nii/.nii.gz, KiTS19-layout folder or folder of CTs")
     parser.add_argument("--output", type=Path, required=True, help="output .nii.gz (for one CT) or folder")
     parser.add_argument("--device", choices=("cpu", "cuda"), default=None, help="default: cuda when available")
-    parser.add_argument("--tta", action="store_true", help="average over mirrored inputs (8x slower for 3D models)")
+    parser.add_argument("--tta", action="store_true",
+                        help="average over inputs mirrored along the axes the model was trained to see mirrored "
+                             "(up to 8x slower for 3D models)")
     parser.add_argument("--postprocess", action="store_true",
                         help="keep the 2 largest kidney components and only tumour (KiTS23: and cyst) "
                              "touching kidney")

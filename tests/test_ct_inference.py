@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 from pathlib import Path
 
 import nibabel as nib
@@ -168,6 +169,20 @@ def test_tta_averages_over_every_mirroring(segmenter_3d, monkeypatch):
     expected = [original.flip(axes) if axes else original for axes in flip_axes_for_tta(3)]
     assert len(seen) == 8 and all(torch.equal(s, e) for s, e in zip(seen, expected, strict=False))
     assert flip_axes_for_tta(2) == [(), (3,), (4,), (3, 4)]  # in-plane only for 2D models
+    # only the mirrorings the model was trained with: left-right only gives two passes
+    assert flip_axes_for_tta(3, (2,)) == [(), (4,)] and flip_axes_for_tta(2, (0, 2)) == [(), (4,)]
+    assert flip_axes_for_tta(3, ()) == [()]
+    config = segmenter_3d.config
+    left_right = dataclasses.replace(segmenter_3d, config=dataclasses.replace(
+        config, augmentation=dataclasses.replace(config.augmentation, flip_axes=(2,))))
+    seen.clear()
+    np.testing.assert_array_equal(predict_preprocessed_labels(left_right, image, tta=True), plain)
+    assert len(seen) == 2 and torch.equal(seen[1], original.flip((4,)))
+    never = dataclasses.replace(segmenter_3d, config=dataclasses.replace(
+        config, augmentation=dataclasses.replace(config.augmentation, flip_prob=0.0)))
+    seen.clear()
+    predict_preprocessed_labels(never, image, tta=True)
+    assert len(seen) == 1
 
 
 def test_checkpoint_lookup_and_bad_checkpoints(tmp_path):

@@ -42,6 +42,7 @@ import logging
 import os
 import re
 import time
+from collections.abc import Sequence
 from dataclasses import dataclass, fields
 from pathlib import Path
 
@@ -309,15 +310,26 @@ def load_segmentation_model(checkpoint: str | os.PathLike,
     return segmenter
 
 
-def flip_axes_for_tta(dims: int) -> list[tuple[int, ...]]:
+def flip_axes_for_tta(dims: int, trained_axes: Sequence[int] = (0, 1, 2)) -> list[tuple[int, ...]]:
     """Axes of a ``(B, C, Z, Y, X)`` tensor flipped by each mirroring pass, the identity ``()`` first.
 
     Args:
-        dims: 3 (all 8 combinations of Z, Y, X) or 2 (the 4 in-plane combinations of Y, X: a 2D
+        dims: 3 (the combinations of Z, Y, X) or 2 (the in-plane combinations of Y, X: a 2D
             model sees one axial slice, so flipping Z would change nothing).
+        trained_axes: the spatial axes (0 slice, 1 row, 2 column) the model was trained to see
+            mirrored (its ``augmentation.flip_axes``; empty when ``flip_prob`` is 0). Only those
+            are mirrored: a mirroring never seen in training (e.g. head-feet for a model trained
+            with left-right flips only) gives the average a prediction of an unfamiliar image.
+            All three (default): 8 passes for 3D models, 4 for 2D ones.
     """
-    axes = (2, 3, 4) if dims == 3 else (3, 4)
+    axes = tuple(axis for axis in ((2, 3, 4) if dims == 3 else (3, 4)) if axis - 2 in tuple(trained_axes))
     return [combo for n in range(len(axes) + 1) for combo in itertools.combinations(axes, n)]
+
+
+def trained_flip_axes(config: ExperimentConfig) -> tuple[int, ...]:
+    """The spatial axes an experiment's training mirrored (none when ``augmentation.flip_prob`` is 0)."""
+    augmentation = config.augmentation
+    return tuple(augmentation.flip_axes) if augmentation.flip_prob > 0 else ()
 
 
 def _stitch_device(device: torch.device, voxels: int, classes: int, passes: int) -> torch.device:
@@ -351,7 +363,8 @@ def _prepared_input(segmenter: SegmentationModel, image: np.ndarray,
                     tta: bool) -> tuple[torch.Tensor, list[tuple[int, ...]]]:
     """The checked image as a ``(1, 1, Z, Y, X)`` float32 tensor on the model's device, and the mirrorings to run."""
     _check_image(image)
-    flips = flip_axes_for_tta(spatial_dims(segmenter.config.model)) if tta else [()]
+    flips = (flip_axes_for_tta(spatial_dims(segmenter.config.model), trained_flip_axes(segmenter.config)) if tta
+             else [()])
     tensor = torch.from_numpy(np.ascontiguousarray(image)).to(device=segmenter.device, dtype=torch.float32)
     return tensor[None, None], flips
 
@@ -414,8 +427,9 @@ def predict_preprocessed_labels(segmenter: SegmentationModel, image: np.ndarray,
     Args:
         segmenter: from :func:`load_segmentation_model`.
         image: ``(Z, Y, X)`` float16/float32, canonical, normalised (from ``preprocess_volume``).
-        tta: average the softmax over the mirrorings of :func:`flip_axes_for_tta` (8 passes for
-            3D models, 4 for 2D ones, per model), each prediction flipped back before averaging.
+        tta: average the softmax over the mirrorings of :func:`flip_axes_for_tta` along the axes
+            the model was trained to see mirrored (:func:`trained_flip_axes`; all three: 8 passes
+            for 3D models, 4 for 2D ones, per model), each prediction flipped back before averaging.
 
     Returns:
         ``(Z, Y, X)`` uint8 labels of the model's dataset (:attr:`SegmentationModel.dataset`:
