@@ -58,9 +58,11 @@ def test_demo_script_end_to_end(tmp_path):
         assert trained["best_epoch"] == 1 and 0 <= trained["kidney_dice"] <= 1
         assert [case["case_id"] for case in trained["per_case"]] == validation_ids
         assert (Path(trained["run_folder"]) / "best.pt").is_file()
-    assert "evaluation in each CT's original grid" in run.stdout and "comparison report:" in run.stdout
+    assert "evaluation in each CT's original grid (validation cases, post-processed predictions" in run.stdout
+    assert "comparison report:" in run.stdout
     for model in ("resunet3d", "unetr2d"):
         report = Path(summary["evaluation"][model]["report"])
+        assert json.loads((report / "inference.json").read_text())["postprocess"] is True  # configs/demo.yaml says so
         metrics = json.loads((report / "metrics.json").read_text())
         assert [case["case_id"] for case in metrics["cases"]] == validation_ids
         assert (report / "predictions" / f"{validation_ids[0]}.nii.gz").is_file()
@@ -68,6 +70,7 @@ def test_demo_script_end_to_end(tmp_path):
     assert results["cases"] == 2 and [m["model"] for m in results["models"]] == ["resunet3d", "unetr2d"]
     assert results["models"][0]["kidney_dice"] == summary["evaluation"]["resunet3d"]["summary"]["kidney_dice"]["mean"]
     assert table == render_demo_results(results) and results["seconds"] == round(summary["seconds"], 1)
+    assert results["postprocess"] is True and "Predictions post-processed" in table
     assert "case figures:" in run.stdout and len(summary["visuals"]) == 3
     for visual in summary["visuals"]:
         assert Path(visual).is_relative_to(tmp_path / "reports") and Path(visual).stat().st_size > 1000

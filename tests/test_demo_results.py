@@ -49,6 +49,19 @@ def test_results_come_from_the_summary_and_render_one_row_per_model():
     assert "508 s on 2 CPU cores, no GPU" in table and "8 synthetic cases of 160 x 160" in table
 
 
+def test_the_table_says_whether_predictions_were_post_processed():
+    summary = _summary()
+    assert demo_results(summary, seconds=1.0, machine="m")["postprocess"] is False
+    assert "Raw predictions, not post-processed." in render_demo_results(demo_results(summary, seconds=1.0,
+                                                                                      machine="m"))
+    summary["config"]["postprocess"] = True
+    results = demo_results(summary, seconds=1.0, machine="m")
+    assert results["postprocess"] is True
+    assert "Predictions post-processed: the largest kidney components" in render_demo_results(results)
+    del results["postprocess"]  # a block written before the demo could post-process: no claim either way
+    assert "post-processed" not in render_demo_results(results)
+
+
 def test_update_replaces_only_the_block_and_reads_back(tmp_path):
     readme = tmp_path / "README.md"
     readme.write_text(f"# Title\n\nbefore\n{BEGIN}\nold table typed by hand\n{END}\nafter\n", encoding="utf-8")

@@ -337,6 +337,7 @@ def _run_cross_validated(config: DemoConfig, summary: dict, reports_dir: Path, s
             reports_dir / "training_progress_models.png")
     evaluations = tuple(evaluate_cross_validation(model.result.folder, data_dir=config.synthetic.out_dir,
                                                   reports_dir=reports_dir, show_progress=show_progress,
+                                                  postprocess=config.postprocess,
                                                   allow_inside_input=allow_inside_input)
                         for model in trained)
     summary["evaluation"] = {model.name: _out_of_fold_summary(evaluation)
@@ -428,7 +429,8 @@ def _evaluate_and_compare(config: DemoConfig, trained: tuple[TrainedModel, ...],
                           show_progress: bool) -> tuple[tuple[RunEvaluation, ...], dict[str, Path] | None]:
     """Evaluate each trained run on its validation cases in the original grid; compare the first two."""
     evaluations = tuple(evaluate_run(model.result.run_folder, data_dir=config.synthetic.out_dir,
-                                     reports_dir=reports_dir, show_progress=show_progress) for model in trained)
+                                     reports_dir=reports_dir, postprocess=config.postprocess,
+                                     show_progress=show_progress) for model in trained)
     if len(evaluations) < 2:
         return evaluations, None
     comparison = write_comparison_report(evaluations[0].report_folder, evaluations[1].report_folder,
@@ -578,8 +580,10 @@ def _format_cross_validation(result: DemoResult) -> list[str]:
 
 def format_evaluation_table(evaluations: tuple[RunEvaluation, ...], dataset: DatasetDefinition = KITS19) -> list[str]:
     """Each evaluated model's mean metrics in the CTs' original grids (missing HD95 counted)."""
-    return _evaluation_table("evaluation in each CT's original grid (validation cases; mean, HD95 in mm, missing "
-                             "counted):", [(e.inference["model"], e.evaluation.summary) for e in evaluations], dataset)
+    processed = "post-processed predictions" if any(e.inference.get("postprocess") for e in evaluations) else \
+        "raw predictions"
+    title = f"evaluation in each CT's original grid (validation cases, {processed}; mean, HD95 in mm, missing counted):"
+    return _evaluation_table(title, [(e.inference["model"], e.evaluation.summary) for e in evaluations], dataset)
 
 
 def _evaluation_table(title: str, summaries: list[tuple[str, dict]], dataset: DatasetDefinition = KITS19) -> list[str]:

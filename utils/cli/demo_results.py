@@ -43,7 +43,8 @@ def demo_results(summary: dict[str, Any], *, seconds: float, machine: str) -> di
     models = _model_rows(summary)
     validation_cases = len(summary["cache"]["split"]["val"])
     return {"cases": len(summary["cases"]), "matrix": synthetic["matrix"], "validation_cases": validation_cases,
-            "seconds": round(seconds, 1), "machine": machine, "models": models}
+            "seconds": round(seconds, 1), "machine": machine, "models": models,
+            "postprocess": bool(summary["config"].get("postprocess", False))}
 
 
 def _model_rows(summary: dict[str, Any], *, cross_validated: bool = False) -> list[dict[str, Any]]:
@@ -77,6 +78,9 @@ def render_demo_results(results: dict[str, Any]) -> str:
                   f"{results['cases']} synthetic cases of {results['matrix']} x {results['matrix']} pixels, "
                   f"means over {results['validation_cases']} validation cases. Original-grid metrics follow "
                   "KiTS19 (kidney = label > 0, tumour = label 2); HD95 is left out of a mean when a mask is empty."]
+    if "postprocess" in results:  # blocks written before the demo could post-process say nothing of it
+        lines[-1] += (" Predictions post-processed: the largest kidney components, tumour touching kidney only."
+                      if results["postprocess"] else " Raw predictions, not post-processed.")
     return "\n".join(lines)
 
 

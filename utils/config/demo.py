@@ -29,6 +29,9 @@ class DemoConfig:
             one after the other (empty: no training); ``train_overrides``: ``section.key=value``
             changes applied to each.
         bootstrap_resamples: resamples of the comparison report's confidence intervals.
+        postprocess: score post-processed predictions (the largest kidney components, tumour
+            touching kidney only; as ``--postprocess`` of the evaluation scripts) instead of the
+            raw ones; the README's results block says which.
         readme: a README whose demo results block (see :mod:`utils.cli.demo_results`) the demo
             rewrites with its own figures (``None``: leave every README alone). Holdout KiTS19 demo
             only: the cross-validated demo writes its results to ``<reports_dir>/results.md``.
@@ -48,6 +51,7 @@ class DemoConfig:
     train_configs: tuple[str, ...] = ("configs/resunet3d_quick.yaml", "configs/unetr2d_quick.yaml")
     train_overrides: tuple[str, ...] = ()
     bootstrap_resamples: int = 10000
+    postprocess: bool = False
     readme: str | None = None
     dataset: str = "kits19"
 
