@@ -7,6 +7,7 @@ Usage::
                                         [--config3d configs/resunet3d_quick.yaml]
                                         [--config2d configs/unetr2d_quick.yaml]
                                         [--epochs3d N] [--epochs2d N] [--set3d section.key=value] [--set2d ...]
+                                        [--locator3d CONFIG] [--locator-epochs N] [--set-locator ...]
                                         [--require-masks] [--matrix 160] [--seed 0] [--workers 1] [--bootstrap 10000]
 
 Data: CTs synthesised around real KiTS19 masks (``--masks``, default ``../shared/kits19`` beside the
@@ -19,7 +20,11 @@ seed ``--seed`` + 1) and warns that its numbers are not comparable with the READ
 Each model (``--models``: ``3d`` = resunet3d, ``2d`` = unetr2d) trains from its quick config
 (``--epochs3d`` / ``--epochs2d``: default the config's epochs; ``--set3d`` / ``--set2d``: any other
 setting), its final weights (``last.pt``) segment every test case from the raw CT and are scored in
-the CT's original grid (KiTS19 Dice, surface Dice, HD95). Writes into ``--out``: ``quality.json``
+the CT's original grid (KiTS19 Dice, surface Dice, HD95). With ``--locator3d CONFIG`` the 3D model
+is the second stage of a two-stage model (e.g. ``--config3d configs/resunet3d_kidney_quick.yaml
+--locator3d configs/resunet3d_quick.yaml``): the locator is trained first on the same train set
+(``--locator-epochs``, ``--set-locator``), the 3D model then segments around the kidneys it finds,
+and the budget adds both stages. Writes into ``--out``: ``quality.json``
 (settings, split, machine, per model the training budget, summary metrics, per-case tumour Dice and
 its distribution, the learning curve), ``quality.md`` (the table and the command line),
 ``learning_curves.png``, ``dice_per_case.png``, one evaluation report folder per model and, with
@@ -78,6 +83,12 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                         help="override the 3D experiment config (repeatable)")
     parser.add_argument("--set2d", action="append", default=[], metavar="SECTION.KEY=VALUE",
                         help="override the 2D experiment config (repeatable)")
+    parser.add_argument("--locator3d", type=Path, default=None, metavar="CONFIG",
+                        help="make the 3D model a second stage (configs/resunet3d_kidney_quick.yaml): train this "
+                             "experiment config first as its locator, on the same train set")
+    parser.add_argument("--locator-epochs", type=int, default=None, help="the locator's epochs (default: its config's)")
+    parser.add_argument("--set-locator", action="append", default=[], metavar="SECTION.KEY=VALUE",
+                        help="override the locator's experiment config (repeatable)")
     parser.add_argument("--matrix", type=int, default=defaults.matrix,
                         help=f"in-plane size of procedural fallback cases (default {defaults.matrix})")
     parser.add_argument("--seed", type=int, default=defaults.seed,
@@ -98,6 +109,8 @@ def build_plan(args: argparse.Namespace, command: str) -> QualityPlan:
                        models=tuple(key.strip() for key in args.models.split(",") if key.strip()),
                        config_3d=args.config3d, config_2d=args.config2d, epochs_3d=args.epochs3d,
                        epochs_2d=args.epochs2d, overrides_3d=tuple(args.set3d), overrides_2d=tuple(args.set2d),
+                       locator_3d=args.locator3d, locator_epochs=args.locator_epochs,
+                       locator_overrides=tuple(args.set_locator),
                        require_masks=args.require_masks, matrix=args.matrix, seed=args.seed, workers=args.workers,
                        bootstrap_resamples=args.bootstrap, postprocess=args.postprocess, restore=args.restore,
                        command=command)

@@ -192,3 +192,30 @@ def test_split_of_the_real_kits19_masks(real_kits19_dir, tmp_path):
     assert {key: c.training.epochs for key, c in prepared.configs.items()} == own  # the quick configs' own
     assert all(c.data_dir == str(split.train_dir) for c in prepared.configs.values())
     assert list(tmp_path.iterdir()) == []
+
+
+def test_a_two_stage_3d_model_trains_its_locator_first_and_counts_both_budgets(tmp_path, capsys):
+    out, work = tmp_path / "out", tmp_path / "work"
+    argv = ["--masks", str(tmp_path / "no_masks_here"), "--train-cases", "3", "--test-cases", "2", "--matrix", "64",
+            "--out", str(out), "--work", str(work), "--models", "3d", "--epochs3d", "1", "--locator-epochs", "1",
+            "--config3d", str(REPO / "configs" / "resunet3d_kidney_quick.yaml"),
+            "--locator3d", str(REPO / "configs" / "resunet3d_quick.yaml")]
+    tiny = TINY_BOTH + TINY_3D
+    refused = argv + [f"--set3d={o}" for o in tiny] + ["--set3d=cascade.locator=somewhere"]
+    assert _load_script("benchmark_quality").main(refused) == 2
+    assert "give one or the other" in capsys.readouterr().err
+    argv += [f"--set3d={o}" for o in tiny] + [f"--set-locator={o}" for o in tiny]
+    assert _load_script("benchmark_quality").main(argv) == 0
+    model = json.loads((out / "quality.json").read_text())["models"]["resunet3d"]
+    locator = model["locator"]
+    assert locator["budget"]["epochs"] == 1 and locator["budget"]["wall_minutes"] > 0
+    assert Path(locator["run_folder"]).is_dir() and Path(locator["run_folder"]) != Path(model["run_folder"])
+    assert (Path(model["run_folder"]) / "locator.pt").is_file()
+    inference = json.loads((out / "resunet3d" / "inference.json").read_text())
+    assert inference["locator"]["checkpoint"] == str((Path(model["run_folder"]) / "locator.pt").resolve())
+    markdown = (out / "quality.md").read_text()
+    cells = _table_rows(markdown)["resunet3d (two stages)"]
+    assert cells[-1] == "2"  # epochs of both stages
+    assert float(cells[-3]) == pytest.approx(model["budget"]["wall_minutes"] + locator["budget"]["wall_minutes"],
+                                             abs=0.01)
+    assert "resunet3d's locator" in markdown

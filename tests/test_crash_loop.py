@@ -20,7 +20,7 @@ import numpy as np
 
 from tests.test_training_engine import REPO, SCRIPT, tiny_config, write_config
 
-KILLS = 10
+KILLS = 7
 SEED = 20240611
 
 

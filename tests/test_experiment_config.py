@@ -10,7 +10,8 @@ from utils.config.experiment import ModelConfig, load_experiment_config
 from utils.networks.models import build_model, check_input_size, model_input_size, spatial_dims
 
 CONFIGS = Path(__file__).resolve().parents[1] / "configs"
-EXPERIMENTS = ["resunet3d.yaml", "resunet3d_quick.yaml", "unetr2d.yaml", "unetr2d_quick.yaml"]
+EXPERIMENTS = ["resunet3d.yaml", "resunet3d_quick.yaml", "resunet3d_kidney_quick.yaml", "unetr2d.yaml",
+               "unetr2d_quick.yaml"]
 
 
 @pytest.mark.parametrize("name", EXPERIMENTS)

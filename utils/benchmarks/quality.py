@@ -91,6 +91,11 @@ class QualityPlan:
         config_3d, config_2d: experiment YAML files of the two models.
         epochs_3d, epochs_2d: training epochs, >= 1 (``None``: the config's ``training.epochs``).
         overrides_3d, overrides_2d: further ``section.key=value`` overrides, applied last.
+        locator_3d: makes the 3D model a second stage (:mod:`utils.inference.cascade`): the
+            experiment YAML of its first stage, trained first on the same train set; the 3D
+            model's ``cascade.locator`` is then that run, and its budget includes the locator's.
+        locator_epochs: the locator's training epochs (``None``: its config's).
+        locator_overrides: further overrides of the locator's config, applied last.
         require_masks: refuse to run without masks instead of falling back to procedural cases.
         matrix: in-plane size in voxels of procedural fallback cases (64 to 1024).
         seed: master seed of the synthetic CTs (procedural test cases: ``seed + 1``) and of the bootstrap.
@@ -115,6 +120,9 @@ class QualityPlan:
     epochs_2d: int | None = None
     overrides_3d: tuple[str, ...] = ()
     overrides_2d: tuple[str, ...] = ()
+    locator_3d: Path | None = None
+    locator_epochs: int | None = None
+    locator_overrides: tuple[str, ...] = ()
     require_masks: bool = False
     matrix: int = 160
     seed: int = 0
@@ -133,7 +141,9 @@ class QualityPlan:
             raise ValueError(f"test_cases must be between 1 and {len(TEST_CASE_IDS)}, got {self.test_cases}")
         if not self.models or len(set(self.models)) != len(self.models) or set(self.models) - set(MODELS):
             raise ValueError(f"models must name each of {sorted(MODELS)} at most once, got {list(self.models)}")
-        for name in ("epochs_3d", "epochs_2d"):
+        if self.locator_3d is not None and "3d" not in self.models:
+            raise ValueError("a locator (locator_3d) makes the 3D model a second stage, but models has no '3d'")
+        for name in ("epochs_3d", "epochs_2d", "locator_epochs"):
             if getattr(self, name) is not None and getattr(self, name) < 1:
                 raise ValueError(f"{name} must be >= 1 (or None for the config's), got {getattr(self, name)}")
         for name in ("workers", "bootstrap_resamples"):
@@ -189,6 +199,8 @@ class ModelQuality:
         learning_curve: per epoch ``epoch``, ``train_loss``, ``learning_rate``, ``epoch_seconds`` and,
             on validated epochs, ``val_loss``, ``kidney_dice``, ``tumour_dice`` (the engine's validation
             on held-out *train* cases, on the cache grid; ``None`` on other epochs).
+        locator: for a second-stage model (``cascade.locator``), the first stage it runs after:
+            :func:`describe_locator`; its training is not in ``budget``.
     """
 
     model: str
@@ -200,6 +212,18 @@ class ModelQuality:
     summary: dict[str, Any]
     failures: tuple[dict[str, str], ...]
     learning_curve: tuple[dict[str, Any], ...]
+    locator: dict[str, Any] | None = None
+
+    @property
+    def whole_budget(self) -> TrainingBudget:
+        """``budget`` plus the locator's, when the benchmark trained it (its wall and CPU time, its epochs)."""
+        measured = (self.locator or {}).get("budget")
+        if not measured:
+            return self.budget
+        return replace(self.budget, epochs=self.budget.epochs + measured["epochs"],
+                       optimiser_steps=self.budget.optimiser_steps + measured["optimiser_steps"],
+                       wall_minutes=self.budget.wall_minutes + measured["wall_minutes"],
+                       cpu_seconds=self.budget.cpu_seconds + measured["cpu_seconds"])
 
     @property
     def tumour_dice_distribution(self) -> dict[str, float]:
@@ -214,6 +238,7 @@ class PreparedBenchmark:
     plan: QualityPlan
     split: DataSplit
     configs: dict[str, ExperimentConfig]
+    locator_config: ExperimentConfig | None = None
 
 
 @dataclass(frozen=True)
@@ -312,14 +337,20 @@ def load_model_config(plan: QualityPlan, key: str, split: DataSplit) -> Experime
     Raises:
         ValueError: an invalid config or override, or a config of the other model.
     """
-    path, epochs, extra = ((plan.config_3d, plan.epochs_3d, plan.overrides_3d) if key == "3d"
-                           else (plan.config_2d, plan.epochs_2d, plan.overrides_2d))
+    path, epochs, extra = {"3d": (plan.config_3d, plan.epochs_3d, plan.overrides_3d),
+                           "2d": (plan.config_2d, plan.epochs_2d, plan.overrides_2d),
+                           "locator": (plan.locator_3d, plan.locator_epochs, plan.locator_overrides)}[key]
     work = Path(plan.work_dir)
     overrides = [f"data_dir={json.dumps(str(split.train_dir))}",
                  f"preprocessing.cache_dir={json.dumps(str(work / 'cache'))}",
                  f"training.output_dir={json.dumps(str(work / 'checkpoints'))}"]
     overrides += [f"training.epochs={epochs}"] if epochs is not None else []
     config = load_experiment_config(path, [*overrides, *extra])
+    if key == "locator":
+        return config
+    if key == "3d" and plan.locator_3d is not None and config.cascade.locator is not None:
+        raise ValueError(f"{path}: cascade.locator is {config.cascade.locator!r}, but the benchmark also trains a "
+                         f"locator ({plan.locator_3d}): give one or the other")
     if config.model.name != MODELS[key]:
         raise ValueError(f"{path}: model.name is {config.model.name!r}, but --config{key} must train "
                          f"{MODELS[key]!r}")
@@ -334,7 +365,8 @@ def prepare_quality_benchmark(plan: QualityPlan) -> PreparedBenchmark:
     """
     check_plan_paths(plan)
     split = plan_data_split(plan)
-    return PreparedBenchmark(plan, split, {key: load_model_config(plan, key, split) for key in plan.models})
+    locator = load_model_config(plan, "locator", split) if plan.locator_3d is not None else None
+    return PreparedBenchmark(plan, split, {key: load_model_config(plan, key, split) for key in plan.models}, locator)
 
 
 def measure_cpu_seconds() -> float:
@@ -405,6 +437,22 @@ def describe_machine() -> dict[str, Any]:
             "torch": torch.__version__, "python": platform.python_version(), "device": device}
 
 
+def describe_locator(config: ExperimentConfig) -> dict[str, Any] | None:
+    """The first stage of a second-stage model: run folder, epochs and the seconds its epochs took.
+
+    ``epoch_minutes`` adds up the epochs' own seconds from its ``training_progress.json``
+    (validation and start-up excluded); ``None`` for a single-stage model.
+    """
+    if config.cascade.locator is None:
+        return None
+    folder = Path(config.cascade.locator)
+    folder = folder if folder.is_dir() else folder.parent
+    progress = folder / "training_progress.json"
+    records = json.loads(progress.read_text()) if progress.is_file() else []
+    return {"run_folder": str(folder), "epochs": records[-1]["epoch"] if records else None,
+            "epoch_minutes": sum(r.get("epoch_seconds", 0.0) for r in records) / 60 if records else None}
+
+
 def _learning_curve(records: list[dict[str, Any]]) -> tuple[dict[str, Any], ...]:
     keys = ("epoch", "train_loss", "val_loss", "kidney_dice", "tumour_dice", "learning_rate", "epoch_seconds")
     return tuple({key: record.get(key) for key in keys} for record in records)
@@ -422,6 +470,11 @@ def run_quality_benchmark(prepared: PreparedBenchmark, show_progress: bool = Tru
     out = Path(plan.out_dir)
     models = []
     for key, config in prepared.configs.items():
+        locator = None
+        if key == "3d" and prepared.locator_config is not None:
+            located, locator_budget = train_model(prepared.locator_config, split.train_dir, show_progress)
+            config = replace(config, cascade=replace(config.cascade, locator=str(located.run_folder)))
+            locator = {**describe_locator(config), "config": str(plan.locator_3d), "budget": asdict(locator_budget)}
         result, budget = train_model(config, split.train_dir, show_progress)
         evaluation = evaluate_run(result.run_folder / "last.pt", data_dir=split.test_dir, cases="all",
                                   out_dir=out / config.model.name, postprocess=plan.postprocess,
@@ -431,7 +484,7 @@ def run_quality_benchmark(prepared: PreparedBenchmark, show_progress: bool = Tru
         models.append(ModelQuality(config.model.name, plan.config_3d if key == "3d" else plan.config_2d,
                                    result.run_folder, evaluation.report_folder, budget, tuple(cases),
                                    summarise_scores(cases, metrics=METRIC_NAMES), tuple(failures),
-                                   _learning_curve(result.records)))
+                                   _learning_curve(result.records), locator or describe_locator(config)))
     comparison = None
     if len(models) == 2:
         comparison = write_comparison_report(models[0].report_folder, models[1].report_folder, out / "comparison",
@@ -479,8 +532,9 @@ def format_quality_table(models: tuple[ModelQuality, ...] | list[ModelQuality]) 
     """The markdown table, one row per model: test-set metrics in the original grid and the training budget."""
     rows = ["| " + " | ".join(TABLE_HEADER) + " |", "|" + "---|" * len(TABLE_HEADER)]
     for m in models:
-        s, spread, budget = m.summary, m.tumour_dice_distribution, m.budget
-        cells = [m.model, _spread_cell(s["kidney_dice"]), _spread_cell(s["tumour_dice"]),
+        s, spread, budget = m.summary, m.tumour_dice_distribution, m.whole_budget
+        cells = [m.model + (" (two stages)" if m.locator is not None else ""), _spread_cell(s["kidney_dice"]),
+                 _spread_cell(s["tumour_dice"]),
                  _number(s["kidney_surface_dice"]["mean"]), _number(s["tumour_surface_dice"]["mean"]),
                  _hd95_cell(s["kidney_hd95"]), _hd95_cell(s["tumour_hd95"]),
                  " / ".join(_number(spread[k]) for k in ("q1", "median", "q3")), f"{budget.wall_minutes:.2f}",
@@ -521,6 +575,24 @@ def render_quality_markdown(result: QualityResult) -> str:
         lines.append(f"| {m.model} | `{m.config_path}` | {b.epochs} | {b.samples_per_epoch} | {b.batch_size} | "
                      f"{b.optimiser_steps} | {b.wall_minutes:.2f} | {b.cpu_seconds:.0f} | {share:.0%} | "
                      f"{len(m.failures)} |")
+    for m in result.models:
+        if m.locator is None:
+            continue
+        measured = m.locator.get("budget")
+        if measured:
+            lines.append(f"| {m.model}'s locator | `{m.locator['config']}` | {measured['epochs']} | "
+                         f"{measured['samples_per_epoch']} | {measured['batch_size']} | "
+                         f"{measured['optimiser_steps']} | {measured['wall_minutes']:.2f} | "
+                         f"{measured['cpu_seconds']:.0f} | | |")
+            lines += ["", f"{m.model} is a second stage: it segments the boxes around the kidneys its locator "
+                      f"(`{m.locator['run_folder']}`, trained first on the same train set) found; the first table's "
+                      "training minutes, CPU seconds and epochs add both stages."]
+        else:
+            minutes = m.locator["epoch_minutes"]
+            lines += ["", f"{m.model} is a second stage: it segments the boxes around the kidneys that the locator "
+                      f"`{m.locator['run_folder']}` found ({m.locator['epochs']} epochs, "
+                      f"{'-' if minutes is None else f'{minutes:.2f}'} min of training epochs), trained before this "
+                      "benchmark: its training is not in the figures above; add it for the model's whole budget."]
     lines += ["", f"Machine: {machine['cpu']}, {machine['cpu_cores']} CPU cores ({machine['torch_threads']} torch "
               f"threads), device {machine['device']}, torch {machine['torch']}. Whole benchmark: "
               f"{result.seconds / 60:.1f} min.", ""]
@@ -538,7 +610,8 @@ def quality_as_dict(result: QualityResult) -> dict[str, Any]:
                         "summary": m.summary, "tumour_dice_per_case": [
                             {"case_id": c["case_id"], "tumour_dice": c["tumour_dice"]} for c in m.cases],
                         "tumour_dice_distribution": m.tumour_dice_distribution, "cases": list(m.cases),
-                        "failures": list(m.failures), "learning_curve": list(m.learning_curve)}
+                        "failures": list(m.failures), "learning_curve": list(m.learning_curve),
+                        "locator": m.locator}
               for m in result.models}
     return {"command": result.prepared.plan.command,
             "settings": {k: str(v) if isinstance(v, Path) else v for k, v in asdict(result.prepared.plan).items()},

@@ -289,6 +289,31 @@ class WandbConfig:
         check_choice("mode", self.mode, WANDB_MODES)
 
 
+@dataclass(frozen=True)
+class CascadeConfig:
+    """A second stage that segments only the kidney regions a first model (the locator) found.
+
+    The locator (any trained run, usually a coarse 3D model of the whole CT) marks the kidneys;
+    this model then segments a box around each of them, grown by ``margin_mm``, on its own finer
+    grid (see :mod:`utils.inference.cascade`). It trains on patches centred on kidney and tumour
+    (set ``patches.anywhere_share`` to 0) and validates on the true kidney region grown by
+    ``margin_mm``, the region it will be shown.
+
+    Attributes:
+        locator: the locator's run folder or checkpoint file (``None``: a single-stage model).
+            Training copies it into the run folder as ``locator.pt``, so a run folder segments on
+            its own.
+        margin_mm: how far each located kidney's box is grown on every side, in mm.
+    """
+
+    locator: str | None = None
+    margin_mm: float = 30.0
+
+    def __post_init__(self) -> None:
+        if not self.margin_mm >= 0:
+            raise ValueError(f"margin_mm must be >= 0, got {self.margin_mm}")
+
+
 #: Labels (background included) of each dataset an experiment may name; the definitions themselves
 #: (label names, evaluation regions, layout) are in :mod:`utils.data.dataset_definitions`.
 DATASET_LABEL_COUNTS = {"kits19": 3, "kits23": 4}
@@ -324,6 +349,7 @@ class ExperimentConfig:
     training: TrainingConfig = field(default_factory=TrainingConfig)
     performance: PerformanceConfig = field(default_factory=PerformanceConfig)
     wandb: WandbConfig = field(default_factory=WandbConfig)
+    cascade: CascadeConfig = field(default_factory=CascadeConfig)
     dataset: str = "kits19"
 
     def __post_init__(self) -> None:

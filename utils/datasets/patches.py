@@ -295,19 +295,39 @@ def check_cyst_locations(cases: Sequence[CachedCase], key: str, share: float) ->
 
 
 class VolumeDataset(Dataset):
-    """Whole preprocessed volumes (validation): ``image`` ``(1, Z, Y, X)`` float32, ``label`` uint8, ``case_id``."""
+    """Whole preprocessed volumes (validation): ``image`` ``(1, Z, Y, X)`` float32, ``label`` uint8, ``case_id``.
 
-    def __init__(self, cases: Sequence[CachedCase]):
+    With ``roi_margin`` (voxels per axis), each volume is cut to the box of its labelled voxels
+    grown by that margin (clipped to the volume): the region a second-stage model is shown
+    (:class:`utils.config.experiment.CascadeConfig`). A case without labelled voxels stays whole.
+    """
+
+    def __init__(self, cases: Sequence[CachedCase], roi_margin: Sequence[int] | None = None):
         self.cases = list(cases)
+        self.roi_margin = None if roi_margin is None else tuple(int(m) for m in roi_margin)
 
     def __len__(self) -> int:
         return len(self.cases)
 
     def __getitem__(self, index: int) -> dict[str, Any]:
         case = self.cases[index]
-        return {"image": torch.from_numpy(np.array(case.image, dtype=np.float32))[None],
-                "label": torch.from_numpy(np.array(case.label, dtype=np.uint8))[None],
+        label = np.asarray(case.label)
+        region = (slice(None),) * label.ndim if self.roi_margin is None else labelled_region(label, self.roi_margin)
+        return {"image": torch.from_numpy(np.array(case.image[region], dtype=np.float32))[None],
+                "label": torch.from_numpy(np.array(label[region], dtype=np.uint8))[None],
                 "case_id": case.case_id}
+
+
+def labelled_region(label: np.ndarray, margin: Sequence[int]) -> tuple[slice, ...]:
+    """The box of ``label``'s non-zero voxels grown by ``margin`` voxels per axis, clipped (whole volume if none)."""
+    if len(margin) != label.ndim:
+        raise ValueError(f"margin has {len(margin)} value(s) for a {label.ndim}D label map")
+    present = [np.flatnonzero(np.any(label, axis=tuple(a for a in range(label.ndim) if a != axis)))
+               for axis in range(label.ndim)]
+    if any(p.size == 0 for p in present):
+        return (slice(None),) * label.ndim
+    return tuple(slice(max(0, int(p[0]) - m), min(n, int(p[-1]) + 1 + m))
+                 for p, m, n in zip(present, margin, label.shape, strict=True))
 
 
 def collate_samples(samples: list[dict[str, Any]]) -> dict[str, Any]:

@@ -241,14 +241,19 @@ def evaluate_run(run: str | os.PathLike, *, data_dir: str | os.PathLike | None =
 def inference_record(segmenter: SegmentationModel, data: Path, *, tta: bool, postprocess: bool,
                      restore: str = "probabilities") -> dict:
     """What ``inference.json`` says of the model: run name, model key, parameters, device, checkpoint, data,
-    options (TTA, post-processing, how predictions were restored to the CT's grid), and the model's dataset
-    unless it is KiTS19."""
+    options (TTA, post-processing, how predictions were restored to the CT's grid), the model's dataset
+    unless it is KiTS19, and for a second-stage model its locator (checkpoint, model, parameters, margin)."""
     dataset = segmenter.dataset
     return {"run_name": segmenter.run_name, "model": segmenter.config.model.name,
             "parameters": count_parameters(segmenter.model), "device": str(segmenter.device),
             "checkpoint": str(segmenter.checkpoint.resolve()), "data_dir": str(data.resolve()),
             "tta": tta, "postprocess": postprocess, "restore": restore,
-            **({} if dataset is KITS19 else {"dataset": dataset.name})}
+            **({} if dataset is KITS19 else {"dataset": dataset.name}),
+            **({} if segmenter.locator is None else {
+                "locator": {"checkpoint": str(segmenter.locator.checkpoint.resolve()),
+                            "model": segmenter.locator.config.model.name,
+                            "parameters": count_parameters(segmenter.locator.model),
+                            "margin_mm": segmenter.config.cascade.margin_mm}})}
 
 
 def segment_cases(segmenter: SegmentationModel, case_ids: Sequence[str], data: Path, report: Path, *,

@@ -43,7 +43,7 @@ import os
 import re
 import time
 from collections.abc import Sequence
-from dataclasses import dataclass, fields
+from dataclasses import dataclass, fields, replace
 from pathlib import Path
 
 import numpy as np
@@ -56,6 +56,14 @@ from utils.data.dataset_definitions import DatasetDefinition, get_dataset
 from utils.data.nifti_checks import find_ct_anomalies, not_a_file_reason
 from utils.data.nifti_io import load_nifti_verified, read_voxels, save_nifti
 from utils.data.output_guard import OWN_NIFTI_DESCRIPTION
+from utils.inference.cascade import (
+    LOCATOR_NAME,
+    box_affine,
+    check_locator_state,
+    located_boxes,
+    near_located,
+    voxel_sizes,
+)
 from utils.inference.postprocessing import DEFAULT_MIN_COMPONENT_ML, postprocess_labels
 from utils.inference.predict import predict_volume_logits
 from utils.networks.checkpoints import load_checkpoint
@@ -100,6 +108,9 @@ class SegmentationModel:
             some fold, so the ensemble has no validation cases of its own.
         models: every network whose softmax is averaged, ``model`` first (default ``(model,)``).
         checkpoints: the checkpoint file of each of ``models`` (default ``(checkpoint,)``).
+        locator: for a second-stage model (``cascade.locator`` in its config), the first stage
+            that finds the kidneys, from the run folder's ``locator.pt``
+            (:mod:`utils.inference.cascade`); ``None`` for a single-stage model.
     """
 
     model: torch.nn.Module
@@ -112,6 +123,7 @@ class SegmentationModel:
     training_case_ids: tuple[str, ...] = ()
     models: tuple[torch.nn.Module, ...] = ()
     checkpoints: tuple[Path, ...] = ()
+    locator: SegmentationModel | None = None
 
     def __post_init__(self) -> None:
         if not self.models:
@@ -239,8 +251,17 @@ def _load_one(path: Path, device: torch.device) -> SegmentationModel:
                          f"{error}") from error
     model.eval().requires_grad_(False).to(device)
     run_name = path.parent.name if path.name in CHECKPOINT_NAMES else path.stem
+    locator = None
+    if config.cascade.locator is not None:
+        locator_path = path.parent / LOCATOR_NAME
+        if not locator_path.is_file():
+            raise FileNotFoundError(f"{path}: a second-stage model (cascade.locator is set) needs its locator, "
+                                    f"{locator_path}, next to it; training copies it there (keep the run folder "
+                                    "together)")
+        check_locator_state(load_checkpoint(locator_path, map_location="cpu"), locator_path, config.dataset)
+        locator = _load_one(locator_path, device)
     return SegmentationModel(model, config, preprocessing, normalisation, run_name, path, device,
-                             tuple(str(case) for case in plan.get("case_ids", ())))
+                             tuple(str(case) for case in plan.get("case_ids", ())), locator=locator)
 
 
 def _ensemble_settings(segmenter: SegmentationModel) -> dict[str, object]:
@@ -299,6 +320,10 @@ def load_segmentation_model(checkpoint: str | os.PathLike,
         return segmenter
     experiment = Path(checkpoint).expanduser()
     folds = {name: _load_one(path, device) for name, path in fold_checkpoints.items()}
+    staged = [name for name, fold in folds.items() if fold.locator is not None]
+    if staged:
+        raise ValueError(f"{experiment}: {', '.join(staged)} are second-stage models (cascade.locator); a fold "
+                         "ensemble of two-stage models is not supported: segment with one fold's run folder")
     _check_folds_agree(folds, experiment)
     first = next(iter(folds.values()))
     segmenter = SegmentationModel(first.model, first.config, first.preprocessing, first.normalisation,
@@ -453,6 +478,12 @@ def segment_ct(image_hu: np.ndarray, affine: np.ndarray, segmenter: Segmentation
                timings: dict[str, float] | None = None) -> np.ndarray:
     """Segment one CT: training preprocessing, prediction, labels back on the CT's own grid.
 
+    A second-stage model (``segmenter.locator`` set) segments in two stages: its locator on the
+    whole CT (post-processed, labels restored by nearest neighbour), then ``segmenter`` on the box
+    around each located kidney (:mod:`utils.inference.cascade`), with ``tta``, ``postprocess`` and
+    ``restore`` applying to each box; only its labels within ``cascade.margin_mm`` of the locator's
+    foreground are kept, and every other voxel is background.
+
     Args:
         image_hu: ``(I, J, K)`` CT in Hounsfield units, in the file's axis order (any real dtype;
             converted to float32, never float64).
@@ -490,6 +521,9 @@ def segment_ct(image_hu: np.ndarray, affine: np.ndarray, segmenter: Segmentation
         raise ValueError(f"affine must be a finite, invertible 4 x 4 matrix, got {affine.tolist()}")
     if restore not in RESTORE_MODES:
         raise ValueError(f"restore must be one of {', '.join(RESTORE_MODES)}, got {restore!r}")
+    if segmenter.locator is not None:
+        return _segment_located_kidneys(image_hu, affine, segmenter, tta=tta, postprocess=postprocess,
+                                        min_component_ml=min_component_ml, restore=restore, timings=timings)
     clock = _StageClock(timings)
     image = np.asarray(image_hu, dtype=np.float32)
     scratch = overwrite_input or image is not image_hu
@@ -520,6 +554,34 @@ def segment_ct(image_hu: np.ndarray, affine: np.ndarray, segmenter: Segmentation
         restored = restore_probabilities(probabilities, mapping)
     clock.lap("restore")
     return restored
+
+
+def _segment_located_kidneys(image_hu: np.ndarray, affine: np.ndarray, segmenter: SegmentationModel, *, tta: bool,
+                             postprocess: bool, min_component_ml: float, restore: str,
+                             timings: dict[str, float] | None) -> np.ndarray:
+    """A second-stage model's segmentation (:mod:`utils.inference.cascade`): the locator on the whole CT,
+    then ``segmenter`` on the box around each located kidney; background elsewhere."""
+    located = segment_ct(image_hu, affine, segmenter.locator, tta=tta, postprocess=True,
+                         min_component_ml=min_component_ml, restore="labels", timings=timings)
+    config = segmenter.config
+    window = (0.0, 0.0, 0.0)
+    if spatial_dims(config.model) == 3:  # at least one window along every axis, whatever the CT's axis order
+        window = (max(r * s for r, s in zip(config.sliding_window.roi_size, segmenter.preprocessing.target_spacing,
+                                            strict=True)),) * 3
+    spacing = voxel_sizes(affine)
+    boxes = located_boxes(located, spacing, config.cascade.margin_mm, window)
+    labels = np.zeros(image_hu.shape, dtype=np.uint8)
+    if not boxes:
+        logger.warning("the locator %s found no kidney in this CT: the segmentation is empty",
+                       segmenter.locator.run_name)
+    second = replace(segmenter, locator=None)
+    for box in boxes:
+        found = segment_ct(np.array(image_hu[box], dtype=np.float32), box_affine(affine, box), second, tta=tta,
+                           postprocess=postprocess, min_component_ml=min_component_ml, restore=restore,
+                           overwrite_input=True, timings=timings)
+        found[~near_located(located[box], spacing, config.cascade.margin_mm)] = 0
+        labels[box] = found
+    return labels
 
 
 class _StageClock:

@@ -17,6 +17,7 @@ folders, preprocesses and writes; the others receive the folder names and wait f
 from __future__ import annotations
 
 import logging
+import math
 import os
 from dataclasses import dataclass
 from pathlib import Path
@@ -39,6 +40,8 @@ from utils.datasets.patches import (
     collate_samples,
 )
 from utils.datasets.slices import build_slice_datasets
+from utils.inference.cascade import LOCATOR_NAME, check_locator_state, copy_locator
+from utils.inference.segment import find_checkpoint
 from utils.networks.checkpoints import CheckpointError, load_checkpoint, restore_rng_state
 from utils.networks.losses import build_loss
 from utils.networks.models import build_model, check_input_size, model_input_size, spatial_dims
@@ -316,6 +319,9 @@ def build_training_datasets(config: ExperimentConfig,
                                                      seed=training.seed)
     if training.max_validation_cases is not None:
         validation.cases = validation.cases[:training.max_validation_cases]
+    if config.cascade.locator is not None and isinstance(validation, VolumeDataset):
+        spacing = [float(s) for s in cache.plan["preprocessing"]["target_spacing"]]
+        validation.roi_margin = tuple(math.ceil(config.cascade.margin_mm / s) for s in spacing)
     return train_set, validation
 
 
@@ -330,17 +336,25 @@ def _run_folder(config: ExperimentConfig, resume: str | Path | None, accelerator
                 if not folder.is_dir():
                     raise FileNotFoundError(f"{folder}: no such run folder to resume")
                 check_writable(folder)
+                if config.cascade.locator is not None and not (folder / LOCATOR_NAME).is_file():
+                    copy_locator(folder, find_checkpoint(config.cascade.locator), config.dataset)
             else:
+                locator = None
+                if config.cascade.locator is not None:  # refuse a bad locator before making the run folder
+                    locator = find_checkpoint(config.cascade.locator)
+                    check_locator_state(load_checkpoint(locator), locator, config.dataset)
                 folder = create_run_folder(training.output_dir, training.run_name, config.model.name)
                 try:
                     check_writable(folder)
                     save_resolved_config(folder, config_as_dict(config))
+                    if locator is not None:
+                        copy_locator(folder, locator, config.dataset)
                 except OSError:
                     if not any(folder.iterdir()):
                         folder.rmdir()  # refused before anything was written: leave no empty run folder
                     raise
             message = [str(folder)]
-        except OSError as error:  # tell the other processes before raising, so they do not wait forever
+        except (OSError, ValueError, CheckpointError) as error:  # tell the other processes, so they do not wait
             message = [error]
     broadcast_object_list(message)
     if isinstance(message[0], BaseException):
