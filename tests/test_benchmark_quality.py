@@ -213,6 +213,7 @@ def test_a_two_stage_3d_model_trains_its_locator_first_and_counts_both_budgets(t
     assert (Path(model["run_folder"]) / "locator.pt").is_file()
     inference = json.loads((out / "resunet3d" / "inference.json").read_text())
     assert inference["locator"]["checkpoint"] == str((Path(model["run_folder"]) / "locator.pt").resolve())
+    assert inference["locator"]["combine"] == "mean"  # the config's default: both stages label each box
     markdown = (out / "quality.md").read_text()
     cells = _table_rows(markdown)["resunet3d (two stages)"]
     assert cells[-1] == "2"  # epochs of both stages

@@ -80,7 +80,8 @@ def _hu_of_normalised(z: torch.Tensor) -> torch.Tensor:
     return z * NORMALISATION["std_hu"] + NORMALISATION["mean_hu"]
 
 
-def test_the_second_stage_sees_only_the_located_kidneys(tmp_path, monkeypatch):
+@pytest.mark.parametrize("combine", ["mean", "second"])
+def test_the_second_stage_sees_only_the_located_kidneys(tmp_path, monkeypatch, combine):
     """A CT whose HU encode its labels; a distractor that the second model alone would call tumour."""
     labels = np.zeros((48, 64, 64), np.uint8)
     labels[10:22, 8:24, 8:22] = 1
@@ -93,7 +94,7 @@ def test_the_second_stage_sees_only_the_located_kidneys(tmp_path, monkeypatch):
     locator_run = tmp_path / "locator"
     write_tiny_checkpoint(locator_run, TINY_3D, name="last.pt")
     second_run = tmp_path / "second"
-    sections = {**TINY_3D, "cascade": {"locator": str(locator_run), "margin_mm": 8.0}}
+    sections = {**TINY_3D, "cascade": {"locator": str(locator_run), "margin_mm": 8.0, "combine": combine}}
     write_tiny_checkpoint(second_run, sections, name="last.pt", seed=1)
     with pytest.raises(FileNotFoundError, match="locator"):
         load_segmentation_model(second_run)
@@ -117,7 +118,10 @@ def test_the_second_stage_sees_only_the_located_kidneys(tmp_path, monkeypatch):
 
     monkeypatch.setattr(ct_inference, "predict_volume_logits", by_intensity)
     prediction = segment_ct(image_hu, affine, segmenter)
-    assert len(seen["locator"]) == 1 and len(seen["second"]) == 2  # one box per kidney
+    # one box per kidney; with the mean, the locator segments each box too
+    assert len(seen["second"]) == 2 and len(seen["locator"]) == (3 if combine == "mean" else 1)
+    if combine == "mean":  # both on the same boxes (the tiny models share one grid)
+        assert seen["locator"][1:] == seen["second"]
     whole = seen["locator"][0]
     assert all(np.prod(shape) < np.prod(whole) / 2 for shape in seen["second"])
     assert not prediction[36:44, 48:60, 28:40].any()  # outside every box: background
@@ -128,6 +132,48 @@ def test_the_second_stage_sees_only_the_located_kidneys(tmp_path, monkeypatch):
         segmenter.model, segmenter.config, segmenter.preprocessing, segmenter.normalisation, "alone",
         segmenter.checkpoint, segmenter.device))
     assert (alone[36:44, 48:60, 28:40] == 2).mean() > 0.5
+
+
+@pytest.mark.parametrize("restore", ["probabilities", "labels"])
+def test_the_mean_of_both_stages_follows_the_more_confident_model(tmp_path, monkeypatch, restore):
+    """In a kidney with a tumour-bright region, the locator is sure it is kidney and the second model
+    leans to tumour: the mean says kidney. In a tumour-brighter region the locator is unsure and the
+    second model sure of tumour: the mean says tumour. The second model alone says tumour in both."""
+    labels = np.zeros((40, 48, 48), np.uint8)
+    labels[8:32, 10:38, 10:38] = 1
+    image_hu = np.where(labels == 1, 150.0, 0.0).astype(np.float32)
+    image_hu[12:20, 16:26, 16:26] = 250.0  # the locator: kidney, sure; the second model: tumour, leaning
+    image_hu[22:30, 24:34, 24:34] = 290.0  # the locator: unsure; the second model: tumour, sure
+    affine = np.diag([4.0, 4.0, 4.0, 1.0])
+    scores = {}
+    for combine in ("mean", "second"):
+        locator_run, second_run = tmp_path / combine / "locator", tmp_path / combine / "second"
+        write_tiny_checkpoint(locator_run, TINY_3D, name="last.pt")
+        write_tiny_checkpoint(second_run, {**TINY_3D, "cascade": {"locator": str(locator_run), "combine": combine}},
+                              name="last.pt", seed=1)
+        shutil.copyfile(locator_run / "last.pt", second_run / LOCATOR_NAME)
+        segmenter = load_segmentation_model(second_run)
+
+        def by_intensity(model, image, config, segmenter=segmenter, **kwargs):
+            hu = _hu_of_normalised(image[0, 0])
+            logits = torch.zeros((1, 3, *hu.shape))
+            if model is segmenter.locator.model:
+                logits[0, 0] = 10.0 * (hu <= 75)
+                logits[0, 1] = 10.0 * ((hu > 75) & (hu <= 270))  # above 270 HU: no opinion
+            else:
+                logits[0, 0] = 10.0 * (hu <= 75)
+                logits[0, 1] = 10.0 * ((hu > 75) & (hu <= 200))
+                logits[0, 2] = torch.where(hu > 270, 10.0, 1.0) * (hu > 200)  # tumour: leaning, or sure
+            return logits
+
+        monkeypatch.setattr(ct_inference, "predict_volume_logits", by_intensity)
+        prediction = segment_ct(image_hu, affine, segmenter, restore=restore, postprocess=True)
+        scores[combine] = (prediction[13:19, 17:25, 17:25], prediction[23:29, 25:33, 25:33], prediction)
+    leaning, sure, whole = scores["mean"]
+    assert (leaning == 1).all() and (sure == 2).all()
+    assert ((whole > 0) == (labels > 0)).mean() > 0.99
+    leaning, sure, _ = scores["second"]
+    assert (leaning == 2).all() and (sure == 2).all()
 
 
 def test_nothing_located_gives_an_empty_segmentation(tmp_path, monkeypatch, caplog):

@@ -16,6 +16,7 @@ from utils.cli.demo_results import (
     render_demo_results,
 )
 from utils.config.demo import DemoConfig
+from utils.config.experiment import load_experiment_config
 from utils.config.loading import load_config
 from utils.evaluation.comparison import MIN_WILCOXON_PAIRS
 from utils.metrics.scoring import METRIC_NAMES
@@ -202,7 +203,13 @@ def test_the_cross_validated_demo_config_and_its_refusals(tmp_path):
     from utils.data.output_guard import OutputGuardError
 
     holdout = load_config(REPO / "configs" / "demo.yaml", DemoConfig)
-    assert not holdout.cross_validation and train_overrides(holdout) == holdout.train_overrides
+    assert not holdout.cross_validation  # every model trains and validates on the demo's own split
+    assert train_overrides(holdout) == ("split.scheme=holdout",
+                                        f"split.validation_fraction={holdout.split.validation_fraction}",
+                                        f"split.seed={holdout.split.seed}", *holdout.train_overrides)
+    changed = load_config(REPO / "configs" / "demo.yaml", DemoConfig, ["split.validation_fraction=0.5"])
+    experiment = load_experiment_config(REPO / "configs" / "resunet3d_quick.yaml", train_overrides(changed))
+    assert experiment.split.validation_fraction == 0.5
     config = load_config(REPO / "configs" / "demo_cv.yaml", DemoConfig)
     assert config.cross_validation and config.readme is None and config.split.folds == 3
     assert config.synthetic.cases >= 2 * MIN_WILCOXON_PAIRS  # enough paired differences for the test

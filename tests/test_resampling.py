@@ -28,6 +28,7 @@ from utils.preprocessing.resampling import (
     restore_labels,
     restore_orientation,
     restore_probabilities,
+    restore_probability_maps,
 )
 
 SPACING = (2.5, 0.8, 0.6)
@@ -291,6 +292,34 @@ def test_restore_probabilities_of_one_hot_labels_keeps_them() -> None:
 def test_restore_probabilities_refuses_a_wrong_shape() -> None:
     with pytest.raises(ValueError, match="crop box"):
         restore_probabilities(np.zeros((3, 2, 3, 4), dtype=np.float32), _mapping())
+    with pytest.raises(ValueError, match="crop box"):
+        restore_probability_maps(np.zeros((3, 2, 3, 4), dtype=np.float32), _mapping())
+    with pytest.raises(ValueError, match="mode"):
+        restore_probability_maps(np.zeros((3, *_mapping().cropped_shape), dtype=np.float32), _mapping(), mode="cubic")
+
+
+@pytest.mark.parametrize(("canonical", "resampled", "box", "orientation"), [
+    ((20, 25, 13), (7, 9, 11), ((1, 6), (2, 9), (0, 11)), ((0.0, 1.0), (1.0, 1.0), (2.0, 1.0))),
+    ((4, 16, 16), (10, 8, 8), ((0, 10), (0, 8), (3, 8)), ((2.0, -1.0), (1.0, 1.0), (0.0, -1.0))),
+])
+def test_probability_maps_restore_every_class_where_the_labels_are_their_argmax(canonical, resampled, box,
+                                                                                orientation) -> None:
+    original = [0, 0, 0]
+    for axis, (target, _) in enumerate(orientation):
+        original[axis] = canonical[int(target)]
+    mapping = GridMapping(original_shape=tuple(original), original_affine=tuple(map(tuple, np.eye(4))),
+                          original_axcodes=("I", "P", "L"), orientation=orientation, canonical_spacing=(1, 1, 1),
+                          resampled_shape=resampled, resampled_spacing=(1, 1, 1), crop_box=box)
+    scores = np.random.default_rng(sum(canonical)).normal(size=(3, *mapping.cropped_shape)) * 3
+    probabilities = torch.softmax(torch.from_numpy(scores).float(), dim=0).numpy()
+    linear = restore_probability_maps(probabilities, mapping)
+    assert linear.shape == (3, *mapping.original_shape) and linear.dtype == np.float32
+    np.testing.assert_allclose(linear.sum(axis=0), 1.0, atol=1e-5)  # a blend of distributions is one
+    np.testing.assert_array_equal(linear.argmax(axis=0), restore_probabilities(probabilities, mapping))
+    nearest = restore_probability_maps(probabilities, mapping, mode="nearest")
+    np.testing.assert_array_equal(nearest.argmax(axis=0), restore_labels(probabilities.argmax(axis=0), mapping))
+    # every value copied from a preprocessed voxel, or background one-hot outside the crop box
+    assert set(np.unique(nearest[2])) <= set(np.unique(probabilities[2])) | {0.0}
 
 @pytest.mark.parametrize("shape", [(31, 47, 40), (55, 47, 120), (12, 20, 83)])
 def test_resampling_on_a_torch_device_equals_the_cache_resampling(shape) -> None:

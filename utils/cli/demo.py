@@ -192,13 +192,14 @@ def _demo_output_folders(config: DemoConfig) -> dict[str, Path]:
 
 
 def train_overrides(config: DemoConfig) -> tuple[str, ...]:
-    """The overrides applied to each experiment the demo trains: ``train_overrides``, preceded in the
-    cross-validated demo by the demo's own split (``split.scheme``, ``split.folds``, ``split.seed``)."""
-    if not config.cross_validation:
-        return config.train_overrides
+    """The overrides applied to each experiment the demo trains: ``train_overrides``, preceded by the
+    demo's own split, so that every model trains and validates on the cases the demo reports
+    (holdout: ``split.scheme``, ``split.validation_fraction``, ``split.seed``; cross-validated:
+    ``split.scheme``, ``split.folds``, ``split.seed``)."""
     split = config.split
-    return (f"split.scheme={split.scheme}", f"split.folds={split.folds}", f"split.seed={split.seed}",
-            *config.train_overrides)
+    own = (f"split.folds={split.folds}" if config.cross_validation
+           else f"split.validation_fraction={split.validation_fraction}")
+    return (f"split.scheme={split.scheme}", own, f"split.seed={split.seed}", *config.train_overrides)
 
 
 def check_demo_datasets(config: DemoConfig) -> None:
@@ -416,7 +417,7 @@ def _out_of_fold_summary(evaluation: CrossValidationEvaluation) -> dict:
 
 def _train(config: DemoConfig, experiment_path: str, reports_dir: Path, show_progress: bool) -> TrainedModel:
     """Train one model on the demo's synthetic cases and save its training curves."""
-    experiment = load_experiment_config(experiment_path, config.train_overrides)
+    experiment = load_experiment_config(experiment_path, train_overrides(config))
     started = time.perf_counter()
     result = train(experiment, data_dir=config.synthetic.out_dir, show_progress=show_progress)
     seconds = time.perf_counter() - started

@@ -69,7 +69,7 @@ from utils.inference.predict import predict_volume_logits
 from utils.networks.checkpoints import load_checkpoint
 from utils.networks.models import build_model, model_input_size, spatial_dims
 from utils.preprocessing.preprocess import Normalisation, preprocess_volume
-from utils.preprocessing.resampling import restore_labels, restore_probabilities
+from utils.preprocessing.resampling import restore_labels, restore_probabilities, restore_probability_maps
 
 logger = logging.getLogger(__name__)
 
@@ -479,10 +479,13 @@ def segment_ct(image_hu: np.ndarray, affine: np.ndarray, segmenter: Segmentation
     """Segment one CT: training preprocessing, prediction, labels back on the CT's own grid.
 
     A second-stage model (``segmenter.locator`` set) segments in two stages: its locator on the
-    whole CT (post-processed, labels restored by nearest neighbour), then ``segmenter`` on the box
-    around each located kidney (:mod:`utils.inference.cascade`), with ``tta``, ``postprocess`` and
-    ``restore`` applying to each box; only its labels within ``cascade.margin_mm`` of the locator's
-    foreground are kept, and every other voxel is background.
+    whole CT (post-processed, labels restored by nearest neighbour), then the box around each
+    located kidney (:mod:`utils.inference.cascade`): with ``cascade.combine: mean`` (default) both
+    models segment each box and its labels are the argmax of the mean of their class probabilities
+    on the box's own grid (``restore`` says how each is put back: trilinear or nearest), then
+    ``postprocess`` applies on the CT's grid; with ``combine: second`` only ``segmenter`` segments
+    each box, with ``tta``, ``postprocess`` and ``restore`` applying to each box. Only labels within
+    ``cascade.margin_mm`` of the locator's foreground are kept, and every other voxel is background.
 
     Args:
         image_hu: ``(I, J, K)`` CT in Hounsfield units, in the file's axis order (any real dtype;
@@ -560,7 +563,8 @@ def _segment_located_kidneys(image_hu: np.ndarray, affine: np.ndarray, segmenter
                              postprocess: bool, min_component_ml: float, restore: str,
                              timings: dict[str, float] | None) -> np.ndarray:
     """A second-stage model's segmentation (:mod:`utils.inference.cascade`): the locator on the whole CT,
-    then ``segmenter`` on the box around each located kidney; background elsewhere."""
+    then ``segmenter`` (with ``cascade.combine: mean``, both models) on the box around each located
+    kidney; background elsewhere."""
     located = segment_ct(image_hu, affine, segmenter.locator, tta=tta, postprocess=True,
                          min_component_ml=min_component_ml, restore="labels", timings=timings)
     config = segmenter.config
@@ -575,13 +579,46 @@ def _segment_located_kidneys(image_hu: np.ndarray, affine: np.ndarray, segmenter
         logger.warning("the locator %s found no kidney in this CT: the segmentation is empty",
                        segmenter.locator.run_name)
     second = replace(segmenter, locator=None)
+    mean = config.cascade.combine == "mean"
     for box in boxes:
-        found = segment_ct(np.array(image_hu[box], dtype=np.float32), box_affine(affine, box), second, tta=tta,
-                           postprocess=postprocess, min_component_ml=min_component_ml, restore=restore,
-                           overwrite_input=True, timings=timings)
+        if mean:
+            found = _mean_of_stages(image_hu[box], box_affine(affine, box), (second, segmenter.locator), tta=tta,
+                                    restore=restore, timings=timings)
+        else:
+            found = segment_ct(np.array(image_hu[box], dtype=np.float32), box_affine(affine, box), second, tta=tta,
+                               postprocess=postprocess, min_component_ml=min_component_ml, restore=restore,
+                               overwrite_input=True, timings=timings)
         found[~near_located(located[box], spacing, config.cascade.margin_mm)] = 0
         labels[box] = found
+    if mean and postprocess and labels.any():  # on the CT's grid, over the boxes' common extent
+        clock = _StageClock(timings)
+        extent = tuple(slice(int(i.min()), int(i.max()) + 1) for i in np.nonzero(labels))
+        labels[extent] = postprocess_labels(labels[extent], spacing, min_component_ml=min_component_ml,
+                                            dataset=segmenter.dataset)
+        clock.lap("restore")
     return labels
+
+
+def _mean_of_stages(image_hu: np.ndarray, affine: np.ndarray, stages: Sequence[SegmentationModel], *, tta: bool,
+                    restore: str, timings: dict[str, float] | None) -> np.ndarray:
+    """Labels of one box: the argmax of the mean of each model's class probabilities, each put back onto
+    the box's own grid first (the models may preprocess to different grids); uint8, ``image_hu``'s shape."""
+    total: np.ndarray | None = None
+    for stage in stages:
+        clock = _StageClock(timings)
+        preprocessed, _, mapping = preprocess_volume(np.array(image_hu, dtype=np.float32), None, affine,
+                                                     stage.preprocessing, stage.normalisation, overwrite_input=True,
+                                                     device=stage.device if stage.device.type == "cuda" else None)
+        clock.lap("preprocess")
+        probabilities = predict_preprocessed_probabilities(stage, preprocessed, tta=tta)
+        del preprocessed
+        clock.lap("predict")
+        restored = restore_probability_maps(probabilities, mapping,
+                                            mode="linear" if restore == "probabilities" else "nearest")
+        total = restored if total is None else np.add(total, restored, out=total)
+        clock.lap("restore")
+    assert total is not None
+    return total.argmax(axis=0).astype(np.uint8)
 
 
 class _StageClock:

@@ -378,3 +378,41 @@ def restore_probabilities(probabilities: np.ndarray, mapping: GridMapping) -> np
                 canonical[z0:z0 + values.shape[1], outputs[1][0]:outputs[1][1], outputs[2][0]:outputs[2][1]] = \
                     _argmax_over_classes(values).numpy()
     return np.ascontiguousarray(restore_orientation(canonical, mapping.orientation))
+
+
+def restore_probability_maps(probabilities: np.ndarray, mapping: GridMapping, *, mode: str = "linear") -> np.ndarray:
+    """Class probabilities on the original CT's grid, every class kept (not only the argmax).
+
+    For combining the probabilities of models preprocessed on different grids (the two stages of
+    :mod:`utils.inference.cascade`) on the grid they share, the CT's. Memory grows with the whole
+    output, ``C`` float32 values per original voxel: meant for sub-volumes, not whole long CTs
+    (:func:`restore_probabilities` computes labels only where the foreground is).
+
+    Args:
+        probabilities: ``(C, *mapping.cropped_shape)`` class probabilities, class 0 background.
+        mapping: the case's grid mapping.
+        mode: ``"linear"`` resamples trilinearly (half-voxel convention, as
+            :func:`restore_probabilities`, whose labels are this output's argmax); ``"nearest"``
+            copies the nearest preprocessed voxel (as :func:`restore_labels`).
+
+    Returns:
+        ``(C, *mapping.original_shape)`` float32, in the file's axis order; outside the crop box
+        the probabilities are background's (class 0, probability 1).
+    """
+    if mode not in ("linear", "nearest"):
+        raise ValueError(f"mode must be 'linear' or 'nearest', got {mode!r}")
+    probabilities = np.asarray(probabilities, dtype=np.float32)
+    if probabilities.ndim != 4 or tuple(probabilities.shape[1:]) != mapping.cropped_shape:
+        raise ValueError(f"probabilities of shape {probabilities.shape} do not match the crop box "
+                         f"{mapping.crop_box} (expected (C, *{mapping.cropped_shape}))")
+    padded = np.zeros((probabilities.shape[0], *mapping.resampled_shape), dtype=np.float32)
+    padded[0] = 1.0
+    padded[(slice(None), *(slice(start, stop) for start, stop in mapping.crop_box))] = probabilities
+    with torch.no_grad():
+        tensor = torch.from_numpy(padded)[None]
+        if mode == "linear":
+            canonical = F.interpolate(tensor, size=mapping.canonical_shape, mode="trilinear", align_corners=False)
+        else:
+            canonical = F.interpolate(tensor, size=mapping.canonical_shape, mode="nearest-exact")
+    return np.stack([np.ascontiguousarray(restore_orientation(channel, mapping.orientation))
+                     for channel in canonical[0].numpy()])

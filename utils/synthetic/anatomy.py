@@ -5,7 +5,7 @@ orientation (axis 0 inferior, 1 posterior, 2 patient-left): KiTS19's labels (0 b
 1 kidney, 2 tumour) or KiTS23's (the same plus 3 cyst):
 
 * :func:`build_procedural_case` draws both kidneys (bean-shaped, with a renal sinus at the hilum)
-  either side of the spine, 1–3 tumours of 1–8 cm, exophytic or endophytic, and simple renal
+  either side of the spine, 1–3 tumours of 1.2–16 cm (KiTS19's sizes), exophytic or endophytic, and simple renal
   cysts in about half the patients (labelled kidney for KiTS19, which did not label cysts, and
   cyst for KiTS23);
 * :func:`layout_from_labels` places the body and spine around the kidneys of a real mask.
@@ -27,8 +27,10 @@ from utils.synthetic.shapes import Grid, Vector, ellipsoid_level, rotation_matri
 
 #: Kidney semi-axes ranges in mm: long axis, medio-lateral width, antero-posterior thickness.
 KIDNEY_SEMI_AXES_MM = ((54.0, 64.0), (30.0, 36.0), (23.0, 28.0))
-#: Tumour diameter range in cm.
-TUMOUR_DIAMETER_CM = (1.0, 8.0)
+#: Tumour diameter in cm: median, log-normal spread, and the range drawn from. KiTS19's radiographic
+#: tumour size (``radiographic_size`` in its ``kits.json``, 210 training cases): median 4.0 cm,
+#: quartiles 2.5 / 5.6 cm, 1.2–16.2 cm, 15 % above 8 cm; log-normal spread 0.59.
+TUMOUR_DIAMETER_CM = (4.0, 0.59, (1.2, 16.0))
 #: Labelled simple cysts (KiTS23): median diameter (mm), log-normal spread, and the range drawn from.
 #: Measured on KiTS23 cases 400–499: half hold a cyst, most 1–3 (up to 17), of 0.1–75 ml (median ~2 ml).
 LABELLED_CYST_DIAMETER_MM = (15.0, 0.7, (5.0, 60.0))
@@ -240,7 +242,8 @@ def _paint_tumours(labels: np.ndarray, grid: Grid, rng: np.random.Generator,
     count = int(rng.choice([1, 2, 3], p=[0.7, 0.2, 0.1]))
     for _ in range(count):
         which = int(rng.integers(len(kidneys)))
-        diameter = float(np.clip(np.exp(rng.normal(np.log(3.2), 0.5)), *TUMOUR_DIAMETER_CM))
+        median, spread, extent = TUMOUR_DIAMETER_CM
+        diameter = float(np.clip(np.exp(rng.normal(np.log(median), spread)), *extent))
         found = _lesion_box(rng, grid, kidneys[which], parenchyma[which], 5.0 * diameter)
         if found is not None:
             box, inside = found
