@@ -124,8 +124,8 @@ def test_swapped_kidney_and_tumour_labels(data_dir: Path, tmp_path: Path) -> Non
     _write(tmp_path / "pred", "case_00001.nii.gz", swapped, affine)
     scores = _by_case(evaluate_predictions(data_dir, tmp_path / "pred", tmp_path / "out"))["case_00001"]
     assert scores["kidney_dice"] == 1.0 and scores["kidney_hd95"] == 0.0 and scores["kidney_surface_dice"] == 1.0
-    # |pred tumour & true tumour| = |label 1 & label 2| = 0, both non-empty: Dice 2 * 0 / (3124 + 143) = 0.
-    assert np.count_nonzero(labels == 1) == 3124 and np.count_nonzero(labels == 2) == 143
+    # |pred tumour & true tumour| = |label 1 & label 2| = 0, both non-empty: Dice 2 * 0 / (|1| + |2|) = 0.
+    assert np.count_nonzero(labels == 1) > 0 and np.count_nonzero(labels == 2) > 0
     assert scores["tumour_dice"] == 0.0 and scores["tumour_hd95"] is not None and scores["tumour_hd95"] > 0
 
 

@@ -138,7 +138,7 @@ def _write_kits23_checkpoint(folder: Path, label: int) -> Path:
 def kits23_data(tmp_path_factory) -> Path:
     """Two tiny synthetic KiTS23 cases (kits23.json layout), both with tumour and cyst."""
     folder = tmp_path_factory.mktemp("kits23") / "dataset"
-    generate_dataset(folder, 2, seed=0, options=SMALL_23, show_progress=False)
+    generate_dataset(folder, 2, seed=249, options=SMALL_23, show_progress=False)  # both with a cyst
     return folder
 
 

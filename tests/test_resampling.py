@@ -232,6 +232,16 @@ def _trilinear_argmax(probabilities: np.ndarray, mapping: GridMapping) -> np.nda
     return restore_orientation(resized.argmax(dim=0).to(torch.uint8).numpy(), mapping.orientation)
 
 
+def _oriented_mapping(canonical, resampled, box, orientation) -> GridMapping:
+    """A mapping of 1 mm voxels whose file axes are ``orientation`` of the canonical ones."""
+    original = [0, 0, 0]
+    for axis, (target, _) in enumerate(orientation):
+        original[axis] = canonical[int(target)]
+    return GridMapping(original_shape=tuple(original), original_affine=tuple(map(tuple, np.eye(4))),
+                       original_axcodes=("I", "P", "L"), orientation=orientation, canonical_spacing=(1, 1, 1),
+                       resampled_shape=resampled, resampled_spacing=(1, 1, 1), crop_box=box)
+
+
 @pytest.mark.parametrize("block_bytes", [1, 4096, resampling.RESTORE_BLOCK_BYTES])
 @pytest.mark.parametrize(("canonical", "resampled", "box", "orientation"), [
     ((20, 25, 13), (7, 9, 11), ((1, 6), (2, 9), (0, 11)), ((0.0, 1.0), (1.0, 1.0), (2.0, 1.0))),
@@ -241,12 +251,7 @@ def _trilinear_argmax(probabilities: np.ndarray, mapping: GridMapping) -> np.nda
 def test_restore_probabilities_is_trilinear_interpolation_then_argmax(monkeypatch, block_bytes, canonical, resampled,
                                                                       box, orientation) -> None:
     monkeypatch.setattr(resampling, "RESTORE_BLOCK_BYTES", block_bytes)  # one output slice per block, some, all
-    original = [0, 0, 0]
-    for axis, (target, _) in enumerate(orientation):
-        original[axis] = canonical[int(target)]
-    mapping = GridMapping(original_shape=tuple(original), original_affine=tuple(map(tuple, np.eye(4))),
-                          original_axcodes=("I", "P", "L"), orientation=orientation, canonical_spacing=(1, 1, 1),
-                          resampled_shape=resampled, resampled_spacing=(1, 1, 1), crop_box=box)
+    mapping = _oriented_mapping(canonical, resampled, box, orientation)
     logits = np.random.default_rng(sum(canonical)).normal(size=(3, *mapping.cropped_shape)) * 3
     sparse = logits.copy()
     sparse[0] += 8.0  # background nearly everywhere: only the voxels next to a small blob are computed
@@ -304,12 +309,7 @@ def test_restore_probabilities_refuses_a_wrong_shape() -> None:
 ])
 def test_probability_maps_restore_every_class_where_the_labels_are_their_argmax(canonical, resampled, box,
                                                                                 orientation) -> None:
-    original = [0, 0, 0]
-    for axis, (target, _) in enumerate(orientation):
-        original[axis] = canonical[int(target)]
-    mapping = GridMapping(original_shape=tuple(original), original_affine=tuple(map(tuple, np.eye(4))),
-                          original_axcodes=("I", "P", "L"), orientation=orientation, canonical_spacing=(1, 1, 1),
-                          resampled_shape=resampled, resampled_spacing=(1, 1, 1), crop_box=box)
+    mapping = _oriented_mapping(canonical, resampled, box, orientation)
     scores = np.random.default_rng(sum(canonical)).normal(size=(3, *mapping.cropped_shape)) * 3
     probabilities = torch.softmax(torch.from_numpy(scores).float(), dim=0).numpy()
     linear = restore_probability_maps(probabilities, mapping)
