@@ -134,7 +134,8 @@ def check_locator_state(state: dict, path: Path, dataset: str) -> None:
                          "use a single-stage run as the locator")
 
 
-def copy_locator(run_folder: str | os.PathLike, source: str | os.PathLike, dataset: str) -> Path:
+def copy_locator(run_folder: str | os.PathLike, source: str | os.PathLike, dataset: str, *,
+                 checked: bool = False) -> Path:
     """Copy the locator's checkpoint file into ``run_folder/locator.pt`` (atomically), after checking it.
 
     Args:
@@ -142,6 +143,8 @@ def copy_locator(run_folder: str | os.PathLike, source: str | os.PathLike, datas
         source: the locator's checkpoint file (``utils.inference.segment.find_checkpoint`` finds
             it in a run folder).
         dataset: the second stage's dataset; the locator must label the same.
+        checked: the caller has already passed ``source`` through :func:`check_locator_state`
+            (it is not read again).
 
     Returns:
         The copy's path. An existing copy (a resumed run) is kept as it is.
@@ -154,7 +157,8 @@ def copy_locator(run_folder: str | os.PathLike, source: str | os.PathLike, datas
     if target.is_file():
         return target
     source = Path(source)
-    check_locator_state(load_checkpoint(source, map_location="cpu"), source, dataset)
+    if not checked:
+        check_locator_state(load_checkpoint(source, map_location="cpu"), source, dataset)
     handle, temporary = tempfile.mkstemp(prefix=".locator-", suffix=".tmp", dir=target.parent)
     os.close(handle)
     try:

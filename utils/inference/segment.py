@@ -602,7 +602,10 @@ def _segment_located_kidneys(image_hu: np.ndarray, affine: np.ndarray, segmenter
 def _mean_of_stages(image_hu: np.ndarray, affine: np.ndarray, stages: Sequence[SegmentationModel], *, tta: bool,
                     restore: str, timings: dict[str, float] | None) -> np.ndarray:
     """Labels of one box: the argmax of the mean of each model's class probabilities, each put back onto
-    the box's own grid first (the models may preprocess to different grids); uint8, ``image_hu``'s shape."""
+    the box's own grid first (the models may preprocess to different grids); uint8, ``image_hu``'s shape.
+
+    The locator segments the box again although it has seen the whole CT: restoring its whole-CT
+    probabilities onto the CT's grid would take ``C`` floats per voxel of a long CT, the box's far less."""
     total: np.ndarray | None = None
     for stage in stages:
         clock = _StageClock(timings)

@@ -348,7 +348,7 @@ def _run_folder(config: ExperimentConfig, resume: str | Path | None, accelerator
                     check_writable(folder)
                     save_resolved_config(folder, config_as_dict(config))
                     if locator is not None:
-                        copy_locator(folder, locator, config.dataset)
+                        copy_locator(folder, locator, config.dataset, checked=True)
                 except OSError:
                     if not any(folder.iterdir()):
                         folder.rmdir()  # refused before anything was written: leave no empty run folder
