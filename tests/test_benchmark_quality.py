@@ -214,6 +214,7 @@ def test_a_two_stage_3d_model_trains_its_locator_first_and_counts_both_budgets(t
     inference = json.loads((out / "resunet3d" / "inference.json").read_text())
     assert inference["locator"]["checkpoint"] == str((Path(model["run_folder"]) / "locator.pt").resolve())
     assert inference["locator"]["combine"] == "mean"  # the config's default: both stages label each box
+    assert inference["locator"]["rank_components"] == "kidney"  # the default ranking of components
     markdown = (out / "quality.md").read_text()
     cells = _table_rows(markdown)["resunet3d (two stages)"]
     assert cells[-1] == "2"  # epochs of both stages

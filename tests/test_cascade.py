@@ -14,6 +14,7 @@ from test_ct_inference import NORMALISATION, TINY_3D, write_tiny_checkpoint
 from test_training_engine import tiny_config
 
 import utils.inference.segment as ct_inference
+from utils.config.experiment import CascadeConfig
 from utils.datasets.patches import VolumeDataset, labelled_region
 from utils.inference.cascade import (
     LOCATOR_NAME,
@@ -239,3 +240,42 @@ def test_the_quality_benchmark_names_a_second_stage_s_locator_and_its_epochs(tmp
     for named in (run, run / "last.pt"):
         config = build_config(ExperimentConfig, {"cascade": {"locator": str(named)}})
         assert describe_locator(config) == {"run_folder": str(run), "epochs": 2, "epoch_minutes": 2.0}
+
+
+@pytest.mark.parametrize("rank_components", ["kidney", "foreground"])
+def test_a_large_tumour_like_organ_pushes_out_a_kidney_only_when_ranked_by_volume(tmp_path, monkeypatch,
+                                                                                   rank_components):
+    """Two kidneys and, apart from both, a larger organ both models call tumour: ranked by kidney voxels
+    (the default) the post-processing keeps both kidneys; ranked by whole volume the organ is kept in
+    place of the smaller kidney, whose box is then never segmented."""
+    labels = np.zeros((48, 64, 64), np.uint8)
+    labels[4:16, 4:20, 4:18] = 1  # 2688 voxels of 64 mm^3: 172 ml
+    labels[4:12, 4:14, 46:56] = 1  # 800 voxels: 51 ml
+    image_hu = np.where(labels == 1, 150.0, 0.0).astype(np.float32)
+    image_hu[28:42, 40:56, 24:40] = 280.0  # 3584 voxels, tumour-bright, unlabelled
+    affine = np.diag([4.0, 4.0, 4.0, 1.0])
+    locator_run, second_run = tmp_path / "locator", tmp_path / "second"
+    write_tiny_checkpoint(locator_run, TINY_3D, name="last.pt")
+    cascade = {"locator": str(locator_run), "rank_components": rank_components}
+    write_tiny_checkpoint(second_run, {**TINY_3D, "cascade": cascade}, name="last.pt", seed=1)
+    shutil.copyfile(locator_run / "last.pt", second_run / LOCATOR_NAME)
+    segmenter = load_segmentation_model(second_run)
+    assert segmenter.config.cascade.rank_components == rank_components
+
+    def by_intensity(model, image, config, **kwargs):
+        hu = _hu_of_normalised(image[0, 0])
+        classes = (hu > 75).long() + (hu > 215).long()
+        return torch.nn.functional.one_hot(classes, 3).permute(3, 0, 1, 2)[None].float() * 10
+
+    monkeypatch.setattr(ct_inference, "predict_volume_logits", by_intensity)
+    prediction = segment_ct(image_hu, affine, segmenter, postprocess=True)
+    assert not prediction[28:42, 40:56, 24:40].any()  # a mass touching no kidney: dropped either way
+    assert (prediction[4:16, 4:20, 4:18] == 1).all()
+    assert (prediction[4:12, 4:14, 46:56] == 1).all() == (rank_components == "kidney")
+    assert score_case(prediction, labels)["kidney_dice"] > (0.99 if rank_components == "kidney" else 0.0)
+
+
+def test_an_unknown_component_ranking_is_refused():
+    assert CascadeConfig().rank_components == "kidney"
+    with pytest.raises(ValueError, match="rank_components must be one of foreground, kidney, got 'tumour'"):
+        CascadeConfig(rank_components="tumour")

@@ -74,3 +74,36 @@ def test_bad_thresholds_are_refused():
         keep_largest_kidneys(np.zeros((2, 2, 2), np.uint8), (1, 1, 1), min_component_ml=-1)
     with pytest.raises(ValueError, match="max_components must be >= 1, got 0"):
         keep_largest_kidneys(np.zeros((2, 2, 2), np.uint8), (1, 1, 1), max_components=0)
+
+
+def _two_kidneys_and_a_tumour_like_organ() -> np.ndarray:
+    """(20, 20, 20): kidneys of 27 and 8 voxels (the first with 1 tumour voxel) and a 64-voxel region
+    labelled all tumour but one kidney voxel, apart from both."""
+    labels = np.zeros((20, 20, 20), np.uint8)
+    labels[0:3, 0:3, 0:3] = 1
+    labels[1, 1, 1] = 2
+    labels[8:10, 8:10, 8:10] = 1
+    labels[14:18, 14:18, 14:18] = 2
+    labels[14, 14, 14] = 1
+    return labels
+
+
+def test_ranking_by_kidney_voxels_keeps_the_kidneys_over_a_larger_mass():
+    labels = _two_kidneys_and_a_tumour_like_organ()
+    by_volume = keep_largest_kidneys(labels, (1.0, 1.0, 1.0), min_component_ml=0.0)
+    assert by_volume[8:10, 8:10, 8:10].sum() == 0 and (by_volume[14:18, 14:18, 14:18] > 0).all()
+    by_kidney = keep_largest_kidneys(labels, (1.0, 1.0, 1.0), min_component_ml=0.0, rank_by="kidney")
+    expected = labels.copy()
+    expected[14:18, 14:18, 14:18] = 0
+    np.testing.assert_array_equal(by_kidney, expected)
+    out = postprocess_labels(labels, (1.0, 1.0, 1.0), min_component_ml=0.0, rank_by="kidney")
+    np.testing.assert_array_equal(out, expected)
+    # equal kidney voxels: the larger component first; the size threshold still reads the whole component
+    tied = labels.copy()
+    tied[8:10, 8:10, 8:10] = 0
+    tied[8, 8, 8] = 1
+    kept = keep_largest_kidneys(tied, (1.0, 1.0, 1.0), min_component_ml=0.0, rank_by="kidney")
+    assert kept[0:3, 0:3, 0:3].all() and (kept[14:18, 14:18, 14:18] > 0).all() and kept[8, 8, 8] == 0
+    assert keep_largest_kidneys(labels, (1.0, 1.0, 1.0), min_component_ml=0.05, rank_by="kidney").sum() == 0
+    with pytest.raises(ValueError, match="rank_by must be one of foreground, kidney, got 'tumour'"):
+        keep_largest_kidneys(labels, (1.0, 1.0, 1.0), rank_by="tumour")

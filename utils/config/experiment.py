@@ -291,6 +291,9 @@ class WandbConfig:
 
 #: How a second stage's box labels are made (:attr:`CascadeConfig.combine`).
 CASCADE_COMBINE_MODES: tuple[str, ...] = ("mean", "second")
+#: How the post-processing ranks the foreground components it keeps: by whole volume or by kidney voxels
+#: (:func:`utils.inference.postprocessing.keep_largest_kidneys`).
+COMPONENT_RANKINGS: tuple[str, ...] = ("foreground", "kidney")
 
 
 @dataclass(frozen=True)
@@ -312,17 +315,26 @@ class CascadeConfig:
             of both stages' class probabilities on the CT's grid, ``"second"`` the second stage's
             alone. On held-out cases the mean was better than either stage alone (README
             "Held-out quality").
+        rank_components: how ``--postprocess`` ranks the foreground components it keeps (the two
+            largest), in the locator's segmentation and in the final one: ``"kidney"`` (default)
+            by their kidney voxels, so that a large region the models called tumour with no
+            kidney in it (e.g. part of the liver) cannot push out a kidney and its box;
+            ``"foreground"`` by whole volume, as a single-stage model does.
     """
 
     locator: str | None = None
     margin_mm: float = 30.0
     combine: str = "mean"
+    rank_components: str = "kidney"
 
     def __post_init__(self) -> None:
         if not self.margin_mm >= 0:
             raise ValueError(f"margin_mm must be >= 0, got {self.margin_mm}")
         if self.combine not in CASCADE_COMBINE_MODES:
             raise ValueError(f"combine must be one of {', '.join(CASCADE_COMBINE_MODES)}, got {self.combine!r}")
+        if self.rank_components not in COMPONENT_RANKINGS:
+            raise ValueError(f"rank_components must be one of {', '.join(COMPONENT_RANKINGS)}, "
+                             f"got {self.rank_components!r}")
 
 
 #: Labels (background included) of each dataset an experiment may name; the definitions themselves

@@ -243,7 +243,7 @@ def inference_record(segmenter: SegmentationModel, data: Path, *, tta: bool, pos
     """What ``inference.json`` says of the model: run name, model key, parameters, device, checkpoint, data,
     options (TTA, post-processing, how predictions were restored to the CT's grid), the model's dataset
     unless it is KiTS19, and for a second-stage model its locator (checkpoint, model, parameters, margin,
-    how the stages combine)."""
+    how the stages combine, how the post-processing ranks components)."""
     dataset = segmenter.dataset
     return {"run_name": segmenter.run_name, "model": segmenter.config.model.name,
             "parameters": count_parameters(segmenter.model), "device": str(segmenter.device),
@@ -255,7 +255,8 @@ def inference_record(segmenter: SegmentationModel, data: Path, *, tta: bool, pos
                             "model": segmenter.locator.config.model.name,
                             "parameters": count_parameters(segmenter.locator.model),
                             "margin_mm": segmenter.config.cascade.margin_mm,
-                            "combine": segmenter.config.cascade.combine}})}
+                            "combine": segmenter.config.cascade.combine,
+                            "rank_components": segmenter.config.cascade.rank_components}})}
 
 
 def segment_cases(segmenter: SegmentationModel, case_ids: Sequence[str], data: Path, report: Path, *,

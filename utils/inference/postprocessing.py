@@ -24,6 +24,7 @@ from collections.abc import Sequence
 import numpy as np
 from scipy import ndimage
 
+from utils.config.experiment import COMPONENT_RANKINGS
 from utils.data.dataset_definitions import KITS19, DatasetDefinition, get_dataset
 from utils.data.kits_layout import BACKGROUND_LABEL, KIDNEY_LABEL, TUMOUR_LABEL
 
@@ -33,6 +34,8 @@ logger = logging.getLogger(__name__)
 DEFAULT_MIN_COMPONENT_ML = 10.0
 #: Default largest number of kidney components kept.
 DEFAULT_MAX_COMPONENTS = 2
+#: How :func:`keep_largest_kidneys` ranks the foreground components: by whole volume or by kidney voxels.
+RANKINGS = COMPONENT_RANKINGS
 _CONNECTIVITY = ndimage.generate_binary_structure(3, 3)
 _MM3_PER_ML = 1000.0
 
@@ -58,7 +61,7 @@ def mass_labels(dataset: DatasetDefinition | str = KITS19) -> tuple[int, ...]:
 def keep_largest_kidneys(labels: np.ndarray, spacing_mm: Sequence[float], *,
                          min_component_ml: float = DEFAULT_MIN_COMPONENT_ML,
                          max_components: int = DEFAULT_MAX_COMPONENTS,
-                         dataset: DatasetDefinition | str = KITS19) -> np.ndarray:
+                         dataset: DatasetDefinition | str = KITS19, rank_by: str = "foreground") -> np.ndarray:
     """Keep the ``max_components`` largest foreground components of at least ``min_component_ml``.
 
     Args:
@@ -68,12 +71,17 @@ def keep_largest_kidneys(labels: np.ndarray, spacing_mm: Sequence[float], *,
         min_component_ml: smallest component volume kept, in ml (>= 0; 0 keeps any size).
         max_components: most components kept (>= 1), the largest first.
         dataset: whose labels (a definition or its name; default KiTS19).
+        rank_by: what "largest" means (:data:`RANKINGS`): ``"foreground"`` ranks the components
+            by their whole volume, ``"kidney"`` by their kidney voxels (label 1) only, so that a
+            large region labelled almost all tumour (a mass with no kidney, e.g. part of the liver)
+            cannot push out a kidney; ties keep the larger foreground first.
 
     Returns:
         A new array of the same shape and dtype; removed components are background.
 
     Raises:
-        ValueError: not a 3D integer array, a bad spacing or threshold, or labels outside the dataset's.
+        ValueError: not a 3D integer array, a bad spacing, threshold or ranking, or labels outside the
+            dataset's.
     """
     dataset = get_dataset(dataset)
     _check_labels(labels, spacing_mm, dataset)
@@ -81,10 +89,18 @@ def keep_largest_kidneys(labels: np.ndarray, spacing_mm: Sequence[float], *,
         raise ValueError(f"min_component_ml must be >= 0 ml, got {min_component_ml}")
     if max_components < 1:
         raise ValueError(f"max_components must be >= 1, got {max_components}")
+    if rank_by not in RANKINGS:
+        raise ValueError(f"rank_by must be one of {', '.join(RANKINGS)}, got {rank_by!r}")
     components, count = ndimage.label(labels > 0, structure=_CONNECTIVITY)
     voxel_ml = float(np.prod([float(s) for s in spacing_mm])) / _MM3_PER_ML
     volumes_ml = np.bincount(components.ravel(), minlength=count + 1)[1:] * voxel_ml
-    ranked = np.argsort(-volumes_ml, kind="stable")[:max_components]
+    order = -volumes_ml
+    if rank_by == "kidney":
+        kidney = np.bincount(components[labels == KIDNEY_LABEL], minlength=count + 1)[1:]
+        order = np.lexsort((-volumes_ml, -kidney))  # kidney voxels first, then the whole volume
+        ranked = order[:max_components]
+    else:
+        ranked = np.argsort(order, kind="stable")[:max_components]
     kept = [int(i) + 1 for i in ranked if volumes_ml[i] >= min_component_ml]
     logger.debug("foreground components %s ml; kept %d", np.round(volumes_ml, 2).tolist(), len(kept))
     out = labels.copy()
@@ -125,12 +141,12 @@ def remove_detached_tumour(labels: np.ndarray, dataset: DatasetDefinition | str 
 def postprocess_labels(labels: np.ndarray, spacing_mm: Sequence[float], *,
                        min_component_ml: float = DEFAULT_MIN_COMPONENT_ML,
                        max_components: int = DEFAULT_MAX_COMPONENTS,
-                       dataset: DatasetDefinition | str = KITS19) -> np.ndarray:
+                       dataset: DatasetDefinition | str = KITS19, rank_by: str = "foreground") -> np.ndarray:
     """:func:`keep_largest_kidneys`, then :func:`remove_detached_tumour`.
 
     Args:
         labels: ``(Z, Y, X)`` integer labels of ``dataset``; not modified.
-        spacing_mm: voxel size per array axis in mm. min_component_ml, max_components: as in
+        spacing_mm: voxel size per array axis in mm. min_component_ml, max_components, rank_by: as in
             :func:`keep_largest_kidneys`.
         dataset: whose labels (a definition or its name; default KiTS19): a segmenter's is
             :attr:`utils.inference.segment.SegmentationModel.dataset`.
@@ -139,5 +155,5 @@ def postprocess_labels(labels: np.ndarray, spacing_mm: Sequence[float], *,
         The cleaned labels, same shape and dtype.
     """
     kept = keep_largest_kidneys(labels, spacing_mm, min_component_ml=min_component_ml, max_components=max_components,
-                                dataset=dataset)
+                                dataset=dataset, rank_by=rank_by)
     return remove_detached_tumour(kept, dataset)

@@ -475,7 +475,7 @@ def predict_preprocessed_labels(segmenter: SegmentationModel, image: np.ndarray,
 def segment_ct(image_hu: np.ndarray, affine: np.ndarray, segmenter: SegmentationModel, *, tta: bool = False,
                postprocess: bool = False, min_component_ml: float = DEFAULT_MIN_COMPONENT_ML,
                restore: str = "probabilities", overwrite_input: bool = False,
-               timings: dict[str, float] | None = None) -> np.ndarray:
+               timings: dict[str, float] | None = None, rank_components: str = "foreground") -> np.ndarray:
     """Segment one CT: training preprocessing, prediction, labels back on the CT's own grid.
 
     A second-stage model (``segmenter.locator`` set) segments in two stages: its locator on the
@@ -485,7 +485,8 @@ def segment_ct(image_hu: np.ndarray, affine: np.ndarray, segmenter: Segmentation
     on the box's own grid (``restore`` says how each is put back: trilinear or nearest), then
     ``postprocess`` applies on the CT's grid; with ``combine: second`` only ``segmenter`` segments
     each box, with ``tta``, ``postprocess`` and ``restore`` applying to each box. Only labels within
-    ``cascade.margin_mm`` of the locator's foreground are kept, and every other voxel is background.
+    ``cascade.margin_mm`` of the locator's foreground are kept, and every other voxel is background;
+    the post-processing of both stages then ranks components as ``cascade.rank_components`` says.
 
     Args:
         image_hu: ``(I, J, K)`` CT in Hounsfield units, in the file's axis order (any real dtype;
@@ -508,6 +509,9 @@ def segment_ct(image_hu: np.ndarray, affine: np.ndarray, segmenter: Segmentation
             float32 (saves a copy of a long CT; ``image_hu`` is then garbage).
         timings: when given, receives the seconds of each stage (``preprocess``, ``predict``,
             ``restore``; post-processing counts in ``restore``).
+        rank_components: how the post-processing ranks the foreground components it keeps
+            (:func:`utils.inference.postprocessing.keep_largest_kidneys`); a second-stage model
+            uses its ``cascade.rank_components`` instead.
 
     Returns:
         ``(I, J, K)`` uint8 labels of the model's dataset (KiTS19 0 background, 1 kidney,
@@ -541,7 +545,7 @@ def segment_ct(image_hu: np.ndarray, affine: np.ndarray, segmenter: Segmentation
         clock.lap("predict")
         if postprocess:
             labels = postprocess_labels(labels, mapping.resampled_spacing, min_component_ml=min_component_ml,
-                                        dataset=segmenter.dataset)
+                                        dataset=segmenter.dataset, rank_by=rank_components)
         restored = restore_labels(labels, mapping)
     else:
         probabilities = predict_preprocessed_probabilities(segmenter, preprocessed, tta=tta)
@@ -550,7 +554,7 @@ def segment_ct(image_hu: np.ndarray, affine: np.ndarray, segmenter: Segmentation
         if postprocess:
             labels = probabilities.argmax(axis=0).astype(np.uint8)
             kept = postprocess_labels(labels, mapping.resampled_spacing, min_component_ml=min_component_ml,
-                                      dataset=segmenter.dataset)
+                                      dataset=segmenter.dataset, rank_by=rank_components)
             changed = kept != labels
             probabilities[:, changed] = 0.0
             probabilities[(kept[changed], *np.nonzero(changed))] = 1.0
@@ -565,9 +569,10 @@ def _segment_located_kidneys(image_hu: np.ndarray, affine: np.ndarray, segmenter
     """A second-stage model's segmentation (:mod:`utils.inference.cascade`): the locator on the whole CT,
     then ``segmenter`` (with ``cascade.combine: mean``, both models) on the box around each located
     kidney; background elsewhere."""
-    located = segment_ct(image_hu, affine, segmenter.locator, tta=tta, postprocess=True,
-                         min_component_ml=min_component_ml, restore="labels", timings=timings)
     config = segmenter.config
+    ranking = config.cascade.rank_components
+    located = segment_ct(image_hu, affine, segmenter.locator, tta=tta, postprocess=True,
+                         min_component_ml=min_component_ml, restore="labels", timings=timings, rank_components=ranking)
     window = (0.0, 0.0, 0.0)
     if spatial_dims(config.model) == 3:  # at least one window along every axis, whatever the CT's axis order
         window = (max(r * s for r, s in zip(config.sliding_window.roi_size, segmenter.preprocessing.target_spacing,
@@ -587,14 +592,14 @@ def _segment_located_kidneys(image_hu: np.ndarray, affine: np.ndarray, segmenter
         else:
             found = segment_ct(np.array(image_hu[box], dtype=np.float32), box_affine(affine, box), second, tta=tta,
                                postprocess=postprocess, min_component_ml=min_component_ml, restore=restore,
-                               overwrite_input=True, timings=timings)
+                               overwrite_input=True, timings=timings, rank_components=ranking)
         found[~near_located(located[box], spacing, config.cascade.margin_mm)] = 0
         labels[box] = found
     if mean and postprocess and labels.any():  # on the CT's grid, over the boxes' common extent
         clock = _StageClock(timings)
         extent = tuple(slice(int(i.min()), int(i.max()) + 1) for i in np.nonzero(labels))
         labels[extent] = postprocess_labels(labels[extent], spacing, min_component_ml=min_component_ml,
-                                            dataset=segmenter.dataset)
+                                            dataset=segmenter.dataset, rank_by=ranking)
         clock.lap("restore")
     return labels
 
