@@ -318,7 +318,7 @@ class CascadeConfig:
         rank_components: how ``--postprocess`` ranks the foreground components it keeps (the two
             largest), in the locator's segmentation and in the final one: ``"kidney"`` (default)
             by their kidney voxels, so that a large region the models called tumour with no
-            kidney in it (e.g. part of the liver) cannot push out a kidney and its box;
+            kidney in it (e.g. in a neighbouring organ) cannot push out a kidney and its box;
             ``"foreground"`` by whole volume, as a single-stage model does.
     """
 

@@ -6,8 +6,10 @@ the model's dataset (:mod:`utils.data.dataset_definitions`; KiTS19 by default):
 1. :func:`keep_largest_kidneys`: the connected components of the foreground (label > 0: kidney
    and tumour together, and for KiTS23 the cyst too) are ranked by volume; at most
    ``max_components`` (2: a person has at most two kidneys) are kept, and only those of at
-   least ``min_component_ml`` millilitres. The threshold is a physical volume, converted to
-   voxels with the spacing, so it means the same on a 0.5 mm and a 5 mm grid.
+   least ``min_component_ml`` millilitres; ``rank_by="kidney"`` ranks them by their kidney
+   voxels instead (a two-stage model's default, ``cascade.rank_components``). The threshold is
+   a physical volume, converted to voxels with the spacing, so it means the same on a 0.5 mm and
+   a 5 mm grid.
 2. :func:`remove_detached_tumour`: the components of the masses (label 2 tumour; for KiTS23
    labels 2 tumour and 3 cyst, taken together) that do not touch kidney (label 1) are set to
    background. For KiTS19 that is every tumour component touching no kidney; for KiTS23 a cyst
@@ -73,7 +75,7 @@ def keep_largest_kidneys(labels: np.ndarray, spacing_mm: Sequence[float], *,
         dataset: whose labels (a definition or its name; default KiTS19).
         rank_by: what "largest" means (:data:`RANKINGS`): ``"foreground"`` ranks the components
             by their whole volume, ``"kidney"`` by their kidney voxels (label 1) only, so that a
-            large region labelled almost all tumour (a mass with no kidney, e.g. part of the liver)
+            large region labelled almost all tumour (a mass with no kidney, e.g. in a neighbouring organ)
             cannot push out a kidney; ties keep the larger foreground first.
 
     Returns:
@@ -94,13 +96,11 @@ def keep_largest_kidneys(labels: np.ndarray, spacing_mm: Sequence[float], *,
     components, count = ndimage.label(labels > 0, structure=_CONNECTIVITY)
     voxel_ml = float(np.prod([float(s) for s in spacing_mm])) / _MM3_PER_ML
     volumes_ml = np.bincount(components.ravel(), minlength=count + 1)[1:] * voxel_ml
-    order = -volumes_ml
-    if rank_by == "kidney":
+    if rank_by == "kidney":  # kidney voxels first, then the whole volume
         kidney = np.bincount(components[labels == KIDNEY_LABEL], minlength=count + 1)[1:]
-        order = np.lexsort((-volumes_ml, -kidney))  # kidney voxels first, then the whole volume
-        ranked = order[:max_components]
+        ranked = np.lexsort((-volumes_ml, -kidney))[:max_components]
     else:
-        ranked = np.argsort(order, kind="stable")[:max_components]
+        ranked = np.argsort(-volumes_ml, kind="stable")[:max_components]
     kept = [int(i) + 1 for i in ranked if volumes_ml[i] >= min_component_ml]
     logger.debug("foreground components %s ml; kept %d", np.round(volumes_ml, 2).tolist(), len(kept))
     out = labels.copy()
