@@ -116,3 +116,12 @@ def test_the_training_command_exits_2_on_these_config_errors(tmp_path, capsys):
         assert run_training_script("resunet3d", "Train.", argv) == 2
         err = capsys.readouterr().err
         assert "Traceback" not in err and "error" in err
+
+
+def test_an_unquoted_no_for_a_text_setting_says_how_to_quote_it():
+    from utils.config.experiment import load_experiment_config
+
+    quick = REPO / "configs" / "resunet3d_quick.yaml"
+    with pytest.raises(ValueError, match=r"training\.mixed_precision must be of type str, got False; .*quote"):
+        load_experiment_config(quick, ["training.mixed_precision=no"])
+    assert load_experiment_config(quick, ['training.mixed_precision="no"']).training.mixed_precision == "no"

@@ -8,9 +8,16 @@ import pytest
 import torch
 
 from tests.test_training_engine import tiny_config
-from utils.config.experiment import PerformanceConfig
+from utils.config.experiment import PerformanceConfig, TrainingConfig
+from utils.networks.checkpoints import load_checkpoint
 from utils.training.engine import train
-from utils.training.performance import CompiledForward, loader_options, memory_format
+from utils.training.performance import (
+    CompiledForward,
+    loader_options,
+    memory_format,
+    native_bf16,
+    resolve_precision,
+)
 from utils.training.stop_signals import ignore_stop_signals
 
 
@@ -69,3 +76,45 @@ def test_training_with_the_speed_settings_learns_the_same(tiny_data, tmp_path):
     reference = losses("plain")
     assert losses("on_device", augment_on_device=True) == pytest.approx(reference, abs=1e-6)
     assert losses("channels_last", channels_last=True, augment_on_device=True) == pytest.approx(reference, abs=1e-4)
+
+
+def test_auto_precision_is_bf16_on_gpus_that_have_it_and_float32_on_cpus(monkeypatch, caplog):
+    cpu, cuda = torch.device("cpu"), torch.device("cuda")
+    for native in (False, True):
+        monkeypatch.setattr(torch.cpu, "_is_avx512_bf16_supported", lambda native=native: native)
+        monkeypatch.setattr(torch.cpu, "_is_amx_tile_supported", lambda: False)
+        assert native_bf16(cpu) is native and resolve_precision("auto", cpu) == "no"
+    assert resolve_precision("bf16", cpu) == "bf16"  # an explicit choice is kept
+    monkeypatch.setattr(torch.cpu, "_is_avx512_bf16_supported", lambda: False)
+    with caplog.at_level("WARNING"):
+        assert resolve_precision("bf16", cpu) == "bf16"
+    assert "emulated" in caplog.text
+    for supported, expected in ((True, "bf16"), (False, "fp16")):
+        monkeypatch.setattr(torch.cuda, "is_bf16_supported", lambda supported=supported: supported)
+        assert resolve_precision("auto", cuda) == expected
+    assert [resolve_precision(p, cuda) for p in ("no", "fp16", "bf16")] == ["no", "fp16", "bf16"]
+    with pytest.raises(ValueError, match="mixed_precision"):
+        TrainingConfig(mixed_precision="fp8")
+
+
+def test_bf16_then_float32_training_in_one_process(tiny_data, tmp_path):
+    """A notebook trains in bf16, then in float32, in one kernel: both train, each in its precision.
+
+    On this tiny network the CPU's bf16 convolution backward pass can return NaN weight gradients
+    for a finite loss; those steps are skipped (counted), and the weights stay finite.
+    """
+    def run(name, precision):
+        config = tiny_config(tmp_path, training={"run_name": name, "mixed_precision": precision,
+                                                 "nonfinite_loss": "skip"})
+        result = train(config, data_dir=tiny_data, show_progress=False)
+        records = json.loads((result.run_folder / "training_progress.json").read_text())
+        weights = load_checkpoint(result.run_folder / "last.pt")["model"]
+        assert all(torch.isfinite(w).all() for w in weights.values())
+        return [r["train_loss"] for r in records], sum(r["skipped_steps"] for r in records), result.run_folder
+
+    reference, skipped, _ = run("float32", "no")
+    assert skipped == 0
+    in_bf16, _, folder = run("bf16", "bf16")
+    assert in_bf16 != reference, "bf16 autocast changes the rounding, so the losses"
+    assert in_bf16[0] == pytest.approx(reference[0], rel=0.05)
+    assert run("float32_again", "no")[0] == reference, "the second float32 run is exactly the first"

@@ -68,6 +68,32 @@ def test_a_non_finite_loss_or_a_stop_signal_updates_nothing(nan_loss, received):
     assert parts.scheduler.last_epoch == 0 and all(p.grad is None for p in parts.model.parameters())
 
 
+class _NanGradient(torch.autograd.Function):
+    """Identity forward, NaN backward: a finite loss whose gradients are not (as a faulty kernel gives)."""
+
+    @staticmethod
+    def forward(ctx, logits):
+        return logits.clone()
+
+    @staticmethod
+    def backward(ctx, grad):
+        return torch.full_like(grad, float("nan"))
+
+
+@pytest.mark.parametrize("clip", [1.0, 0.0])
+def test_nan_gradients_of_a_finite_loss_update_nothing(clip):
+    parts = _parts(lambda logits, label: _cross_entropy(_NanGradient.apply(logits), label))
+    if not clip:
+        from dataclasses import replace
+        parts = replace(parts, grad_clip_norm=0.0)
+    before = [p.detach().clone() for p in parts.model.parameters()]
+    outcome = train_step(parts, _batch())
+    assert outcome.finite and torch.isfinite(outcome.loss)
+    assert not outcome.finite_gradients and not outcome.updated
+    assert all(torch.equal(a, b) for a, b in zip(before, parts.model.parameters(), strict=True))
+    assert parts.scheduler.last_epoch == 0 and all(p.grad is None for p in parts.model.parameters())
+
+
 def test_the_benchmark_times_the_step_training_runs(tiny_data, tmp_path, monkeypatch):
     """The benchmark's per-step losses are the engine's first steps' from the same weights and batches."""
     assert engine.train_step is train_step

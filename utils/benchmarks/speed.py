@@ -63,7 +63,13 @@ from utils.networks.models import build_model, model_input_size, spatial_dims
 from utils.preprocessing.cache import PreprocessedCache
 from utils.preprocessing.resampling import CANONICAL_AXCODES
 from utils.training.optimisation import build_optimiser, build_scheduler
-from utils.training.performance import CompiledForward, configure_backends, loader_options, memory_format
+from utils.training.performance import (
+    CompiledForward,
+    configure_backends,
+    loader_options,
+    memory_format,
+    resolve_precision,
+)
 from utils.training.step import StepParts, train_step
 
 AUTOCAST = {"bf16": torch.bfloat16, "fp16": torch.float16, "no": None}
@@ -99,8 +105,8 @@ def baseline_settings(config: ExperimentConfig, device: torch.device) -> Setting
 
 
 def our_settings(config: ExperimentConfig, device: torch.device, workers: int) -> Settings:
-    """Ours: the experiment's batch size, precision (fp32 on the CPU), ``performance`` and windows."""
-    precision = config.training.mixed_precision if device.type == "cuda" else "no"
+    """Ours: the experiment's batch size, training precision (``auto`` resolved), ``performance`` and windows."""
+    precision = resolve_precision(config.training.mixed_precision, device)
     return Settings("ours", config.training.batch_size, precision, "cache", workers, config.performance,
                     config.sliding_window)
 
@@ -108,6 +114,7 @@ def our_settings(config: ExperimentConfig, device: torch.device, workers: int) -
 #: Options of ours that an ablation turns off one at a time: label, change to :class:`Settings`.
 ABLATIONS = {
     "cache": lambda s: replace(s, pipeline="per_sample"),
+    "mixed_precision": lambda s: replace(s, precision="no"),
     "channels_last": lambda s: replace(s, performance=replace(s.performance, channels_last=False)),
     "compile": lambda s: replace(s, performance=replace(s.performance, compile=False)),
     "augment_on_device": lambda s: replace(s, performance=replace(s.performance, augment_on_device=False)),
@@ -129,7 +136,12 @@ def ablation_settings(ours: Settings, device: torch.device) -> list[Settings]:
     for option, change in ABLATIONS.items():
         if option in GPU_ONLY_OPTIONS and device.type != "cuda":
             continue
-        enabled = ours.pipeline == "cache" if option == "cache" else getattr(ours.performance, option)
+        if option == "cache":
+            enabled = ours.pipeline == "cache"
+        elif option == "mixed_precision":
+            enabled = ours.precision != "no"
+        else:
+            enabled = getattr(ours.performance, option)
         if enabled:
             variants.append(replace(change(ours), name=f"ours without {option}"))
     return variants
@@ -331,9 +343,18 @@ def measure_training(config: ExperimentConfig, settings: Settings, cache: Prepro
     return Measurement(name, settings.name, result["samples_per_second"], unit, peak_memory_gb(device), details)
 
 
+def inference_precision(settings: Settings, device: torch.device) -> str:
+    """The precision whole-volume prediction runs in: the settings' on a GPU, float32 on a CPU.
+
+    As :func:`utils.inference.segment.segment_file` does: on a CPU every model predicts in float32,
+    whatever precision it was trained in.
+    """
+    return settings.precision if device.type == "cuda" else "no"
+
+
 def baseline_windows(model: torch.nn.Module, image: torch.Tensor, settings: Settings, pad_value: float) -> torch.Tensor:
     """The baseline's sliding windows: MONAI's inferer on the model, autocast as configured, one window per pass."""
-    dtype = AUTOCAST[settings.precision]
+    dtype = AUTOCAST[inference_precision(settings, image.device)]
     window = settings.sliding_window
     with torch.no_grad(), torch.autocast(image.device.type, dtype=dtype or torch.float32, enabled=dtype is not None):
         return sliding_window_inference(image, roi_size=tuple(window.roi_size), sw_batch_size=window.sw_batch_size,
@@ -347,18 +368,19 @@ def measure_sliding_window(config: ExperimentConfig, settings: Settings, shape: 
     configure_backends(settings.performance, device)
     image = torch.randn((1, 1, *shape), generator=torch.Generator().manual_seed(0)).to(device)
     windows = replace(config, sliding_window=settings.sliding_window)
+    precision = inference_precision(settings, device)
 
     def predict() -> torch.Tensor:
         if settings.name == "baseline":
             return baseline_windows(model, image, settings, pad_value).argmax(dim=1)
-        return predict_volume_logits(model, image, windows, autocast_dtype=AUTOCAST[settings.precision],
+        return predict_volume_logits(model, image, windows, autocast_dtype=AUTOCAST[precision],
                                      pad_value=pad_value).argmax(dim=1)
 
     times = _repeat(predict, device, repeats)
     return Measurement("sliding-window inference", settings.name, float(np.median(times)), "s", peak_memory_gb(device),
                        {"volume": list(shape), "seconds_each": times,
                         "sw_batch_size": settings.sliding_window.sw_batch_size,
-                        "overlap": settings.sliding_window.overlap, "precision": settings.precision})
+                        "overlap": settings.sliding_window.overlap, "precision": precision})
 
 
 def _repeat(work: Callable[[], Any], device: torch.device, repeats: int) -> list[float]:
@@ -431,7 +453,8 @@ def measure_segmentation(config: ExperimentConfig, settings: Settings, cache: Pr
     if written.shape != source.shape or not np.allclose(written.affine, source.affine, atol=1e-4):
         raise RuntimeError(f"{output}: the {settings.name} segmentation is not on the CT's grid "
                            f"({written.shape} vs {source.shape})")
-    details = {"ct_shape": list(source.shape), "seconds_each": times, "precision": settings.precision}
+    details = {"ct_shape": list(source.shape), "seconds_each": times,
+               "precision": inference_precision(settings, device)}
     if stages:  # ours: median seconds of each stage over the timed runs
         details["stage_seconds"] = {name: float(np.median([s[name] for s in stages[1:]])) for name in stages[-1]}
     return Measurement("segment one CT (file to file)", settings.name, float(np.median(times)), "s",

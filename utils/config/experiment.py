@@ -30,7 +30,7 @@ from utils.config.loading import check_choice, check_positive, load_config
 
 MODEL_NAMES = ("resunet3d", "unetr2d")
 LOSS_NAMES = ("dice_focal", "dice_ce")
-MIXED_PRECISION = ("no", "fp16", "bf16")
+MIXED_PRECISION = ("no", "fp16", "bf16", "auto")
 NONFINITE_LOSS_POLICIES = ("stop", "skip")
 ON_BAD_CASE = ("error", "skip")
 WANDB_MODES = ("auto", "online", "offline")
@@ -200,7 +200,9 @@ class TrainingConfig:
         num_workers: data-loading processes per training process.
         validate_every: validate every this many epochs (and after the last).
         checkpoint_every: save ``last`` every this many epochs (and after the last).
-        mixed_precision: ``"no"``, ``"fp16"`` or ``"bf16"``.
+        mixed_precision: ``"no"``, ``"fp16"``, ``"bf16"`` or ``"auto"`` (bf16 on a GPU that
+            computes it, else fp16 on a GPU and float32 on a CPU; see
+            :func:`utils.training.performance.resolve_precision`).
         nonfinite_loss: ``"stop"`` the run, or ``"skip"`` the step and count it.
         on_bad_case: a case that fails validation stops the run (``"error"``) or is left out (``"skip"``).
         deterministic: use deterministic algorithms (exact resume on CPU; slower on GPU).

@@ -45,7 +45,11 @@ def _convert(value: Any, annotation: Any, where: str) -> Any:
         return float(value)
     if annotation in (int, str, bool) and not (isinstance(value, annotation) and not
                                                (annotation is int and isinstance(value, bool))):
-        raise ValueError(f"{where} must be of type {annotation.__name__}, got {value!r}")
+        hint = ""
+        if annotation is str and isinstance(value, bool):  # YAML 1.1 reads no/yes/off/on as booleans
+            hint = ("; YAML reads an unquoted no, yes, off or on as a boolean: quote the text "
+                    "(in a file key: \"no\", on the command line --set 'section.key=\"no\"')")
+        raise ValueError(f"{where} must be of type {annotation.__name__}, got {value!r}{hint}")
     return value
 
 

@@ -182,12 +182,13 @@ def _run_epoch(state: RunState, epoch: int, show_progress: bool, stop: StopSigna
                         "loss_sum": loss_sum.item(), "seconds": time.perf_counter() - started}
             _stop_on_signal(state, epoch, position, stop.received or "a stop signal on another process")
         batches += 1
-        if not outcome.finite:
+        if not outcome.finite or not outcome.finite_gradients:
             if training.nonfinite_loss == "stop":
+                what = "loss" if not outcome.finite else f"gradients (loss {loss.item():.4f})"
                 raise NonFiniteLossError(
-                    f"non-finite loss at epoch {epoch + 1}, step {batches} (iteration {state.iteration + 1}); "
-                    f"the last checkpoint in {state.folder} is intact. Lower the learning rate, check the data, "
-                    "or set training.nonfinite_loss=skip to skip such steps")
+                    f"non-finite {what} at epoch {epoch + 1}, step {batches} (iteration {state.iteration + 1}); "
+                    f"nothing was updated and the last checkpoint in {state.folder} is intact. Lower the learning "
+                    "rate, check the data, or set training.nonfinite_loss=skip to skip such steps")
             skipped += 1
             state.optimiser.zero_grad(set_to_none=True)
             continue
@@ -287,7 +288,7 @@ def validate(state: RunState) -> dict[str, Any]:
     dataset = get_dataset(state.config.dataset)
     model = state.model
     model.eval()
-    dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(state.config.training.mixed_precision)
+    dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(str(accelerator.mixed_precision))
     per_case = []
     for index in range(accelerator.process_index, len(state.validation), accelerator.num_processes):
         item = state.validation[index]

@@ -3,6 +3,8 @@
 Each function reads :class:`utils.config.experiment.PerformanceConfig` and changes how fast the
 same computation runs, never what it computes (beyond floating-point rounding):
 
+* :func:`resolve_precision`: what ``training.mixed_precision: auto`` means on this device (bf16 on
+  GPUs that compute it, fp16 on older GPUs, float32 on CPUs);
 * :func:`configure_backends`: cuDNN autotuning and TensorFloat-32 on GPUs;
 * :func:`memory_format`: channels-last (``torch.channels_last_3d`` for 3D models) for the model
   and its inputs, so bf16 convolutions run on tensor cores without layout conversions;
@@ -24,6 +26,35 @@ from utils.config.experiment import PerformanceConfig
 from utils.training.stop_signals import ignore_stop_signals
 
 logger = logging.getLogger(__name__)
+
+
+def native_bf16(device: torch.device) -> bool:
+    """Whether ``device`` computes bf16 in hardware: a CUDA GPU with bf16, or a CPU with AVX512-BF16 or AMX."""
+    if device.type == "cuda":
+        return torch.cuda.is_bf16_supported()
+    if device.type == "cpu":
+        return bool(torch.cpu._is_avx512_bf16_supported() or torch.cpu._is_amx_tile_supported())
+    return False
+
+
+def resolve_precision(setting: str, device: torch.device) -> str:
+    """accelerate's ``mixed_precision`` for the config's ``training.mixed_precision`` on ``device``.
+
+    ``"auto"``: ``"bf16"`` on a GPU that computes it, ``"fp16"`` (with the gradient scaler) on
+    an older GPU, ``"no"`` (float32) on a CPU. bf16 on a CPU is opt-in (``"bf16"``): faster on
+    CPUs with AVX512-BF16 or AMX, but its convolution backward pass has returned NaN weight
+    gradients for small networks there (README "Speed"), which the training step refuses to
+    apply. Any setting other than ``"auto"`` is returned as it is, with a warning for bf16 on a
+    CPU that emulates it.
+    """
+    if setting == "auto":
+        if device.type != "cuda":
+            return "no"
+        return "bf16" if native_bf16(device) else "fp16"
+    if setting == "bf16" and device.type == "cpu" and not native_bf16(device):
+        logger.warning("mixed_precision bf16 on a CPU without AVX512-BF16 or AMX: bf16 is emulated there and "
+                       "usually slower than float32")
+    return setting
 
 
 def configure_backends(performance: PerformanceConfig, device: torch.device) -> None:

@@ -25,6 +25,7 @@ from typing import Any
 
 import torch
 from accelerate import Accelerator
+from accelerate.state import AcceleratorState, PartialState
 from accelerate.utils import broadcast_object_list, set_seed
 from torch.utils.data import DataLoader
 
@@ -48,7 +49,13 @@ from utils.networks.models import build_model, check_input_size, model_input_siz
 from utils.preprocessing.cache import PreprocessedCache, open_cache
 from utils.preprocessing.preprocess import prepare_training_cache
 from utils.training.optimisation import build_optimiser, build_scheduler
-from utils.training.performance import CompiledForward, configure_backends, loader_options, memory_format
+from utils.training.performance import (
+    CompiledForward,
+    configure_backends,
+    loader_options,
+    memory_format,
+    resolve_precision,
+)
 from utils.training.resume import (
     LAST_CHECKPOINT,
     SET_UP_FILES,
@@ -71,6 +78,8 @@ from utils.training.step import StepParts
 from utils.training.tracking import Tracker, build_tracker
 
 logger = logging.getLogger(__name__)
+
+_PRECISION_NAMES = {"bf16": "bf16 autocast", "fp16": "fp16 autocast with a gradient scaler", "no": "float32"}
 
 
 @dataclass(frozen=True, eq=False)
@@ -182,6 +191,19 @@ class RunState:
             torch.distributed.destroy_process_group()
 
 
+def _accelerator(precision: str, device: torch.device) -> Accelerator:
+    """An ``Accelerator`` with ``precision``, also after an earlier run of this process used another one.
+
+    accelerate keeps the mixed precision in a process-wide singleton and refuses to change it; a
+    notebook that trains a float32 model and then a bf16 one in the same kernel would fail on the
+    second. In a single process, that state (not the device or process group) is reset first.
+    """
+    state = AcceleratorState._shared_state
+    if state and state.get("_mixed_precision", precision) != precision and PartialState().num_processes == 1:
+        AcceleratorState._reset_state()
+    return Accelerator(mixed_precision=precision, cpu=device.type == "cpu")
+
+
 def start_run(config: ExperimentConfig, *, resume: str | Path | None) -> RunStart:
     """The accelerator, seeds and run folder of a new run, or of the one resumed (``resume``).
 
@@ -199,7 +221,9 @@ def start_run(config: ExperimentConfig, *, resume: str | Path | None) -> RunStar
     check_input_size(config.model, input_size)
     if spatial_dims(config.model) == 3:
         check_input_size(config.model, config.sliding_window.roi_size)
-    accelerator = Accelerator(mixed_precision=training.mixed_precision, cpu=not torch.cuda.is_available())
+    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    precision = resolve_precision(training.mixed_precision, device)
+    accelerator = _accelerator(precision, device)
     launched = int(os.environ.get("WORLD_SIZE", "1"))
     if launched != accelerator.num_processes:
         raise RuntimeError(f"{launched} processes were launched but accelerate formed a group of "
@@ -215,6 +239,8 @@ def start_run(config: ExperimentConfig, *, resume: str | Path | None) -> RunStar
     handler = attach_text_log(folder) if accelerator.is_main_process else None
     if handler is not None and resume is not None:  # logged to train.log: how many leftovers went
         remove_stale_temp_files(folder)
+    if training.mixed_precision == "auto":
+        logger.info("mixed precision auto on %s: %s", device.type, _PRECISION_NAMES[precision])
     return RunStart(accelerator, folder, handler, resumed=resume is not None)
 
 

@@ -11,11 +11,14 @@ model's memory format, the forward pass under ``accelerator.autocast()`` through
 over processes of the non-finite and stop flags (so every process decides alike), and, when
 the loss is finite everywhere and no stop was requested: ``accelerator.backward``, gradient
 clipping by ``accelerator.clip_grad_norm_``, the optimiser step, the scheduler step, and
-``zero_grad``.
+``zero_grad``. Without fp16's gradient scaler (which skips such steps itself), a finite loss
+whose gradients are not finite updates nothing either: the total gradient norm (the one clipping
+computes) is checked before the optimiser step, so one NaN gradient never reaches the weights.
 """
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 from typing import Any
 
@@ -64,17 +67,20 @@ class StepOutcome:
         finite: the loss was finite on every process.
         stopping: some process had received a stop signal; nothing was updated.
         samples: images in this process's batch.
+        finite_gradients: the total gradient norm was finite (``False`` only for a finite loss
+            whose backward pass gave NaN or infinite gradients; nothing was updated then).
     """
 
     loss: torch.Tensor
     finite: bool
     stopping: bool
     samples: int
+    finite_gradients: bool = True
 
     @property
     def updated(self) -> bool:
-        """Whether the step changed the weights (finite everywhere and no stop requested)."""
-        return self.finite and not self.stopping
+        """Whether the step changed the weights (loss and gradients finite everywhere, no stop requested)."""
+        return self.finite and self.finite_gradients and not self.stopping
 
 
 def train_step(parts: StepParts, batch: dict[str, Any], stop: StopSignals | None = None) -> StepOutcome:
@@ -96,14 +102,19 @@ def train_step(parts: StepParts, batch: dict[str, Any], stop: StopSignals | None
         logits = parts.forward(image)
     loss = parts.loss(logits.float(), label)
     finite, stopping = _step_flags(accelerator, loss, stop)
+    samples = int(image.shape[0])
     if finite and not stopping:
         accelerator.backward(loss)
-        if parts.grad_clip_norm > 0:
-            accelerator.clip_grad_norm_(parts.model.parameters(), parts.grad_clip_norm)
+        scaled = getattr(accelerator, "scaler", None) is not None  # fp16: the scaler skips inf/NaN steps itself
+        if parts.grad_clip_norm > 0 or not scaled:
+            norm = accelerator.clip_grad_norm_(parts.model.parameters(), parts.grad_clip_norm or math.inf)
+            if not scaled and not torch.isfinite(torch.as_tensor(norm)).item():
+                parts.optimiser.zero_grad(set_to_none=True)
+                return StepOutcome(loss.detach(), finite, stopping, samples, finite_gradients=False)
         parts.optimiser.step()
         parts.scheduler.step()
         parts.optimiser.zero_grad(set_to_none=True)
-    return StepOutcome(loss.detach(), finite, stopping, int(image.shape[0]))
+    return StepOutcome(loss.detach(), finite, stopping, samples)
 
 
 def _step_flags(accelerator: Accelerator, loss: torch.Tensor, stop: StopSignals | None) -> tuple[bool, bool]:
