@@ -112,9 +112,9 @@ def test_bf16_then_float32_training_in_one_process(tiny_data, tmp_path):
         assert all(torch.isfinite(w).all() for w in weights.values())
         return [r["train_loss"] for r in records], sum(r["skipped_steps"] for r in records), result.run_folder
 
-    reference, skipped, _ = run("float32", "no")
-    assert skipped == 0
-    in_bf16, _, folder = run("bf16", "bf16")
-    assert in_bf16 != reference, "bf16 autocast changes the rounding, so the losses"
-    assert in_bf16[0] == pytest.approx(reference[0], rel=0.05)
+    reference, skipped, folder = run("float32", "no")
+    assert skipped == 0 and "precision: float32" in (folder / "train.log").read_text()
+    in_bf16, skipped, folder = run("bf16", "bf16")
+    assert "precision: bf16 autocast" in (folder / "train.log").read_text()
+    assert skipped > 0 or in_bf16 != reference, "bf16 changes the rounding (or skips NaN-gradient steps)"
     assert run("float32_again", "no")[0] == reference, "the second float32 run is exactly the first"

@@ -239,8 +239,9 @@ def start_run(config: ExperimentConfig, *, resume: str | Path | None) -> RunStar
     handler = attach_text_log(folder) if accelerator.is_main_process else None
     if handler is not None and resume is not None:  # logged to train.log: how many leftovers went
         remove_stale_temp_files(folder)
-    if training.mixed_precision == "auto":
-        logger.info("mixed precision auto on %s: %s", device.type, _PRECISION_NAMES[precision])
+    if handler is not None:
+        chosen = f" (auto on {device.type})" if training.mixed_precision == "auto" else ""
+        logger.info("precision: %s%s", _PRECISION_NAMES.get(precision, precision), chosen)
     return RunStart(accelerator, folder, handler, resumed=resume is not None)
 
 
