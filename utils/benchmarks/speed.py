@@ -34,7 +34,6 @@ import nibabel as nib
 import numpy as np
 import torch
 from accelerate import Accelerator
-from accelerate.state import AcceleratorState
 from monai.inferers import sliding_window_inference
 from monai.transforms import (
     AsDiscreted,
@@ -65,6 +64,7 @@ from utils.preprocessing.resampling import CANONICAL_AXCODES
 from utils.training.optimisation import build_optimiser, build_scheduler
 from utils.training.performance import (
     CompiledForward,
+    build_accelerator_for,
     configure_backends,
     loader_options,
     memory_format,
@@ -240,22 +240,17 @@ def build_network(config: ExperimentConfig, settings: Settings, device: torch.de
 
 
 def build_accelerator(settings: Settings, device: torch.device) -> Accelerator:
-    """A fresh ``Accelerator`` with the settings' mixed precision on ``device``, for one measurement.
+    """An ``Accelerator`` with the settings' mixed precision on ``device``, for one measurement.
 
-    accelerate keeps its state, mixed precision included, in a process-wide singleton
-    (``AcceleratorState``): once an ``Accelerator`` exists, creating one with another
-    ``mixed_precision`` raises ``ValueError``. The benchmark trains several settings in one
-    process (on a GPU the baseline in fp16, ours in the config's bf16), so this is the one place
-    where it resets that state (``AcceleratorState._reset_state()``, as accelerate's own tests do)
-    before building each setting's accelerator. The ``PartialState`` (device, process group) is
-    kept: the benchmark is one process on one device. An ``Accelerator`` built earlier in the
-    process must not be used after this call; each measurement builds and drops its own.
+    The benchmark trains several settings in one process (on a GPU the baseline in fp16, ours in
+    the config's precision); :func:`utils.training.performance.build_accelerator_for` resets
+    accelerate's process-wide precision between them, as training does between runs. The
+    benchmark is one process on one device; each measurement builds and drops its own accelerator.
 
     Raises:
         ValueError: accelerate's device (set by the first accelerator of the process) is not ``device``.
     """
-    AcceleratorState._reset_state()
-    accelerator = Accelerator(mixed_precision=settings.precision, cpu=device.type == "cpu")
+    accelerator = build_accelerator_for(settings.precision, device)
     if accelerator.device.type != device.type or (accelerator.device.index or 0) != (device.index or 0):
         raise ValueError(f"the benchmark runs on {device} but accelerate's device in this process is "
                          f"{accelerator.device}; run the benchmark in a fresh process (scripts/benchmark.py)")

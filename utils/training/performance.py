@@ -21,6 +21,8 @@ from collections.abc import Callable
 from typing import Any
 
 import torch
+from accelerate import Accelerator
+from accelerate.state import AcceleratorState, PartialState
 
 from utils.config.experiment import PerformanceConfig
 from utils.training.stop_signals import ignore_stop_signals
@@ -55,6 +57,22 @@ def resolve_precision(setting: str, device: torch.device) -> str:
         logger.warning("mixed_precision bf16 on a CPU without AVX512-BF16 or AMX: bf16 is emulated there and "
                        "usually slower than float32")
     return setting
+
+
+def build_accelerator_for(precision: str, device: torch.device) -> Accelerator:
+    """An ``Accelerator`` with ``precision``, also after an earlier one of this process used another.
+
+    accelerate keeps the mixed precision in a process-wide singleton (``AcceleratorState``) and
+    refuses to change it: a notebook that trains a float32 model and then a bf16 one in the same
+    kernel, or the benchmark measuring settings of several precisions, would fail on the second.
+    In a single process that state is reset first (``AcceleratorState._reset_state()``, as
+    accelerate's own tests do); the ``PartialState`` (device, process group) is kept. An
+    ``Accelerator`` built earlier with another precision must not be used after this call.
+    """
+    state = AcceleratorState._shared_state
+    if state and state.get("_mixed_precision", precision) != precision and PartialState().num_processes == 1:
+        AcceleratorState._reset_state()
+    return Accelerator(mixed_precision=precision, cpu=device.type == "cpu")
 
 
 def configure_backends(performance: PerformanceConfig, device: torch.device) -> None:

@@ -25,7 +25,6 @@ from typing import Any
 
 import torch
 from accelerate import Accelerator
-from accelerate.state import AcceleratorState, PartialState
 from accelerate.utils import broadcast_object_list, set_seed
 from torch.utils.data import DataLoader
 
@@ -51,6 +50,7 @@ from utils.preprocessing.preprocess import prepare_training_cache
 from utils.training.optimisation import build_optimiser, build_scheduler
 from utils.training.performance import (
     CompiledForward,
+    build_accelerator_for,
     configure_backends,
     loader_options,
     memory_format,
@@ -191,19 +191,6 @@ class RunState:
             torch.distributed.destroy_process_group()
 
 
-def _accelerator(precision: str, device: torch.device) -> Accelerator:
-    """An ``Accelerator`` with ``precision``, also after an earlier run of this process used another one.
-
-    accelerate keeps the mixed precision in a process-wide singleton and refuses to change it; a
-    notebook that trains a float32 model and then a bf16 one in the same kernel would fail on the
-    second. In a single process, that state (not the device or process group) is reset first.
-    """
-    state = AcceleratorState._shared_state
-    if state and state.get("_mixed_precision", precision) != precision and PartialState().num_processes == 1:
-        AcceleratorState._reset_state()
-    return Accelerator(mixed_precision=precision, cpu=device.type == "cpu")
-
-
 def start_run(config: ExperimentConfig, *, resume: str | Path | None) -> RunStart:
     """The accelerator, seeds and run folder of a new run, or of the one resumed (``resume``).
 
@@ -223,7 +210,7 @@ def start_run(config: ExperimentConfig, *, resume: str | Path | None) -> RunStar
         check_input_size(config.model, config.sliding_window.roi_size)
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     precision = resolve_precision(training.mixed_precision, device)
-    accelerator = _accelerator(precision, device)
+    accelerator = build_accelerator_for(precision, device)
     launched = int(os.environ.get("WORLD_SIZE", "1"))
     if launched != accelerator.num_processes:
         raise RuntimeError(f"{launched} processes were launched but accelerate formed a group of "
