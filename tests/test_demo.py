@@ -226,3 +226,26 @@ def test_the_cross_validated_demo_config_and_its_refusals(tmp_path):
     with pytest.raises(OutputGuardError, match="results file .* was not written by this command"):
         check_demo_outputs(tiny)
     assert not (tmp_path / "data").exists()
+
+
+def test_the_demo_reads_cases_one_at_a_time_and_draws_the_first_few(tmp_path, monkeypatch):
+    """The intensity floor covers every generated case; the gallery only the first GALLERY_CASES."""
+    from matplotlib.figure import Figure
+
+    from utils.analysis.intensity_separability import measure_separability
+    from utils.cli import demo
+    from utils.data.case_validation import load_case, select_cases, validate_dataset
+    from utils.synthetic.dataset import SyntheticOptions, generate_dataset
+
+    generate_dataset(tmp_path / "data", 3, seed=0, options=SyntheticOptions(matrix=64), show_progress=False)
+    report = validate_dataset(tmp_path / "data", full=True, show_progress=False)
+    drawn = []
+    monkeypatch.setattr(demo, "GALLERY_CASES", 2)
+    monkeypatch.setattr(demo, "plot_case_gallery",
+                        lambda cases, dataset: drawn.extend(c[0] for c in cases) or Figure())
+    pooled, path = demo._look_at_cases(report, demo.KITS19, tmp_path / "reports" / "gallery.png")
+    assert drawn == ["case_00000", "case_00001"]
+    assert path.is_file() and path.stat().st_size > 0
+    every_case = [load_case(files) for files in select_cases(report, on_bad="error")]
+    expected, _ = measure_separability((case.image, case.segmentation) for case in every_case)
+    assert pooled == expected

@@ -26,6 +26,7 @@ import json
 import logging
 import os
 import time
+from collections.abc import Iterator
 from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 
@@ -71,6 +72,8 @@ from utils.training.run_folder import ProgressLog
 
 #: Augmented training samples of each kind drawn for the demo's figure.
 SAMPLES_SHOWN = 6
+#: Cases drawn in the demo's gallery (``synthetic_cases.png``): the first ones, so the figure stays readable.
+GALLERY_CASES = 16
 #: The cross-validated demo's results file, in ``reports_dir``.
 RESULTS_FILE = "results.md"
 
@@ -272,11 +275,8 @@ def run_demo(config: DemoConfig, show_progress: bool = True, *, allow_inside_inp
     summaries = generate_dataset(synthetic.out_dir, synthetic.cases, seed=synthetic.seed, options=options,
                                  workers=synthetic.workers, show_progress=show_progress)
     report = validate_dataset(synthetic.out_dir, full=True, show_progress=show_progress, dataset=dataset)
-    cases = [load_case(files, dataset=dataset) for files in select_cases(report, on_bad="error")]
-    pooled, _ = measure_separability((case.image, case.segmentation) for case in cases)
     reports_dir = Path(config.reports_dir)
-    gallery = plot_case_gallery([(c.case_id, c.image, c.segmentation, c.spacing) for c in cases], dataset=dataset)
-    gallery_path = save_figure(gallery, reports_dir / "synthetic_cases.png")
+    pooled, gallery_path = _look_at_cases(report, dataset, reports_dir / "synthetic_cases.png")
     prepared = preprocess_dataset(synthetic.out_dir, config.preprocessing, config.split, workers=synthetic.workers,
                                   show_progress=show_progress, dataset=dataset)
     samples_path, split = _save_training_samples(config, prepared.folder, reports_dir / "training_samples.png")
@@ -461,6 +461,24 @@ def _save_report_visuals(config: DemoConfig, report_folder: Path, model: str, ca
     animation = save_slice_animation(case.image, case.segmentation, case.spacing,
                                      reports_dir / f"sagittal_{name}.gif", prediction=prediction)
     return reports_dir / f"3d_{name}.html", reports_dir / f"viewer_{name}.html", animation
+
+
+def _look_at_cases(report: DatasetReport, dataset: DatasetDefinition, gallery_path: Path) -> tuple[Separability, Path]:
+    """The intensity-only floor over every case, and a gallery of the first :data:`GALLERY_CASES`.
+
+    Cases are read one at a time, so memory holds the gallery's cases only, however many were generated.
+    """
+    shown: list[tuple[str, np.ndarray, np.ndarray, tuple[float, ...]]] = []
+
+    def images_and_labels() -> Iterator[tuple[np.ndarray, np.ndarray]]:
+        for files in select_cases(report, on_bad="error"):
+            case = load_case(files, dataset=dataset)
+            if len(shown) < GALLERY_CASES:
+                shown.append((case.case_id, case.image, case.segmentation, case.spacing))
+            yield case.image, case.segmentation
+
+    pooled, _ = measure_separability(images_and_labels())
+    return pooled, save_figure(plot_case_gallery(shown, dataset=dataset), gallery_path)
 
 
 def _mean_seconds(cases: list[dict]) -> float | None:
