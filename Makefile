@@ -24,7 +24,7 @@ demo: $(VENV)/.minimal-installed
 	WANDB_MODE=$${WANDB_MODE:-offline} $(PY) scripts/demo.py --config configs/demo.yaml
 
 # The same pipeline with 3-fold cross-validation of both models, compared on every case out of fold
-# (about 20 minutes on two cores; results in reports/demo_cv/results.md).
+# (13-20 minutes on two cores; results in reports/demo_cv/results.md).
 demo-cv: $(VENV)/.minimal-installed
 	WANDB_MODE=$${WANDB_MODE:-offline} $(PY) scripts/demo.py --config configs/demo_cv.yaml
 
