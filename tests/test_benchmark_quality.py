@@ -100,6 +100,19 @@ def test_end_to_end_on_procedural_fallback(tmp_path, caplog):
         kidney, tumour = (float(re.match(r"[\d.]+", cell).group()) for cell in cells[1:3])
         assert 0 <= kidney <= 1 and 0 <= tumour <= 1 and cells[-1] == "1"
     assert "python scripts/benchmark_quality.py" in (out / "quality.md").read_text()
+    # every test tumour profiled from its raw files; each model's tumour Dice regrouped by them
+    profiles = quality["test_tumours"]
+    assert [p["case_id"] for p in profiles] == split["test_ids"]
+    for model in quality["models"].values():
+        dice = {c["case_id"]: c["tumour_dice"] for c in model["cases"]}
+        groups = model["tumour_dice_by_group"]
+        for key in ("contrast_group", "size_group"):
+            for group in {p[key] for p in profiles if p[key] is not None}:
+                ids = [p["case_id"] for p in profiles if p[key] == group]
+                assert groups[group]["case_ids"] == ids
+                assert groups[group]["mean"] == pytest.approx(np.mean([dice[i] for i in ids]))
+        assert sum(groups[g]["cases"] for g in ("small", "large")) == sum(p["tumour_ml"] > 0 for p in profiles)
+    assert "Tumour Dice by kind of test tumour" in (out / "quality.md").read_text()
     assert (out / "comparison" / "comparison.md").is_file()
     for figure in ("learning_curves.png", "dice_per_case.png"):
         assert (out / figure).read_bytes()[:4] == b"\x89PNG"

@@ -22,7 +22,9 @@ kidney and tumour on unseen CTs?" with the package's own functions, in this orde
    grid (:func:`utils.evaluation.run.evaluate_run`). A test case without a score counts as a failure
    (Dice 0, surface Dice 0, HD95 missing, as an empty prediction of a present structure), never skipped.
 4. **Comparison** of the two report folders (:func:`utils.evaluation.report.write_comparison_report`).
-5. **Report** (:func:`write_quality_report`): ``quality.json``, ``quality.md`` and figures, atomically.
+5. **Report** (:func:`write_quality_report`): ``quality.json``, ``quality.md`` and figures, atomically,
+   with every model's tumour Dice grouped by the kind of test tumour (isodense or not, small or
+   not: :mod:`utils.analysis.tumour_profiles`).
 """
 
 from __future__ import annotations
@@ -41,6 +43,14 @@ from typing import Any
 import numpy as np
 import torch
 
+from utils.analysis.tumour_profiles import (
+    GROUPS,
+    ISODENSE_HU,
+    SMALL_TUMOUR_ML,
+    TumourProfile,
+    dice_by_group,
+    profile_case_folder,
+)
 from utils.config.experiment import ExperimentConfig, load_experiment_config
 from utils.data.kits_layout import case_id_for_index
 from utils.data.nifti_io import save_json_atomic, write_bytes_atomic
@@ -253,6 +263,7 @@ class QualityResult:
     figures: dict[str, Path] = field(default_factory=dict)
     json_path: Path | None = None
     markdown_path: Path | None = None
+    tumour_profiles: tuple[TumourProfile, ...] = ()
 
 
 def split_case_ids(train_cases: int, test_cases: int = len(TEST_CASE_IDS)) -> tuple[tuple[str, ...], tuple[str, ...]]:
@@ -458,6 +469,20 @@ def _learning_curve(records: list[dict[str, Any]]) -> tuple[dict[str, Any], ...]
     return tuple({key: record.get(key) for key in keys} for record in records)
 
 
+def profile_test_tumours(split: DataSplit) -> tuple[TumourProfile, ...]:
+    """Size and kidney contrast of every test case's tumour, read from its raw files.
+
+    Raises:
+        FileNotFoundError, ValueError: a test case's files are missing or unreadable (named).
+    """
+    return tuple(profile_case_folder(Path(split.test_dir) / case_id) for case_id in split.test_ids)
+
+
+def tumour_dice_by_group(model: ModelQuality, profiles: tuple[TumourProfile, ...]) -> dict[str, dict[str, Any]]:
+    """The model's mean tumour Dice per kind of test tumour (:func:`utils.analysis.tumour_profiles.dice_by_group`)."""
+    return dice_by_group(profiles, {case["case_id"]: case["tumour_dice"] for case in model.cases})
+
+
 def run_quality_benchmark(prepared: PreparedBenchmark, show_progress: bool = True) -> QualityResult:
     """Generate the data, train and evaluate each model, compare them and write the reports.
 
@@ -467,6 +492,7 @@ def run_quality_benchmark(prepared: PreparedBenchmark, show_progress: bool = Tru
     started = time.perf_counter()
     plan, split = prepared.plan, prepared.split
     generate_split_data(split, plan, show_progress)
+    profiles = profile_test_tumours(split)
     out = Path(plan.out_dir)
     models = []
     for key, config in prepared.configs.items():
@@ -490,7 +516,7 @@ def run_quality_benchmark(prepared: PreparedBenchmark, show_progress: bool = Tru
         comparison = write_comparison_report(models[0].report_folder, models[1].report_folder, out / "comparison",
                                              n_resamples=plan.bootstrap_resamples, seed=plan.seed)
     result = QualityResult(prepared, tuple(models), describe_machine(), time.perf_counter() - started, comparison,
-                           save_quality_figures(models, out))
+                           save_quality_figures(models, out), tumour_profiles=profiles)
     return write_quality_report(result)
 
 
@@ -540,6 +566,19 @@ def format_quality_table(models: tuple[ModelQuality, ...] | list[ModelQuality]) 
                  " / ".join(_number(spread[k]) for k in ("q1", "median", "q3")), f"{budget.wall_minutes:.2f}",
                  f"{budget.cpu_seconds:.0f}", str(budget.epochs)]
         rows.append("| " + " | ".join(cells) + " |")
+    return "\n".join(rows)
+
+
+def format_group_table(models: tuple[ModelQuality, ...] | list[ModelQuality],
+                       profiles: tuple[TumourProfile, ...]) -> str:
+    """Markdown table: each model's mean tumour Dice per kind of test tumour, with the case counts."""
+    words = {"isodense": f"isodense (within {ISODENSE_HU:.0f} HU of the kidney)", "distinct": "distinct",
+             "small": f"small (< {SMALL_TUMOUR_ML:.0f} ml)", "large": f"large (>= {SMALL_TUMOUR_ML:.0f} ml)"}
+    rows = ["| model | " + " | ".join(words[g] for g in GROUPS) + " |", "|---|" + "---|" * len(GROUPS)]
+    for m in models:
+        groups = tumour_dice_by_group(m, profiles)
+        rows.append(f"| {m.model} | " + " | ".join(f"{_number(groups[g]['mean'])} ({groups[g]['cases']} cases)"
+                                                  for g in GROUPS) + " |")
     return "\n".join(rows)
 
 
@@ -593,6 +632,10 @@ def render_quality_markdown(result: QualityResult) -> str:
                       f"`{m.locator['run_folder']}` found ({m.locator['epochs']} epochs, "
                       f"{'-' if minutes is None else f'{minutes:.2f}'} min of training epochs), trained before this "
                       "benchmark: its training is not in the figures above; add it for the model's whole budget."]
+    if result.tumour_profiles:
+        lines += ["", "Tumour Dice by kind of test tumour (contrast: the tumour's mean HU minus its kidney's, in the "
+                  "raw CT; a case without tumour is in no group; per-case profiles in `quality.json`):", "",
+                  format_group_table(result.models, result.tumour_profiles)]
     lines += ["", f"Machine: {machine['cpu']}, {machine['cpu_cores']} CPU cores ({machine['torch_threads']} torch "
               f"threads), device {machine['device']}, torch {machine['torch']}. Whole benchmark: "
               f"{result.seconds / 60:.1f} min.", ""]
@@ -611,7 +654,7 @@ def quality_as_dict(result: QualityResult) -> dict[str, Any]:
                             {"case_id": c["case_id"], "tumour_dice": c["tumour_dice"]} for c in m.cases],
                         "tumour_dice_distribution": m.tumour_dice_distribution, "cases": list(m.cases),
                         "failures": list(m.failures), "learning_curve": list(m.learning_curve),
-                        "locator": m.locator}
+                        "locator": m.locator, "tumour_dice_by_group": tumour_dice_by_group(m, result.tumour_profiles)}
               for m in result.models}
     return {"command": result.prepared.plan.command,
             "settings": {k: str(v) if isinstance(v, Path) else v for k, v in asdict(result.prepared.plan).items()},
@@ -619,6 +662,7 @@ def quality_as_dict(result: QualityResult) -> dict[str, Any]:
                       "train_dir": str(split.train_dir), "test_dir": str(split.test_dir),
                       "train_ids": list(split.train_ids), "test_ids": list(split.test_ids)},
             "machine": result.machine, "seconds": result.seconds, "models": models,
+            "test_tumours": [profile.as_dict() for profile in result.tumour_profiles],
             "comparison": {k: str(v) for k, v in result.comparison.items()} if result.comparison else None,
             "figures": {k: str(v) for k, v in result.figures.items()}}
 
