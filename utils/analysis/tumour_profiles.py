@@ -12,6 +12,7 @@ Two properties of a case's tumour (label 2) predict how hard it is to segment:
 A case without tumour voxels belongs to no size group; one without tumour or kidney voxels to no
 contrast group. :func:`dice_by_group` then gives each group's mean score, so that a change of
 recipe can be read as "isodense tumours 0.35 -> 0.45" instead of one number over all cases.
+Volumes and mean HU come from the dataset statistics (:mod:`utils.analysis.dataset_statistics`).
 """
 
 from __future__ import annotations
@@ -23,8 +24,9 @@ from typing import Any
 
 import numpy as np
 
-from utils.data.kits_layout import IMAGING_NAME, KIDNEY_LABEL, SEGMENTATION_NAME, TUMOUR_LABEL, spacing_from_affine
-from utils.data.nifti_io import load_nifti, read_voxels
+from utils.analysis.dataset_statistics import CaseStatistics, compute_case_statistics, compute_label_statistics
+from utils.data.case_discovery import CaseFiles
+from utils.data.kits_layout import IMAGING_NAME, KIDNEY_LABEL, SEGMENTATION_NAME, TUMOUR_LABEL
 
 #: A tumour whose mean HU lies within this many HU of its kidney's mean HU is "isodense".
 ISODENSE_HU = 35.0
@@ -79,22 +81,31 @@ class TumourProfile:
                 "contrast_group": self.contrast_group, "size_group": self.size_group}
 
 
+def profile_from_statistics(statistics: CaseStatistics) -> TumourProfile:
+    """The profile of a case whose statistics hold HU (:mod:`utils.analysis.dataset_statistics`).
+
+    Raises:
+        ValueError: the statistics were computed without the CT (no HU).
+    """
+    if statistics.hu is None:
+        raise ValueError(f"{statistics.case_id}: its statistics hold no HU (computed without the CT); a tumour "
+                         "profile needs them")
+    tumour, kidney = statistics.hu[TUMOUR_LABEL], statistics.hu[KIDNEY_LABEL]
+    return TumourProfile(statistics.case_id, statistics.tumour_ml, None if tumour is None else tumour.mean,
+                         None if kidney is None else kidney.mean)
+
+
 def profile_tumour(case_id: str, image: np.ndarray, labels: np.ndarray, spacing: Sequence[float]) -> TumourProfile:
     """The profile of one CT (HU) and its KiTS19 label map, on the same voxel grid.
 
     Raises:
-        ValueError: image and labels differ in shape, or the spacing is not three positive sizes.
+        ValueError: image and labels differ in shape, the spacing is not three positive sizes, or
+            the labels are not KiTS19's (the message names the case).
     """
-    if image.shape != labels.shape:
-        raise ValueError(f"{case_id}: image and labels must have the same shape, got {image.shape} and "
-                         f"{labels.shape}")
-    if len(spacing) != 3 or min(spacing) <= 0:
-        raise ValueError(f"{case_id}: spacing must be three positive voxel sizes in mm, got {tuple(spacing)}")
-    tumour, kidney = labels == TUMOUR_LABEL, labels == KIDNEY_LABEL
-    voxel_ml = float(np.prod(spacing)) / 1000.0
-    return TumourProfile(case_id, float(tumour.sum()) * voxel_ml,
-                         float(image[tumour].mean(dtype=np.float64)) if tumour.any() else None,
-                         float(image[kidney].mean(dtype=np.float64)) if kidney.any() else None)
+    if np.shape(image) != np.shape(labels):
+        raise ValueError(f"{case_id}: image and labels must have the same shape, got {np.shape(image)} and "
+                         f"{np.shape(labels)}")
+    return profile_from_statistics(compute_label_statistics(case_id, labels, spacing, image))
 
 
 def profile_case_folder(folder: str | Path) -> TumourProfile:
@@ -102,14 +113,17 @@ def profile_case_folder(folder: str | Path) -> TumourProfile:
 
     Raises:
         FileNotFoundError: a file is missing. ValueError (``NiftiReadError``): a file is unreadable,
-        or image and labels differ in shape; the message names the folder.
+        holds invalid values, or image and labels differ in shape; the message names the folder.
     """
     folder = Path(folder)
-    image_file, label_file = load_nifti(folder / IMAGING_NAME), load_nifti(folder / SEGMENTATION_NAME)
-    image, labels = read_voxels(image_file, np.float32), read_voxels(label_file, np.uint8)
-    if image.shape != labels.shape:
-        raise ValueError(f"{folder}: {IMAGING_NAME} is {image.shape} but {SEGMENTATION_NAME} is {labels.shape}")
-    return profile_tumour(folder.name, image, labels, spacing_from_affine(image_file.affine))
+    case = CaseFiles(folder.name, folder, folder / IMAGING_NAME, folder / SEGMENTATION_NAME)
+    for path in (case.imaging, case.segmentation):
+        if not path.is_file():
+            raise FileNotFoundError(f"{path}: no such file; a tumour profile needs the CT and its segmentation")
+    try:
+        return profile_from_statistics(compute_case_statistics(case))
+    except ValueError as error:
+        raise ValueError(f"{folder} ({IMAGING_NAME}, {SEGMENTATION_NAME}): {error}") from error
 
 
 def dice_by_group(profiles: Sequence[TumourProfile], scores: Mapping[str, float]) -> dict[str, dict[str, Any]]:
