@@ -9,6 +9,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+import torch
 
 from utils.benchmarks.quality import (
     TEST_CASE_IDS,
@@ -167,6 +168,14 @@ def test_bad_input_is_a_usage_error_naming_the_folder(tmp_path, capsys):
     assert "requested case id(s): case_00002" in capsys.readouterr().err
     assert script.main(["--masks", str(masks), "--models", "3d,4d", "--out", str(tmp_path / "o")]) == 2
     assert "models must name each of" in capsys.readouterr().err
+    emulated = {"_is_avx512_bf16_supported": lambda: False, "_is_amx_tile_supported": lambda: False}
+    with pytest.MonkeyPatch.context() as patch:  # a CPU without bf16: refused before any data is generated
+        for name, value in emulated.items():
+            patch.setattr(torch.cpu, name, value)
+        assert script.main(["--masks", str(masks), "--train-cases", "2", "--test-cases", "1", "--models", "3d",
+                            "--set3d", "training.mixed_precision=bf16",
+                            "--out", str(tmp_path / "o"), "--work", str(tmp_path / "w")]) == 2
+    assert "neither AVX512-BF16 nor AMX" in capsys.readouterr().err
     assert not (tmp_path / "o").exists() and not (tmp_path / "w").exists()
 
 

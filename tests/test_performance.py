@@ -84,17 +84,29 @@ def test_auto_precision_is_bf16_on_gpus_that_have_it_and_float32_on_cpus(monkeyp
         monkeypatch.setattr(torch.cpu, "_is_avx512_bf16_supported", lambda native=native: native)
         monkeypatch.setattr(torch.cpu, "_is_amx_tile_supported", lambda: False)
         assert native_bf16(cpu) is native and resolve_precision("auto", cpu) == "no"
-    assert resolve_precision("bf16", cpu) == "bf16"  # an explicit choice is kept
+    assert resolve_precision("bf16", cpu) == "bf16"  # an explicit choice is kept where the CPU computes it
     monkeypatch.setattr(torch.cpu, "_is_avx512_bf16_supported", lambda: False)
+    with pytest.raises(ValueError, match="neither AVX512-BF16 nor AMX.*performance.allow_emulated_bf16"):
+        resolve_precision("bf16", cpu)  # emulated: several times slower, refused
     with caplog.at_level("WARNING"):
-        assert resolve_precision("bf16", cpu) == "bf16"
+        assert resolve_precision("bf16", cpu, allow_emulated_bf16=True) == "bf16"
     assert "emulated" in caplog.text
+    assert resolve_precision("no", cpu) == "no" and resolve_precision("auto", cpu) == "no"
     for supported, expected in ((True, "bf16"), (False, "fp16")):
         monkeypatch.setattr(torch.cuda, "is_bf16_supported", lambda supported=supported: supported)
         assert resolve_precision("auto", cuda) == expected
     assert [resolve_precision(p, cuda) for p in ("no", "fp16", "bf16")] == ["no", "fp16", "bf16"]
     with pytest.raises(ValueError, match="mixed_precision"):
         TrainingConfig(mixed_precision="fp8")
+
+
+def test_bf16_on_a_cpu_that_would_emulate_it_is_refused_before_the_run_folder(tiny_data, tmp_path, monkeypatch):
+    monkeypatch.setattr(torch.cpu, "_is_avx512_bf16_supported", lambda: False)
+    monkeypatch.setattr(torch.cpu, "_is_amx_tile_supported", lambda: False)
+    config = tiny_config(tmp_path, training={"run_name": "emulated", "mixed_precision": "bf16"})
+    with pytest.raises(ValueError, match="training.mixed_precision is bf16"):
+        train(config, data_dir=tiny_data, show_progress=False)
+    assert not (tmp_path / "runs").exists() and not (tmp_path / "cache").exists()
 
 
 def test_bf16_then_float32_training_in_one_process(tiny_data, tmp_path):
@@ -105,7 +117,8 @@ def test_bf16_then_float32_training_in_one_process(tiny_data, tmp_path):
     """
     def run(name, precision):
         config = tiny_config(tmp_path, training={"run_name": name, "mixed_precision": precision,
-                                                 "nonfinite_loss": "skip"})
+                                                 "nonfinite_loss": "skip"},
+                             performance={"allow_emulated_bf16": True})  # this CPU may emulate bf16
         result = train(config, data_dir=tiny_data, show_progress=False)
         records = json.loads((result.run_folder / "training_progress.json").read_text())
         weights = load_checkpoint(result.run_folder / "last.pt")["model"]

@@ -66,6 +66,7 @@ from utils.networks.checkpoints import load_checkpoint
 from utils.preprocessing.preprocess import prepare_training_cache
 from utils.synthetic.dataset import SyntheticOptions, find_masks, generate_dataset, generate_from_masks, select_masks
 from utils.training.engine import TrainingResult, train
+from utils.training.performance import experiment_precision
 
 logger = logging.getLogger(__name__)
 
@@ -346,7 +347,8 @@ def load_model_config(plan: QualityPlan, key: str, split: DataSplit) -> Experime
     set ``training.epochs``; the plan's free overrides come last.
 
     Raises:
-        ValueError: an invalid config or override, or a config of the other model.
+        ValueError: an invalid config or override, a config of the other model, or bf16 on a CPU
+            that would emulate it.
     """
     path, epochs, extra = {"3d": (plan.config_3d, plan.epochs_3d, plan.overrides_3d),
                            "2d": (plan.config_2d, plan.epochs_2d, plan.overrides_2d),
@@ -357,6 +359,7 @@ def load_model_config(plan: QualityPlan, key: str, split: DataSplit) -> Experime
                  f"training.output_dir={json.dumps(str(work / 'checkpoints'))}"]
     overrides += [f"training.epochs={epochs}"] if epochs is not None else []
     config = load_experiment_config(path, [*overrides, *extra])
+    experiment_precision(config)  # bf16 that this machine would emulate is refused now, not after the data work
     if key == "locator":
         return config
     if key == "3d" and plan.locator_3d is not None and config.cascade.locator is not None:

@@ -66,9 +66,9 @@ from utils.training.performance import (
     CompiledForward,
     build_accelerator_for,
     configure_backends,
+    experiment_precision,
     loader_options,
     memory_format,
-    resolve_precision,
 )
 from utils.training.step import StepParts, train_step
 
@@ -106,7 +106,7 @@ def baseline_settings(config: ExperimentConfig, device: torch.device) -> Setting
 
 def our_settings(config: ExperimentConfig, device: torch.device, workers: int) -> Settings:
     """Ours: the experiment's batch size, training precision (``auto`` resolved), ``performance`` and windows."""
-    precision = resolve_precision(config.training.mixed_precision, device)
+    precision = experiment_precision(config, device)
     return Settings("ours", config.training.batch_size, precision, "cache", workers, config.performance,
                     config.sliding_window)
 

@@ -253,6 +253,9 @@ class PerformanceConfig:
         prefetch_factor: batches each loader worker prepares ahead.
         cudnn_benchmark: let cuDNN pick the fastest convolution algorithms for the fixed input size.
         tf32: TensorFloat-32 matrix multiplications and convolutions for float32 work on GPUs.
+        allow_emulated_bf16: train with ``training.mixed_precision: bf16`` on a CPU without
+            AVX512-BF16 or AMX, where bf16 is emulated in software and several times slower than
+            float32; without it such a run is refused before it starts.
     """
 
     channels_last: bool = False
@@ -264,6 +267,7 @@ class PerformanceConfig:
     prefetch_factor: int = 2
     cudnn_benchmark: bool = True
     tf32: bool = True
+    allow_emulated_bf16: bool = False
 
     def __post_init__(self) -> None:
         check_choice("compile_mode", self.compile_mode, COMPILE_MODES)

@@ -4,7 +4,8 @@ Each function reads :class:`utils.config.experiment.PerformanceConfig` and chang
 same computation runs, never what it computes (beyond floating-point rounding):
 
 * :func:`resolve_precision`: what ``training.mixed_precision: auto`` means on this device (bf16 on
-  GPUs that compute it, fp16 on older GPUs, float32 on CPUs);
+  GPUs that compute it, fp16 on older GPUs, float32 on CPUs), and a refusal of bf16 on a CPU
+  that would emulate it;
 * :func:`configure_backends`: cuDNN autotuning and TensorFloat-32 on GPUs;
 * :func:`memory_format`: channels-last (``torch.channels_last_3d`` for 3D models) for the model
   and its inputs, so bf16 convolutions run on tensor cores without layout conversions;
@@ -24,7 +25,7 @@ import torch
 from accelerate import Accelerator
 from accelerate.state import AcceleratorState, PartialState
 
-from utils.config.experiment import PerformanceConfig
+from utils.config.experiment import ExperimentConfig, PerformanceConfig
 from utils.training.stop_signals import ignore_stop_signals
 
 logger = logging.getLogger(__name__)
@@ -39,24 +40,48 @@ def native_bf16(device: torch.device) -> bool:
     return False
 
 
-def resolve_precision(setting: str, device: torch.device) -> str:
+def resolve_precision(setting: str, device: torch.device, allow_emulated_bf16: bool = False) -> str:
     """accelerate's ``mixed_precision`` for the config's ``training.mixed_precision`` on ``device``.
 
     ``"auto"``: ``"bf16"`` on a GPU that computes it, ``"fp16"`` (with the gradient scaler) on
     an older GPU, ``"no"`` (float32) on a CPU. bf16 on a CPU is opt-in (``"bf16"``): faster on
     CPUs with AVX512-BF16 or AMX, but its convolution backward pass has returned NaN weight
     gradients for small networks there (README "Speed"), which the training step refuses to
-    apply. Any setting other than ``"auto"`` is returned as it is, with a warning for bf16 on a
-    CPU that emulates it.
+    apply. Any other setting is returned as it is, except bf16 on a CPU that would emulate it.
+
+    Raises:
+        ValueError: ``"bf16"`` on a CPU without AVX512-BF16 or AMX and not ``allow_emulated_bf16``:
+            emulated bf16 runs many times slower than float32 (README "bf16 on a CPU" has the
+            figure), so a run of minutes takes hours and looks like a hung job.
     """
     if setting == "auto":
         if device.type != "cuda":
             return "no"
         return "bf16" if native_bf16(device) else "fp16"
     if setting == "bf16" and device.type == "cpu" and not native_bf16(device):
+        if not allow_emulated_bf16:
+            raise ValueError("training.mixed_precision is bf16, but this CPU has neither AVX512-BF16 nor AMX: "
+                             "bf16 would be emulated in software, several times slower than float32. Use "
+                             "training.mixed_precision=no (or auto), or set performance.allow_emulated_bf16=true "
+                             "to run it anyway")
         logger.warning("mixed_precision bf16 on a CPU without AVX512-BF16 or AMX: bf16 is emulated there and "
-                       "usually slower than float32")
+                       "several times slower than float32 (performance.allow_emulated_bf16 is set)")
     return setting
+
+
+def training_device() -> torch.device:
+    """The device a training run uses: the GPU when there is one, else the CPU."""
+    return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+
+
+def experiment_precision(config: ExperimentConfig, device: torch.device | None = None) -> str:
+    """accelerate's ``mixed_precision`` for ``config`` on ``device`` (the training device by default).
+
+    Raises:
+        ValueError: bf16 on a CPU that would emulate it (:func:`resolve_precision`).
+    """
+    return resolve_precision(config.training.mixed_precision, device or training_device(),
+                             config.performance.allow_emulated_bf16)
 
 
 def build_accelerator_for(precision: str, device: torch.device) -> Accelerator:

@@ -52,9 +52,10 @@ from utils.training.performance import (
     CompiledForward,
     build_accelerator_for,
     configure_backends,
+    experiment_precision,
     loader_options,
     memory_format,
-    resolve_precision,
+    training_device,
 )
 from utils.training.resume import (
     LAST_CHECKPOINT,
@@ -199,7 +200,8 @@ def start_run(config: ExperimentConfig, *, resume: str | Path | None) -> RunStar
     loaded), removes leftovers of killed writes and attaches ``train.log``: all before any data work.
 
     Raises:
-        ValueError: an input size the model cannot take.
+        ValueError: an input size the model cannot take; bf16 on a CPU that would emulate it
+            (:func:`utils.training.performance.resolve_precision`).
         RuntimeError: the launched processes did not form one group.
         FileNotFoundError: ``resume`` is not a folder. OSError: the run folder is not writable.
     """
@@ -208,8 +210,8 @@ def start_run(config: ExperimentConfig, *, resume: str | Path | None) -> RunStar
     check_input_size(config.model, input_size)
     if spatial_dims(config.model) == 3:
         check_input_size(config.model, config.sliding_window.roi_size)
-    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    precision = resolve_precision(training.mixed_precision, device)
+    device = training_device()
+    precision = experiment_precision(config, device)
     accelerator = build_accelerator_for(precision, device)
     launched = int(os.environ.get("WORLD_SIZE", "1"))
     if launched != accelerator.num_processes:
