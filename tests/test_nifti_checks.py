@@ -183,6 +183,28 @@ def test_label_voxels_counted_and_bad_values_listed() -> None:
     assert "allowed are 0 background, 1 kidney, 2 tumour" in problems[0].message
 
 
+@pytest.mark.parametrize("values", [
+    np.array([0, 1, 2, 3], np.uint8),                 # a label map: few small values
+    np.array([0, 2, 15, 16, 300, 65535], np.uint16),  # past the value-by-value range, then bincount's
+    np.array([0, 1, 70000], np.int32),                # beyond bincount's range
+    np.array([-1, 0, 2], np.int16),                   # negative values
+    np.array([0.0, 1.0, 2.5], np.float64),            # not integers
+])
+@pytest.mark.parametrize("order", ["C", "F", "transposed"])
+def test_label_value_counts_agree_with_numpy_unique_in_any_memory_order(values, order) -> None:
+    rng = np.random.default_rng(3)
+    labels = values[rng.integers(0, values.size - 1, size=(7, 9, 11))]  # the last value left out
+    labels[3, 4, 5] = values[-1]
+    if order == "F":
+        labels = np.asfortranarray(labels)
+    elif order == "transposed":  # how a NIfTI file's (X, Y, Z) voxels are read back as (Z, Y, X)
+        labels = np.ascontiguousarray(labels.transpose(2, 1, 0)).transpose(2, 1, 0)
+    present, counts = nc.label_value_counts(labels)
+    expected_values, expected_counts = np.unique(labels, return_counts=True)
+    assert present.tolist() == expected_values.tolist() and counts.tolist() == expected_counts.tolist()
+    assert counts.sum() == labels.size and nc.label_value_counts(labels[:0])[0].size == 0
+
+
 def test_many_bad_label_values_are_summarised() -> None:
     labels = np.arange(0.5, 13.0, 1.0)  # 13 non-integer values, all bad
     problems, counts = nc.check_label_voxels(Path("s.nii.gz"), labels)
