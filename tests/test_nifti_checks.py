@@ -187,6 +187,7 @@ def test_label_voxels_counted_and_bad_values_listed() -> None:
     np.array([0, 1, 2, 3], np.uint8),                 # a label map: few small values
     np.array([0, 2, 15, 16, 300, 65535], np.uint16),  # past the value-by-value range, then bincount's
     np.array([0, 1, 70000], np.int32),                # beyond bincount's range
+    np.array([0, 1, 40], np.uint64),                  # the widest unsigned type, through bincount
     np.array([-1, 0, 2], np.int16),                   # negative values
     np.array([0.0, 1.0, 2.5], np.float64),            # not integers
 ])
