@@ -1,11 +1,17 @@
 import numpy as np
 import pytest
+from scipy import ndimage
 
+from utils.synthetic.anatomy import layout_from_labels
 from utils.synthetic.shapes import (
     Grid,
+    bounding_box,
     box_around,
     capsule_mask,
+    centre_of_mass,
+    component_boxes,
     ellipsoid_level,
+    labelled_components,
     rotation_matrix,
     smooth_noise,
     surface_voxels,
@@ -53,3 +59,72 @@ def test_surface_voxels_of_a_cube():
     mask = np.zeros((5, 5, 5), bool)
     mask[1:4, 1:4, 1:4] = True
     assert len(surface_voxels(mask)) == 26  # 27 voxels, only the centre is interior
+
+
+def _random_blobs(seed: int, shape=(23, 40, 37)) -> np.ndarray:
+    """A few random blobs, some touching the volume's faces, some touching each other diagonally only."""
+    rng = np.random.default_rng(seed)
+    field = ndimage.gaussian_filter(rng.standard_normal(shape), 1.5)
+    mask = field > np.quantile(field, 0.93)
+    mask[0, :3, :3] = True  # a corner component
+    mask[-1, -1, -1] = True  # a one-voxel component at the opposite corner
+    volume = np.zeros(tuple(n + 12 for n in shape), dtype=bool)  # placed away from the volume's origin
+    volume[5:5 + shape[0], 7:7 + shape[1], 3:3 + shape[2]] = mask
+    return volume
+
+
+@pytest.mark.parametrize("seed", range(5))
+def test_components_in_the_bounding_box_are_those_of_the_whole_volume(seed):
+    mask = _random_blobs(seed)
+    full, count = ndimage.label(mask)
+    box, components, n = labelled_components(mask)
+    assert n == count > 3
+    assert box == ndimage.find_objects(mask.astype(np.uint8))[0]
+    assert [b.start for b in box] == [5, 7, 3]
+    expected = np.zeros_like(full)
+    expected[box] = components
+    assert np.array_equal(expected, full)  # the same numbering, component by component
+    assert component_boxes(mask) == ndimage.find_objects(full)
+
+
+def test_an_empty_mask_has_no_box_and_no_components():
+    mask = np.zeros((4, 5, 6), dtype=bool)
+    assert bounding_box(mask) is None
+    assert component_boxes(mask) == []
+    box, components, count = labelled_components(mask)
+    assert box is None and count == 0 and components.size == 0
+
+
+@pytest.mark.parametrize("seed", range(5))
+def test_centre_of_mass_is_scipys_to_the_last_bit(seed):
+    mask = _random_blobs(seed, shape=(31, 64, 57))
+    box = bounding_box(mask)
+    inner = mask[box]
+    offset = [s.start for s in box]
+    assert tuple(centre_of_mass(inner, offset)) == ndimage.center_of_mass(mask)
+    full, _ = ndimage.label(mask)
+    for k in (1, 2):
+        assert tuple(centre_of_mass(full == k)) == ndimage.center_of_mass(full == k)
+
+
+def test_layout_places_the_kidneys_at_the_two_largest_components():
+    grid = Grid((40, 64, 80), (2.5, 1.5, 1.25))
+    labels = np.zeros(grid.shape, dtype=np.uint8)
+    labels[10:30, 20:40, 8:22] = 1  # right kidney (low x), with a tumour on it
+    labels[18:26, 28:36, 20:26] = 2
+    labels[12:28, 22:38, 55:66] = 1  # left kidney
+    labels[34:36, 50:52, 40:42] = 1  # a speck: neither kidney
+    layout = layout_from_labels(np.random.default_rng(0), labels, grid)
+    components, _ = ndimage.label(labels > 0)
+    spacing = np.asarray(grid.spacing)
+    by_side = {kidney.side: kidney for kidney in layout.kidneys}
+    assert sorted(by_side) == ["left", "right"]
+    for side, component in (("right", components[20, 30, 10]), ("left", components[12, 30, 60])):
+        expected = np.asarray(ndimage.center_of_mass(components == component)) * spacing
+        assert np.array_equal(np.asarray(by_side[side].centre), expected)
+    assert layout.midline_x == pytest.approx((by_side["left"].centre[2] + by_side["right"].centre[2]) / 2)
+    # the hilum: the medial-most voxel of the kidney's centre slice (its tumour's, on the right)
+    assert by_side["right"].hilum[2] == pytest.approx(25 * 1.25)
+    assert by_side["left"].hilum[2] == pytest.approx(55 * 1.25)
+    with pytest.raises(ValueError, match="no kidney or tumour voxels"):
+        layout_from_labels(np.random.default_rng(0), np.zeros(grid.shape, dtype=np.uint8), grid)

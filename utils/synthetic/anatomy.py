@@ -23,7 +23,16 @@ from scipy import ndimage
 
 from utils.data.dataset_definitions import CYST_LABEL, KITS19, DatasetDefinition, get_dataset
 from utils.data.kits_layout import KIDNEY_LABEL, TUMOUR_LABEL
-from utils.synthetic.shapes import Grid, Vector, ellipsoid_level, rotation_matrix, smooth_noise, surface_voxels
+from utils.synthetic.shapes import (
+    Grid,
+    Vector,
+    centre_of_mass,
+    ellipsoid_level,
+    labelled_components,
+    rotation_matrix,
+    smooth_noise,
+    surface_voxels,
+)
 
 #: Kidney semi-axes ranges in mm: long axis, medio-lateral width, antero-posterior thickness.
 KIDNEY_SEMI_AXES_MM = ((54.0, 64.0), (30.0, 36.0), (23.0, 28.0))
@@ -301,22 +310,27 @@ def layout_from_labels(rng: np.random.Generator, labels: np.ndarray, grid: Grid)
     when one kidney is present); each component's hilum is its medial-most voxel at its
     centre slice.
     """
-    components, count = ndimage.label(labels > 0)
-    if count == 0:
+    # components, their sizes and centres inside the labels' bounding box only (the same numbers as
+    # over the whole volume, see labelled_components and centre_of_mass), a few percent of a CT
+    box, components, count = labelled_components(labels > 0)
+    if box is None or count == 0:
         raise ValueError("the mask has no kidney or tumour voxels; cannot place the anatomy around it")
-    sizes = ndimage.sum_labels(np.ones_like(components), components, index=range(1, count + 1))
+    offset = np.array([s.start for s in box])
+    sizes = np.bincount(components.ravel(), minlength=count + 1)[1:].astype(np.float64)
     keep = [int(i) + 1 for i in np.argsort(sizes)[::-1][:2]]
     spacing = np.asarray(grid.spacing)
-    centres = [np.asarray(ndimage.center_of_mass(components == k)) * spacing for k in keep]
+    centres = [centre_of_mass(components == k, offset) * spacing for k in keep]
     extent_z, extent_y, extent_x = grid.extent_mm
     midline_x = float(np.mean([c[2] for c in centres])) if len(centres) == 2 else extent_x / 2
     kidneys = []
     for k, centre in zip(keep, centres, strict=False):
         side = "left" if centre[2] > midline_x else "right"
-        z_index = int(np.clip(round(centre[0] / spacing[0]), 0, grid.shape[0] - 1))
-        rows, cols = np.nonzero(components[z_index] == k)
+        z_index = int(np.clip(round(centre[0] / spacing[0]), 0, grid.shape[0] - 1)) - int(offset[0])
+        rows, cols = np.nonzero(components[z_index] == k) if 0 <= z_index < components.shape[0] else ((), ())
+        rows, cols = np.asarray(rows, dtype=np.intp), np.asarray(cols, dtype=np.intp)
         if cols.size == 0:
             rows, cols = np.nonzero((components == k).any(axis=0))
+        rows, cols = rows + offset[1], cols + offset[2]
         medial = int(np.argmin(cols)) if side == "left" else int(np.argmax(cols))
         hilum = (centre[0], rows[medial] * spacing[1], cols[medial] * spacing[2])
         kidneys.append(KidneyPlacement(side, tuple(centre), hilum))

@@ -19,7 +19,7 @@ from scipy import ndimage
 
 from utils.data.dataset_definitions import CYST_LABEL
 from utils.data.kits_layout import HU_RANGE, KIDNEY_LABEL, TUMOUR_LABEL
-from utils.synthetic.shapes import Grid, smooth_noise
+from utils.synthetic.shapes import Grid, component_boxes, smooth_noise
 from utils.synthetic.tissues import Tissue
 
 NOISE_SD_HU = (8.0, 25.0)
@@ -126,8 +126,7 @@ def paint_kidneys_and_tumours(image: np.ndarray, labels: np.ndarray, grid: Grid,
     Cyst voxels (label 3) count as kidney here, so that the cortex follows the kidney's outline
     around them as for KiTS19's unlabelled cysts; :func:`render_ct` then paints them water.
     """
-    components, _ = ndimage.label(labels > 0)
-    for region in ndimage.find_objects(components):
+    for region in component_boxes(labels > 0):
         kidney = labels[region] == KIDNEY_LABEL
         kidney |= labels[region] == CYST_LABEL
         if kidney.any():

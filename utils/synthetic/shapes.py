@@ -139,3 +139,56 @@ def surface_voxels(mask: np.ndarray) -> np.ndarray:
     """Indices ``(N, 3)`` of mask voxels with at least one 6-neighbour outside the mask."""
     eroded = ndimage.binary_erosion(mask)
     return np.argwhere(mask & ~eroded)
+
+
+def bounding_box(mask: np.ndarray) -> Box | None:
+    """The smallest box holding every ``True`` voxel of a boolean ``mask``; None when it has none."""
+    found = ndimage.find_objects(np.asarray(mask, dtype=bool).view(np.uint8))
+    return found[0] if found else None
+
+
+def labelled_components(mask: np.ndarray) -> tuple[Box | None, np.ndarray, int]:
+    """``ndimage.label`` of a boolean ``mask``, computed only inside its bounding box.
+
+    Components never reach outside that box, and labelling numbers them in the order a raster scan
+    meets them, which the box keeps: label ``k`` here is label ``k`` of the whole volume. A mask
+    covering a few percent of a CT is labelled many times faster.
+
+    Returns:
+        ``(box, components, count)``: the box (None for an empty mask), the int32 labels of the
+        voxels inside it, and the number of components.
+    """
+    box = bounding_box(mask)
+    if box is None:
+        return None, np.zeros((0,) * np.ndim(mask), dtype=np.int32), 0
+    components, count = ndimage.label(mask[box])
+    return box, components, int(count)
+
+
+def component_boxes(mask: np.ndarray) -> list[Box]:
+    """The bounding box of every 6-connected component of a boolean ``mask``, in whole-volume voxels.
+
+    The same boxes, in the same order, as ``ndimage.find_objects(ndimage.label(mask)[0])``.
+    """
+    box, components, _ = labelled_components(mask)
+    if box is None:
+        return []
+    return [tuple(slice(outer.start + inner.start, outer.start + inner.stop)  # type: ignore[misc]
+                  for outer, inner in zip(box, region, strict=True))
+            for region in ndimage.find_objects(components)]
+
+
+def centre_of_mass(mask: np.ndarray, offset: tuple[int, ...] | np.ndarray = (0, 0, 0)) -> np.ndarray:
+    """Mean voxel index of a boolean ``mask`` along each axis, plus ``offset`` (where the mask lies).
+
+    Counted in integers, so the result is bit for bit ``ndimage.center_of_mass`` of the mask placed at
+    ``offset`` in a larger volume (whose sums of integer-valued doubles are exact as well).
+    """
+    count = np.count_nonzero(mask)
+    centre = []
+    for axis in range(mask.ndim):
+        others = tuple(a for a in range(mask.ndim) if a != axis)
+        per_index = np.count_nonzero(mask, axis=others).astype(np.int64)
+        total = int(per_index @ np.arange(mask.shape[axis], dtype=np.int64)) + int(offset[axis]) * int(count)
+        centre.append(np.float64(total) / count)
+    return np.asarray(centre, dtype=np.float64)

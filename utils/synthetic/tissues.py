@@ -14,7 +14,15 @@ import numpy as np
 from scipy import ndimage
 
 from utils.synthetic.anatomy import BodyLayout
-from utils.synthetic.shapes import Grid, Vector, box_around, capsule_mask, ellipsoid_level, rotation_matrix
+from utils.synthetic.shapes import (
+    Grid,
+    Vector,
+    box_around,
+    capsule_mask,
+    component_boxes,
+    ellipsoid_level,
+    rotation_matrix,
+)
 
 
 class Tissue(IntEnum):
@@ -220,7 +228,7 @@ def paint_kidney_surroundings(tissue: np.ndarray, grid: Grid, layout: BodyLayout
     """Perirenal fat around kidney and tumour, renal artery and vein to each hilum, and the sinus."""
     fat_mm = float(rng.uniform(3, 10))
     foreground = labels > 0
-    for region in ndimage.find_objects(ndimage.label(foreground)[0]):
+    for region in component_boxes(foreground):
         centre = tuple((s.start + s.stop) / 2 * sp for s, sp in zip(region, grid.spacing, strict=False))
         half = tuple((s.stop - s.start) / 2 * sp + fat_mm + sp for s, sp in zip(region, grid.spacing, strict=False))
         box = box_around(grid, centre, half)
@@ -237,7 +245,7 @@ def paint_kidney_surroundings(tissue: np.ndarray, grid: Grid, layout: BodyLayout
             if found is not None:
                 _paint(tissue, found[0], found[1] & ~foreground[found[0]], value, cavity_only=False)
     if sinus is not None and sinus.any():
-        for region in ndimage.find_objects(ndimage.label(sinus)[0]):
+        for region in component_boxes(sinus):
             tissue[region][sinus[region]] = Tissue.PERIRENAL_FAT
             pelvis = ndimage.binary_erosion(sinus[region], iterations=2)
             tissue[region][pelvis & (ndimage.uniform_filter(sinus[region].astype(np.float32), 5) > 0.9)] = Tissue.URINE
