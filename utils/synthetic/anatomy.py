@@ -313,7 +313,7 @@ def layout_from_labels(rng: np.random.Generator, labels: np.ndarray, grid: Grid)
     # components, their sizes and centres inside the labels' bounding box only (the same numbers as
     # over the whole volume, see labelled_components and centre_of_mass), a few percent of a CT
     box, components, count = labelled_components(labels > 0)
-    if box is None or count == 0:
+    if count == 0:
         raise ValueError("the mask has no kidney or tumour voxels; cannot place the anatomy around it")
     offset = np.array([s.start for s in box])
     sizes = np.bincount(components.ravel(), minlength=count + 1)[1:].astype(np.float64)
@@ -326,8 +326,7 @@ def layout_from_labels(rng: np.random.Generator, labels: np.ndarray, grid: Grid)
     for k, centre in zip(keep, centres, strict=False):
         side = "left" if centre[2] > midline_x else "right"
         z_index = int(np.clip(round(centre[0] / spacing[0]), 0, grid.shape[0] - 1)) - int(offset[0])
-        rows, cols = np.nonzero(components[z_index] == k) if 0 <= z_index < components.shape[0] else ((), ())
-        rows, cols = np.asarray(rows, dtype=np.intp), np.asarray(cols, dtype=np.intp)
+        rows, cols = np.nonzero(components[z_index] == k)  # the centre's slice lies within the box
         if cols.size == 0:
             rows, cols = np.nonzero((components == k).any(axis=0))
         rows, cols = rows + offset[1], cols + offset[2]
