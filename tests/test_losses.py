@@ -156,3 +156,56 @@ def test_batch_dice_scores_a_tumour_free_sample_through_the_batch():
     assert per_sample.item() == pytest.approx(1 / 6, abs=1e-4)
     # batch: one tumour Dice over both samples, 2 * 4 / (4 + 5) -> (1 - 8/9) / 3 over C = 3 terms
     assert batch.item() == pytest.approx((1 - 8 / 9) / 3, abs=1e-4)
+
+
+def test_region_dice_hand_computed_on_kits19_regions():
+    # Labels 0, 1, 2, 2 and zero logits: p = 1/3 per class. Kidney region (labels 1, 2): probability
+    # 2/3 everywhere against 0, 1, 1, 1 -> Dice 2 * 2 / (8/3 + 3) = 12/17; tumour region (label 2):
+    # 1/3 against 0, 0, 1, 1 -> 2/5. Unweighted mean over the two regions of 1 - Dice: 38/85.
+    labels = torch.tensor([0, 1, 2, 2], dtype=torch.uint8).view(1, 1, 1, 1, 4)
+    loss = build_loss(LossConfig(name="dice_ce", other_weight=0.0, region_dice=True), "kits19")
+    assert loss(torch.zeros(1, 3, 1, 1, 4), labels).item() == pytest.approx(38 / 85, abs=1e-4)
+    # the cross-entropy term is the class-weighted one as before: ln 3 at uniform logits
+    with_ce = build_loss(LossConfig(name="dice_ce", other_weight=0.5, region_dice=True))
+    assert with_ce(torch.zeros(1, 3, 1, 1, 4), labels).item() == pytest.approx(38 / 85 + 0.5 * math.log(3), abs=1e-4)
+
+
+def test_region_dice_charges_tumour_called_kidney_only_to_the_tumour_region(labels):
+    # Every tumour voxel confidently called kidney: the kidney region is perfect, the tumour region's
+    # Dice is 0, so the region term is exactly (0 + 1) / 2. The class Dice also charges the kidney.
+    called_kidney = torch.where(labels == 2, torch.ones_like(labels), labels)
+    logits = _confident_logits(called_kidney, margin=30.0)
+    region = build_loss(LossConfig(name="dice_ce", class_weights=(1.0, 1.0, 1.0), other_weight=0.0,
+                                   batch_dice=True, region_dice=True))
+    classes = build_loss(LossConfig(name="dice_ce", class_weights=(1.0, 1.0, 1.0), other_weight=0.0,
+                                    batch_dice=True))
+    assert region(logits, labels).item() == pytest.approx(0.5, abs=1e-4)
+    kidney_dice = 2 * (labels == 1).sum().item() / ((labels == 1).sum().item() + (labels > 0).sum().item())
+    assert classes(logits, labels).item() == pytest.approx((1 - kidney_dice + 1) / 3, abs=1e-4)
+    assert region(_confident_logits(labels), labels).item() < 1e-3
+
+
+def test_region_dice_follows_the_kits23_nested_regions():
+    # KiTS23: kidney and masses (1, 2, 3), masses (2, 3), tumour (2). A cyst called tumour leaves the
+    # first two regions right and costs the tumour region only.
+    labels = torch.tensor([0, 1, 2, 3], dtype=torch.uint8).view(1, 1, 1, 1, 4)
+    called = torch.tensor([0, 1, 2, 2]).view(1, 1, 1, 1, 4)
+    logits = 30.0 * (2 * torch.nn.functional.one_hot(called[:, 0], 4).movedim(-1, 1).float() - 1)
+    loss = build_loss(LossConfig(name="dice_ce", class_weights=(1.0, 1.0, 3.0, 1.0), other_weight=0.0,
+                                 region_dice=True), "kits23")
+    # tumour region: prediction 2 voxels, truth 1, overlap 1 -> Dice 2/3; mean over 3 regions
+    assert loss(logits, labels).item() == pytest.approx((1 - 2 / 3) / 3, abs=1e-4)
+
+
+def test_region_dice_trains_gradients_and_is_refused_where_it_cannot_apply(labels):
+    loss = build_loss(LossConfig(name="dice_ce", region_dice=True))
+    logits = torch.randn(2, 3, 4, 6, 6, requires_grad=True)
+    value = loss(logits, labels)
+    value.backward()
+    assert torch.isfinite(value) and logits.grad.abs().sum() > 0
+    assert build_loss(LossConfig(name="dice_ce", region_dice=True))(torch.randn(3, 3, 8, 8),
+                                                                     torch.randint(0, 3, (3, 1, 8, 8))).ndim == 0
+    with pytest.raises(ValueError, match="region_dice needs loss.name 'dice_ce'"):
+        LossConfig(name="dice_focal", region_dice=True)
+    with pytest.raises(ValueError, match="dataset kits23 has 4 labels"):
+        build_loss(LossConfig(name="dice_ce", region_dice=True), "kits23")

@@ -21,7 +21,7 @@ from utils.data.kits_layout import SEGMENTATION_NAME
 from utils.data.nifti_io import load_nifti, read_voxels, save_nifti
 from utils.datasets.patches import PatchDataset, background_value
 from utils.networks.checkpoints import load_checkpoint
-from utils.networks.losses import build_loss
+from utils.networks.losses import RegionDice, build_loss
 from utils.networks.models import build_model
 from utils.preprocessing.cache import open_cache
 from utils.training.engine import NonFiniteLossError, train
@@ -60,9 +60,10 @@ def write_config(tmp_path: Path, config: ExperimentConfig) -> Path:
     return path
 
 
-def test_loss_decreases_on_a_fixed_batch(tiny_cache):
+@pytest.mark.parametrize("loss", [{}, {"name": "dice_ce", "region_dice": True}], ids=["default", "region_dice"])
+def test_loss_decreases_on_a_fixed_batch(tiny_cache, loss):
     torch.manual_seed(0)
-    config = tiny_config(Path("unused"))
+    config = tiny_config(Path("unused"), loss=loss)
     dataset = PatchDataset(tiny_cache.cases(), config.patches, None, seed=0, pad_value=background_value(tiny_cache))
     batch = [dataset[i] for i in range(2)]
     image, label = torch.stack([b["image"] for b in batch]), torch.stack([b["label"] for b in batch])
@@ -290,9 +291,12 @@ def test_set_up_takes_a_prepared_cache_and_does_no_data_work(tiny_cache, tmp_pat
 
     monkeypatch.setattr(preprocess, "preprocess_dataset", no_preprocessing)
     monkeypatch.setattr(setup, "prepare_training_cache", no_preprocessing)
-    config = tiny_config(tmp_path, training={"run_name": "prepared"}, performance={"augment_on_device": True})
+    config = tiny_config(tmp_path, training={"run_name": "prepared"}, performance={"augment_on_device": True},
+                         loss={"name": "dice_ce", "region_dice": True})
     state = setup.set_up_run(config, tiny_cache.folder, resume=None, wandb=False)
     try:
+        # the loss section reaches the run with the experiment's dataset: KiTS19's two regions
+        assert isinstance(state.loss.dice, RegionDice) and state.loss.dice.membership.tolist() == [[0, 1, 1], [0, 0, 1]]
         assert state.cache.folder == tiny_cache.folder and state.folder == tmp_path / "runs" / "prepared"
         assert state.pad_value == background_value(tiny_cache) and state.augmenter is not None
         assert state.memory_format == torch.contiguous_format and state.wandb_logged_until == 0

@@ -104,6 +104,10 @@ class LossConfig:
         batch_dice: compute the Dice term over the whole batch (one Dice per class, as nnU-Net
             does for 3D) instead of per sample; a sample without tumour then no longer costs a
             full tumour Dice of its own.
+        region_dice: compute the Dice term on the dataset's evaluation regions (KiTS19: kidney =
+            labels 1 and 2, tumour = label 2) from the summed softmax probabilities, the regions
+            the metrics score, instead of on each class; ``class_weights`` then act on the
+            cross-entropy term only. ``dice_ce`` only.
     """
 
     name: str = "dice_focal"
@@ -112,9 +116,13 @@ class LossConfig:
     other_weight: float = 1.0
     focal_gamma: float = 2.0
     batch_dice: bool = False
+    region_dice: bool = False
 
     def __post_init__(self) -> None:
         check_choice("name", self.name, LOSS_NAMES)
+        if self.region_dice and self.name != "dice_ce":
+            raise ValueError(f"loss.region_dice needs loss.name 'dice_ce' (the region Dice replaces its Dice "
+                             f"term), got {self.name!r}")
         if min(self.class_weights) < 0 or max(self.class_weights) <= 0:
             raise ValueError(f"class_weights must be >= 0 with at least one > 0, got {self.class_weights}")
 

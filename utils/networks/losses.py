@@ -28,6 +28,13 @@ examples name KiTS19's classes, KiTS23's cyst channel behaves as the tumour's):
   weights the whole channel ``c``, positives and negatives alike: ``w_0 = 0`` drops the
   background channel, while background voxels still cost through the negatives of the kidney
   and tumour channels (a false kidney is penalised by both terms).
+* Region Dice (``dice_ce`` with ``region_dice``): the Dice term is computed on the dataset's
+  evaluation regions instead of its classes. A region's probability is the sum of its labels'
+  softmax probabilities (KiTS19: kidney region ``p_1 + p_2`` against label > 0, tumour ``p_2``
+  against label 2; KiTS23: its three nested regions), its target the union of its labels; the
+  term is ``1 - Dice`` averaged over the regions, unweighted, per sample or (``batch_dice``) over
+  the batch, with MONAI's smoothing. Background is not a region. A tumour voxel called kidney
+  then costs only the tumour region's Dice: the kidney region, which holds the tumour, is right.
 * Cross-entropy term (``dice_ce``): softmax cross-entropy weighted by the true class,
   ``sum(w_y * -log p_y) / sum(w_y)`` over all voxels, as ``torch.nn.CrossEntropyLoss(weight=w)``
   in MONAI ``DiceCELoss``. ``w_0 = 0``: voxels whose truth is background contribute nothing,
@@ -43,6 +50,7 @@ from monai.losses import DiceFocalLoss, DiceLoss
 from torch.nn import functional as F
 
 from utils.config.experiment import LOSS_NAMES, LossConfig
+from utils.data.dataset_definitions import get_dataset
 
 
 def _check_inputs(logits: torch.Tensor, labels: torch.Tensor, num_classes: int) -> torch.Tensor:
@@ -76,6 +84,38 @@ class DiceFocal(torch.nn.Module):
         return self.loss(logits, _check_inputs(logits, labels, self.num_classes))
 
 
+class RegionDice(torch.nn.Module):
+    """``1 - Dice`` of softmax probabilities summed into label regions, averaged over the regions.
+
+    Args:
+        regions: one tuple of label ids per region (each a union of labels, e.g. ``(1, 2)``).
+        num_classes: the number of logit channels.
+        batch: one Dice per region over the whole batch instead of one per sample.
+    """
+
+    def __init__(self, regions: tuple[tuple[int, ...], ...], num_classes: int, batch: bool) -> None:
+        super().__init__()
+        if not regions:
+            raise ValueError("region Dice needs at least one region")
+        bad = sorted({label for region in regions for label in region if not 0 <= label < num_classes})
+        if bad:
+            raise ValueError(f"region labels {bad} are not among the {num_classes} classes")
+        membership = torch.zeros(len(regions), num_classes)
+        for index, region in enumerate(regions):
+            membership[index, list(region)] = 1.0
+        # (R, C): row r sums the probabilities (and one-hot labels) of region r's classes.
+        self.register_buffer("membership", membership)
+        self.dice = DiceLoss(include_background=True, to_onehot_y=False, softmax=False, batch=batch)
+
+    def forward(self, logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+        """``logits`` ``(B, C, *spatial)`` float, ``labels`` ``(B, 1, *spatial)`` int64; a scalar."""
+        membership = self.membership.to(device=logits.device, dtype=torch.float32)
+        probabilities = torch.softmax(logits.float(), dim=1)
+        region_probabilities = torch.einsum("rc,bc...->br...", membership, probabilities)
+        region_targets = membership[:, labels[:, 0]].movedim(0, 1)
+        return self.dice(region_probabilities, region_targets)
+
+
 class DiceCrossEntropy(torch.nn.Module):
     """Dice plus class-weighted cross-entropy, as MONAI ``DiceCELoss``, with 0 for an all-zero-weight batch.
 
@@ -84,11 +124,14 @@ class DiceCrossEntropy(torch.nn.Module):
     positive weight; see the module docstring for the other case.
     """
 
-    def __init__(self, config: LossConfig) -> None:
+    def __init__(self, config: LossConfig, regions: tuple[tuple[int, ...], ...] | None = None) -> None:
         super().__init__()
         self.num_classes = len(config.class_weights)
-        self.dice = DiceLoss(include_background=True, to_onehot_y=True, softmax=True,
-                             weight=list(config.class_weights), batch=config.batch_dice)
+        if regions is None:
+            self.dice = DiceLoss(include_background=True, to_onehot_y=True, softmax=True,
+                                 weight=list(config.class_weights), batch=config.batch_dice)
+        else:
+            self.dice = RegionDice(regions, self.num_classes, batch=config.batch_dice)
         self.register_buffer("class_weights", torch.tensor(config.class_weights, dtype=torch.float32))
         self.dice_weight, self.ce_weight = config.dice_weight, config.other_weight
 
@@ -114,13 +157,16 @@ class DiceCrossEntropy(torch.nn.Module):
 _LOSSES: dict[str, type[torch.nn.Module]] = {"dice_focal": DiceFocal, "dice_ce": DiceCrossEntropy}
 
 
-def build_loss(config: LossConfig) -> torch.nn.Module:
+def build_loss(config: LossConfig, dataset: str = "kits19") -> torch.nn.Module:
     """Build the loss named by ``config.name`` (``"dice_focal"`` or ``"dice_ce"``).
 
     Args:
         config: the loss section: name, ``class_weights`` (one per label: background, kidney,
             tumour, and for KiTS23 cyst; used by both terms), ``dice_weight`` and
-            ``other_weight`` (the focal or cross-entropy term's factor), ``focal_gamma``.
+            ``other_weight`` (the focal or cross-entropy term's factor), ``focal_gamma``,
+            ``batch_dice``, ``region_dice``.
+        dataset: the experiment's dataset (``kits19`` or ``kits23``): its evaluation regions are
+            the regions of ``region_dice``.
 
     Returns:
         A module called as ``loss(logits, labels)``: logits ``(B, C, *spatial)`` float, labels
@@ -129,4 +175,11 @@ def build_loss(config: LossConfig) -> torch.nn.Module:
     """
     if config.name not in _LOSSES:
         raise ValueError(f"loss name must be one of {list(LOSS_NAMES)}, got {config.name!r}")
+    if config.region_dice:
+        definition = get_dataset(dataset)
+        if len(config.class_weights) != len(definition.labels):
+            raise ValueError(f"loss.class_weights has {len(config.class_weights)} entries, but dataset "
+                             f"{dataset} has {len(definition.labels)} labels, background included")
+        regions = tuple(tuple(sorted(region.labels)) for region in definition.regions)
+        return DiceCrossEntropy(config, regions)
     return _LOSSES[config.name](config)

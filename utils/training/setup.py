@@ -276,7 +276,7 @@ def set_up_run(config: ExperimentConfig, cache: PreprocessedCache | str | Path, 
     model, optimiser = accelerator.prepare(model, optimiser)
     tracker = build_tracker(config.wandb, enabled_override=wandb, is_main_process=accelerator.is_main_process)
     state = RunState(config, config_as_dict(config), accelerator, folder, cache, sampler, loader, validation, model,
-                     optimiser, scheduler, build_loss(config.loss), tracker,
+                     optimiser, scheduler, build_loss(config.loss, config.dataset), tracker,
                      ProgressLog(folder) if accelerator.is_main_process else None, CompiledForward(model, performance),
                      pad_value=background_value(cache), augmenter=train_set.augmenter, memory_format=layout,
                      log_handler=start.log_handler)
