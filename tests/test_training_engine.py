@@ -203,7 +203,7 @@ class _NaNAfter(torch.nn.Module):
 def test_a_nan_loss_stops_the_run_and_keeps_the_last_checkpoint(tiny_data, tmp_path, monkeypatch):
     import utils.training.setup as setup
     # per epoch: 4 training calls, then 1 validation call (no gradient: never NaN); call 7 is epoch 2, step 2
-    monkeypatch.setattr(setup, "build_loss", lambda config: _NaNAfter(build_loss(config), after=7))
+    monkeypatch.setattr(setup, "build_loss", lambda config, dataset: _NaNAfter(build_loss(config, dataset), after=7))
     config = tiny_config(tmp_path, training={"run_name": "nan", "epochs": 3})
     with pytest.raises(NonFiniteLossError, match="epoch 2, step 2"):
         train(config, data_dir=tiny_data, show_progress=False)
