@@ -272,7 +272,8 @@ def prepare_step(config: ExperimentConfig, settings: Settings, model: torch.nn.M
     scheduler = build_scheduler(optimiser, config.optimiser, epochs=config.training.epochs,
                                 iterations_per_epoch=max(1, samples // settings.batch_size))
     model, optimiser = accelerator.prepare(model, optimiser)
-    return StepParts(accelerator, model, CompiledForward(model, settings.performance), build_loss(config.loss),
+    loss = build_loss(config.loss, config.dataset)
+    return StepParts(accelerator, model, CompiledForward(model, settings.performance), loss,
                      optimiser, scheduler, augmenter, memory_format(settings.performance, spatial_dims(config.model)),
                      config.optimiser.grad_clip_norm)
 
