@@ -92,12 +92,47 @@ def test_a_run_writes_its_folder_and_never_reuses_one(tiny_data, tmp_path):
                 "samples_per_second"):
         assert records[-1][key] is not None
     assert "cache grid" in records[-1]["validation_space"] and records[-1]["learning_rate"] > 0
+    assert isinstance(records[-1]["unpredicted"], str)
     checkpoint = load_checkpoint(folder / "last.pt")
     assert checkpoint["epoch"] == 2 and tuple(checkpoint["config"]["model"]["channels"]) == (4, 8, 16)
     assert checkpoint["preprocessing_plan"]["plan_hash"]
     assert "epoch 2/2" in (folder / "train.log").read_text()
     with pytest.raises(FileExistsError, match="--resume"):
         train(config, data_dir=tiny_data, show_progress=False)
+
+
+def test_validation_names_a_class_the_model_hardly_predicts(tiny_data, tmp_path, monkeypatch):
+    import utils.training.engine as engine
+
+    real = engine.predict_volume_logits
+
+    def kidney_called_tumour(*args, **kwargs):  # the real prediction, every kidney voxel relabelled tumour
+        logits = real(*args, **kwargs).clone()
+        logits[:, 2] = torch.maximum(logits[:, 1], logits[:, 2]) + 1.0
+        return logits
+
+    monkeypatch.setattr(engine, "predict_volume_logits", kidney_called_tumour)
+    result = train(tiny_config(tmp_path, training={"run_name": "no_kidney"}), data_dir=tiny_data, show_progress=False)
+    assert all(record["unpredicted"].startswith("kidney (1) 0 %") for record in result.records)
+    log = (result.run_folder / "train.log").read_text()
+    assert "hardly predicted: kidney (1) 0 %" in log and "the final model hardly predicts kidney (1) 0 %" in log
+    assert load_checkpoint(result.run_folder / "last.pt")["metrics"]["unpredicted"].startswith("kidney (1) 0 %")
+
+
+def test_unpredicted_labels_counts_over_every_case():
+    from utils.training.engine import unpredicted_labels
+
+    def case(predicted, true):
+        return [np.array(predicted), np.array(true)]
+
+    # KiTS19: 5 kidney voxels predicted against 1000 true ones (0.5 % < 1 %): named; the tumour passes
+    counts = [case([900, 5, 100], [800, 600, 100]), case([1000, 0, 0], [600, 400, 0])]
+    assert unpredicted_labels(counts, "kits19") == "kidney (1) 0.5 %"
+    assert unpredicted_labels(counts, "kits19", min_fraction=0.004) == ""
+    assert unpredicted_labels([case([90, 5, 5], [90, 10, 0])], "kits19") == ""  # tumour absent: not named
+    # KiTS23: tumour and cyst held, neither predicted
+    assert unpredicted_labels([case([90, 10, 0, 0], [80, 10, 5, 5])], "kits23") == "tumour (2) 0 %, cyst (3) 0 %"
+    assert unpredicted_labels([], "kits19") == ""
 
 
 def _train_command(config_path: Path, data: Path, *extra: str) -> list[str]:

@@ -40,11 +40,12 @@ from __future__ import annotations
 import logging
 import math
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import torch
 from accelerate.utils import gather_object
 
@@ -63,6 +64,8 @@ from utils.training.stop_signals import StopSignals
 logger = logging.getLogger(__name__)
 
 VALIDATION_SPACE = "preprocessed cache grid (resampled and cropped), not the original CT grid"
+#: Validation names a label whose predicted voxels are fewer than this share of its true voxels.
+UNPREDICTED_FRACTION = 0.01
 
 
 class NonFiniteLossError(RuntimeError):
@@ -240,6 +243,10 @@ def _finish_epoch(state: RunState, epoch: int, record: dict[str, Any]) -> None:
     last = epoch + 1 == training.epochs
     if (epoch + 1) % training.validate_every == 0 or last:
         record.update(validate(state))
+        if last and record["unpredicted"] and state.accelerator.is_main_process:
+            logger.warning("the final model hardly predicts %s (predicted voxels as a share of the true ones, over "
+                           "its %d validation cases, cache grid): it does not learn that class, whatever its region "
+                           "Dice says", record["unpredicted"], record["validation_cases"])
     score = record.get("mean_dice")
     improved = score is not None and (state.best_score is None or score > state.best_score)
     if improved:
@@ -281,32 +288,62 @@ def validate(state: RunState) -> dict[str, Any]:
         ``val_loss``; one ``<region>_dice`` per region in the dataset's order (KiTS19
         ``kidney_dice``, ``tumour_dice``; KiTS23 ``kidney_and_masses_dice``, ``masses_dice``,
         ``tumour_dice``), each the mean over cases; ``mean_dice`` (their mean, the score
-        ``best.pt`` follows); ``validation_cases``, ``validation_space`` and ``per_case`` (each
-        case's scores, sorted by case id).
+        ``best.pt`` follows); ``validation_cases``, ``validation_space``, ``unpredicted``
+        (:func:`unpredicted_labels`: the labels the cases hold and the model hardly predicts, ``""``
+        when none) and ``per_case`` (each case's scores, sorted by case id).
     """
     accelerator = state.accelerator
     dataset = get_dataset(state.config.dataset)
     model = state.model
     model.eval()
     dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(str(accelerator.mixed_precision))
-    per_case = []
+    per_case, counts = [], []
     for index in range(accelerator.process_index, len(state.validation), accelerator.num_processes):
         item = state.validation[index]
         image = item["image"][None].to(accelerator.device)
         label = item["label"][None].to(accelerator.device)
         logits = predict_volume_logits(model, image, state.config, autocast_dtype=dtype,
                                        pad_value=state.pad_value)
-        scores = score_case(logits.argmax(dim=1)[0].to(torch.uint8).cpu().numpy(), label[0, 0].cpu().numpy(),
-                            dataset=dataset)
+        prediction, truth = logits.argmax(dim=1)[0].to(torch.uint8).cpu().numpy(), label[0, 0].cpu().numpy()
+        scores = score_case(prediction, truth, dataset=dataset)
         scores["val_loss"] = float(state.loss(logits, label))
         per_case.append({"case_id": item["case_id"], **scores})
+        counts.append([np.bincount(x.ravel().astype(np.int64), minlength=dataset.num_classes)[:dataset.num_classes]
+                       for x in (prediction, truth)])
     cases = gather_object(per_case)
+    unpredicted = unpredicted_labels(gather_object(counts), dataset)
     model.train()
     summary = summarise_scores(cases, dataset=dataset)  # case_id is not a number: ignored
     val_loss = summary["val_loss"]["mean"] if not summary["val_loss"]["missing"] else math.nan  # NaN shows, as before
     return {"val_loss": val_loss, **{name: summary[name]["mean"] for name in dice_names(dataset)},
             "mean_dice": summary["mean_dice"], "validation_cases": len(cases), "validation_space": VALIDATION_SPACE,
-            "per_case": sorted(cases, key=lambda case: case["case_id"])}
+            "unpredicted": unpredicted, "per_case": sorted(cases, key=lambda case: case["case_id"])}
+
+
+def unpredicted_labels(counts: Sequence[Sequence[np.ndarray]], dataset: DatasetDefinition | str, *,
+                       min_fraction: float = UNPREDICTED_FRACTION) -> str:
+    """The foreground labels that the validation cases hold and their predictions (almost) never contain.
+
+    A region Dice can look fair while a class is not predicted at all (KiTS19's kidney region is
+    label > 0: a model that calls every kidney voxel tumour still scores on it), so validation
+    names such labels.
+
+    Args:
+        counts: per case, ``(predicted, true)`` voxel counts per label (arrays of ``num_classes``).
+        dataset: whose labels.
+        min_fraction: a label is named when its predicted voxels, summed over the cases, are fewer
+            than this fraction of its true voxels (default 1 %).
+
+    Returns:
+        ``"kidney (1) 0.002 %"``-style entries (predicted voxels as a percentage of the true ones)
+        joined by ``", "``; ``""`` when every label present is predicted often enough.
+    """
+    dataset = get_dataset(dataset)
+    predicted = sum((np.asarray(case[0]) for case in counts), np.zeros(dataset.num_classes, dtype=np.int64))
+    true = sum((np.asarray(case[1]) for case in counts), np.zeros(dataset.num_classes, dtype=np.int64))
+    return ", ".join(f"{dataset.labels[label]} ({label}) {100 * predicted[label] / true[label]:.3g} %"
+                     for label in dataset.foreground_labels
+                     if true[label] > 0 and predicted[label] < min_fraction * true[label])
 
 
 def _checkpoint_state(state: RunState, epochs_done: int, record: dict[str, Any]) -> dict[str, Any]:
@@ -350,6 +387,8 @@ def _summary_line(record: dict[str, Any], epochs: int) -> str:
         parts += [f"val loss {record['val_loss']:.4f}"]
         parts += [f"{key.removesuffix('_dice').replace('_', ' ')} Dice {record[key]:.3f}" for key in keys]
         parts[-1] += " (cache grid)"
+        if record.get("unpredicted"):
+            parts.append(f"hardly predicted: {record['unpredicted']} of its voxels")
     parts += [f"lr {record['learning_rate']:.2e}", f"{record['epoch_seconds']:.1f} s",
               f"{record['samples_per_second']:.1f} samples/s"]
     if record["skipped_steps"]:
