@@ -95,6 +95,12 @@ def test_end_to_end_on_procedural_fallback(tmp_path, caplog):
         inference = json.loads((out / name / "inference.json").read_text())
         assert "last.pt" in inference["checkpoint"] and inference["restore"] == "labels"
     assert "nearest-neighbour copy of the coarse labels" in (out / "quality.md").read_text()
+    for name, model in quality["models"].items():  # a class the final model hardly predicts is flagged, or none is
+        final = model["learning_curve"][-1]["unpredicted"]
+        assert isinstance(final, str)
+        flagged = f"**WARNING:** {name}'s final validation (held-out train cases, cache grid) hardly predicts"
+        assert (flagged + f" {final} " in (out / "quality.md").read_text()) == bool(final)
+        assert (flagged in (out / "quality.md").read_text()) == bool(final)
     rows = _table_rows((out / "quality.md").read_text())
     assert sorted(rows) == ["resunet3d", "unetr2d"]
     for cells in rows.values():

@@ -209,7 +209,8 @@ class ModelQuality:
         failures: ``{"case_id", "reason"}`` of test cases without a scored prediction.
         learning_curve: per epoch ``epoch``, ``train_loss``, ``learning_rate``, ``epoch_seconds`` and,
             on validated epochs, ``val_loss``, ``kidney_dice``, ``tumour_dice`` (the engine's validation
-            on held-out *train* cases, on the cache grid; ``None`` on other epochs).
+            on held-out *train* cases, on the cache grid; ``None`` on other epochs) and ``unpredicted``
+            (the labels those cases hold and the model hardly predicts, ``""`` when none).
         locator: for a second-stage model (``cascade.locator``), the first stage it runs after:
             :func:`describe_locator`; its training is not in ``budget``.
     """
@@ -468,7 +469,8 @@ def describe_locator(config: ExperimentConfig) -> dict[str, Any] | None:
 
 
 def _learning_curve(records: list[dict[str, Any]]) -> tuple[dict[str, Any], ...]:
-    keys = ("epoch", "train_loss", "val_loss", "kidney_dice", "tumour_dice", "learning_rate", "epoch_seconds")
+    keys = ("epoch", "train_loss", "val_loss", "kidney_dice", "tumour_dice", "unpredicted", "learning_rate",
+            "epoch_seconds")
     return tuple({key: record.get(key) for key in keys} for record in records)
 
 
@@ -635,6 +637,11 @@ def render_quality_markdown(result: QualityResult) -> str:
                       f"`{m.locator['run_folder']}` found ({m.locator['epochs']} epochs, "
                       f"{'-' if minutes is None else f'{minutes:.2f}'} min of training epochs), trained before this "
                       "benchmark: its training is not in the figures above; add it for the model's whole budget."]
+    for m in result.models:
+        final = m.learning_curve[-1].get("unpredicted") if m.learning_curve else None
+        if final:
+            lines += ["", f"**WARNING:** {m.model}'s final validation (held-out train cases, cache grid) hardly "
+                      f"predicts {final} of the true voxels: it has not learnt that class, whatever its Dice says."]
     if result.tumour_profiles:
         lines += ["", "Tumour Dice by kind of test tumour (contrast: the tumour's mean HU minus its kidney's, in the "
                   "raw CT; a case without tumour is in no group; per-case profiles in `quality.json`):", "",
