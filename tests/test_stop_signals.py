@@ -111,7 +111,8 @@ def _command(config_path, data, run_name, *extra):
 
 
 def test_sigterm_to_the_job_saves_mid_epoch_exits_75_and_auto_resume_continues_exactly(tiny_data, tmp_path):
-    config = tiny_config(tmp_path, patches={"patch_size": [8, 16, 16], "samples_per_epoch": 240},
+    batches = 480  # of 2 tiny patches: over 3 s on a fast 2-core machine, so the signal lands mid-epoch
+    config = tiny_config(tmp_path, patches={"patch_size": [8, 16, 16], "samples_per_epoch": 2 * batches},
                          training={"epochs": 1, "num_workers": 1, "validate_every": 1, "max_validation_cases": 1})
     config_path = write_config(tmp_path, config)
     environment = {**os.environ, "OMP_NUM_THREADS": "1"}
@@ -129,13 +130,13 @@ def test_sigterm_to_the_job_saves_mid_epoch_exits_75_and_auto_resume_continues_e
         if log.is_file() and "run folder" in log.read_text():
             break
         time.sleep(0.05)
-    time.sleep(1.0)  # into the epoch (120 batches of tiny patches take a few seconds)
+    time.sleep(1.0)  # into the epoch
     os.killpg(process.pid, signal.SIGTERM)
     output, _ = process.communicate(timeout=120)
     assert process.returncode == EXIT_INTERRUPTED, output
     assert "stopped by SIGTERM" in output and f"--resume {folder}" in output
     saved = load_checkpoint(folder / "last.pt")
-    assert saved["epoch"] == 0 and 0 < saved["epoch_progress"]["batches"] < 120, saved.get("epoch_progress")
+    assert saved["epoch"] == 0 and 0 < saved["epoch_progress"]["batches"] < batches, saved.get("epoch_progress")
     assert saved["iteration"] == saved["epoch_progress"]["steps"]
 
     resumed = subprocess.run(_command(config_path, tiny_data, "stopped", "--auto-resume"), capture_output=True,
@@ -148,6 +149,6 @@ def test_sigterm_to_the_job_saves_mid_epoch_exits_75_and_auto_resume_continues_e
     assert abs(records[0]["train_loss"] - expected[0]["train_loss"]) < 1e-9
     assert records[0]["samples_per_rank"] == expected[0]["samples_per_rank"]
     final, reference = load_checkpoint(folder / "last.pt"), load_checkpoint(tmp_path / "runs" / "whole" / "last.pt")
-    assert final["iteration"] == reference["iteration"] == 120
+    assert final["iteration"] == reference["iteration"] == batches
     for name, value in reference["model"].items():
         assert torch.equal(final["model"][name], value), name
