@@ -308,8 +308,7 @@ def validate(state: RunState) -> dict[str, Any]:
         scores = score_case(prediction, truth, dataset=dataset)
         scores["val_loss"] = float(state.loss(logits, label))
         per_case.append({"case_id": item["case_id"], **scores})
-        counts.append([np.bincount(x.ravel().astype(np.int64), minlength=dataset.num_classes)[:dataset.num_classes]
-                       for x in (prediction, truth)])
+        counts.append([np.bincount(x.ravel(), minlength=dataset.num_classes) for x in (prediction, truth)])
     cases = gather_object(per_case)
     unpredicted = unpredicted_labels(gather_object(counts), dataset)
     model.train()
