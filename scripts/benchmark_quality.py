@@ -8,6 +8,7 @@ Usage::
                                         [--config2d configs/unetr2d_quick.yaml]
                                         [--epochs3d N] [--epochs2d N] [--set3d section.key=value] [--set2d ...]
                                         [--locator3d CONFIG] [--locator-epochs N] [--set-locator ...]
+                                        [--extra-train-masks DIR]
                                         [--require-masks] [--matrix 160] [--seed 0] [--workers 1] [--bootstrap 10000]
 
 Data: CTs synthesised around real KiTS19 masks (``--masks``, default ``../shared/kits19`` beside the
@@ -16,6 +17,9 @@ M of them), train = ``case_00000`` … ``case_{N-1}`` (``--train-cases N``, at m
 mask folder the benchmark runs on procedural synthetic cases (``--matrix``; test cases with master
 seed ``--seed`` + 1) and warns that its numbers are not comparable with the README's table;
 ``--require-masks`` refuses that fallback. Data, cache and runs go to ``--work`` and are reused.
+``--extra-train-masks DIR`` adds the cases of a second mask folder to the train set only, e.g. KiTS23's
+(``../shared/kits23``: its cysts rendered in the CT and labelled kidney, as KiTS19 labels them); its
+ids that ``--masks`` also holds are the same patients and are left out.
 
 Each model (``--models``: ``3d`` = resunet3d, ``2d`` = unetr2d) trains from its quick config
 (``--epochs3d`` / ``--epochs2d``: default the config's epochs; ``--set3d`` / ``--set2d``: any other
@@ -89,6 +93,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--locator-epochs", type=int, default=None, help="the locator's epochs (default: its config's)")
     parser.add_argument("--set-locator", action="append", default=[], metavar="SECTION.KEY=VALUE",
                         help="override the locator's experiment config (repeatable)")
+    parser.add_argument("--extra-train-masks", type=Path, default=None, metavar="DIR",
+                        help="a second folder of real masks (e.g. ../shared/kits23) whose cases join the train set "
+                             "only, cysts labelled kidney; ids --masks also holds are left out")
     parser.add_argument("--matrix", type=int, default=defaults.matrix,
                         help=f"in-plane size of procedural fallback cases (default {defaults.matrix})")
     parser.add_argument("--seed", type=int, default=defaults.seed,
@@ -110,7 +117,7 @@ def build_plan(args: argparse.Namespace, command: str) -> QualityPlan:
                        config_3d=args.config3d, config_2d=args.config2d, epochs_3d=args.epochs3d,
                        epochs_2d=args.epochs2d, overrides_3d=tuple(args.set3d), overrides_2d=tuple(args.set2d),
                        locator_3d=args.locator3d, locator_epochs=args.locator_epochs,
-                       locator_overrides=tuple(args.set_locator),
+                       locator_overrides=tuple(args.set_locator), extra_masks_dir=args.extra_train_masks,
                        require_masks=args.require_masks, matrix=args.matrix, seed=args.seed, workers=args.workers,
                        bootstrap_resamples=args.bootstrap, postprocess=args.postprocess, restore=args.restore,
                        command=command)

@@ -6,10 +6,13 @@ Examples:
     python scripts/make_synthetic_data.py --out data/test --from-masks ../kits19/data --case-ids case_00150,case_00151
     python scripts/make_synthetic_data.py --out data/synthetic23 --cases 20 --dataset kits23
     python scripts/make_synthetic_data.py --out data/from_kits23 --from-masks ../kits23/dataset --dataset kits23
+    python scripts/make_synthetic_data.py --out data/k23 --from-masks ../kits23 --dataset kits23 --labels-as kits19
 
 With --dataset kits23 the cases hold KiTS23's labels (3: simple renal cysts, water density) and the
 folder gets kits23.json instead of kits.json. KiTS23 masks need --dataset kits23 (they are refused
 otherwise, before any case is written); KiTS19 masks may be read as kits23 too (no cysts then).
+--labels-as kits19 writes KiTS23 masks as KiTS19 cases: the cysts stay in the CT, labelled kidney
+(as KiTS19's annotators labelled them), with kits.json: extra training cases for a KiTS19 model.
 """
 
 from __future__ import annotations
@@ -41,6 +44,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--dataset", choices=list(DATASETS), default="kits19",
                         help="labels and metadata file to write: kits19 (0-2, kits.json; default) or kits23 "
                              "(3 = cyst, kits23.json); with --from-masks, whose masks these are")
+    parser.add_argument("--labels-as", choices=list(DATASETS), default=None,
+                        help="with --from-masks: write the cases as this dataset's (labels, metadata file); "
+                             "kits19 for KiTS23 masks labels their cysts kidney (default: --dataset)")
     args = parser.parse_args(argv)
     if args.case_ids is not None:
         args.case_ids = [case_id.strip() for case_id in args.case_ids.split(",") if case_id.strip()]
@@ -50,6 +56,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
             parser.error("give --cases (the first N masks) or --case-ids (those masks), not both")
         if not args.case_ids:
             parser.error("--case-ids needs at least one case id, e.g. --case-ids case_00150,case_00151")
+    if args.labels_as is not None and args.from_masks is None:
+        parser.error("--labels-as rewrites real masks: it needs --from-masks")
     if args.from_masks is None and args.cases is None:
         parser.error("--cases is required for procedural generation")
     if args.from_masks is not None and (args.spacing is not None or args.matrix != 512):
@@ -64,7 +72,8 @@ def main(argv: list[str] | None = None) -> int:
     try:
         if args.from_masks is not None:
             summaries = generate_from_masks(args.from_masks, args.out, cases=args.cases, case_ids=args.case_ids,
-                                            seed=args.seed, workers=args.workers, dataset=args.dataset)
+                                            seed=args.seed, workers=args.workers, dataset=args.dataset,
+                                            labels_as=args.labels_as)
         else:
             options = SyntheticOptions(matrix=args.matrix, spacing=tuple(args.spacing) if args.spacing else None,
                                        dataset=args.dataset)
@@ -72,7 +81,7 @@ def main(argv: list[str] | None = None) -> int:
     except (ValueError, FileNotFoundError) as error:
         print(f"error: {error}", file=sys.stderr)
         return 2
-    dataset = get_dataset(args.dataset)
+    dataset = get_dataset(args.labels_as or args.dataset)
     with_cysts = dataset.has_label("cyst")
     print(f"{'case':<12} {'shape (Z,Y,X)':<18} {'spacing mm (Z,Y,X)':<22} {'kidney ml':>10} {'tumour ml':>10}"
           + (f" {'cyst ml':>10}" if with_cysts else ""))

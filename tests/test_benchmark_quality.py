@@ -7,6 +7,7 @@ import json
 import re
 from pathlib import Path
 
+import nibabel as nib
 import numpy as np
 import pytest
 import torch
@@ -15,6 +16,7 @@ from utils.benchmarks.quality import (
     TEST_CASE_IDS,
     QualityPlan,
     describe_dice,
+    generate_split_data,
     plan_data_split,
     prepare_quality_benchmark,
     split_case_ids,
@@ -249,3 +251,49 @@ def test_a_two_stage_3d_model_trains_its_locator_first_and_counts_both_budgets(t
     assert float(cells[-3]) == pytest.approx(model["budget"]["wall_minutes"] + locator["budget"]["wall_minutes"],
                                              abs=0.01)
     assert "resunet3d's locator" in markdown
+
+
+def test_extra_train_masks_join_the_train_set_only_with_kits19_labels(tmp_path, capsys, caplog):
+    masks, extra, out, work = tmp_path / "masks", tmp_path / "kits23", tmp_path / "out", tmp_path / "work"
+    _write_masks(masks, [0, 1, 150, 151])
+    _write_masks(extra, [1, 400, 401])  # case_00001 is a KiTS19 patient: left out
+    for path in extra.glob("case_*/segmentation.nii.gz"):
+        image = nib.load(path)
+        labels = np.asarray(image.dataobj).astype(np.uint8)
+        labels[6, 28, 33:36] = 3  # a small cyst in the right kidney
+        save_nifti(labels, image.affine, path)
+    (extra / "kits23.json").write_text(json.dumps([{"case_id": f"case_{n:05d}"} for n in (1, 400, 401)]))
+    before = {p: p.read_bytes() for p in extra.rglob("*") if p.is_file()}
+    script = _load_script("benchmark_quality")
+    common = ["--masks", str(masks), "--extra-train-masks", str(extra), "--train-cases", "2", "--test-cases", "2",
+              "--models", "3d", "--epochs3d", "1", "--bootstrap", "50"]
+    assert script.main([*common, "--out", str(out), "--work", str(extra / "work")]) == 2
+    assert f"--work {extra / 'work'} lies inside the mask folder {extra}" in capsys.readouterr().err
+    assert script.main(["--masks", str(tmp_path / "none"), *common[2:], "--out", str(out), "--work", str(work)]) == 2
+    assert "extra training masks" in capsys.readouterr().err and not work.exists()
+    with caplog.at_level("INFO"):
+        assert script.main([*common, "--out", str(out), "--work", str(work),
+                            *(f"--set3d={o}" for o in TINY_BOTH + TINY_3D)]) == 0
+    assert any("1 of 3 masks left out" in r.getMessage() for r in caplog.records)
+    split = json.loads((out / "quality.json").read_text())["split"]
+    assert split["train_ids"] == ["case_00000", "case_00001"] and split["test_ids"] == ["case_00150", "case_00151"]
+    assert split["extra_ids"] == ["case_00400", "case_00401"] and split["extra_masks_dir"] == str(extra)
+    train_dir = Path(split["train_dir"])
+    cases = ["case_00000", "case_00001", "case_00400", "case_00401"]
+    assert sorted(p.name for p in train_dir.glob("case_*")) == cases
+    assert [e["case_id"] for e in json.loads((train_dir / "kits.json").read_text())] == cases
+    for case_id in ("case_00400", "case_00401"):
+        written = np.asarray(nib.load(train_dir / case_id / "segmentation.nii.gz").dataobj)
+        assert set(np.unique(written).tolist()) == {0, 1, 2} and written[6, 28, 34] == 1  # the cyst is kidney
+    assert not (Path(split["test_dir"]) / "case_00400").exists()
+    assert "plus case_00400 … case_00401 (2 cases) around the masks of" in (out / "quality.md").read_text()
+    model = json.loads((out / "quality.json").read_text())["models"]["resunet3d"]
+    assert model["failures"] == [] and model["budget"]["optimiser_steps"] > 0
+    assert {p: p.read_bytes() for p in extra.rglob("*") if p.is_file()} == before
+    plan = QualityPlan(masks_dir=masks, extra_masks_dir=extra, train_cases=2, test_cases=2, out_dir=out,
+                       work_dir=work, models=("3d",))
+    caplog.clear()
+    with caplog.at_level("INFO"):
+        generate_split_data(plan_data_split(plan), plan, show_progress=False)  # everything reused
+    assert sorted(r.getMessage().split(":")[0] for r in caplog.records if "reusing" in r.getMessage()) == [
+        "combined cases", "extra cases", "test cases", "train cases"]

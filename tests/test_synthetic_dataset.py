@@ -14,6 +14,7 @@ from utils.data.nifti_io import save_nifti
 from utils.synthetic.dataset import (
     SyntheticOptions,
     _write_case_folder,
+    combine_case_folders,
     generate_case,
     generate_dataset,
     generate_from_masks,
@@ -193,3 +194,35 @@ def test_regenerating_fewer_cases_warns_about_stale_folders(tmp_path, caplog):
                          show_progress=False)
     assert "case_00001" in caplog.text and "no longer lists" in caplog.text
     assert [e["case_id"] for e in json.loads((tmp_path / "kits.json").read_text())] == ["case_00000"]
+
+
+def test_combining_case_folders_links_every_case_and_merges_kits_json(small_dataset, tmp_path):
+    first, _ = small_dataset
+    second = tmp_path / "second"
+    generate_dataset(second, 1, seed=3, options=SMALL, show_progress=False)
+    (second / "case_00000").rename(second / "case_00400")
+    listing = json.loads((second / "kits.json").read_text())
+    listing[0]["case_id"] = "case_00400"
+    (second / "kits.json").write_text(json.dumps(listing))
+    sources = {p: p.read_bytes() for folder in (first, second) for p in folder.rglob("*") if p.is_file()}
+    out = tmp_path / "combined"
+    ids = combine_case_folders([first, second], out)
+    assert ids == ["case_00000", "case_00001", "case_00002", "case_00400"]
+    assert sorted(p.name for p in out.iterdir()) == [*ids, "kits.json"]
+    merged = json.loads((out / "kits.json").read_text())
+    assert [e["case_id"] for e in merged] == ids and merged[-1] == listing[0]
+    for case_id, folder in (("case_00001", first), ("case_00400", second)):
+        for name in ("imaging.nii.gz", "segmentation.nii.gz"):
+            assert (out / case_id / name).stat().st_ino == (folder / case_id / name).stat().st_ino  # a link
+    combine_case_folders([first, second], out)  # again: the folder is replaced whole, sources untouched
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["combined", "second"]
+    assert {p: p.read_bytes() for folder in (first, second) for p in folder.rglob("*") if p.is_file()} == sources
+    with pytest.raises(ValueError, match="case_00000 is in both"):
+        combine_case_folders([first, first], tmp_path / "twice")
+    with pytest.raises(ValueError, match="combined folder"):
+        combine_case_folders([first, second], second / "inside")
+    (second / "kits.json").rename(second / "kits23.json")
+    with pytest.raises(ValueError, match=r"second/kits.json: not found; only KiTS19-layout folders"):
+        combine_case_folders([first, second], tmp_path / "other")
+    assert not (tmp_path / "twice").exists() and not (tmp_path / "other").exists()
+    assert not (second / "inside").exists()

@@ -13,7 +13,7 @@ from scipy import ndimage
 
 import utils.synthetic.ct as ct
 from utils.data.case_validation import validate_dataset
-from utils.data.dataset_definitions import CYST_LABEL, DatasetLayoutError
+from utils.data.dataset_definitions import CYST_LABEL, DatasetLayoutError, label_lookup
 from utils.data.kits_layout import KIDNEY_LABEL, TUMOUR_LABEL, build_kits_affine, spacing_from_affine
 from utils.data.nifti_io import save_nifti
 from utils.synthetic.dataset import SyntheticOptions, generate_case, generate_dataset, generate_from_masks
@@ -218,3 +218,38 @@ def test_real_kits23_masks_are_refused_as_kits19_before_any_case_is_written(real
     assert f"{REAL_WITH_CYSTS[0]}/segmentation.nii.gz: label values must be in [0, 1, 2], found [3]" in run.stderr
     assert "--dataset kits23" in run.stderr and "no case was written" in run.stderr
     assert not out.exists()  # case_00497 (no cyst) comes first and was not written either
+
+
+def test_kits23_masks_written_as_kits19_cases_keep_the_cyst_in_the_ct_and_label_it_kidney(tmp_path):
+    assert label_lookup("kits23", "kits19").tolist() == [0, 1, 2, 1]  # KiTS19 labels cysts kidney
+    assert label_lookup("kits19", "kits23").tolist() == [0, 1, 2]
+    masks = tmp_path / "masks"
+    (masks / "case_00401").mkdir(parents=True)
+    labels = _kidney_with_cyst()
+    source = save_nifti(labels, build_kits_affine((4.0, 4.0, 4.0)), masks / "case_00401" / "segmentation.nii.gz")
+    (masks / "kits23.json").write_text(json.dumps([{"case_id": "case_00401"}]))
+    before = {p: p.read_bytes() for p in masks.rglob("*") if p.is_file()}
+    out = tmp_path / "out"
+    summaries = generate_from_masks(masks, out, seed=2, show_progress=False, dataset="kits23", labels_as="kits19")
+    assert sorted(p.name for p in out.iterdir()) == ["case_00401", "kits.json"]
+    written = _labels(out / "case_00401" / "segmentation.nii.gz")
+    expected = labels.copy()
+    expected[labels == CYST_LABEL] = KIDNEY_LABEL
+    assert np.array_equal(written, expected)
+    assert nib.load(out / "case_00401" / "segmentation.nii.gz").get_data_dtype() == np.uint8
+    assert summaries[0].cyst_ml is None  # KiTS19: the cyst is counted as kidney
+    assert summaries[0].kidney_ml == pytest.approx(np.count_nonzero(labels % 2 == 1) * 64 / 1000, abs=0.01)
+    image = np.asarray(nib.load(out / "case_00401" / "imaging.nii.gz").dataobj)
+    inner = ndimage.binary_erosion(labels == CYST_LABEL)  # the same CT as written for KiTS23: the cyst is water
+    assert -10.0 < image[inner].mean() < 35.0
+    reference = tmp_path / "as23"
+    generate_from_masks(masks, reference, seed=2, show_progress=False, dataset="kits23")
+    assert np.array_equal(image, np.asarray(nib.load(reference / "case_00401" / "imaging.nii.gz").dataobj))
+    assert validate_dataset(out, full=True, show_progress=False).counts["ok"] == 1  # a valid KiTS19 folder
+    assert {p: p.read_bytes() for p in masks.rglob("*") if p.is_file()} == before and source.is_file()
+    cli = _run_script("--out", str(tmp_path / "cli"), "--from-masks", str(masks), "--dataset", "kits23",
+                      "--labels-as", "kits19")
+    assert cli.returncode == 0, cli.stderr
+    assert (tmp_path / "cli" / "kits.json").is_file() and not (tmp_path / "cli" / "kits23.json").exists()
+    refused = _run_script("--out", str(tmp_path / "nothing"), "--cases", "1", "--labels-as", "kits19")
+    assert refused.returncode == 2 and "--labels-as rewrites real masks: it needs --from-masks" in refused.stderr

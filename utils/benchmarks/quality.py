@@ -52,6 +52,7 @@ from utils.analysis.tumour_profiles import (
     profile_case_folder,
 )
 from utils.config.experiment import ExperimentConfig, load_experiment_config
+from utils.data.dataset_definitions import KITS19, KITS23
 from utils.data.kits_layout import case_id_for_index
 from utils.data.nifti_io import save_json_atomic, write_bytes_atomic
 from utils.evaluation.predictions import check_output_dir
@@ -64,7 +65,14 @@ from utils.inference.segment import RESTORE_MODES
 from utils.metrics.scoring import DICE_NAMES, METRIC_NAMES, summarise_scores
 from utils.networks.checkpoints import load_checkpoint
 from utils.preprocessing.preprocess import prepare_training_cache
-from utils.synthetic.dataset import SyntheticOptions, find_masks, generate_dataset, generate_from_masks, select_masks
+from utils.synthetic.dataset import (
+    SyntheticOptions,
+    combine_case_folders,
+    find_masks,
+    generate_dataset,
+    generate_from_masks,
+    select_masks,
+)
 from utils.training.engine import TrainingResult, train
 from utils.training.performance import experiment_precision
 
@@ -107,6 +115,11 @@ class QualityPlan:
             model's ``cascade.locator`` is then that run, and its budget includes the locator's.
         locator_epochs: the locator's training epochs (``None``: its config's).
         locator_overrides: further overrides of the locator's config, applied last.
+        extra_masks_dir: a second folder of real masks whose cases join the *training* set (never the
+            test set): KiTS23's (``kits23.json``; CT rendered with its cysts, which are then labelled
+            kidney as KiTS19 labels them) or another KiTS19-layout folder. Its case ids that
+            ``masks_dir`` also holds are left out: KiTS23 keeps KiTS19's ids for the same patients,
+            so no test patient trains.
         require_masks: refuse to run without masks instead of falling back to procedural cases.
         matrix: in-plane size in voxels of procedural fallback cases (64 to 1024).
         seed: master seed of the synthetic CTs (procedural test cases: ``seed + 1``) and of the bootstrap.
@@ -134,6 +147,7 @@ class QualityPlan:
     locator_3d: Path | None = None
     locator_epochs: int | None = None
     locator_overrides: tuple[str, ...] = ()
+    extra_masks_dir: Path | None = None
     require_masks: bool = False
     matrix: int = 160
     seed: int = 0
@@ -172,7 +186,11 @@ class DataSplit:
     Attributes:
         source: ``"kits19_masks"`` (CT synthesised around real masks) or ``"procedural"`` (fallback).
         disjoint_by: ``"case id"`` (masks) or ``"master seed"`` (procedural: the same ids, other cases).
-        settings: the generation settings of each folder (``{"train": ..., "test": ...}``).
+        settings: the generation settings of each folder (``{"train": ..., "test": ...}``; with extra
+            masks also ``"extra"`` and ``"combined"``).
+        train_dir: the folder the models train on: the train ids' CTs, or with extra masks a folder
+            linking those (``base_train_dir``) and the extra cases' (``extra_dir``).
+        extra_ids: the extra training cases (from ``extra_masks_dir``), ``()`` without.
     """
 
     source: str
@@ -184,6 +202,10 @@ class DataSplit:
     test_ids: tuple[str, ...]
     settings: dict[str, dict[str, Any]]
     warning: str | None = None
+    extra_masks_dir: Path | None = None
+    extra_ids: tuple[str, ...] = ()
+    base_train_dir: Path | None = None
+    extra_dir: Path | None = None
 
 
 @dataclass(frozen=True)
@@ -281,11 +303,14 @@ def check_plan_paths(plan: QualityPlan) -> None:
         ValueError: naming the option, the folder and the rule.
     """
     for option, folder in (("--out", plan.out_dir), ("--work", plan.work_dir)):
-        try:
-            check_output_dir(folder, plan.masks_dir, plan.masks_dir)
-        except ValueError as error:
-            raise ValueError(f"{option} {folder} lies inside the mask folder {plan.masks_dir}, which is only ever "
-                             f"read: {error}") from None
+        for masks in (plan.masks_dir, plan.extra_masks_dir):
+            if masks is None:
+                continue
+            try:
+                check_output_dir(folder, masks, masks)
+            except ValueError as error:
+                raise ValueError(f"{option} {folder} lies inside the mask folder {masks}, which is only ever "
+                                 f"read: {error}") from None
 
 
 def plan_data_split(plan: QualityPlan) -> DataSplit:
@@ -300,6 +325,9 @@ def plan_data_split(plan: QualityPlan) -> DataSplit:
     except FileNotFoundError as error:
         if plan.require_masks:
             raise FileNotFoundError(f"{error}; --require-masks refuses the procedural fallback") from None
+        if plan.extra_masks_dir is not None:
+            raise FileNotFoundError(f"{error}; extra training masks ({plan.extra_masks_dir}) join a train set of "
+                                    f"CTs around real KiTS19 masks, which needs them") from None
         warning = FALLBACK_WARNING.format(folder=plan.masks_dir, reason=error)
         logger.warning("%s", warning)
         settings = {role: {"source": "procedural", "cases": len(ids), "seed": plan.seed + offset,
@@ -313,8 +341,39 @@ def plan_data_split(plan: QualityPlan) -> DataSplit:
     masks_dir = str(Path(plan.masks_dir).resolve())
     settings = {role: {"source": "kits19_masks", "masks_dir": masks_dir, "case_ids": list(ids), "seed": plan.seed}
                 for role, ids in (("train", train_ids), ("test", test_ids))}
-    return DataSplit("kits19_masks", "case id", plan.masks_dir, _data_folder(plan, "train", settings["train"]),
-                     _data_folder(plan, "test", settings["test"]), train_ids, test_ids, settings)
+    train_dir, test_dir = _data_folder(plan, "train", settings["train"]), _data_folder(plan, "test", settings["test"])
+    if plan.extra_masks_dir is None:
+        return DataSplit("kits19_masks", "case id", plan.masks_dir, train_dir, test_dir, train_ids, test_ids, settings)
+    extra_ids, settings["extra"] = plan_extra_cases(plan, {mask.parent.name for mask in masks})
+    settings["combined"] = {"source": "combined", "parts": [settings["train"], settings["extra"]]}
+    return DataSplit("kits19_masks", "case id", plan.masks_dir, _data_folder(plan, "train", settings["combined"]),
+                     test_dir, train_ids, test_ids, settings, extra_masks_dir=plan.extra_masks_dir,
+                     extra_ids=extra_ids, base_train_dir=train_dir,
+                     extra_dir=_data_folder(plan, "extra", settings["extra"]))
+
+
+def plan_extra_cases(plan: QualityPlan, main_ids: set[str]) -> tuple[tuple[str, ...], dict[str, Any]]:
+    """The extra training cases of ``plan.extra_masks_dir`` and their generation settings.
+
+    The folder's dataset is KiTS23 when it holds ``kits23.json``, else KiTS19; its cases are written
+    with KiTS19's labels. Ids in ``main_ids`` (the main mask folder's: the same patients) are left out.
+
+    Raises:
+        FileNotFoundError: no such folder or no mask in it. ValueError: no case left.
+    """
+    folder = Path(plan.extra_masks_dir)
+    dataset = KITS23 if (folder / KITS23.metadata_name).is_file() else KITS19
+    found = [mask.parent.name for mask in find_masks(folder, dataset)]
+    extra_ids = tuple(case_id for case_id in found if case_id not in main_ids)
+    if not extra_ids:
+        raise ValueError(f"{folder}: each of its {len(found)} masks has the id of a case of {plan.masks_dir} (the "
+                         f"same patient), so none can be an extra training case")
+    if len(extra_ids) < len(found):
+        logger.info("%s: %d of %d masks left out, their ids being cases of %s (the same patients)", folder,
+                    len(found) - len(extra_ids), len(found), plan.masks_dir)
+    return extra_ids, {"source": f"{dataset.name}_masks", "masks_dir": str(folder.resolve()),
+                       "case_ids": list(extra_ids), "seed": plan.seed, "dataset": dataset.name,
+                       "labels_as": KITS19.name}
 
 
 def _data_folder(plan: QualityPlan, role: str, settings: dict[str, Any]) -> Path:
@@ -324,8 +383,11 @@ def _data_folder(plan: QualityPlan, role: str, settings: dict[str, Any]) -> Path
 
 
 def generate_split_data(split: DataSplit, plan: QualityPlan, show_progress: bool = True) -> None:
-    """Write the train and test folders (a folder whose ``generation.json`` matches is reused as is)."""
-    for role, folder in (("train", split.train_dir), ("test", split.test_dir)):
+    """Write the train and test folders (a folder whose ``generation.json`` matches is reused as is);
+    with extra masks, their cases' folder and the training folder that links both train parts."""
+    folders = [("train", split.base_train_dir or split.train_dir), ("test", split.test_dir)]
+    folders += [("extra", split.extra_dir), ("combined", split.train_dir)] if split.extra_dir is not None else []
+    for role, folder in folders:
         settings = split.settings[role]
         marker = folder / GENERATION_JSON
         if marker.is_file() and json.loads(marker.read_text()) == settings:
@@ -335,9 +397,13 @@ def generate_split_data(split: DataSplit, plan: QualityPlan, show_progress: bool
             generate_dataset(folder, settings["cases"], seed=settings["seed"],
                              options=SyntheticOptions(matrix=settings["matrix"]), workers=plan.workers,
                              show_progress=show_progress)
+        elif role == "combined":
+            combine_case_folders([split.base_train_dir, split.extra_dir], folder)
         else:
-            generate_from_masks(split.masks_dir, folder, case_ids=settings["case_ids"], seed=settings["seed"],
-                                workers=plan.workers, show_progress=show_progress)
+            generate_from_masks(split.extra_masks_dir if role == "extra" else split.masks_dir, folder,
+                                case_ids=settings["case_ids"], seed=settings["seed"], workers=plan.workers,
+                                show_progress=show_progress, dataset=settings.get("dataset", KITS19.name),
+                                labels_as=settings.get("labels_as"))
         save_json_atomic(marker, settings)  # last: an interrupted folder is generated again
 
 
@@ -603,7 +669,10 @@ def render_quality_markdown(result: QualityResult) -> str:
     lines = ["# Held-out segmentation quality", ""]
     if split.warning:
         lines += [f"**WARNING:** {split.warning}", ""]
-    lines += [f"Test set: {_id_range(split.test_ids)}; train set: {_id_range(split.train_ids)}; {source}, "
+    extra = (f" plus {_id_range(split.extra_ids)} around the masks of {split.extra_masks_dir} "
+             f"({split.settings['extra']['dataset']}; written with KiTS19's labels: a cyst is kidney)"
+             if split.extra_ids else "")
+    lines += [f"Test set: {_id_range(split.test_ids)}; train set: {_id_range(split.train_ids)}{extra}; {source}, "
               f"disjoint by {split.disjoint_by}. Each model trained from its config on the train set only "
               "(its validation epochs use held-out train cases) and was scored with its final weights (`last.pt`) "
               "on every test case, from the raw CT, in the CT's original grid: kidney = label > 0, tumour = "
@@ -670,7 +739,9 @@ def quality_as_dict(result: QualityResult) -> dict[str, Any]:
             "settings": {k: str(v) if isinstance(v, Path) else v for k, v in asdict(result.prepared.plan).items()},
             "split": {"source": split.source, "disjoint_by": split.disjoint_by, "warning": split.warning,
                       "train_dir": str(split.train_dir), "test_dir": str(split.test_dir),
-                      "train_ids": list(split.train_ids), "test_ids": list(split.test_ids)},
+                      "train_ids": list(split.train_ids), "test_ids": list(split.test_ids),
+                      "extra_masks_dir": None if split.extra_masks_dir is None else str(split.extra_masks_dir),
+                      "extra_ids": list(split.extra_ids)},
             "machine": result.machine, "seconds": result.seconds, "models": models,
             "test_tumours": [profile.as_dict() for profile in result.tumour_profiles],
             "comparison": {k: str(v) for k, v in result.comparison.items()} if result.comparison else None,

@@ -182,6 +182,31 @@ KITS23: Final = DatasetDefinition(
 DATASETS: Final = MappingProxyType({definition.name: definition for definition in (KITS19, KITS23)})
 
 
+#: What a label one dataset has and another lacks is called in the other: KiTS19's annotators
+#: labelled renal cysts kidney, so KiTS23's cyst (3) is kidney (1) in KiTS19's labels.
+LABEL_FALLBACKS: Final = MappingProxyType({"cyst": "kidney"})
+
+
+def label_lookup(source: DatasetDefinition | str, target: DatasetDefinition | str) -> np.ndarray:
+    """The table that rewrites ``source``'s label ids as ``target``'s: ``table[label_map]``.
+
+    A label is mapped by name; one that ``target`` lacks takes its :data:`LABEL_FALLBACKS` name
+    (KiTS23 -> KiTS19: 0, 1, 2, 3 -> 0, 1, 2, 1).
+
+    Raises:
+        ValueError: a ``source`` label with no name in ``target`` and no fallback.
+    """
+    source, target = get_dataset(source), get_dataset(target)
+    table = np.zeros(source.num_classes, dtype=np.uint8)
+    for label, name in source.labels.items():
+        mapped = name if target.has_label(name) else LABEL_FALLBACKS.get(name)
+        if mapped is None or not target.has_label(mapped):
+            raise ValueError(f"{source.title}'s label {label} ({name}) has no counterpart in {target.title} "
+                             f"(labels {target.describe_labels()})")
+        table[label] = target.label(mapped)
+    return table
+
+
 class DatasetLayoutError(ValueError):
     """A data folder laid out for another dataset than the one selected."""
 

@@ -21,6 +21,7 @@ from __future__ import annotations
 import json
 import logging
 import os
+import shutil
 from collections.abc import Sequence
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -29,7 +30,14 @@ import nibabel as nib
 import numpy as np
 
 from utils.data.case_discovery import check_layout
-from utils.data.dataset_definitions import DATASETS, KITS19, DatasetDefinition, foreign_labels_hint, get_dataset
+from utils.data.dataset_definitions import (
+    DATASETS,
+    KITS19,
+    DatasetDefinition,
+    foreign_labels_hint,
+    get_dataset,
+    label_lookup,
+)
 from utils.data.kits_layout import (
     IMAGING_NAME,
     KIDNEY_LABEL,
@@ -43,6 +51,7 @@ from utils.data.kits_layout import (
     spacing_from_affine,
 )
 from utils.data.nifti_io import load_nifti_verified, read_voxels, save_nifti, write_bytes_atomic, write_folder_atomic
+from utils.data.output_guard import check_output_location
 from utils.data.parallel import map_with_progress
 from utils.synthetic.anatomy import build_procedural_case, draw_cysts_within, layout_from_labels
 from utils.synthetic.ct import render_ct, sample_enhancement
@@ -222,21 +231,28 @@ def _check_mask_job(args: tuple[Path, str]) -> str | None:
     return None
 
 
-def _from_mask_job(args: tuple[Path, Path, int, str]) -> CaseSummary:
-    out_dir, mask_path, seed, dataset_name = args
-    dataset = get_dataset(dataset_name)
+def _from_mask_job(args: tuple[Path, Path, int, str, str]) -> CaseSummary:
+    out_dir, mask_path, seed, dataset_name, labels_as = args
+    dataset, written_as = get_dataset(dataset_name), get_dataset(labels_as)
     case_id = mask_path.parent.name
     labels, affine = _read_mask(mask_path, dataset)
     rng = np.random.default_rng([seed, int(case_id.split("_")[1])])
     image = synthesise_image_for_mask(labels, affine, rng, dataset)
-    mask_bytes = mask_path.read_bytes()
+    if written_as == dataset:
+        mask_bytes = mask_path.read_bytes()
+        written = labels
+    else:
+        written = label_lookup(dataset, written_as)[labels]
 
     def write(folder: Path) -> None:
         save_nifti(image, affine, folder / IMAGING_NAME)
-        write_bytes_atomic(folder / SEGMENTATION_NAME, mask_bytes)
+        if written_as == dataset:
+            write_bytes_atomic(folder / SEGMENTATION_NAME, mask_bytes)
+        else:
+            save_nifti(written, affine, folder / SEGMENTATION_NAME)
 
     _write_case_folder(out_dir, case_id, write)
-    return _summarise(case_id, labels, affine, dataset)
+    return _summarise(case_id, written, affine, written_as)
 
 
 def write_kits_json(out_dir: Path, summaries: list[CaseSummary]) -> Path:
@@ -387,8 +403,10 @@ def select_masks(masks: Sequence[Path], case_ids: Sequence[str], masks_dir: str 
 
 def generate_from_masks(masks_dir: str | os.PathLike, out_dir: str | os.PathLike, *, cases: int | None = None,
                         case_ids: Sequence[str] | None = None, seed: int = 0, workers: int = 1,
-                        show_progress: bool = True, dataset: DatasetDefinition | str = KITS19) -> list[CaseSummary]:
-    """Synthesise ``imaging.nii.gz`` around real segmentations; the masks are copied unchanged.
+                        show_progress: bool = True, dataset: DatasetDefinition | str = KITS19,
+                        labels_as: DatasetDefinition | str | None = None) -> list[CaseSummary]:
+    """Synthesise ``imaging.nii.gz`` around real segmentations; the masks are copied unchanged
+    (or rewritten in another dataset's labels with ``labels_as``).
 
     Every selected mask is read and its labels checked before any case is written.
 
@@ -401,6 +419,10 @@ def generate_from_masks(masks_dir: str | os.PathLike, out_dir: str | os.PathLike
         dataset: whose masks these are and what to write (a definition or its name): KiTS19
             (default; ``kits.json``) or KiTS23 (label 3 rendered as cysts; ``kits23.json``).
             KiTS19 masks may be read as KiTS23: their cases simply have no cyst.
+        labels_as: write the cases as this dataset's (labels and metadata file), default
+            ``dataset``: KiTS23 masks with ``labels_as="kits19"`` keep their cysts in the CT but
+            label them kidney, as KiTS19 does (:func:`utils.data.dataset_definitions.label_lookup`),
+            and the folder gets ``kits.json``: KiTS19 training cases.
 
     Raises:
         FileNotFoundError: no mask folder, or no mask in it.
@@ -412,6 +434,8 @@ def generate_from_masks(masks_dir: str | os.PathLike, out_dir: str | os.PathLike
             one's (``kits23.json`` read as KiTS19); a ``ValueError``.
     """
     dataset = get_dataset(dataset)
+    written_as = dataset if labels_as is None else get_dataset(labels_as)
+    label_lookup(dataset, written_as)  # every label has a counterpart, before any work
     masks = find_masks(masks_dir, dataset)
     _check_masks_layout(Path(masks_dir), dataset)
     out = Path(out_dir)
@@ -426,15 +450,77 @@ def generate_from_masks(masks_dir: str | os.PathLike, out_dir: str | os.PathLike
         masks = masks[:cases]
     if case_ids is not None:
         masks = select_masks(masks, case_ids, masks_dir)
-    _refuse_other_layout(out, dataset)
+    _refuse_other_layout(out, written_as)
     check_masks(masks, dataset, workers=workers, show_progress=show_progress)
     out.mkdir(parents=True, exist_ok=True)
-    jobs = [(out, mask, seed, dataset.name) for mask in masks]
+    jobs = [(out, mask, seed, dataset.name, written_as.name) for mask in masks]
     summaries = map_with_progress(_from_mask_job, jobs, workers=workers, description="cases from masks",
                                   show_progress=show_progress)
-    write_metadata(out, summaries, dataset)
-    _warn_about_stale_cases(out, summaries, dataset)
+    write_metadata(out, summaries, written_as)
+    _warn_about_stale_cases(out, summaries, written_as)
     return summaries
+
+
+def combine_case_folders(sources: Sequence[str | os.PathLike], out_dir: str | os.PathLike) -> list[str]:
+    """One KiTS19-layout folder holding the cases of several: every file of each case folder that
+    a source's ``kits.json`` lists is hard-linked (copied where the file system cannot link), and
+    ``kits.json`` holds the sources' entries in case order.
+
+    The folder is written whole or not at all (:func:`utils.data.nifti_io.write_folder_atomic`,
+    replacing an earlier one); the sources are only read.
+
+    Returns:
+        The case ids, sorted.
+
+    Raises:
+        ValueError: fewer than two sources; ``out_dir`` is a source or inside one; a source without
+            ``kits.json`` (not a KiTS19-layout folder: KiTS23 cases are first written with
+            ``labels_as="kits19"``, see :func:`generate_from_masks`), whose ``kits.json`` is not a list
+            of cases, or that lacks a listed case folder; a case id in two sources. Each names the file.
+    """
+    folders = [Path(source) for source in sources]
+    out = Path(out_dir)
+    if len(folders) < 2:
+        raise ValueError(f"combining case folders needs at least two sources, got {len(folders)}")
+    check_output_location(out, folders, what="combined folder")
+    entries: dict[str, dict] = {}
+    origin: dict[str, Path] = {}
+    for folder in folders:
+        metadata = folder / KITS_JSON_NAME
+        if not metadata.is_file():
+            raise ValueError(f"{metadata}: not found; only KiTS19-layout folders (kits.json) can be combined, "
+                             f"KiTS23 cases must be written with KiTS19 labels first (--labels-as kits19)")
+        try:
+            listed = json.loads(metadata.read_text())
+        except (OSError, UnicodeDecodeError, json.JSONDecodeError) as error:
+            raise ValueError(f"{metadata}: cannot be read as JSON: {error}") from None
+        if not isinstance(listed, list) or not all(isinstance(e, dict) and is_case_id(str(e.get("case_id")))
+                                                    for e in listed):
+            raise ValueError(f"{metadata}: must be a list of cases, each with a 'case_id' such as 'case_00000'")
+        for entry in listed:
+            case_id = entry["case_id"]
+            if case_id in origin:
+                raise ValueError(f"{case_id} is in both {origin[case_id]} and {folder}: combined cases must have "
+                                 f"distinct ids")
+            if not (folder / case_id).is_dir():
+                raise ValueError(f"{folder / case_id}: listed in {metadata} but not found")
+            entries[case_id], origin[case_id] = entry, folder
+
+    def write(temporary: Path) -> None:
+        for case_id in sorted(entries):
+            target = temporary / case_id
+            target.mkdir()
+            for source in sorted((origin[case_id] / case_id).iterdir()):
+                if source.is_file():
+                    try:
+                        os.link(source, target / source.name)
+                    except OSError:
+                        shutil.copy2(source, target / source.name)
+        listing = [entries[case_id] for case_id in sorted(entries)]
+        (temporary / KITS_JSON_NAME).write_text(json.dumps(listing, indent=2) + "\n")
+
+    write_folder_atomic(out.parent, out.name, write)
+    return sorted(entries)
 
 
 def summaries_as_rows(summaries: list[CaseSummary]) -> list[dict]:
