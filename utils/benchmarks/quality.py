@@ -10,8 +10,10 @@ kidney and tumour on unseen CTs?" with the package's own functions, in this orde
    ``test_cases``), train = ``case_00000`` … ``case_{N-1}`` (N = ``train_cases`` <= 150). Without
    the mask folder: procedural cases (:func:`utils.synthetic.dataset.generate_dataset`), train with
    master seed ``seed`` and test with ``seed + 1`` (the same case ids, other cases), with a warning
-   that the numbers are not comparable with results on real masks. Each data folder is named after
-   its generation settings and reused when complete.
+   that the numbers are not comparable with results on real masks. With ``extra_masks_dir`` (e.g.
+   KiTS23's new patients) the cases of a second mask folder join the train set only
+   (:func:`plan_extra_cases`), in a folder that links both. Each data folder is named after its
+   generation settings and reused when complete.
 2. **Training** (:func:`train_model`): :func:`utils.training.engine.train` on the train folder; the
    engine's own validation (best epoch, learning curve) holds out part of the *train* cases with
    the config's ``split``. Wall minutes and CPU seconds (user + system of this process and its
