@@ -8,7 +8,7 @@ Usage::
                                         [--config2d configs/unetr2d_quick.yaml]
                                         [--epochs3d N] [--epochs2d N] [--set3d section.key=value] [--set2d ...]
                                         [--locator3d CONFIG] [--locator-epochs N] [--set-locator ...]
-                                        [--extra-train-masks DIR]
+                                        [--extra-train-masks DIR] [--postprocess [--choose-postprocessing]]
                                         [--require-masks] [--matrix 160] [--seed 0] [--workers 1] [--bootstrap 10000]
 
 Data: CTs synthesised around real KiTS19 masks (``--masks``, default ``../shared/kits19`` beside the
@@ -28,7 +28,10 @@ the CT's original grid (KiTS19 Dice, surface Dice, HD95). With ``--locator3d CON
 is the second stage of a two-stage model (e.g. ``--config3d configs/resunet3d_kidney_quick.yaml
 --locator3d configs/resunet3d_quick.yaml``): the locator is trained first on the same train set
 (``--locator-epochs``, ``--set-locator``), the 3D model then segments around the kidneys it finds,
-and the budget adds both stages. Writes into ``--out``: ``quality.json``
+and the budget adds both stages. ``--postprocess`` scores post-processed predictions; with
+``--choose-postprocessing`` each model first segments its validation cases (held-out train cases)
+and chooses its smallest tumour component there (``scripts/choose_postprocessing.py``), which the
+test cases are then segmented with. Writes into ``--out``: ``quality.json``
 (settings, split, machine, per model the training budget, summary metrics, per-case tumour Dice and
 its distribution, the learning curve), ``quality.md`` (the table and the command line),
 ``learning_curves.png``, ``dice_per_case.png``, one evaluation report folder per model and, with
@@ -103,6 +106,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--workers", type=int, default=defaults.workers, help="processes generating cases")
     parser.add_argument("--postprocess", action="store_true",
                         help="score post-processed predictions (largest kidneys, tumour touching kidney only)")
+    parser.add_argument("--choose-postprocessing", action="store_true",
+                        help="with --postprocess: choose each model's smallest tumour component on its validation "
+                             "cases before the test cases (scripts/choose_postprocessing.py)")
     add_restore_argument(parser)
     parser.add_argument("--bootstrap", type=int, default=defaults.bootstrap_resamples,
                         help=f"bootstrap resamples of the comparison (default {defaults.bootstrap_resamples})")
@@ -119,7 +125,8 @@ def build_plan(args: argparse.Namespace, command: str) -> QualityPlan:
                        locator_3d=args.locator3d, locator_epochs=args.locator_epochs,
                        locator_overrides=tuple(args.set_locator), extra_masks_dir=args.extra_train_masks,
                        require_masks=args.require_masks, matrix=args.matrix, seed=args.seed, workers=args.workers,
-                       bootstrap_resamples=args.bootstrap, postprocess=args.postprocess, restore=args.restore,
+                       bootstrap_resamples=args.bootstrap, postprocess=args.postprocess,
+                       choose_postprocessing=args.choose_postprocessing, restore=args.restore,
                        command=command)
 
 

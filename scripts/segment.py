@@ -89,7 +89,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                              "(up to 8x slower for 3D models)")
     parser.add_argument("--postprocess", action="store_true",
                         help="keep the 2 largest kidney components and only tumour (KiTS23: and cyst) "
-                             "touching kidney")
+                             "touching kidney; with a postprocessing.json beside the checkpoint "
+                             "(scripts/choose_postprocessing.py), also call its smaller tumour components kidney")
     parser.add_argument("--min-component-ml", type=float, default=DEFAULT_MIN_COMPONENT_ML,
                         help="with --postprocess: smallest kidney component kept, in ml "
                              f"(default {DEFAULT_MIN_COMPONENT_ML:g})")

@@ -235,8 +235,20 @@ def test_a_two_stage_3d_model_trains_its_locator_first_and_counts_both_budgets(t
     assert _load_script("benchmark_quality").main(refused) == 2
     assert "give one or the other" in capsys.readouterr().err
     argv += [f"--set3d={o}" for o in tiny] + [f"--set-locator={o}" for o in tiny]
-    assert _load_script("benchmark_quality").main(argv) == 0
+    assert _load_script("benchmark_quality").main(argv + ["--choose-postprocessing"]) == 2  # needs --postprocess
+    assert "needs postprocess" in capsys.readouterr().err
+    assert _load_script("benchmark_quality").main(argv + ["--postprocess", "--choose-postprocessing"]) == 0
     model = json.loads((out / "quality.json").read_text())["models"]["resunet3d"]
+    # the smallest tumour component was chosen on the run's validation cases, then used on the test cases
+    chosen = model["postprocessing"]
+    validation = json.loads((out / "resunet3d_validation" / "inference.json").read_text())
+    assert validation["cases_selected"] == "validation" and validation["postprocess"] is True
+    assert [c["case_id"] for c in validation["cases"]] == chosen["validation_cases"]
+    assert not set(chosen["validation_cases"]) & {"case_00150", "case_00151"}  # never a test case
+    assert (out / "resunet3d_validation" / "postprocessing_choice.md").is_file()
+    stored = json.loads((Path(model["run_folder"]) / "postprocessing.json").read_text())
+    assert stored["checkpoint"] == "last.pt" and stored["min_tumour_ml"] == chosen["min_tumour_ml"]
+    assert chosen["min_tumour_ml"] in chosen["candidates_ml"]
     locator = model["locator"]
     assert locator["budget"]["epochs"] == 1 and locator["budget"]["wall_minutes"] > 0
     assert Path(locator["run_folder"]).is_dir() and Path(locator["run_folder"]) != Path(model["run_folder"])
@@ -245,7 +257,9 @@ def test_a_two_stage_3d_model_trains_its_locator_first_and_counts_both_budgets(t
     assert inference["locator"]["checkpoint"] == str((Path(model["run_folder"]) / "locator.pt").resolve())
     assert inference["locator"]["combine"] == "mean"  # the config's default: both stages label each box
     assert inference["locator"]["rank_components"] == "kidney"  # the default ranking of components
+    assert inference["postprocess"] is True and inference["min_tumour_ml"] == chosen["min_tumour_ml"]
     markdown = (out / "quality.md").read_text()
+    assert "post-processing was chosen on its" in markdown
     cells = _table_rows(markdown)["resunet3d (two stages)"]
     assert cells[-1] == "2"  # epochs of both stages
     assert float(cells[-3]) == pytest.approx(model["budget"]["wall_minutes"] + locator["budget"]["wall_minutes"],

@@ -202,3 +202,18 @@ def test_summary_rejects_empty_and_inconsistent_input():
         summarise_scores([{"kidney_dice": 1.0}], metrics=["tumour_dice"])
     with pytest.raises(ValueError, match="'kidney_dice' must be a number or None.*'high'"):
         summarise_scores([{"kidney_dice": 1.0, "tumour_dice": 1.0}, {"kidney_dice": "high", "tumour_dice": 1.0}])
+
+
+def test_score_case_can_score_some_regions_only():
+    truth = np.zeros((6, 8, 8), np.uint8)
+    truth[1:5, 1:7, 1:7] = 1
+    truth[2:4, 2:4, 2:4] = 2
+    prediction = truth.copy()
+    prediction[2, 2, 2] = 1
+    full = score_case(prediction, truth, (2.0, 1.0, 1.0))
+    tumour = score_case(prediction, truth, (2.0, 1.0, 1.0), regions=["tumour"])
+    assert list(tumour) == ["tumour_dice", "tumour_surface_dice", "tumour_hd95"]
+    assert tumour == {key: full[key] for key in tumour} and tumour["tumour_dice"] < 1.0
+    assert score_case(prediction, truth, regions=["kidney"]) == {"kidney_dice": 1.0}
+    with pytest.raises(ValueError, match="regions must be among"):
+        score_case(prediction, truth, regions=["cyst"])

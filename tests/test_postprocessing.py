@@ -5,7 +5,12 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from utils.inference.postprocessing import keep_largest_kidneys, postprocess_labels, remove_detached_tumour
+from utils.inference.postprocessing import (
+    keep_largest_kidneys,
+    postprocess_labels,
+    relabel_small_tumours,
+    remove_detached_tumour,
+)
 
 
 def _three_blobs() -> np.ndarray:
@@ -107,3 +112,51 @@ def test_ranking_by_kidney_voxels_keeps_the_kidneys_over_a_larger_mass():
     assert keep_largest_kidneys(labels, (1.0, 1.0, 1.0), min_component_ml=0.05, rank_by="kidney").sum() == 0
     with pytest.raises(ValueError, match="rank_by must be one of foreground, kidney, got 'tumour'"):
         keep_largest_kidneys(labels, (1.0, 1.0, 1.0), rank_by="tumour")
+
+
+def _kidney_with_two_tumours() -> np.ndarray:
+    """(10, 10, 10): a kidney block with a 27-voxel and an 8-voxel tumour inside it, apart."""
+    labels = np.zeros((10, 10, 10), np.uint8)
+    labels[1:9, 1:9, 1:9] = 1
+    labels[2:5, 2:5, 2:5] = 2  # 27 voxels
+    labels[6:8, 6:8, 6:8] = 2  # 8 voxels
+    return labels
+
+
+def test_small_tumour_components_become_kidney_by_their_volume_in_ml():
+    labels = _kidney_with_two_tumours()
+    # 1 mm voxels: 27 voxels are 0.027 ml, 8 are 0.008 ml; a 0.01 ml threshold takes the small one only
+    out = relabel_small_tumours(labels, (1.0, 1.0, 1.0), 0.01)
+    assert (out == 2).sum() == 27 and out[6:8, 6:8, 6:8].tolist() == np.ones((2, 2, 2)).tolist()
+    np.testing.assert_array_equal(out > 0, labels > 0)  # the kidney region (label > 0) does not move
+    # 2 mm voxels: the same arrays are 8 times the volume (0.216 and 0.064 ml): nothing is under 0.05 ml
+    np.testing.assert_array_equal(relabel_small_tumours(labels, (2.0, 2.0, 2.0), 0.05), labels)
+    # both under 0.3 ml: the largest tumour component stays however small, the other becomes kidney
+    np.testing.assert_array_equal(relabel_small_tumours(labels, (2.0, 2.0, 2.0), 0.3),
+                                  relabel_small_tumours(labels, (1.0, 1.0, 1.0), 0.01))
+    np.testing.assert_array_equal(relabel_small_tumours(labels, (1.0, 1.0, 1.0), 0.0), labels)
+    np.testing.assert_array_equal(labels, _kidney_with_two_tumours())  # input untouched
+
+
+def test_the_tumour_size_rule_leaves_a_kits23_cyst_alone_and_runs_last_in_postprocess_labels():
+    labels = _kidney_with_two_tumours()
+    labels[6:8, 6:8, 6:8] = 3  # a cyst as small as the small tumour
+    labels[2, 7, 7] = 2  # a one-voxel tumour
+    out = relabel_small_tumours(labels, (1.0, 1.0, 1.0), 0.1, dataset="kits23")
+    assert (out == 3).sum() == 8 and (out == 2).sum() == 27 and out[2, 7, 7] == 1
+    kits19 = np.pad(_kidney_with_two_tumours(), 1)  # (12, 12, 12), the kidney block at 2..9
+    kits19[1, 1, 1] = 2  # a tumour voxel touching the kidney only at a corner: kept, and too small: kidney
+    kits19[11, 0, 11] = 2  # a detached tumour voxel: dropped as background by the earlier step, not made kidney
+    without = postprocess_labels(kits19, (1.0, 1.0, 1.0), min_component_ml=0.0)
+    out = postprocess_labels(kits19, (1.0, 1.0, 1.0), min_component_ml=0.0, min_tumour_ml=0.01)
+    assert without[1, 1, 1] == 2 and without[11, 0, 11] == 0 and (without == 2).sum() == 27 + 8 + 1
+    expected = without.copy()
+    expected[7:9, 7:9, 7:9] = 1
+    expected[1, 1, 1] = 1
+    np.testing.assert_array_equal(out, expected)
+
+
+@pytest.mark.parametrize("value", [-1.0, float("nan"), float("inf")])
+def test_a_bad_tumour_threshold_is_refused(value):
+    with pytest.raises(ValueError, match="min_tumour_ml"):
+        relabel_small_tumours(_kidney_with_two_tumours(), (1.0, 1.0, 1.0), value)

@@ -19,8 +19,10 @@ kidney and tumour on unseen CTs?" with the package's own functions, in this orde
    the config's ``split``. Wall minutes and CPU seconds (user + system of this process and its
    finished children) are measured around the call, after the shared preprocessing cache is
    built; optimiser steps come from ``last.pt``.
-3. **Evaluation** (:func:`score_test_cases`): the run's final weights (``last.pt``: no choice is
-   made on any test case) segment every test case from its raw CT and are scored in its original
+3. **Evaluation** (:func:`score_test_cases`): with ``choose_postprocessing``, the run's validation
+   cases (held-out *train* cases) are segmented first and choose its smallest tumour component
+   (:mod:`utils.evaluation.postprocessing_choice`); then the run's final weights (``last.pt``: no
+   choice is made on any test case) segment every test case from its raw CT and are scored in its original
    grid (:func:`utils.evaluation.run.evaluate_run`). A test case without a score counts as a failure
    (Dice 0, surface Dice 0, HD95 missing, as an empty prediction of a present structure), never skipped.
 4. **Comparison** of the two report folders (:func:`utils.evaluation.report.write_comparison_report`).
@@ -57,6 +59,7 @@ from utils.config.experiment import ExperimentConfig, load_experiment_config
 from utils.data.dataset_definitions import KITS19, KITS23
 from utils.data.kits_layout import case_id_for_index
 from utils.data.nifti_io import save_json_atomic, write_bytes_atomic
+from utils.evaluation.postprocessing_choice import PostprocessingChoice, choose_min_tumour_ml, write_choice
 from utils.evaluation.predictions import check_output_dir
 from utils.evaluation.report import write_comparison_report
 from utils.evaluation.run import RunEvaluation, evaluate_run
@@ -129,6 +132,9 @@ class QualityPlan:
         bootstrap_resamples: resamples of the comparison's confidence intervals, >= 1.
         postprocess: score the post-processed predictions (largest kidneys, tumour touching
             kidney only; :mod:`utils.inference.postprocessing`) instead of the raw ones.
+        choose_postprocessing: before the test cases, choose each model's smallest tumour
+            component on its own validation cases (:mod:`utils.evaluation.postprocessing_choice`;
+            needs ``postprocess``); the test cases are then segmented with it.
         restore: how predictions go back onto each test CT's grid
             (:data:`utils.inference.segment.RESTORE_MODES`; see :func:`utils.inference.segment.segment_ct`).
         command: the command line, recorded in the reports.
@@ -156,6 +162,7 @@ class QualityPlan:
     workers: int = 1
     bootstrap_resamples: int = 10000
     postprocess: bool = False
+    choose_postprocessing: bool = False
     restore: str = RESTORE_MODES[0]
     command: str = ""
 
@@ -179,6 +186,8 @@ class QualityPlan:
         SyntheticOptions(matrix=self.matrix)  # validates the matrix
         if self.restore not in RESTORE_MODES:
             raise ValueError(f"restore must be one of {', '.join(RESTORE_MODES)}, got {self.restore!r}")
+        if self.choose_postprocessing and not self.postprocess:
+            raise ValueError("choose_postprocessing chooses a step of the post-processing: it needs postprocess")
 
 
 @dataclass(frozen=True)
@@ -237,6 +246,8 @@ class ModelQuality:
             (the labels those cases hold and the model hardly predicts, ``""`` when none).
         locator: for a second-stage model (``cascade.locator``), the first stage it runs after:
             :func:`describe_locator`; its training is not in ``budget``.
+        postprocessing: with ``choose_postprocessing``, the choice made on the validation cases
+            (:func:`describe_choice`), else ``None``.
     """
 
     model: str
@@ -249,6 +260,7 @@ class ModelQuality:
     failures: tuple[dict[str, str], ...]
     learning_curve: tuple[dict[str, Any], ...]
     locator: dict[str, Any] | None = None
+    postprocessing: dict[str, Any] | None = None
 
     @property
     def whole_budget(self) -> TrainingBudget:
@@ -575,6 +587,14 @@ def run_quality_benchmark(prepared: PreparedBenchmark, show_progress: bool = Tru
             config = replace(config, cascade=replace(config.cascade, locator=str(located.run_folder)))
             locator = {**describe_locator(config), "config": str(plan.locator_3d), "budget": asdict(locator_budget)}
         result, budget = train_model(config, split.train_dir, show_progress)
+        chosen = None
+        if plan.choose_postprocessing:  # on the run's validation cases, before any test case is seen
+            validation = evaluate_run(result.run_folder / "last.pt", data_dir=split.train_dir, cases="validation",
+                                      out_dir=out / f"{config.model.name}_validation", postprocess=True,
+                                      restore=plan.restore, show_progress=show_progress)
+            choice = choose_min_tumour_ml(validation.report_folder, show_progress=show_progress)
+            write_choice(choice)
+            chosen = describe_choice(choice)
         evaluation = evaluate_run(result.run_folder / "last.pt", data_dir=split.test_dir, cases="all",
                                   out_dir=out / config.model.name, postprocess=plan.postprocess,
                                   restore=plan.restore,
@@ -583,7 +603,8 @@ def run_quality_benchmark(prepared: PreparedBenchmark, show_progress: bool = Tru
         models.append(ModelQuality(config.model.name, plan.config_3d if key == "3d" else plan.config_2d,
                                    result.run_folder, evaluation.report_folder, budget, tuple(cases),
                                    summarise_scores(cases, metrics=METRIC_NAMES), tuple(failures),
-                                   _learning_curve(result.records), locator or describe_locator(config)))
+                                   _learning_curve(result.records), locator or describe_locator(config),
+                                   chosen))
     comparison = None
     if len(models) == 2:
         comparison = write_comparison_report(models[0].report_folder, models[1].report_folder, out / "comparison",
@@ -591,6 +612,18 @@ def run_quality_benchmark(prepared: PreparedBenchmark, show_progress: bool = Tru
     result = QualityResult(prepared, tuple(models), describe_machine(), time.perf_counter() - started, comparison,
                            save_quality_figures(models, out), tumour_profiles=profiles)
     return write_quality_report(result)
+
+
+def describe_choice(choice: PostprocessingChoice) -> dict[str, Any]:
+    """What the reports say of a model's post-processing choice: the threshold, where and on what it was chosen,
+    and the validation tumour Dice and HD95 without and with it."""
+    def scores(score: Any) -> dict[str, Any]:
+        summary = score.summary
+        return {"tumour_dice": summary["tumour_dice"]["mean"], "tumour_hd95": summary["tumour_hd95"]["mean"],
+                "tumour_hd95_missing": summary["tumour_hd95"]["missing"]}
+    return {"min_tumour_ml": choice.min_tumour_ml, "validation_report": str(choice.report),
+            "validation_cases": list(choice.case_ids), "candidates_ml": [s.min_tumour_ml for s in choice.scores],
+            "without": scores(choice.baseline), "with": scores(choice.chosen)}
 
 
 def save_quality_figures(models: list[ModelQuality], out_dir: Path) -> dict[str, Path]:
@@ -709,6 +742,15 @@ def render_quality_markdown(result: QualityResult) -> str:
                       f"{'-' if minutes is None else f'{minutes:.2f}'} min of training epochs), trained before this "
                       "benchmark: its training is not in the figures above; add it for the model's whole budget."]
     for m in result.models:
+        if m.postprocessing is not None:
+            c = m.postprocessing
+            lines += ["", f"{m.model}'s post-processing was chosen on its {len(c['validation_cases'])} validation "
+                      f"cases (held-out train cases, original grid; `{c['validation_report']}`) before any test case: "
+                      f"tumour components under **{c['min_tumour_ml']:g} ml**, but the largest, become kidney (tried "
+                      f"{', '.join(f'{v:g}' for v in c['candidates_ml'])} ml; validation tumour Dice "
+                      f"{_number(c['without']['tumour_dice'])} -> {_number(c['with']['tumour_dice'])}, tumour HD95 "
+                      f"{_number(c['without']['tumour_hd95'], 1)} -> {_number(c['with']['tumour_hd95'], 1)} mm)."]
+    for m in result.models:
         final = m.learning_curve[-1].get("unpredicted") if m.learning_curve else None
         if final:
             lines += ["", f"**WARNING:** {m.model}'s final validation (held-out train cases, cache grid) hardly "
@@ -735,7 +777,8 @@ def quality_as_dict(result: QualityResult) -> dict[str, Any]:
                             {"case_id": c["case_id"], "tumour_dice": c["tumour_dice"]} for c in m.cases],
                         "tumour_dice_distribution": m.tumour_dice_distribution, "cases": list(m.cases),
                         "failures": list(m.failures), "learning_curve": list(m.learning_curve),
-                        "locator": m.locator, "tumour_dice_by_group": tumour_dice_by_group(m, result.tumour_profiles)}
+                        "locator": m.locator, "postprocessing": m.postprocessing,
+                        "tumour_dice_by_group": tumour_dice_by_group(m, result.tumour_profiles)}
               for m in result.models}
     return {"command": result.prepared.plan.command,
             "settings": {k: str(v) if isinstance(v, Path) else v for k, v in asdict(result.prepared.plan).items()},

@@ -81,7 +81,9 @@ def parse_evaluation_args(argv: list[str] | None, description: str) -> argparse.
     parser.add_argument("--device", choices=("cpu", "cuda"), default=None, help="default: cuda when available")
     parser.add_argument("--tta", action="store_true", help="average over mirrored inputs")
     parser.add_argument("--postprocess", action="store_true",
-                        help="largest kidneys, tumour (KiTS23: and cyst) touching kidney only")
+                        help="largest kidneys, tumour (KiTS23: and cyst) touching kidney only, and the "
+                             "smallest tumour component the run chose on its validation cases, if any "
+                             "(scripts/choose_postprocessing.py)")
     add_restore_argument(parser)
     parser.add_argument("--tolerance-mm", type=float, default=DEFAULT_TOLERANCE_MM,
                         help=f"surface-Dice tolerance in mm (default {DEFAULT_TOLERANCE_MM})")

@@ -82,3 +82,35 @@ def plot_case_scores(cases: Sequence[Mapping[str, Any]], title: str = "", *,
     if hd_ax.get_legend_handles_labels()[0]:
         hd_ax.legend(loc="upper right", fontsize="small")
     return figure
+
+
+def plot_threshold_sweep(thresholds_ml: Sequence[float], summaries: Sequence[Mapping[str, Any]], chosen_ml: float, *,
+                         region: str = "tumour", title: str = "") -> Figure:
+    """Validation scores against a post-processing threshold: mean Dice and ``region`` Dice on the left,
+    ``region`` HD95 on the right, the chosen threshold marked.
+
+    Args:
+        thresholds_ml: the thresholds tried, in ml, ascending.
+        summaries: :func:`utils.metrics.scoring.summarise_scores` of each threshold.
+        chosen_ml: the threshold chosen.
+        region: the region whose scores the threshold moves (KiTS19 and KiTS23: the tumour).
+        title: the figure's title.
+    """
+    figure = Figure(figsize=(9.0, 3.6))
+    dice_axes, hd_axes = figure.subplots(1, 2)
+    x = np.arange(len(thresholds_ml))
+    colour = region_colours(KITS19).get(region, "C1")
+    dice_axes.plot(x, [s["mean_dice"] for s in summaries], "o-", color="0.3", label="mean Dice")
+    dice_axes.plot(x, [s[f"{region}_dice"]["mean"] for s in summaries], "s-", color=colour, label=f"{region} Dice")
+    hd95 = [s[f"{region}_hd95"]["mean"] for s in summaries]
+    hd_axes.plot(x, [np.nan if v is None else v for v in hd95], "s-", color=colour)
+    for axes, ylabel in ((dice_axes, "mean over validation cases"), (hd_axes, f"{region} HD95 (mm), mean")):
+        axes.axvline(list(thresholds_ml).index(chosen_ml), color="k", linestyle=":", linewidth=1)
+        axes.set_xticks(x, [f"{t:g}" for t in thresholds_ml])
+        axes.set_xlabel("tumour components under this (but the largest) become kidney (ml)")
+        axes.set_ylabel(ylabel)
+        axes.grid(alpha=0.3)
+    dice_axes.legend(loc="best", fontsize=8)
+    figure.suptitle(title or f"chosen: {chosen_ml:g} ml", fontsize=10)
+    figure.tight_layout()
+    return figure

@@ -1,7 +1,8 @@
-"""Optional clean-up of a predicted label map: keep the kidneys, drop masses that touch no kidney.
+"""Optional clean-up of a predicted label map: keep the kidneys, drop masses that touch no kidney,
+and (when a run has chosen it on its validation cases) call small tumour components kidney.
 
-Two steps, both off unless asked for (``scripts/segment.py --postprocess``), for the labels of
-the model's dataset (:mod:`utils.data.dataset_definitions`; KiTS19 by default):
+Up to three steps, all off unless asked for (``scripts/segment.py --postprocess``), for the labels
+of the model's dataset (:mod:`utils.data.dataset_definitions`; KiTS19 by default):
 
 1. :func:`keep_largest_kidneys`: the connected components of the foreground (label > 0: kidney
    and tumour together, and for KiTS23 the cyst too) are ranked by volume; at most
@@ -14,14 +15,25 @@ the model's dataset (:mod:`utils.data.dataset_definitions`; KiTS19 by default):
    labels 2 tumour and 3 cyst, taken together) that do not touch kidney (label 1) are set to
    background. For KiTS19 that is every tumour component touching no kidney; for KiTS23 a cyst
    or tumour is kept when it, or a mass it touches, touches kidney.
+3. :func:`relabel_small_tumours`, only with ``min_tumour_ml > 0``: every tumour component (label
+   2) smaller than ``min_tumour_ml`` millilitres but the largest becomes kidney (label 1). The kidney region
+   (label > 0) is unchanged, so only the tumour scores move. The threshold is not a constant of
+   the project: :mod:`utils.evaluation.postprocessing_choice` chooses it on a run's validation
+   cases and stores it next to the checkpoint (:data:`CHOICE_FILE`), and
+   :func:`utils.inference.segment.load_segmentation_model` reads it back for that checkpoint only.
 
 Components are 26-connected (voxels sharing a face, an edge or a corner).
 """
 
 from __future__ import annotations
 
+import hashlib
+import json
 import logging
+import math
+import os
 from collections.abc import Sequence
+from pathlib import Path
 
 import numpy as np
 from scipy import ndimage
@@ -38,6 +50,8 @@ DEFAULT_MIN_COMPONENT_ML = 10.0
 DEFAULT_MAX_COMPONENTS = 2
 #: How :func:`keep_largest_kidneys` ranks the foreground components: by whole volume or by kidney voxels.
 RANKINGS = COMPONENT_RANKINGS
+#: The file beside a checkpoint that holds its chosen post-processing (see :func:`read_min_tumour_ml`).
+CHOICE_FILE = "postprocessing.json"
 _CONNECTIVITY = ndimage.generate_binary_structure(3, 3)
 _MM3_PER_ML = 1000.0
 
@@ -138,11 +152,55 @@ def remove_detached_tumour(labels: np.ndarray, dataset: DatasetDefinition | str 
     return out
 
 
+def relabel_small_tumours(labels: np.ndarray, spacing_mm: Sequence[float], min_tumour_ml: float,
+                          dataset: DatasetDefinition | str = KITS19) -> np.ndarray:
+    """Call every tumour component (label 2) smaller than ``min_tumour_ml`` kidney (label 1), but the largest.
+
+    Meant for the small false tumour components a model scatters through a healthy kidney, beside
+    the tumour it found: the kidney region (label > 0) stays as it is, the tumour loses them. The
+    largest tumour component is always kept, however small: a small tumour found alone is kept
+    (every KiTS case has a tumour). A KiTS23 cyst (label 3) is left alone, and a tumour component
+    is measured by its tumour voxels only.
+
+    Args:
+        labels: ``(Z, Y, X)`` integer labels of ``dataset``; not modified.
+        spacing_mm: voxel size per array axis in mm (converts ``min_tumour_ml`` to voxels).
+        min_tumour_ml: components of fewer millilitres are relabelled (>= 0; 0 changes nothing).
+        dataset: whose labels (a definition or its name; default KiTS19).
+
+    Returns:
+        A new array of the same shape and dtype.
+
+    Raises:
+        ValueError: not a 3D integer array, a bad spacing or threshold, or labels outside the dataset's.
+    """
+    dataset = get_dataset(dataset)
+    _check_labels(labels, spacing_mm, dataset)
+    if not (isinstance(min_tumour_ml, (int, float)) and math.isfinite(min_tumour_ml) and min_tumour_ml >= 0):
+        raise ValueError(f"min_tumour_ml must be a finite volume >= 0 ml, got {min_tumour_ml}")
+    out = labels.copy()
+    if min_tumour_ml == 0:
+        return out
+    components, count = ndimage.label(labels == TUMOUR_LABEL, structure=_CONNECTIVITY)
+    if count == 0:
+        return out
+    voxel_ml = float(np.prod([float(s) for s in spacing_mm])) / _MM3_PER_ML
+    volumes_ml = np.bincount(components.ravel(), minlength=count + 1)[1:] * voxel_ml
+    small = np.flatnonzero(volumes_ml < min_tumour_ml) + 1
+    small = small[small != int(np.argmax(volumes_ml)) + 1]  # the largest tumour component always stays
+    logger.debug("tumour components %s ml; %d under %g ml relabelled kidney", np.round(volumes_ml, 2).tolist(),
+                 small.size, min_tumour_ml)
+    out[np.isin(components, small)] = KIDNEY_LABEL
+    return out
+
+
 def postprocess_labels(labels: np.ndarray, spacing_mm: Sequence[float], *,
                        min_component_ml: float = DEFAULT_MIN_COMPONENT_ML,
                        max_components: int = DEFAULT_MAX_COMPONENTS,
-                       dataset: DatasetDefinition | str = KITS19, rank_by: str = "foreground") -> np.ndarray:
-    """:func:`keep_largest_kidneys`, then :func:`remove_detached_tumour`.
+                       dataset: DatasetDefinition | str = KITS19, rank_by: str = "foreground",
+                       min_tumour_ml: float = 0.0) -> np.ndarray:
+    """:func:`keep_largest_kidneys`, then :func:`remove_detached_tumour`, then (with ``min_tumour_ml`` > 0)
+    :func:`relabel_small_tumours`.
 
     Args:
         labels: ``(Z, Y, X)`` integer labels of ``dataset``; not modified.
@@ -150,10 +208,55 @@ def postprocess_labels(labels: np.ndarray, spacing_mm: Sequence[float], *,
             :func:`keep_largest_kidneys`.
         dataset: whose labels (a definition or its name; default KiTS19): a segmenter's is
             :attr:`utils.inference.segment.SegmentationModel.dataset`.
+        min_tumour_ml: as in :func:`relabel_small_tumours` (default 0: off).
 
     Returns:
         The cleaned labels, same shape and dtype.
     """
     kept = keep_largest_kidneys(labels, spacing_mm, min_component_ml=min_component_ml, max_components=max_components,
                                 dataset=dataset, rank_by=rank_by)
-    return remove_detached_tumour(kept, dataset)
+    attached = remove_detached_tumour(kept, dataset)
+    return relabel_small_tumours(attached, spacing_mm, min_tumour_ml, dataset) if min_tumour_ml else attached
+
+
+def file_sha256(path: str | os.PathLike) -> str:
+    """Hex SHA-256 of a file's bytes, read in 1 MiB blocks."""
+    digest = hashlib.sha256()
+    with open(path, "rb") as stream:
+        for block in iter(lambda: stream.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+def read_min_tumour_ml(checkpoint: str | os.PathLike) -> float:
+    """The ``min_tumour_ml`` chosen for this checkpoint file, from :data:`CHOICE_FILE` beside it; 0 when none.
+
+    A choice holds only for the checkpoint it was made with: the file records that checkpoint's
+    name and SHA-256, and a choice made for another file of the folder (e.g. ``best.pt`` when
+    ``last.pt`` is loaded), or for an older version of this one (training went on), is not applied
+    (a warning says so; 0 is returned).
+
+    Raises:
+        ValueError: the choice file is not valid JSON or lacks its fields; the message names the file.
+    """
+    checkpoint = Path(checkpoint)
+    path = checkpoint.parent / CHOICE_FILE
+    if not path.is_file():
+        return 0.0
+    try:
+        choice = json.loads(path.read_text())
+        value, name, sha256 = choice["min_tumour_ml"], choice["checkpoint"], choice["checkpoint_sha256"]
+    except (json.JSONDecodeError, UnicodeDecodeError, KeyError, TypeError) as error:
+        raise ValueError(f"{path}: not a post-processing choice ({type(error).__name__}: {error}); expected JSON "
+                         "with min_tumour_ml, checkpoint and checkpoint_sha256, as written by "
+                         "scripts/choose_postprocessing.py; delete it or choose again") from error
+    if not (isinstance(value, (int, float)) and math.isfinite(value) and value >= 0):
+        raise ValueError(f"{path}: min_tumour_ml must be a finite volume >= 0 ml, got {value!r}")
+    if name != checkpoint.name:
+        logger.info("%s: chosen for %s, not %s; no tumour-size rule applied", path, name, checkpoint.name)
+        return 0.0
+    if sha256 != file_sha256(checkpoint):
+        logger.warning("%s: chosen for an earlier %s (the checkpoint has changed since, e.g. training went on); "
+                       "no tumour-size rule applied: choose again on the new validation predictions", path, name)
+        return 0.0
+    return float(value)

@@ -64,7 +64,7 @@ from utils.inference.cascade import (
     near_located,
     voxel_sizes,
 )
-from utils.inference.postprocessing import DEFAULT_MIN_COMPONENT_ML, postprocess_labels
+from utils.inference.postprocessing import DEFAULT_MIN_COMPONENT_ML, postprocess_labels, read_min_tumour_ml
 from utils.inference.predict import predict_volume_logits
 from utils.networks.checkpoints import load_checkpoint
 from utils.networks.models import build_model, model_input_size, spatial_dims
@@ -111,6 +111,10 @@ class SegmentationModel:
         locator: for a second-stage model (``cascade.locator`` in its config), the first stage
             that finds the kidneys, from the run folder's ``locator.pt``
             (:mod:`utils.inference.cascade`); ``None`` for a single-stage model.
+        min_tumour_ml: with ``postprocess``, tumour components smaller than this many ml, all but
+            the largest, become kidney (:func:`utils.inference.postprocessing.relabel_small_tumours`);
+            0 (default) keeps them. Read from the checkpoint's ``postprocessing.json`` when a run's validation cases
+            chose it (:func:`utils.inference.postprocessing.read_min_tumour_ml`).
     """
 
     model: torch.nn.Module
@@ -124,6 +128,7 @@ class SegmentationModel:
     models: tuple[torch.nn.Module, ...] = ()
     checkpoints: tuple[Path, ...] = ()
     locator: SegmentationModel | None = None
+    min_tumour_ml: float = 0.0
 
     def __post_init__(self) -> None:
         if not self.models:
@@ -261,7 +266,8 @@ def _load_one(path: Path, device: torch.device) -> SegmentationModel:
         check_locator_state(load_checkpoint(locator_path, map_location="cpu"), locator_path, config.dataset)
         locator = _load_one(locator_path, device)
     return SegmentationModel(model, config, preprocessing, normalisation, run_name, path, device,
-                             tuple(str(case) for case in plan.get("case_ids", ())), locator=locator)
+                             tuple(str(case) for case in plan.get("case_ids", ())), locator=locator,
+                             min_tumour_ml=0.0 if path.name == LOCATOR_NAME else read_min_tumour_ml(path))
 
 
 def _ensemble_settings(segmenter: SegmentationModel) -> dict[str, object]:
@@ -317,6 +323,9 @@ def load_segmentation_model(checkpoint: str | os.PathLike,
         segmenter = _load_one(find_checkpoint(checkpoint), device)
         logger.info("loaded %s (%s, run %s) on %s", segmenter.checkpoint, segmenter.config.model.name,
                     segmenter.run_name, device)
+        if segmenter.min_tumour_ml:
+            logger.info("post-processing of %s: tumour components under %g ml, but the largest, become kidney "
+                        "(chosen on its validation cases)", segmenter.run_name, segmenter.min_tumour_ml)
         return segmenter
     experiment = Path(checkpoint).expanduser()
     folds = {name: _load_one(path, device) for name, path in fold_checkpoints.items()}
@@ -495,7 +504,8 @@ def segment_ct(image_hu: np.ndarray, affine: np.ndarray, segmenter: Segmentation
         segmenter: from :func:`load_segmentation_model`.
         tta: mirroring test-time augmentation (see :func:`predict_preprocessed_labels`).
         postprocess: apply :func:`utils.inference.postprocessing.postprocess_labels` with the model's
-            dataset on the preprocessed grid (its spacing converts ``min_component_ml`` to voxels).
+            dataset on the preprocessed grid (its spacing converts ``min_component_ml`` to voxels),
+            and the segmenter's ``min_tumour_ml`` (0 unless its validation cases chose one).
             For KiTS23 the cyst counts as kidney foreground and, like the tumour, as a mass that
             must touch kidney.
         min_component_ml: smallest kidney component kept by the post-processing, in ml.
@@ -545,7 +555,8 @@ def segment_ct(image_hu: np.ndarray, affine: np.ndarray, segmenter: Segmentation
         clock.lap("predict")
         if postprocess:
             labels = postprocess_labels(labels, mapping.resampled_spacing, min_component_ml=min_component_ml,
-                                        dataset=segmenter.dataset, rank_by=rank_components)
+                                        dataset=segmenter.dataset, rank_by=rank_components,
+                                        min_tumour_ml=segmenter.min_tumour_ml)
         restored = restore_labels(labels, mapping)
     else:
         probabilities = predict_preprocessed_probabilities(segmenter, preprocessed, tta=tta)
@@ -554,7 +565,8 @@ def segment_ct(image_hu: np.ndarray, affine: np.ndarray, segmenter: Segmentation
         if postprocess:
             labels = probabilities.argmax(axis=0).astype(np.uint8)
             kept = postprocess_labels(labels, mapping.resampled_spacing, min_component_ml=min_component_ml,
-                                      dataset=segmenter.dataset, rank_by=rank_components)
+                                      dataset=segmenter.dataset, rank_by=rank_components,
+                                      min_tumour_ml=segmenter.min_tumour_ml)
             changed = kept != labels
             probabilities[:, changed] = 0.0
             probabilities[(kept[changed], *np.nonzero(changed))] = 1.0
@@ -599,7 +611,8 @@ def _segment_located_kidneys(image_hu: np.ndarray, affine: np.ndarray, segmenter
         clock = _StageClock(timings)
         extent = tuple(slice(int(i.min()), int(i.max()) + 1) for i in np.nonzero(labels))
         labels[extent] = postprocess_labels(labels[extent], spacing, min_component_ml=min_component_ml,
-                                            dataset=segmenter.dataset, rank_by=ranking)
+                                            dataset=segmenter.dataset, rank_by=ranking,
+                                            min_tumour_ml=segmenter.min_tumour_ml)
         clock.lap("restore")
     return labels
 

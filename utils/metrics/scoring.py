@@ -120,7 +120,8 @@ def _region_mask(region: EvaluationRegion, labels: Array, dataset: DatasetDefini
 
 def score_case(prediction: Array, truth: Array, spacing: Sequence[float] | None = None, *,
                tolerance_mm: float = DEFAULT_TOLERANCE_MM,
-               dataset: DatasetDefinition = KITS19) -> dict[str, float | None]:
+               dataset: DatasetDefinition = KITS19,
+               regions: Sequence[str] | None = None) -> dict[str, float | None]:
     """KiTS scores of one case: for KiTS19 kidney (``label > 0``) and tumour (``label == 2``); for
     another dataset its evaluation regions.
 
@@ -135,6 +136,8 @@ def score_case(prediction: Array, truth: Array, spacing: Sequence[float] | None 
             with a spacing, and only for regions without a tolerance of their own (all of
             KiTS19's; KiTS23's HECs have the challenge's).
         dataset: whose labels and evaluation regions (default KiTS19).
+        regions: score only these regions of the dataset, by name (default: all); the keys
+            returned are theirs, in the same order.
 
     Returns:
         Without a spacing ``{"<region>_dice", ...}`` (KiTS19: ``kidney_dice``, ``tumour_dice``);
@@ -151,9 +154,14 @@ def score_case(prediction: Array, truth: Array, spacing: Sequence[float] | None 
                          f"and truth {tuple(truth.shape)}")
     _check_label_map(prediction, "prediction", dataset)
     _check_label_map(truth, "truth", dataset)
+    names = [region.name for region in dataset.regions]
+    unknown = [name for name in regions or () if name not in names]
+    if unknown:
+        raise ValueError(f"regions must be among {names} ({dataset.title}), got {unknown}")
+    scored = [region for region in dataset.regions if regions is None or region.name in regions]
     if spacing is None:
         return {f"{region.name}_dice": dice(*(_region_mask(region, x, dataset) for x in (prediction, truth)))
-                for region in dataset.regions}
+                for region in scored}
     prediction, truth = (x.detach().cpu().numpy() if isinstance(x, torch.Tensor) else np.asarray(x)
                          for x in (prediction, truth))
     if prediction.ndim != 3:
@@ -164,13 +172,13 @@ def score_case(prediction: Array, truth: Array, spacing: Sequence[float] | None 
     if box is not None:  # every mask lies inside the kidney box: crop once
         prediction, truth = prediction[box], truth[box]
     scores: dict[str, float | None] = {}
-    for region in dataset.regions:
+    for region in scored:
         tolerance = tolerance_mm if region.tolerance_mm is None else region.tolerance_mm
         masks = (_region_mask(region, x, dataset) for x in (prediction, truth))
         overlap, surface_dice, hd95 = score_structure(*masks, spacing, tolerance)
         name = region.name
         scores.update({f"{name}_dice": overlap, f"{name}_surface_dice": surface_dice, f"{name}_hd95": hd95})
-    return {key: scores[key] for key in metric_names(dataset)}
+    return {key: scores[key] for key in metric_names(dataset) if key in scores}
 
 
 def _is_score(value: Any) -> bool:
