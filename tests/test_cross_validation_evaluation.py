@@ -23,8 +23,10 @@ import yaml
 from tests.test_training_engine import tiny_config
 from utils.evaluation.comparison import load_evaluation_report, resolve_report_folder
 from utils.evaluation.cross_validation import evaluate_cross_validation, out_of_fold_assignment
+from utils.evaluation.postprocessing_choice import choose_min_tumour_ml, write_choice
 from utils.evaluation.run import evaluate_run
-from utils.inference.segment import load_segmentation_model, segment_file
+from utils.inference.postprocessing import CHOICE_FILE, ensemble_sha256, file_sha256
+from utils.inference.segment import find_fold_checkpoints, load_segmentation_model, segment_file
 from utils.metrics.scoring import METRIC_NAMES
 from utils.training.cross_validation import (
     MANIFEST,
@@ -274,3 +276,31 @@ def test_the_fold_ensemble_report_does_not_replace_the_out_of_fold_report(traine
     assert ensemble.report_folder == reports / f"{experiment_a.name}_ensemble"
     assert (oof.report_folder / "metrics.json").read_bytes() == before
     assert len(json.loads((ensemble.report_folder / "metrics.json").read_text())["cases"]) == CASES
+
+
+def test_the_out_of_fold_report_chooses_the_fold_ensembles_post_processing(trained, tmp_path):
+    data, experiment_a, _ = trained
+    experiment = _copy(experiment_a, tmp_path)
+    oof = evaluate_cross_validation(experiment, data_dir=data, out_dir=tmp_path / "oof", device="cpu",
+                                    postprocess=True, show_progress=False, figures=False)
+    record = json.loads((oof.report_folder / "inference.json").read_text())
+    folds = find_fold_checkpoints(experiment)
+    # the report names the experiment folder, with the SHA-256 of the fold checkpoints the ensemble loads
+    assert record["checkpoint"] == str(experiment.resolve())
+    assert record["checkpoint_sha256"] == ensemble_sha256(folds.values())
+    assert [(row["fold"], row["checkpoint_sha256"], row["min_tumour_ml"]) for row in record["fold_checkpoints"]] == \
+        [(k, file_sha256(folds[f"fold_{k}"]), 0.0) for k in range(FOLDS)]
+    choice = choose_min_tumour_ml(oof.report_folder, show_progress=False)
+    assert choice.out_of_fold and sorted(choice.case_ids) == sorted(case["case_id"] for case in oof.cases)
+    assert choice.checkpoint == experiment.resolve() and len(choice.case_ids) == CASES
+    # a stored choice (here 2 ml, whatever these one-epoch folds chose) reaches the ensemble's evaluation
+    write_choice(replace(choice, min_tumour_ml=2.0))
+    assert (experiment / CHOICE_FILE).is_file()
+    ensemble = evaluate_run(experiment, data_dir=data, cases="all", out_dir=tmp_path / "ensemble", device="cpu",
+                            postprocess=True, show_progress=False)
+    assert ensemble.inference["min_tumour_ml"] == 2.0
+    assert ensemble.inference["checkpoint_sha256"] == record["checkpoint_sha256"]
+    # the folds evaluated out of fold again apply their own (no) choice, not the ensemble's
+    again = evaluate_cross_validation(experiment, data_dir=data, out_dir=tmp_path / "oof2", device="cpu",
+                                      postprocess=True, show_progress=False, figures=False)
+    assert again.inference["min_tumour_ml"] == 0.0

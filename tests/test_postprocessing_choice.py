@@ -13,6 +13,7 @@ from pathlib import Path
 import nibabel as nib
 import numpy as np
 import pytest
+from test_ensemble import write_experiment
 from test_training_engine import tiny_config
 
 from utils.data.output_guard import OutputGuardError
@@ -20,13 +21,15 @@ from utils.evaluation.postprocessing_choice import (
     CHOICE_FIGURE,
     CHOICE_TABLE,
     check_choice_outputs,
+    check_validation_report,
     choose_min_tumour_ml,
+    current_sha256,
     write_choice,
 )
 from utils.evaluation.predictions import evaluate_predictions
 from utils.evaluation.run import evaluate_run
-from utils.inference.postprocessing import CHOICE_FILE, file_sha256, read_min_tumour_ml
-from utils.inference.segment import load_segmentation_model, segment_ct
+from utils.inference.postprocessing import CHOICE_FILE, ensemble_sha256, file_sha256, read_min_tumour_ml
+from utils.inference.segment import find_fold_checkpoints, load_segmentation_model, segment_ct
 from utils.networks.checkpoints import load_checkpoint, save_checkpoint
 from utils.training.engine import train
 
@@ -74,7 +77,7 @@ def _validation_report(root: Path, model_file: Path, **inference) -> tuple[Path,
     _save(_truth(True), report / "predictions" / "case_00001.nii.gz")
     evaluate_predictions(data, report / "predictions", report)
     record = {"run_name": model_file.parent.name, "model": "resunet3d", "checkpoint": str(model_file),
-              "checkpoint_sha256": file_sha256(model_file), "data_dir": str(data), "postprocess": True,
+              "checkpoint_sha256": current_sha256(model_file), "data_dir": str(data), "postprocess": True,
               "min_tumour_ml": 0.0, "cases_selected": "validation", **inference}
     (report / "inference.json").write_text(json.dumps(record))
     return data, report
@@ -175,7 +178,7 @@ def test_reports_that_may_not_choose_are_refused_before_anything_is_written(tiny
     assert result.returncode == 1 and "--postprocess" in result.stderr
     _, ensemble = _validation_report(tmp_path / "ensemble", checkpoint, checkpoint=str(tiny_run))
     result = _run(str(ensemble))
-    assert result.returncode == 1 and "one run's checkpoint file" in result.stderr
+    assert result.returncode == 1 and "checkpoint file its cases were segmented with" in result.stderr
     assert not (tiny_run / CHOICE_FILE).exists()
     assert not (report / CHOICE_TABLE).exists() and not (unprocessed / CHOICE_TABLE).exists()
     # the choice is never written into the data folder, nor over a file this command did not write
@@ -206,3 +209,41 @@ def test_the_script_prints_the_table_and_dry_run_writes_nothing(tiny_run, tmp_pa
     finally:
         (tiny_run / CHOICE_FILE).unlink()
     assert _run(str(report), "--candidates", "-1").returncode == 2
+
+
+def test_an_experiments_out_of_fold_report_chooses_for_its_fold_ensemble(tmp_path, caplog):
+    experiment = write_experiment(tmp_path / "experiment", [0, 1, 2])
+    folds = find_fold_checkpoints(experiment)
+    rows = [{"fold": k, "checkpoint": str(path), "checkpoint_sha256": file_sha256(path), "min_tumour_ml": 0.0}
+            for k, path in enumerate(folds.values())]
+    data, report = _validation_report(tmp_path, experiment, cases_selected="out-of-fold", fold_checkpoints=rows)
+    choice = choose_min_tumour_ml(report, candidates=(0.5, 5.0), show_progress=False)
+    assert choice.min_tumour_ml == 0.5 and choice.out_of_fold and choice.cases_name == "out-of-fold"
+    assert choice.checkpoint_sha256 == ensemble_sha256(folds.values()) == ensemble_sha256(reversed(folds.values()))
+    path = write_choice(choice)
+    assert path == experiment / CHOICE_FILE
+    stored = json.loads(path.read_text())
+    assert stored["checkpoint"] == "experiment" and stored["chosen_on"]["cases_selected"] == "out-of-fold"
+    assert stored["fold_checkpoints"] == {f"fold_{k}/best.pt": file_sha256(folds[f"fold_{k}"]) for k in range(3)}
+    assert "experiment (fold ensemble): smallest tumour component, chosen on 2 out-of-fold case(s)" in \
+        (report / CHOICE_TABLE).read_text()
+    # the ensemble loaded from the folder applies it; one fold alone does not (it was chosen for the ensemble)
+    assert load_segmentation_model(experiment).min_tumour_ml == 0.5
+    assert load_segmentation_model(folds["fold_0"]).min_tumour_ml == 0.0
+    # the ensemble's own report cannot choose: every case of the experiment was trained on by some fold
+    _, own = _validation_report(tmp_path / "own", experiment, cases_selected="all")
+    with pytest.raises(ValueError, match="fold ensemble was trained on every case"):
+        check_validation_report(own)
+    # an out-of-fold report without its folds' SHA-256 (an older version's) cannot choose
+    _, older = _validation_report(tmp_path / "older", experiment, cases_selected="out-of-fold")
+    with pytest.raises(ValueError, match="without the SHA-256 of its fold checkpoints"):
+        check_validation_report(older)
+    # once one fold's checkpoint changes, the ensemble no longer applies the choice and the report cannot choose
+    state = load_checkpoint(folds["fold_1"])
+    state["model"] = {key: value + 1 if value.is_floating_point() else value for key, value in state["model"].items()}
+    save_checkpoint(folds["fold_1"], state)
+    with caplog.at_level(logging.WARNING):
+        assert load_segmentation_model(experiment).min_tumour_ml == 0.0
+    assert "has changed since" in caplog.text
+    with pytest.raises(ValueError, match="fold checkpoints of .* have changed"):
+        check_validation_report(report)

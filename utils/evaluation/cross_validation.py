@@ -19,7 +19,11 @@ same :func:`~utils.evaluation.run.segment_cases` and :func:`~utils.evaluation.ru
   ``case_ids``, ``mean`` (``{metric: mean over its cases}``) and ``summary``
   (:func:`utils.metrics.scoring.summarise_scores` over its cases);
 * ``metrics.json["experiment"]`` and ``inference.json["experiment"]``: :func:`describe_experiment`
-  (folder, name, model, k, split seed, plan hash, ``"predictions": "out-of-fold"``).
+  (folder, name, model, k, split seed, plan hash, ``"predictions": "out-of-fold"``);
+* ``inference.json["fold_checkpoints"]``: per fold its checkpoint, SHA-256 and (post-processed) the
+  ``min_tumour_ml`` it applied; ``inference.json["checkpoint_sha256"]`` is the fold ensemble's
+  (:func:`utils.inference.postprocessing.ensemble_sha256`), so the out-of-fold report can choose the
+  ensemble's tumour-size rule (:mod:`utils.evaluation.postprocessing_choice`).
 
 Refused, with :class:`~utils.training.cross_validation.CrossValidationError` (a ``ValueError``)
 and a message saying what is wrong: a folder that is no experiment, a missing fold folder, folds
@@ -55,6 +59,7 @@ from utils.evaluation.run import (
     score_report,
     segment_cases,
 )
+from utils.inference.postprocessing import ensemble_sha256
 from utils.inference.segment import load_segmentation_model
 from utils.metrics.scoring import metric_names, summarise_scores
 from utils.metrics.surface import DEFAULT_TOLERANCE_MM
@@ -263,20 +268,28 @@ def evaluate_cross_validation(experiment: str | os.PathLike, *, data_dir: str | 
     described = describe_experiment(loaded)
     timings: list[dict[str, Any]] = []
     record: dict[str, Any] = {}
+    fold_checkpoints: list[dict[str, Any]] = []
     for fold in loaded.folds:
         case_ids = [case_id for case_id, index in assignment.items() if index == fold.fold]
         segmenter = load_segmentation_model(fold.best_checkpoint, device)
         _check_fold_dataset(segmenter, fold, dataset)
         _check_fold_holds_out(segmenter, fold)
         record = record or inference_record(segmenter, data, tta=tta, postprocess=postprocess, restore=restore)
+        fold_checkpoints.append({"fold": fold.fold, "checkpoint": str(fold.best_checkpoint.resolve()),
+                                 "checkpoint_sha256": segmenter.checkpoint_sha256(),
+                                 **({"min_tumour_ml": segmenter.min_tumour_ml} if postprocess else {})})
         logger.info("fold %d: segmenting its %d held-out case(s) with %s", fold.fold, len(case_ids),
                     fold.best_checkpoint)
         timings += [{**timing, "fold": fold.fold, "checkpoint": str(fold.best_checkpoint.resolve())}
                     for timing in segment_cases(segmenter, case_ids, data, report, tta=tta, postprocess=postprocess,
                                                 restore=restore, show_progress=show_progress)]
         del segmenter
+    # the experiment's checkpoint is its folder: its SHA-256 is the fold ensemble's (the same files), and the
+    # tumour-size rule recorded is the largest any fold applied (each fold reads its own run folder's choice)
     inference = {**record, "run_name": folder.resolve().name, "checkpoint": str(folder.resolve()),
-                 "cases_selected": OUT_OF_FOLD, "experiment": described,
+                 "checkpoint_sha256": ensemble_sha256(fold.best_checkpoint for fold in loaded.folds),
+                 **({"min_tumour_ml": max(row["min_tumour_ml"] for row in fold_checkpoints)} if postprocess else {}),
+                 "fold_checkpoints": fold_checkpoints, "cases_selected": OUT_OF_FOLD, "experiment": described,
                  "cases": sorted(timings, key=lambda timing: timing["case_id"])}
     evaluated = score_report(data, report, chosen, inference,
                              title=f"{folder.resolve().name}: out-of-fold ({len(loaded.folds)} folds), original grid",

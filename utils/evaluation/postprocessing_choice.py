@@ -22,9 +22,19 @@ cases. The steps:
    ``inference.json`` of every later evaluation records the ``min_tumour_ml`` used. The report
    folder gets ``postprocessing_choice.md`` and ``postprocessing_choice.png``.
 
+A cross-validated experiment chooses for its fold ensemble on its out-of-fold report
+(``eval_unet.py --run EXPERIMENT --postprocess``: every case segmented by the fold that never
+trained on it, :mod:`utils.evaluation.cross_validation`); the choice goes into the experiment
+folder with the SHA-256 of its fold checkpoints together
+(:func:`utils.inference.postprocessing.ensemble_sha256`), and the ensemble loaded from that
+folder applies it. The out-of-fold predictions are each fold's alone, while the ensemble averages
+its folds' softmax: an approximation (nnU-Net chooses an ensemble's post-processing on its
+cross-validation predictions in the same way).
+
 Refused before any work, naming the file: a report that is not of the run's validation cases
-(test or training cases must not choose), not post-processed, already made with a tumour-size
-rule, of a fold ensemble, or older than the checkpoint's current contents.
+or an experiment's out-of-fold cases (test or training cases must not choose), not
+post-processed, already made with a tumour-size rule, the fold ensemble's own report (its cases
+were trained on), or older than the checkpoint's (or any fold checkpoint's) current contents.
 """
 
 from __future__ import annotations
@@ -46,11 +56,19 @@ from utils.data.kits_layout import spacing_from_affine
 from utils.data.nifti_io import load_nifti, save_json_atomic, write_bytes_atomic
 from utils.data.output_guard import check_output_location, check_overwrite, is_own_json
 from utils.data.progress import progress
+from utils.evaluation.cross_validation import OUT_OF_FOLD
 from utils.evaluation.predictions import METRICS_JSON_NAME, missing_prediction_case, read_label_map
 from utils.evaluation.run import INFERENCE_JSON, PREDICTIONS
 from utils.figures.drawing import save_figure
 from utils.figures.evaluation import plot_threshold_sweep
-from utils.inference.postprocessing import CHOICE_FILE, file_sha256, relabel_small_tumours
+from utils.inference.postprocessing import (
+    CHOICE_FILE,
+    choice_file,
+    ensemble_sha256,
+    file_sha256,
+    relabel_small_tumours,
+)
+from utils.inference.segment import find_fold_checkpoints
 from utils.metrics.scoring import score_case, summarise_scores
 from utils.metrics.surface import DEFAULT_TOLERANCE_MM, find_bounding_box
 
@@ -91,11 +109,13 @@ class PostprocessingChoice:
 
     Attributes:
         min_tumour_ml: the chosen threshold (0: relabel nothing).
-        checkpoint: the checkpoint file it holds for.
-        checkpoint_sha256: that file's SHA-256 when the choice was made.
-        report: the validation report it was chosen on.
+        checkpoint: the checkpoint file it holds for (or the cross-validated experiment folder, for its
+            fold ensemble).
+        checkpoint_sha256: that file's SHA-256 when the choice was made (an experiment's: its fold
+            checkpoints', :func:`utils.inference.postprocessing.ensemble_sha256`).
+        report: the validation (or out-of-fold) report it was chosen on.
         data_dir: the data folder of the report's ground truth.
-        case_ids: the validation cases.
+        case_ids: the validation (or out-of-fold) cases.
         dataset: whose labels and regions.
         scores: one :class:`ThresholdScore` per candidate, in the order tried.
     """
@@ -108,6 +128,16 @@ class PostprocessingChoice:
     case_ids: tuple[str, ...]
     dataset: DatasetDefinition
     scores: tuple[ThresholdScore, ...]
+
+    @property
+    def out_of_fold(self) -> bool:
+        """Whether it was chosen on a cross-validated experiment's out-of-fold cases (for its fold ensemble)."""
+        return self.checkpoint.is_dir()
+
+    @property
+    def cases_name(self) -> str:
+        """``"validation"`` or ``"out-of-fold"``: the cases it was chosen on."""
+        return OUT_OF_FOLD if self.out_of_fold else "validation"
 
     @property
     def baseline(self) -> ThresholdScore:
@@ -124,10 +154,14 @@ class PostprocessingChoice:
                 "checkpoint_sha256": self.checkpoint_sha256,
                 "rule": "tumour components (label 2, 26-connected) smaller than min_tumour_ml, but the largest, "
                         "become kidney (label 1), after the largest kidneys are kept and detached tumour is dropped",
-                "criterion": "highest mean over the validation cases of mean_dice (the mean of the dataset's "
+                "criterion": f"highest mean over the {self.cases_name} cases of mean_dice (the mean of the dataset's "
                              "region Dice); a tie keeps the smaller threshold",
+                **({"fold_checkpoints": {f"{path.parent.name}/{path.name}": file_sha256(path)
+                                         for path in find_fold_checkpoints(self.checkpoint).values()}}
+                   if self.out_of_fold else {}),
                 "chosen_on": {"report": str(self.report.resolve()), "data_dir": str(self.data_dir.resolve()),
-                              "cases": list(self.case_ids), "dataset": self.dataset.name},
+                              "cases_selected": self.cases_name, "cases": list(self.case_ids),
+                              "dataset": self.dataset.name},
                 "candidates": [score.as_dict() for score in self.scores]}
 
 
@@ -144,26 +178,38 @@ def _read_json(path: Path) -> dict[str, Any]:
     return data
 
 
+def current_sha256(checkpoint: str | os.PathLike) -> str:
+    """The SHA-256 a choice records: a checkpoint file's, or for a cross-validated experiment folder that of
+    the fold checkpoints its ensemble loads (:func:`utils.inference.segment.find_fold_checkpoints`)."""
+    checkpoint = Path(checkpoint)
+    return ensemble_sha256(find_fold_checkpoints(checkpoint).values()) if checkpoint.is_dir() else \
+        file_sha256(checkpoint)
+
+
 def check_validation_report(report: str | os.PathLike) -> tuple[dict[str, Any], dict[str, Any], Path]:
     """Read a report's ``inference.json`` and ``metrics.json``, and refuse one that may not choose.
 
     Returns:
-        ``(inference, metrics, checkpoint)``.
+        ``(inference, metrics, checkpoint)``; ``checkpoint`` is the experiment folder for an
+        out-of-fold report.
 
     Raises:
         FileNotFoundError: a file is missing (the report's, or the checkpoint it names).
-        ValueError: not the run's validation cases, not post-processed, made with a tumour-size rule
-            already, of a fold ensemble, or older than the checkpoint's current contents; the message
-            names the file and what to do.
+        ValueError: not the run's validation cases nor an experiment's out-of-fold cases, not
+            post-processed, made with a tumour-size rule already, or older than the checkpoint's
+            (a fold checkpoint's) current contents; the message names the file and what to do.
     """
     report = Path(report)
     inference_path = report / INFERENCE_JSON
     inference, metrics = _read_json(inference_path), _read_json(report / METRICS_JSON_NAME)
     selected = inference.get("cases_selected")
-    if selected != "validation":
-        raise ValueError(f"{inference_path}: the report's cases are {selected!r}, not the run's validation cases: a "
-                         "post-processing rule is chosen on cases the model was not trained on and that are not "
-                         "its test cases; evaluate with --cases validation")
+    if selected not in ("validation", OUT_OF_FOLD):
+        ensemble = " (a fold ensemble was trained on every case of its experiment)" if selected == "all" and \
+            Path(str(inference.get("checkpoint", ""))).is_dir() else ""
+        raise ValueError(f"{inference_path}: the report's cases are {selected!r}{ensemble}, not the run's validation "
+                         "cases nor an experiment's out-of-fold cases: a post-processing rule is chosen on cases the "
+                         "model was not trained on and that are not its test cases; evaluate a run with --cases "
+                         "validation, or an experiment folder (out of fold)")
     if not inference.get("postprocess"):
         raise ValueError(f"{inference_path}: the predictions were not post-processed; the rule applies after the "
                          "post-processing, so evaluate the validation cases with --postprocess")
@@ -172,10 +218,22 @@ def check_validation_report(report: str | os.PathLike) -> tuple[dict[str, Any], 
                          f"{inference['min_tumour_ml']:g} ml; move the run's {CHOICE_FILE} aside and evaluate the "
                          "validation cases again to choose anew")
     checkpoint = Path(str(inference.get("checkpoint", "")))
+    if selected == OUT_OF_FOLD:
+        if not checkpoint.is_dir() or not find_fold_checkpoints(checkpoint):
+            raise FileNotFoundError(f"{inference_path}: the experiment folder it names, {checkpoint}, is missing or "
+                                    "holds no fold checkpoint")
+        if "fold_checkpoints" not in inference or "checkpoint_sha256" not in inference:
+            raise ValueError(f"{inference_path}: an out-of-fold report without the SHA-256 of its fold checkpoints "
+                             "(made by an older version); evaluate the experiment folder again")
+        if inference["checkpoint_sha256"] != current_sha256(checkpoint):
+            raise ValueError(f"{inference_path}: the fold checkpoints of {checkpoint} have changed since these "
+                             "predictions were made (or the folder's ensemble loads other files than the "
+                             "out-of-fold evaluation did); evaluate the experiment folder again")
+        return inference, metrics, checkpoint
     if not checkpoint.is_file():
-        what = "a fold ensemble's folder" if checkpoint.is_dir() else "missing"
-        raise FileNotFoundError(f"{inference_path}: the checkpoint it names, {checkpoint}, is {what}; a rule is "
-                                "chosen for one run's checkpoint file")
+        what = "a folder" if checkpoint.is_dir() else "missing"
+        raise FileNotFoundError(f"{inference_path}: the checkpoint it names, {checkpoint}, is {what}; a validation "
+                                "report's rule is chosen for the checkpoint file its cases were segmented with")
     recorded = inference.get("checkpoint_sha256")
     if recorded is not None and recorded != file_sha256(checkpoint):
         raise ValueError(f"{inference_path}: {checkpoint} has changed since these predictions were made (its "
@@ -199,7 +257,9 @@ def choose_min_tumour_ml(report: str | os.PathLike, *, candidates: Sequence[floa
 
     Args:
         report: a report folder of :func:`utils.evaluation.run.evaluate_run` with ``cases="validation"``
-            and ``postprocess=True`` (``inference.json``, ``metrics.json``, ``predictions/``).
+            and ``postprocess=True`` (``inference.json``, ``metrics.json``, ``predictions/``), or the
+            post-processed out-of-fold report of a cross-validated experiment
+            (:func:`utils.evaluation.cross_validation.evaluate_cross_validation`).
         candidates: thresholds in ml (0 is always added).
         tolerance_mm: surface-Dice tolerance (default: the report's own).
         show_progress: a progress bar over cases.
@@ -269,16 +329,11 @@ def choose_min_tumour_ml(report: str | os.PathLike, *, candidates: Sequence[floa
     for score in scores[1:]:  # ascending thresholds: a tie keeps the smaller
         if score.summary["mean_dice"] > best.summary["mean_dice"] + _TIE:
             best = score
-    logger.info("min_tumour_ml %g ml chosen on %d validation case(s) of %s (mean Dice %.4f, %.4f without)",
-                best.min_tumour_ml, len(case_ids), report, best.summary["mean_dice"],
+    logger.info("min_tumour_ml %g ml chosen on %d %s case(s) of %s (mean Dice %.4f, %.4f without)",
+                best.min_tumour_ml, len(case_ids), inference["cases_selected"], report, best.summary["mean_dice"],
                 scores[0].summary["mean_dice"])
-    return PostprocessingChoice(best.min_tumour_ml, checkpoint, file_sha256(checkpoint), report, data_dir, case_ids,
-                                dataset, scores)
-
-
-def choice_path(checkpoint: str | os.PathLike) -> Path:
-    """Where the choice for ``checkpoint`` is stored: :data:`CHOICE_FILE` in its folder."""
-    return Path(checkpoint).parent / CHOICE_FILE
+    return PostprocessingChoice(best.min_tumour_ml, checkpoint, current_sha256(checkpoint), report, data_dir,
+                                case_ids, dataset, scores)
 
 
 def check_choice_outputs(choice_or_checkpoint: PostprocessingChoice | Path, data_dir: str | os.PathLike | None, *,
@@ -286,7 +341,7 @@ def check_choice_outputs(choice_or_checkpoint: PostprocessingChoice | Path, data
     """Refuse to write the choice into the input data, or over a file this command did not write."""
     checkpoint = (choice_or_checkpoint.checkpoint if isinstance(choice_or_checkpoint, PostprocessingChoice)
                   else Path(choice_or_checkpoint))
-    target = choice_path(checkpoint)
+    target = choice_file(checkpoint)
     check_output_location(target, [data_dir], what="post-processing choice", allow_inside_input=allow_inside_input)
     check_overwrite(target, is_own_json(("min_tumour_ml", "checkpoint", "checkpoint_sha256")),
                     what="post-processing choice")
@@ -326,10 +381,11 @@ def write_choice(choice: PostprocessingChoice, *, allow_inside_input: bool = Fal
     for name in (CHOICE_TABLE, CHOICE_FIGURE):
         check_output_location(choice.report / name, [choice.data_dir], what="report",
                               allow_inside_input=allow_inside_input)
-    if file_sha256(choice.checkpoint) != choice.checkpoint_sha256:
+    if current_sha256(choice.checkpoint) != choice.checkpoint_sha256:
         raise ValueError(f"{choice.checkpoint} changed while the choice was made; evaluate and choose again")
-    title = (f"{choice.checkpoint.parent.name}/{choice.checkpoint.name}: smallest tumour component, chosen on "
-             f"{len(choice.case_ids)} validation case(s)")
+    model = (f"{choice.checkpoint.name} (fold ensemble)" if choice.out_of_fold
+             else f"{choice.checkpoint.parent.name}/{choice.checkpoint.name}")
+    title = f"{model}: smallest tumour component, chosen on {len(choice.case_ids)} {choice.cases_name} case(s)"
     text = (f"# {title}\n\nReport: `{choice.report}`; rule: tumour components smaller than the threshold, but the "
             f"largest, become kidney. Chosen: **{choice.min_tumour_ml:g} ml** (highest mean Dice; a tie keeps the "
             f"smaller threshold).\n\n{format_choice_table(choice)}\n")
@@ -338,6 +394,6 @@ def write_choice(choice: PostprocessingChoice, *, allow_inside_input: bool = Fal
                                      [s.summary for s in choice.scores], choice.min_tumour_ml,
                                      region=choice.dataset.regions[-1].name, title=title),
                 choice.report / CHOICE_FIGURE)
-    path = save_json_atomic(choice_path(choice.checkpoint), choice.as_dict())
+    path = save_json_atomic(choice_file(choice.checkpoint), choice.as_dict())
     logger.info("wrote %s (min_tumour_ml %g ml)", path, choice.min_tumour_ml)
     return path

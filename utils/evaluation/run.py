@@ -58,7 +58,6 @@ from utils.evaluation.predictions import EvaluationResult, check_metrics_files, 
 from utils.figures.drawing import save_figure
 from utils.figures.evaluation import plot_case_scores
 from utils.figures.slices import plot_error_map, plot_overlay
-from utils.inference.postprocessing import file_sha256
 from utils.inference.segment import CHECKPOINT_NAMES, SegmentationModel, load_segmentation_model, segment_file
 from utils.metrics.surface import DEFAULT_TOLERANCE_MM
 from utils.networks.models import count_parameters
@@ -241,16 +240,16 @@ def evaluate_run(run: str | os.PathLike, *, data_dir: str | os.PathLike | None =
 
 def inference_record(segmenter: SegmentationModel, data: Path, *, tta: bool, postprocess: bool,
                      restore: str = "probabilities") -> dict:
-    """What ``inference.json`` says of the model: run name, model key, parameters, device, checkpoint (and the
-    SHA-256 of a checkpoint file), data, options (TTA, post-processing and, with it, the tumour-size rule
-    ``min_tumour_ml``, how predictions were restored to the CT's grid), the model's dataset
+    """What ``inference.json`` says of the model: run name, model key, parameters, device, checkpoint (and its
+    SHA-256; an ensemble's: of its fold checkpoints together), data, options (TTA, post-processing and, with
+    it, the tumour-size rule ``min_tumour_ml``, how predictions were restored to the CT's grid), the model's dataset
     unless it is KiTS19, and for a second-stage model its locator (checkpoint, model, parameters, margin,
     how the stages combine, how the post-processing ranks components)."""
     dataset = segmenter.dataset
     return {"run_name": segmenter.run_name, "model": segmenter.config.model.name,
             "parameters": count_parameters(segmenter.model), "device": str(segmenter.device),
             "checkpoint": str(segmenter.checkpoint.resolve()),
-            **({"checkpoint_sha256": file_sha256(segmenter.checkpoint)} if segmenter.checkpoint.is_file() else {}),
+            **({"checkpoint_sha256": digest} if (digest := segmenter.checkpoint_sha256()) else {}),
             "data_dir": str(data.resolve()), "tta": tta, "postprocess": postprocess,
             **({"min_tumour_ml": segmenter.min_tumour_ml} if postprocess else {}), "restore": restore,
             **({} if dataset is KITS19 else {"dataset": dataset.name}),

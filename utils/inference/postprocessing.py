@@ -19,8 +19,10 @@ of the model's dataset (:mod:`utils.data.dataset_definitions`; KiTS19 by default
    2) smaller than ``min_tumour_ml`` millilitres but the largest becomes kidney (label 1). The kidney region
    (label > 0) is unchanged, so only the tumour scores move. The threshold is not a constant of
    the project: :mod:`utils.evaluation.postprocessing_choice` chooses it on a run's validation
-   cases and stores it next to the checkpoint (:data:`CHOICE_FILE`), and
-   :func:`utils.inference.segment.load_segmentation_model` reads it back for that checkpoint only.
+   cases and stores it next to the checkpoint (:data:`CHOICE_FILE`), or on a cross-validated
+   experiment's out-of-fold predictions and stores it in the experiment folder (for its fold
+   ensemble), and :func:`utils.inference.segment.load_segmentation_model` reads it back for that
+   checkpoint (or that set of fold checkpoints) only.
 
 Components are 26-connected (voxels sharing a face, an edge or a corner).
 """
@@ -32,7 +34,7 @@ import json
 import logging
 import math
 import os
-from collections.abc import Sequence
+from collections.abc import Iterable, Sequence
 from pathlib import Path
 
 import numpy as np
@@ -228,24 +230,49 @@ def file_sha256(path: str | os.PathLike) -> str:
     return digest.hexdigest()
 
 
-def read_min_tumour_ml(checkpoint: str | os.PathLike) -> float:
-    """The ``min_tumour_ml`` chosen for this checkpoint file, from :data:`CHOICE_FILE` beside it; 0 when none.
+def ensemble_sha256(checkpoints: Iterable[str | os.PathLike]) -> str:
+    """One hex SHA-256 for the checkpoint files of a fold ensemble.
+
+    The digest of the lines ``"<fold folder>/<file name> <file SHA-256>"``, sorted: it changes when any
+    fold's checkpoint changes, is added or is left out, and not with the order the files are given in.
+    """
+    lines = sorted(f"{Path(path).parent.name}/{Path(path).name} {file_sha256(path)}" for path in checkpoints)
+    if not lines:
+        raise ValueError("an ensemble needs at least one checkpoint file to hash")
+    return hashlib.sha256("\n".join(lines).encode()).hexdigest()
+
+
+def choice_file(checkpoint: str | os.PathLike) -> Path:
+    """Where the choice for ``checkpoint`` is stored: :data:`CHOICE_FILE` beside a checkpoint file, or inside a
+    cross-validated experiment's folder (the choice of its fold ensemble)."""
+    checkpoint = Path(checkpoint)
+    return checkpoint / CHOICE_FILE if checkpoint.is_dir() else checkpoint.parent / CHOICE_FILE
+
+
+def read_min_tumour_ml(checkpoint: str | os.PathLike, *, sha256: str | None = None) -> float:
+    """The ``min_tumour_ml`` chosen for this checkpoint, from its :data:`CHOICE_FILE`; 0 when none.
 
     A choice holds only for the checkpoint it was made with: the file records that checkpoint's
     name and SHA-256, and a choice made for another file of the folder (e.g. ``best.pt`` when
     ``last.pt`` is loaded), or for an older version of this one (training went on), is not applied
     (a warning says so; 0 is returned).
 
+    Args:
+        checkpoint: a checkpoint file, or a cross-validated experiment folder (its fold ensemble).
+        sha256: the checkpoint's current SHA-256; required for an experiment folder
+            (:func:`ensemble_sha256` of the fold checkpoints the ensemble loads), read from the file
+            otherwise.
+
     Raises:
         ValueError: the choice file is not valid JSON or lacks its fields; the message names the file.
     """
     checkpoint = Path(checkpoint)
-    path = checkpoint.parent / CHOICE_FILE
+    path = choice_file(checkpoint)
     if not path.is_file():
         return 0.0
     try:
         choice = json.loads(path.read_text())
-        value, name, sha256 = choice["min_tumour_ml"], choice["checkpoint"], choice["checkpoint_sha256"]
+        value, name, recorded = choice["min_tumour_ml"], choice["checkpoint"], choice["checkpoint_sha256"]
     except (json.JSONDecodeError, UnicodeDecodeError, KeyError, TypeError) as error:
         raise ValueError(f"{path}: not a post-processing choice ({type(error).__name__}: {error}); expected JSON "
                          "with min_tumour_ml, checkpoint and checkpoint_sha256, as written by "
@@ -255,7 +282,12 @@ def read_min_tumour_ml(checkpoint: str | os.PathLike) -> float:
     if name != checkpoint.name:
         logger.info("%s: chosen for %s, not %s; no tumour-size rule applied", path, name, checkpoint.name)
         return 0.0
-    if sha256 != file_sha256(checkpoint):
+    if sha256 is None:
+        if checkpoint.is_dir():
+            raise ValueError(f"{checkpoint}: an experiment folder's choice is checked against the SHA-256 of its "
+                             "fold checkpoints (ensemble_sha256); pass sha256")
+        sha256 = file_sha256(checkpoint)
+    if recorded != sha256:
         logger.warning("%s: chosen for an earlier %s (the checkpoint has changed since, e.g. training went on); "
                        "no tumour-size rule applied: choose again on the new validation predictions", path, name)
         return 0.0

@@ -64,7 +64,13 @@ from utils.inference.cascade import (
     near_located,
     voxel_sizes,
 )
-from utils.inference.postprocessing import DEFAULT_MIN_COMPONENT_ML, postprocess_labels, read_min_tumour_ml
+from utils.inference.postprocessing import (
+    DEFAULT_MIN_COMPONENT_ML,
+    ensemble_sha256,
+    file_sha256,
+    postprocess_labels,
+    read_min_tumour_ml,
+)
 from utils.inference.predict import predict_volume_logits
 from utils.networks.checkpoints import load_checkpoint
 from utils.networks.models import build_model, model_input_size, spatial_dims
@@ -114,7 +120,8 @@ class SegmentationModel:
         min_tumour_ml: with ``postprocess``, tumour components smaller than this many ml, all but
             the largest, become kidney (:func:`utils.inference.postprocessing.relabel_small_tumours`);
             0 (default) keeps them. Read from the checkpoint's ``postprocessing.json`` when a run's validation cases
-            chose it (:func:`utils.inference.postprocessing.read_min_tumour_ml`).
+            chose it, for an ensemble from the experiment folder's when its out-of-fold predictions chose it
+            (:func:`utils.inference.postprocessing.read_min_tumour_ml`); a fold's own choice is not the ensemble's.
     """
 
     model: torch.nn.Module
@@ -150,6 +157,16 @@ class SegmentationModel:
     def model_count(self) -> int:
         """How many models are averaged (1 for a single run)."""
         return len(self.models)
+
+    def checkpoint_sha256(self) -> str | None:
+        """The SHA-256 of the checkpoint file; for an ensemble, of its fold checkpoints together
+        (:func:`utils.inference.postprocessing.ensemble_sha256`); ``None`` when the files are gone (or the
+        model was never saved)."""
+        if self.checkpoint.is_file():
+            return file_sha256(self.checkpoint)
+        if self.checkpoint.is_dir() and all(Path(path).is_file() for path in self.checkpoints):
+            return ensemble_sha256(self.checkpoints)
+        return None
 
     @property
     def background_value(self) -> float:
@@ -335,12 +352,16 @@ def load_segmentation_model(checkpoint: str | os.PathLike,
                          "ensemble of two-stage models is not supported: segment with one fold's run folder")
     _check_folds_agree(folds, experiment)
     first = next(iter(folds.values()))
+    min_tumour_ml = read_min_tumour_ml(experiment, sha256=ensemble_sha256(fold_checkpoints.values()))
     segmenter = SegmentationModel(first.model, first.config, first.preprocessing, first.normalisation,
                                   experiment.name, experiment, device, (),
                                   tuple(fold.model for fold in folds.values()),
-                                  tuple(fold.checkpoint for fold in folds.values()))
+                                  tuple(fold.checkpoint for fold in folds.values()), min_tumour_ml=min_tumour_ml)
     logger.info("loaded an ensemble of %d fold model(s) from %s (%s: %s) on %s", segmenter.model_count, experiment,
                 first.config.model.name, ", ".join(folds), device)
+    if min_tumour_ml:
+        logger.info("post-processing of the ensemble %s: tumour components under %g ml, but the largest, become "
+                    "kidney (chosen on its out-of-fold predictions)", experiment.name, min_tumour_ml)
     return segmenter
 
 
